@@ -1,0 +1,57 @@
+"""Options and helpers shared by several subcommands."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import EditDecayError
+
+console = Console()
+
+
+def fail(err: Exception) -> None:
+    """Print a user-actionable error without a traceback and exit with status 2."""
+    console.print(f"[bold red]error:[/] {err}", highlight=False)
+    raise typer.Exit(2)
+
+
+def set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def metrics_table(title: str, stages: dict[str, dict]) -> Table:
+    """Rows: model stages (pre/post/finetuned); columns: ES, PS, NS with n."""
+    t = Table(title=title)
+    for col in ("stage", "n", "efficacy (ES)", "paraphrase (PS)", "neighborhood (NS)", "harmonic mean"):
+        t.add_column(col, justify="right" if col != "stage" else "left")
+    for stage, m in stages.items():
+        t.add_row(stage, str(m["n"]), pct(m["efficacy"]), pct(m["paraphrase"]), pct(m["neighborhood"]),
+                  pct(m.get("harmonic_mean")))
+    return t
+
+
+def guard(fn):
+    """Turn EditDecayError into a clean message (exit 2); other exceptions keep their traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except EditDecayError as e:
+            fail(e)
+    return wrapper
+
+
+__all__ = ["console", "fail", "guard", "metrics_table", "pct", "set_threads", "sys"]

@@ -1,0 +1,44 @@
+"""`editdecay eval-edits`: edit metrics (E6) of a model, optionally with a patch applied."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app
+from .common import console, guard, metrics_table, set_threads
+
+
+@app.command("eval-edits")
+@guard
+def eval_edits(
+    model: str = typer.Option("smollm2-135m", help="embedded 'smollm2-135m', a local HF model directory, or a hub id"),
+    data: str = typer.Option("worldfacts", help="worldfacts | counterfact:PATH | zsre:PATH"),
+    limit: Optional[int] = typer.Option(None, help="evaluate this many requests (first N, or a seeded sample with --seed)"),
+    seed: Optional[int] = typer.Option(None, help="seed for the --limit sample"),
+    patch: Optional[Path] = typer.Option(None, help="evaluate with this patch (from `editdecay edit --out`) applied; "
+                                                     "its own requests are used unless --data is given explicitly"),
+    zsre_target: str = typer.Option("answers", help="zsRE edit target: 'answers' (MEMIT/AlphaEdit) or 'alt' (EasyEdit)"),
+    strict: bool = typer.Option(False, help="fail on any rejected record instead of reporting it"),
+    batch_size: int = typer.Option(32, help="prompts per forward pass"),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    out: Optional[Path] = typer.Option(None, help="write the JSON result here"),
+) -> None:
+    """Measure efficacy, paraphrase and neighbourhood success (ALGORITHMS.md E6)."""
+    from ..pipeline import evaluate_stage_result
+
+    set_threads(threads)
+    result = evaluate_stage_result(
+        model=model, data=data, limit=limit, seed=seed, patch_dir=patch, zsre_target=zsre_target, strict=strict,
+        batch_size=batch_size, dtype=dtype, device=device,
+    )
+    console.print(metrics_table(f"{result['model']['name']} on {result['data']['name']}", result["metrics"]))
+    if out:
+        from ..results import write_result
+
+        write_result(out, result)
+        console.print(f"result written to {out}")
