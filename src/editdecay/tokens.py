@@ -83,3 +83,34 @@ def pad_batch(seqs: list[list[int]], pad: int, side: str = "right") -> Batch:
         pos[i, off:off + len(s)] = torch.arange(len(s))
         offsets.append(off)
     return Batch(ids, mask, pos, offsets)
+
+
+@dataclass(frozen=True)
+class SubjectPrompt:
+    """A prompt split at the subject's last token (ALGORITHMS.md E2: the key/edit position).
+
+    ids = prefix + [subject_last] + rest; the subject's last token is at index len(prefix).
+    Encoded in two pieces (up to the subject's end, then the rest) so the position is exact.
+    """
+
+    prefix: tuple[int, ...]
+    subject_last: int
+    rest: tuple[int, ...]
+
+    @property
+    def ids(self) -> list[int]:
+        return [*self.prefix, self.subject_last, *self.rest]
+
+    @property
+    def index(self) -> int:
+        return len(self.prefix)
+
+
+def encode_subject_prompt(tokenizer, template: str, subject: str) -> SubjectPrompt:
+    """Encode `template` (one "{}" slot) with `subject` filled in, locating the subject's last token."""
+    if template.count("{}") != 1:
+        raise DataError(f"prompt template must contain exactly one '{{}}': {template!r}")
+    before, after = template.split("{}")
+    head = encode_prompt(tokenizer, before + subject)
+    rest = tokenizer.encode(after.rstrip(" "), add_special_tokens=False) if after.strip() else []
+    return SubjectPrompt(tuple(head[:-1]), head[-1], tuple(rest))
