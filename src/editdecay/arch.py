@@ -25,7 +25,7 @@ class ArchSpec:
     block: str                     # the transformer block, e.g. "model.layers.{}"
     mlp_out: str                   # W_out, the edited module ("down projection")
     final_norm: str
-    unembed: str
+    unembed: str                   # "a|b": alternatives across transformers versions (NeoX: lm_head, was embed_out)
     embed: str
     conv1d: bool                   # True: weight stored (d_k, d) (GPT-2 Conv1D), else (d, d_k)
     attention: tuple[str, ...]     # linear modules of attention, relative to the block
@@ -67,7 +67,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec(
         family="gpt_neox", model_types=("gpt_neox",),
         block="gpt_neox.layers.{}", mlp_out="gpt_neox.layers.{}.mlp.dense_4h_to_h",
-        final_norm="gpt_neox.final_layer_norm", unembed="embed_out", embed="gpt_neox.embed_in", conv1d=False,
+        final_norm="gpt_neox.final_layer_norm", unembed="lm_head|embed_out", embed="gpt_neox.embed_in", conv1d=False,
         attention=("attention.query_key_value", "attention.dense"),
         mlp=("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"), n_layers_attr="num_hidden_layers",
     ),
@@ -106,6 +106,18 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
         return model.get_submodule(name)
     except AttributeError as e:
         raise ConfigError(f"module {name!r} not found in {type(model).__name__}: {e}") from None
+
+
+def unembed_module(model: nn.Module) -> nn.Module:
+    """The unembedding (hidden -> vocabulary logits) named by the table, first alternative that exists."""
+    names = arch_for(model).unembed.split("|")
+    for name in names:
+        try:
+            return model.get_submodule(name)
+        except AttributeError:
+            continue
+    raise ConfigError(f"none of the unembedding modules {names} exists in {type(model).__name__}; "
+                      f"update the row of family {arch_for(model).family!r} in editdecay/arch.py")
 
 
 def check_layers(model: nn.Module, layers: list[int] | tuple[int, ...], field: str = "layers") -> tuple[int, ...]:

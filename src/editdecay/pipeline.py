@@ -58,3 +58,85 @@ def evaluate_stage_result(*, model: str, data: str | None, limit: int | None, se
         "timings": timer.seconds,
         "environment": environment(device),
     }
+
+
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    """"4,5,6" or "4-8" -> (4, 5, 6) / (4, ..., 8); None stays None."""
+    from .errors import ConfigError
+
+    if text is None or text == "":
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part.strip()[1:]:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise ConfigError(f"layers {text!r}: give comma-separated integers or ranges, e.g. 4,5,6 or 4-8") from None
+    return tuple(out)
+
+
+def edit_config(editor: str, lm, overrides: dict) -> "object":
+    """Preset for the model's family (or the embedded model) + explicit overrides, validated."""
+    from .editors import editor_class, make_config
+    from .editors.presets import preset_for
+
+    editor_class(editor)
+    fields = preset_for(editor.lower(), lm.identity.family, lm.identity.name)
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return make_config(editor.lower(), **fields)
+
+
+def run_edit(*, model: str, editor: str, data: str, n: int | None, seed: int | None, out: Path | None,
+             overrides: dict, batch_size: int | None = None, zsre_target: str = "answers", strict: bool = False,
+             dtype: str = "float32", device: str = "cpu", eval_batch_size: int = 32, progress: bool = True,
+             cache=None) -> dict:
+    """Load data, then the model; evaluate (pre), edit, evaluate (post); save patch + result.json."""
+    from .arch import check_layers
+    from .cache import Cache
+    from .editing import edit_model
+    from .editors import editor_class, validate_requests
+
+    editor_class(editor)                                                   # unknown editor: fail before loading
+    timer = Timer()
+    with timer("load_data"):
+        ds = load_edit_data(data, zsre_target=zsre_target, strict=strict, limit=n, seed=seed)
+        if ds.rejected:
+            log.warning(ds.summary())
+        requests = list(ds.requests)
+    with timer("load_model"):
+        lm = load_model(model, dtype=dtype, device=device, cache=cache)
+    cfg = edit_config(editor, lm, overrides)
+    check_layers(lm.model, list(cfg.layers), field="layers")
+    validate_requests(lm.tokenizer, requests)
+    with timer("evaluate_pre"):
+        pre = evaluate_requests(lm.model, lm.tokenizer, requests, batch_size=eval_batch_size, progress=progress)
+    patch, run = edit_model(lm, editor, cfg, requests, batch_size=batch_size, cache=cache or Cache.default(),
+                            progress=progress)
+    with timer("evaluate_post"):
+        post = evaluate_requests(lm.model, lm.tokenizer, requests, batch_size=eval_batch_size, progress=progress)
+    timings = {**timer.seconds, **run.timer.seconds}
+    result = {
+        "kind": "edit",
+        "config": {"model": model, "editor": editor, "data": data, "n": n, "seed": seed, "batch_size": batch_size,
+                   "zsre_target": zsre_target, "strict": strict, "dtype": dtype, "device": device,
+                   "editor_config": cfg.model_dump(mode="json")},
+        "model": lm.identity.to_dict(),
+        "data": ds.to_dict(),
+        "metrics": {"pre": aggregate(pre), "post": aggregate(post)},
+        "requests": [{"case_id": a.case_id, "pre": a.to_dict(), "post": b.to_dict()} for a, b in zip(pre, post)],
+        "edit": {"layers": list(patch.layers), "delta_norms": patch.norms(), "targets": run.target_log,
+                 "statistics": run.stats_provenance, "context_templates": list(run.templates)},
+        "timings": timings,
+        "environment": environment(device),
+    }
+    if out is not None:
+        from .results import write_result
+
+        patch.extra["timings"] = timings
+        patch.save(out)
+        write_result(Path(out) / "result.json", result)
+    return result

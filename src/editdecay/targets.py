@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .arch import arch_for, get_module
+from .arch import arch_for, unembed_module
 from .hooks import edit_output
 from .request import EditRequest
 from .tokens import encode_subject_prompt, encode_target, pad_id
@@ -148,7 +148,7 @@ def compute_targets(model, tokenizer, requests: list[EditRequest], templates: tu
 def _optimise(model, tokenizer, requests, templates, cfg: TargetSettings) -> TargetResult:
     spec = arch_for(model)
     device = next(model.parameters()).device
-    unembed = get_module(model, spec.unembed)
+    unembed = unembed_module(model)
     rows = _rows(tokenizer, requests, templates, cfg.kl_prompt)
     n = len(requests)
     d = model.config.hidden_size

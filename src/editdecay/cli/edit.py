@@ -1,0 +1,51 @@
+"""`editdecay edit`: apply MEMIT or AlphaEdit edits and write the patch + result.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app
+from .common import console, guard, metrics_table, set_threads
+
+
+@app.command("edit")
+@guard
+def edit(
+    model: str = typer.Option("smollm2-135m", help="embedded 'smollm2-135m', a local HF model directory, or a hub id"),
+    editor: str = typer.Option("memit", help="memit | alphaedit"),
+    data: str = typer.Option("worldfacts", help="worldfacts | counterfact:PATH | zsre:PATH"),
+    n: Optional[int] = typer.Option(None, help="number of edits (first N, or a seeded sample with --seed)"),
+    seed: Optional[int] = typer.Option(None, help="seed for the sample of N requests"),
+    layers: Optional[str] = typer.Option(None, help="edited layers, e.g. 4,5,6,7,8 or 4-8 (default: the preset's)"),
+    batch_size: Optional[int] = typer.Option(None, help="sequential batches of this many edits (default: one batch)"),
+    stats_corpus: Optional[str] = typer.Option(None, help="E1 corpus: generated | PATH | hf:NAME[:CONFIG]"),
+    stats_tokens: Optional[int] = typer.Option(None, help="tokens for the E1 statistics"),
+    mom2_update_weight: Optional[float] = typer.Option(None, help="MEMIT lambda"),
+    nullspace_threshold: Optional[float] = typer.Option(None, help="AlphaEdit null-space eigenvalue threshold"),
+    v_lr: Optional[float] = typer.Option(None, help="E3 learning rate"),
+    v_num_grad_steps: Optional[int] = typer.Option(None, help="E3 steps"),
+    clamp_norm_factor: Optional[float] = typer.Option(None, help="E3 clamp"),
+    zsre_target: str = typer.Option("answers", help="zsRE edit target: 'answers' (MEMIT/AlphaEdit) or 'alt' (EasyEdit)"),
+    strict: bool = typer.Option(False, help="fail on any rejected record"),
+    dtype: str = typer.Option("float32", help="model dtype: float32 | bfloat16 | float16"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    out: Path = typer.Option(..., help="patch directory to write (patch.safetensors, patch.json, result.json)"),
+) -> None:
+    """Edit a model (ALGORITHMS.md E1-E5); print efficacy/paraphrase/neighbourhood before and after."""
+    from ..pipeline import parse_layers, run_edit
+
+    set_threads(threads)
+    overrides = {"layers": parse_layers(layers), "stats_corpus": stats_corpus, "stats_tokens": stats_tokens,
+                 "mom2_update_weight": mom2_update_weight if editor.lower() == "memit" else None,
+                 "nullspace_threshold": nullspace_threshold if editor.lower() == "alphaedit" else None,
+                 "v_lr": v_lr, "v_num_grad_steps": v_num_grad_steps, "clamp_norm_factor": clamp_norm_factor}
+    result = run_edit(model=model, editor=editor, data=data, n=n, seed=seed, out=out, overrides=overrides,
+                      batch_size=batch_size, zsre_target=zsre_target, strict=strict, dtype=dtype, device=device)
+    console.print(metrics_table(f"{editor} on {result['model']['name']}, {result['data']['name']}", result["metrics"]))
+    t = result["timings"]
+    console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    console.print(f"patch and result written to {out}")
