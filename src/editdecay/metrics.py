@@ -52,6 +52,8 @@ def score_continuations(
         p, t = encode_prompt(tokenizer, prompt), encode_target(tokenizer, target)
         encoded[(prompt, target)] = (p, t)
     order = sorted(unique, key=lambda k: len(encoded[k][0]) + len(encoded[k][1]))
+    if hasattr(model, "get_base_model"):       # a peft model: its adapters live inside the base model
+        model = model.get_base_model()
     device = next(model.parameters()).device
     # Unembed only the scored positions: the full (B, T, V) logits would cost ~20% of the
     # forward pass of a small model for nothing.

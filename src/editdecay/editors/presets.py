@@ -25,9 +25,9 @@ PRESETS: dict[tuple[str, str], dict] = {
 # in benchmarks/tune_embedded.md.
 EMBEDDED = {
     "memit": dict(layers=(3, 4, 5, 6, 7), v_lr=0.5, v_num_grad_steps=25, kl_factor=0.0625, clamp_norm_factor=0.75,
-                  mom2_update_weight=15000.0, stats_tokens=100_000, n_context_templates=5, context_length=10),
+                  mom2_update_weight=15000.0, stats_tokens=20_000, n_context_templates=5, context_length=10),
     "alphaedit": dict(layers=(3, 4, 5, 6, 7), v_lr=0.5, v_num_grad_steps=25, kl_factor=0.0625, clamp_norm_factor=0.75,
-                      nullspace_threshold=2e-2, L2=10.0, stats_tokens=100_000, n_context_templates=5,
+                      nullspace_threshold=2e-2, L2=10.0, stats_tokens=20_000, n_context_templates=5,
                       context_length=10),
 }
 
