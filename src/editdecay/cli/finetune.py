@@ -1,0 +1,148 @@
+"""`editdecay finetune`: fine-tune a (patched) model and measure what is left of the edits (ALGORITHMS.md E7)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app
+from .common import console, guard, metrics_table, pct, set_threads
+
+log = logging.getLogger(__name__)
+
+
+@app.command("finetune")
+@guard
+def finetune(
+    model: str = typer.Option("smollm2-135m", help="embedded 'smollm2-135m', a local HF model directory, or a hub id"),
+    patch: Optional[Path] = typer.Option(None, help="patch directory (from `editdecay edit --out`): applied before "
+                                                     "fine-tuning; its requests are measured and its layers are "
+                                                     "what --layers edited/non-edited refer to"),
+    method: str = typer.Option("lora", help="lora | dora | full"),
+    layers: str = typer.Option("all", help="all | edited | non-edited | 4,5,6 | 4-8"),
+    targets: Optional[str] = typer.Option(None, help="attention | mlp | all-linear | all (full only) | comma list of "
+                                                     "block-relative names (mlp.down_proj,...); default all-linear "
+                                                     "(the study preset's full fine-tuning: all)"),
+    data: str = typer.Option("embedded", help="embedded | instructions:PATH (.json/.jsonl) | text:PATH | "
+                                              "hf:NAME[:SPLIT]"),
+    preset: Optional[str] = typer.Option(None, help="study | embedded (default: embedded for --data embedded, "
+                                                    "else study)"),
+    steps: Optional[int] = typer.Option(None, help="optimiser steps (replaces the preset's epochs)"),
+    epochs: Optional[float] = typer.Option(None, help="epochs (replaces the preset's steps)"),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate"),
+    scheduler: Optional[str] = typer.Option(None, help="linear | cosine | constant | constant_with_warmup | ..."),
+    warmup_steps: Optional[int] = typer.Option(None, help="warm-up steps"),
+    batch_size: Optional[int] = typer.Option(None, help="examples per micro-batch"),
+    grad_accum: Optional[int] = typer.Option(None, help="micro-batches per optimiser step"),
+    cutoff: Optional[int] = typer.Option(None, help="maximum tokens per example"),
+    template: Optional[str] = typer.Option(None, help="prompt template: alpaca | compact"),
+    rank: Optional[int] = typer.Option(None, help="LoRA/DoRA rank"),
+    alpha: Optional[float] = typer.Option(None, help="LoRA/DoRA alpha"),
+    dropout: Optional[float] = typer.Option(None, help="LoRA/DoRA dropout"),
+    train_dtype: Optional[str] = typer.Option(None, help="compute dtype: float32 | bfloat16"),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                                          help="recompute activations in backward"),
+    seed: Optional[int] = typer.Option(None, help="training seed"),
+    eval_every: int = typer.Option(50, help="measure edits and task accuracy every K steps (0: first and last only)"),
+    requests: Optional[str] = typer.Option(None, help="edit data to measure instead of the patch's requests "
+                                                      "(worldfacts | counterfact:PATH | zsre:PATH), e.g. for the "
+                                                      "base model fine-tuned without a patch (M_f)"),
+    limit: Optional[int] = typer.Option(None, help="measure only the first N requests"),
+    task_eval: bool = typer.Option(True, "--task-eval/--no-task-eval", help="score the embedded task's held-out split"),
+    task_test: int = typer.Option(100, help="held-out size of the embedded task"),
+    task_train: int = typer.Option(2000, help="training size of the embedded task"),
+    save: str = typer.Option("auto", help="auto | adapter | merged | both | none (auto: adapter for lora/dora, "
+                                          "merged weights for full)"),
+    dtype: str = typer.Option("float32", help="model dtype: float32 | bfloat16"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    overwrite: bool = typer.Option(False, help="replace a previous run in --out"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
+    out: Path = typer.Option(..., help="output directory (result.json, train_log.jsonl, curve.jsonl, adapter/ ...)"),
+) -> None:
+    """Fine-tune (full, LoRA, DoRA; selective layers) and print edit metrics before/after editing and after
+    fine-tuning, with a decay curve every --eval-every steps."""
+    from ..finetune import EmbeddedTask, load_source, preset as make_preset, run_finetune
+    from ..pipeline import parse_layers
+
+    set_threads(threads)
+    # Recipe and data first: both fail in milliseconds, before a model is loaded.
+    overrides = {k: v for k, v in {
+        "layers": layers if layers in ("all", "edited", "non-edited") else parse_layers(layers),
+        "targets": _targets(targets), "max_steps": steps, "epochs": epochs, "learning_rate": lr,
+        "lr_scheduler": scheduler, "warmup_steps": warmup_steps, "batch_size": batch_size, "grad_accum": grad_accum,
+        "cutoff_len": cutoff, "template": template, "lora_r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
+        "dtype": train_dtype, "gradient_checkpointing": gradient_checkpointing, "seed": seed,
+    }.items() if v is not None}
+    recipe = make_preset(preset or ("embedded" if data == "embedded" else "study"), method, **overrides)
+    task = EmbeddedTask(n_train=task_train, n_test=task_test) if (task_eval or data == "embedded") else None
+    source = load_source(data, task=task)
+    patch_obj = _load_patch(patch) if patch else None
+    reqs = _requests(requests, patch_obj, limit)
+
+    from ..models import load_model
+
+    lm = load_model(model, dtype=dtype, device=device)
+    extra = {}
+    if patch_obj is not None:
+        extra["patch"] = {"dir": str(patch), "editor": patch_obj.editor, "layers": list(patch_obj.layers),
+                          "modules": list(patch_obj.module_names), "model_identity": patch_obj.model_identity,
+                          "n_requests": len(patch_obj.requests)}
+        made_on = (patch_obj.model_identity or {}).get("fingerprint")
+        if made_on and made_on != lm.identity.fingerprint:
+            log.warning("patch %s was computed on weights %s, this model is %s", patch, made_on,
+                        lm.identity.fingerprint)
+    if requests:
+        extra["requests_source"] = requests
+    run = run_finetune(
+        lm, recipe, source, out, requests=reqs, edited_layers=patch_obj.layers if patch_obj else None,
+        apply_edit=patch_obj.apply if patch_obj else None, task=task if task_eval else None,
+        eval_every=eval_every, save=save, overwrite=overwrite, progress=progress, extra=extra,
+    )
+    _report(run.result, out)
+
+
+def _targets(text: Optional[str]):
+    if text is None or text in ("attention", "mlp", "all-linear", "all"):
+        return text
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _load_patch(path: Path):
+    from ..patch import EditPatch
+
+    return EditPatch.load(path)
+
+
+def _requests(spec: Optional[str], patch_obj, limit: Optional[int]) -> tuple:
+    if spec:
+        from ..data import load_edit_data
+
+        reqs = load_edit_data(spec).requests
+    else:
+        reqs = patch_obj.requests if patch_obj is not None else ()
+    return tuple(reqs[:limit]) if limit else tuple(reqs)
+
+
+def _report(result: dict, out: Path) -> None:
+    stages = {{"pre": "before edit", "post": "after edit", "finetuned": "after fine-tuning"}.get(k, k): v
+              for k, v in result["metrics"].items()}
+    if any(m["n"] for m in stages.values()):
+        console.print(metrics_table(f"{result['recipe']['method']} fine-tuning of {result['model']['name']}", stages))
+    task = {k: pct(v.get("task_accuracy")) for k, v in stages.items()}
+    if any(v != "-" for v in task.values()):
+        console.print("embedded task exact match (%): " + ", ".join(f"{k} {v}" for k, v in task.items()))
+    if result.get("decay"):
+        efr = result["decay"]["edit_flip_ratio"]
+        console.print(f"Edit Flip Ratio: {pct(efr['value'])}% ({efr['n_flipped']} of {efr['n_success_edited']} "
+                      f"successful edits flipped)")
+    curve = "; ".join(f"{p['step']}: ES {pct(p['efficacy'])} PS {pct(p['paraphrase'])} NS {pct(p['neighborhood'])} "
+                      f"task {pct(p['task_accuracy'])}" for p in result["curve"])
+    console.print(f"decay curve (step: %): {curve}", highlight=False)
+    t = result["training"]
+    console.print(f"{t['steps']} steps, {t['train_seconds']:.1f} s training, {t['tokens_per_second']:.0f} tokens/s, "
+                  f"final loss {t['final_loss']:.4f}; {result['n_trainable_parameters']:,} trainable parameters")
+    console.print(f"result written to {out / 'result.json'}")

@@ -1,0 +1,99 @@
+"""Decay during training (ALGORITHMS.md E7, decay curve): edit metrics and task accuracy every k steps.
+
+The callback evaluates the model in memory at step 0 (the edited model, before
+any training step and before adapters are attached), every `every` optimiser
+steps, and at the last step. No model copies are written: one evaluation is a
+few batched forward passes (E6 scores via `metrics.evaluate_requests`, task
+accuracy via `task.exact_match`). Each point is appended to a JSONL file as it
+is measured, so an interrupted run still has its curve.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import ConfigError
+from ..metrics import RequestOutcome, aggregate, evaluate_requests
+from ..request import EditRequest
+from .data import InstructionRecord
+from .task import TaskScore, exact_match
+
+CURVE_KEYS = ("step", "efficacy", "paraphrase", "neighborhood", "task_accuracy")
+
+
+@dataclass
+class DecayCallback:
+    """Evaluate `requests` (E6) and held-out task records every `every` steps (0: only first and last)."""
+
+    requests: Sequence[EditRequest] = ()
+    task_records: Sequence[InstructionRecord] = ()
+    every: int = 0
+    template: str = "compact"
+    batch_size: int = 32
+    path: Path | None = None                      # curve JSONL, appended and flushed per point
+    points: list[dict] = field(default_factory=list)
+    outcomes: dict[int, list[RequestOutcome]] = field(default_factory=dict)   # step -> per-request outcomes
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"eval_every={self.every} is not valid; use 0 (first and last step only) or k >= 1")
+
+    def due(self, step: int, last_step: int) -> bool:
+        return step == 0 or step == last_step or (self.every > 0 and step % self.every == 0)
+
+    def evaluate(self, model, tokenizer, step: int) -> dict:
+        """Measure the model now; returns the curve point (also stored in `points`, per-request in `outcomes`)."""
+        t0 = time.perf_counter()
+        outcomes, task = measure(model, tokenizer, self.requests, self.task_records, template=self.template,
+                                 batch_size=self.batch_size)
+        agg = aggregate(outcomes)
+        point = {
+            "step": step, "efficacy": agg["efficacy"], "paraphrase": agg["paraphrase"],
+            "neighborhood": agg["neighborhood"], "task_accuracy": task.accuracy if task else None,
+            "task_prefix_accuracy": task.prefix_accuracy if task else None, "harmonic_mean": agg["harmonic_mean"],
+            "n_requests": agg["n"], "n_task": task.n if task else 0,
+            "eval_seconds": round(time.perf_counter() - t0, 3),
+        }
+        self.points.append(point)
+        self.outcomes[step] = outcomes
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(point) + "\n")
+                f.flush()
+        return point
+
+    def stage_metrics(self, step: int) -> dict:
+        """Metrics of the model at `step` in the stage format of result files: `aggregate` + task keys."""
+        point = next(p for p in self.points if p["step"] == step)
+        return {**aggregate(self.outcomes[step]), "task_accuracy": point["task_accuracy"],
+                "task_prefix_accuracy": point["task_prefix_accuracy"], "n_task": point["n_task"]}
+
+
+def measure(model, tokenizer, requests: Sequence[EditRequest], task_records: Sequence[InstructionRecord], *,
+            template: str = "compact", batch_size: int = 32) -> tuple[list[RequestOutcome], TaskScore | None]:
+    """E6 outcomes of `requests` and exact-match task accuracy, in eval mode (dropout off), no gradients.
+
+    A PeftModel is measured through its base model: peft injects the adapter layers into that module tree, so
+    its forward pass includes them, and it has the plain module names the architecture table describes.
+    """
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    was_training = model.training
+    model.eval()
+    try:
+        outcomes = evaluate_requests(model, tokenizer, list(requests), batch_size=batch_size) if requests else []
+        task = exact_match(model, tokenizer, task_records, template=template, batch_size=batch_size) \
+            if task_records else None
+    finally:
+        model.train(was_training)
+    return outcomes, task
+
+
+def stage_from(outcomes: Sequence[RequestOutcome], task: TaskScore | None) -> dict:
+    """The stage format of result files (`metrics.pre/post/finetuned`): `aggregate` plus task keys."""
+    return {**aggregate(outcomes), "task_accuracy": task.accuracy if task else None,
+            "task_prefix_accuracy": task.prefix_accuracy if task else None, "n_task": task.n if task else 0}

@@ -1,0 +1,194 @@
+"""One fine-tuning experiment: measure, (edit), fine-tune with a decay curve, measure, write a self-describing result.
+
+Stages and what `result.json` calls them (ALGORITHMS.md E6/E7):
+- `metrics.pre`       the unedited base model M0 (only when an edit is applied here: measured before applying it)
+- `metrics.post`      the model as handed to fine-tuning (M_e when edited; step 0 of the curve)
+- `metrics.finetuned` after the last step (M_ef; the last point of the curve)
+plus the curve, per-request outcomes, the Edit Flip Ratio and relative decreases
+between post and finetuned, the recipe, the resolved plan and trainable
+parameter names, data identity, timings and the environment.
+
+Files in the output directory:
+  result.json          written atomically at the end (also on divergence, with `status: diverged`)
+  train_log.jsonl      one line per optimiser step (+ eval events), flushed as it goes
+  curve.jsonl          one line per evaluation, flushed as it goes
+  adapter/             LoRA/DoRA adapter (peft format, safetensors)
+  weights.safetensors  merged / fine-tuned tensors (only the ones fine-tuning can change), by model name
+
+The model object is changed in place (edit applied, weights trained or adapters merged); the returned
+`FinetuneRun.model` is the model to use afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..models import LoadedModel
+from ..request import EditRequest
+from ..results import Timer, environment, write_result
+from .callback import DecayCallback, measure, stage_from
+from .data import Source, tokenize
+from .decay import edit_flip_ratio, relative_decrease, success
+from .recipe import Recipe
+from .task import EmbeddedTask
+from .train import DivergedError, TrainOutcome, train
+from .trainable import changed_tensors, merge, resolve_plan
+
+log = logging.getLogger(__name__)
+
+SAVE_CHOICES = ("auto", "adapter", "merged", "both", "none")
+RESULT_FILE, LOG_FILE, CURVE_FILE = "result.json", "train_log.jsonl", "curve.jsonl"
+ADAPTER_DIR, WEIGHTS_FILE = "adapter", "weights.safetensors"
+
+
+@dataclass
+class FinetuneRun:
+    result: dict
+    out: Path
+    model: nn.Module        # merged plain model when merged, else the trained model (PeftModel for unmerged adapters)
+
+
+def run_finetune(
+    lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *,
+    requests: Sequence[EditRequest] = (), edited_layers: tuple[int, ...] | None = None,
+    apply_edit: Callable[[nn.Module], object] | None = None, task: EmbeddedTask | None = None,
+    eval_every: int = 0, save: str = "auto", overwrite: bool = False, progress: bool = True,
+    extra: dict | None = None,
+) -> FinetuneRun:
+    """Run one fine-tuning experiment and write `out/result.json` (see module docstring).
+
+    `requests`/`edited_layers`: the edits under test (explicit, so this does not depend on patch internals).
+    `apply_edit(model)`: applies the edit in place; when given, `metrics.pre` is the model before it.
+    `task`: the embedded task whose held-out split is scored (None: no task accuracy).
+    `extra`: recorded as is under `extra` (e.g. patch provenance).
+    """
+    out = Path(out)
+    if save not in SAVE_CHOICES:
+        raise ConfigError(f"save={save!r} is not valid; use one of {', '.join(SAVE_CHOICES)}")
+    if save == "auto":
+        save = "merged" if recipe.method == "full" else "adapter"
+    if recipe.method == "full" and save in ("adapter", "both"):
+        raise ConfigError(f"save={save!r}: method='full' has no adapter; use save='merged' or 'none'")
+    _prepare_dir(out, overwrite)
+    timer = Timer()
+    model, tok = lm.model, lm.tokenizer
+    # Everything that can be wrong with the recipe or the data fails here, before any evaluation or training.
+    plan = resolve_plan(recipe, model, edited_layers)
+    with timer("tokenize"):
+        data = tokenize(source, tok, cutoff_len=recipe.cutoff_len, template=recipe.template,
+                        train_on_prompt=recipe.train_on_prompt)
+    log.info("%s fine-tuning: layers %s, %d target modules, %d examples (%d loss tokens)", recipe.method,
+             list(plan.layers), len(plan.modules), len(data.examples), data.identity["n_loss_tokens"])
+    task_records = task.records()[1] if task is not None else ()
+    callback = DecayCallback(requests, task_records, every=eval_every, template=recipe.template,
+                             path=out / CURVE_FILE)
+    device = next(model.parameters()).device
+    result = {
+        "kind": "finetune", "status": "running", "model": lm.identity.to_dict(), "recipe": recipe.to_dict(),
+        "plan": plan.to_dict(), "data": data.identity, "task": task.identity() if task is not None else None,
+        "eval_every": eval_every, "extra": extra or {},
+    }
+    pre_outcomes = None
+    if apply_edit is not None:
+        with timer("eval_pre"):
+            pre_outcomes, pre_task = measure(model, tok, requests, task_records, template=recipe.template)
+        with timer("apply_edit"):
+            apply_edit(model)
+    try:
+        with timer("train"):
+            outcome = train(model, tok, recipe, data, plan=plan, callback=callback, log_path=out / LOG_FILE,
+                            progress=progress)
+    except DivergedError as e:
+        result.update(status="diverged", error=str(e), curve=callback.points, timings=timer.seconds,
+                      environment=environment(device=str(device)))
+        write_result(out / RESULT_FILE, result)
+        raise
+    last = outcome.steps
+    metrics = {"post": callback.stage_metrics(0), "finetuned": callback.stage_metrics(last)}
+    if pre_outcomes is not None:
+        metrics = {"pre": stage_from(pre_outcomes, pre_task), **metrics}
+    final_model, outputs, merge_check = _save(outcome, save, out, timer)
+    result.update(
+        status="done", trainable_parameters=outcome.trainable_parameters,
+        n_trainable_parameters=outcome.n_trainable, training=_training_summary(outcome), metrics=metrics,
+        decay=_decay(callback, metrics, last) if requests else None,
+        curve=[{k: p[k] for k in p if k != "eval_seconds"} for p in callback.points],
+        requests=_per_request(requests, pre_outcomes, callback.outcomes[0], callback.outcomes[last]),
+        outputs=outputs, merge_check=merge_check, timings=timer.seconds,
+        environment=environment(device=str(device)),
+    )
+    write_result(out / RESULT_FILE, result)
+    return FinetuneRun(result, out, final_model)
+
+
+def _prepare_dir(out: Path, overwrite: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    stale = [out / n for n in (RESULT_FILE, LOG_FILE, CURVE_FILE, WEIGHTS_FILE) if (out / n).exists()]
+    if stale and not overwrite:
+        raise ConfigError(f"out={out} already holds a fine-tuning run ({stale[0].name}); choose another directory "
+                          f"or pass overwrite=True (--overwrite)")
+    for p in stale:
+        p.unlink()
+
+
+def _training_summary(o: TrainOutcome) -> dict:
+    return {"steps": o.steps, "epochs_seen": round(o.epochs_seen, 4), "tokens": o.tokens,
+            "loss_tokens": o.loss_tokens, "train_seconds": o.train_seconds,
+            "tokens_per_second": round(o.tokens_per_second, 2), "final_loss": o.final_loss}
+
+
+def _save(o: TrainOutcome, save: str, out: Path, timer: Timer) -> tuple[nn.Module, dict, dict | None]:
+    """Write the adapter and/or the merged weights; returns the model to use afterwards."""
+    from safetensors.torch import save_file
+
+    outputs = {"result": RESULT_FILE, "log": LOG_FILE, "curve": CURVE_FILE}
+    model, merge_check = o.model, None
+    with timer("save"):
+        if save in ("adapter", "both"):
+            model.save_pretrained(out / ADAPTER_DIR)
+            outputs["adapter"] = ADAPTER_DIR
+        if save in ("merged", "both"):
+            if o.plan.method != "full":
+                model, merge_check = _merge_checked(model)
+            save_file(changed_tensors(model, o.plan), str(out / WEIGHTS_FILE),
+                      metadata={"method": o.plan.method, "content": "tensors changed by fine-tuning"})
+            outputs["weights"] = WEIGHTS_FILE
+    return model, outputs, merge_check
+
+
+@torch.no_grad()
+def _merge_checked(model: nn.Module) -> tuple[nn.Module, dict]:
+    """Merge adapters and record how far the merged logits are from the unmerged ones on a probe input."""
+    model.eval()
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    probe = torch.arange(16, device=device).remainder(vocab)[None]   # (1, 16) fixed token ids
+    before = model(input_ids=probe, use_cache=False).logits.float()
+    merged = merge(model)
+    after = merged(input_ids=probe, use_cache=False).logits.float()
+    return merged, {"max_abs_logit_diff": float((before - after).abs().max()), "probe_tokens": 16}
+
+
+def _decay(callback: DecayCallback, metrics: dict, last: int) -> dict:
+    return {"edit_flip_ratio": edit_flip_ratio(callback.outcomes[0], callback.outcomes[last]),
+            "relative_decrease": relative_decrease(metrics["post"], metrics["finetuned"])}
+
+
+def _per_request(requests, pre, post, finetuned) -> list[dict]:
+    rows = []
+    for i, r in enumerate(requests):
+        row = {"case_id": r.case_id}
+        if pre is not None:
+            row["pre"] = pre[i].to_dict()
+        row.update(post=post[i].to_dict(), finetuned=finetuned[i].to_dict(), success_post=success(post[i]),
+                   success_finetuned=success(finetuned[i]))
+        row["flipped"] = row["success_post"] and not row["success_finetuned"]
+        rows.append(row)
+    return rows

@@ -1,0 +1,184 @@
+"""The embedded downstream task: a generated instruction dataset with a held-out split.
+
+Why generated: the study's fine-tuning data (Commonsense170K) and downstream
+suites are large downloads and need hours of GPU time to move a model. To see
+fine-tuning change a model *measurably* on one CPU thread in minutes, this
+project authors its own small task family. Every record is produced from a
+seeded `random.Random`, so the same `EmbeddedTask` always yields the same
+records, and the held-out split shares no (instruction, input) pair with the
+training split.
+
+Families (short answers, deterministic rules, each checkable by exact match):
+- larger:    "Which number is larger?"          "37 and 52"          -> "52"
+- next:      "What number comes next?"          "48"                 -> "49"
+- parity:    "Is the number even or odd?"       "37"                 -> "odd"
+- last_word: "Repeat the last word."            "apple river stone"  -> "stone"
+- count:     "How many words are there?"        "apple river stone"  -> "3"
+An instruction-tuned 135M model knows most of these skills but not the terse
+answer format, and is unreliable on some of them; ~100-200 LoRA steps teach both.
+
+Scoring is token-level exact match under greedy decoding, computed with one
+teacher-forced pass: the reference tokens (response + end token) are the argmax
+at every position. If they are, greedy decoding reproduces exactly that response
+and stops; if one is not, greedy decoding leaves the reference at that token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+
+from .data import InstructionRecord, render_prompt
+from .forward import logits_at
+
+TASK_VERSION = 1
+FAMILIES = ("larger", "next", "parity", "last_word", "count")
+
+# Common, single-token-ish English nouns; authored here (no external word list).
+WORDS = (
+    "apple", "river", "stone", "house", "cloud", "table", "horse", "bread", "chair", "light",
+    "water", "music", "paper", "plant", "glass", "money", "train", "beach", "dream", "field",
+    "green", "heart", "night", "ocean", "party", "queen", "radio", "sugar", "tiger", "voice",
+    "world", "youth", "earth", "fruit", "grass", "metal", "north", "south", "phone", "sheep",
+    "smile", "storm", "sword", "truck", "wheel", "woman", "child", "clock", "coast", "dance",
+    "door", "fish", "gold", "hill", "king", "lake", "moon", "road", "ship", "snow",
+    "star", "tree", "wind", "wolf", "bird", "book", "cake", "card", "farm", "fire",
+)
+
+
+@dataclass(frozen=True)
+class EmbeddedTask:
+    """Configuration of the generated task; `records()` gives (train, held-out) splits."""
+
+    n_train: int = 2000
+    n_test: int = 200
+    seed: int = 0
+    families: tuple[str, ...] = FAMILIES
+
+    def __post_init__(self) -> None:
+        from ..errors import ConfigError
+
+        if self.n_train < 1 or self.n_test < 1:
+            raise ConfigError(f"embedded task: n_train={self.n_train}, n_test={self.n_test}; both must be >= 1")
+        unknown = [f for f in self.families if f not in FAMILIES]
+        if unknown or not self.families:
+            raise ConfigError(f"embedded task: families={self.families!r}; choose from {', '.join(FAMILIES)}")
+
+    def records(self) -> tuple[tuple[InstructionRecord, ...], tuple[InstructionRecord, ...]]:
+        """Disjoint (train, test) splits, families interleaved round-robin so every prefix is balanced."""
+        rng = random.Random(f"editdecay-embedded-task-v{TASK_VERSION}-{self.seed}")
+        k = len(self.families)
+        test_counts = [self.n_test // k + (i < self.n_test % k) for i in range(k)]
+        train_quota = -(-self.n_train // k)
+        per_family = {f: _unique(f, rng, n + train_quota) for f, n in zip(self.families, test_counts)}
+        # Held-out items are taken first from each family's seeded pool, so no input is in both splits.
+        test, train_pools = [], {}
+        for (fam, pool), n in zip(per_family.items(), test_counts):
+            test.append(pool[:n])
+            train_pools[fam] = pool[n:]
+        train = _round_robin(list(train_pools.values()), self.n_train)
+        return tuple(train), tuple(_round_robin(test, self.n_test))
+
+    def identity(self) -> dict:
+        train, test = self.records()
+        digest = hashlib.sha256(json.dumps([asdict(r) for r in train + test]).encode()).hexdigest()[:16]
+        return {"name": "embedded", "version": TASK_VERSION, **asdict(self), "families": list(self.families),
+                "records_sha256": digest}
+
+
+def _round_robin(pools: list[list[InstructionRecord]], n: int) -> list[InstructionRecord]:
+    out, i = [], 0
+    iters = [iter(p) for p in pools]
+    while len(out) < n and iters:
+        it = iters[i % len(iters)]
+        try:
+            out.append(next(it))
+            i += 1
+        except StopIteration:
+            iters.remove(it)
+    return out
+
+
+def _unique(family: str, rng: random.Random, n: int) -> list[InstructionRecord]:
+    """Up to `n` records of one family with distinct inputs, in a seeded random order."""
+    seen: dict[str, InstructionRecord] = {}
+    tries = 0
+    while len(seen) < n and tries < 20 * n:
+        tries += 1
+        r = _make(family, rng)
+        seen.setdefault(r.input, r)
+    return list(seen.values())
+
+
+def _make(family: str, rng: random.Random) -> InstructionRecord:
+    if family == "larger":
+        a, b = rng.sample(range(10, 100), 2)
+        return InstructionRecord("Which number is larger?", f"{a} and {b}", str(max(a, b)))
+    if family == "next":
+        a = rng.randrange(10, 999)
+        return InstructionRecord("What number comes next?", str(a), str(a + 1))
+    if family == "parity":
+        a = rng.randrange(10, 1000)
+        return InstructionRecord("Is the number even or odd?", str(a), "even" if a % 2 == 0 else "odd")
+    words = rng.sample(WORDS, rng.randint(3, 5))
+    if family == "last_word":
+        return InstructionRecord("Repeat the last word.", " ".join(words), words[-1])
+    if family == "count":
+        return InstructionRecord("How many words are there?", " ".join(words), str(len(words)))
+    raise ValueError(family)
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    accuracy: float          # exact match: response tokens and the end token are all greedy choices
+    prefix_accuracy: float   # the response tokens are greedy choices (the model may not stop after them)
+    n: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, records: Sequence[InstructionRecord], *, template: str = "compact",
+                batch_size: int = 32) -> TaskScore:
+    """Greedy exact-match accuracy of `records`, by one teacher-forced pass per batch (see module docstring).
+
+    Uses the same prompt rendering and response tokenisation as training (`data.render_prompt`), so what is
+    scored is exactly what was trained. Padding is on the right; positions are implicit (0..T-1 per row).
+    """
+    from ..tokens import pad_batch, pad_id
+
+    eos = tokenizer.eos_token_id
+    seqs = []
+    for r in records:
+        p = tokenizer.encode(render_prompt(r, template), add_special_tokens=True)
+        t = tokenizer.encode(r.output, add_special_tokens=False) + ([eos] if eos is not None else [])
+        seqs.append((p, t))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    hits = prefix_hits = 0
+    try:
+        for start in range(0, len(seqs), batch_size):
+            chunk = seqs[start:start + batch_size]
+            batch = pad_batch([p + t for p, t in chunk], pad_id(tokenizer), "right").to(device)
+            select = torch.zeros_like(batch.input_ids, dtype=torch.bool)    # (B, T) positions predicting t
+            for row, (p, t) in enumerate(chunk):
+                select[row, len(p) - 1:len(p) - 1 + len(t)] = True
+            pred = logits_at(model, batch.input_ids, batch.attention_mask, select).argmax(-1).cpu()  # (N,)
+            i = 0
+            for p, t in chunk:
+                ok = pred[i:i + len(t)] == torch.tensor(t)
+                i += len(t)
+                n_resp = len(t) - (1 if eos is not None else 0)
+                prefix_hits += bool(ok[:n_resp].all())
+                hits += bool(ok.all())
+    finally:
+        model.train(was_training)
+    n = len(seqs)
+    return TaskScore(hits / n if n else 0.0, prefix_hits / n if n else 0.0, n)

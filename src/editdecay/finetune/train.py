@@ -1,0 +1,204 @@
+"""The training loop: plain PyTorch, AdamW + a transformers schedule, seeded.
+
+Why not the HF Trainer: the decay curve needs evaluations at exact optimiser
+steps on the live model, the loss must stop the run the moment it is not
+finite, and the log must be on disk line by line; a 100-line loop states all of
+that directly. Nothing assumes a device: batches go to wherever the model's
+parameters are, and autocast uses that device's type.
+
+Loss: token-level cross entropy over the labelled tokens of one optimiser step
+(all its micro-batches), i.e. sum of token losses / number of labelled tokens,
+so gradient accumulation gives the same update as one large batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import EditDecayError
+from .callback import DecayCallback
+from .data import IGNORE_INDEX, Example, TrainingSet
+from .forward import logits_at
+from .recipe import Recipe
+from .trainable import TrainingPlan, prepare_model, trainable_parameter_names
+
+
+class DivergedError(EditDecayError):
+    """The training loss (or gradient norm) stopped being finite; the log up to that step is kept."""
+
+
+@dataclass
+class TrainOutcome:
+    model: nn.Module                 # the trained model: a PeftModel for LoRA/DoRA (unmerged), else the model itself
+    plan: TrainingPlan
+    trainable_parameters: list[str]
+    n_trainable: int                 # trainable parameter count (elements)
+    steps: int                       # optimiser steps taken
+    total_steps: int
+    epochs_seen: float               # examples seen / examples in the set
+    tokens: int                      # non-padding input tokens processed
+    loss_tokens: int                 # tokens that carried a loss
+    train_seconds: float             # forward/backward/step time, evaluations excluded
+    final_loss: float | None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+def total_optimizer_steps(recipe: Recipe, n_examples: int) -> int:
+    if recipe.max_steps is not None:
+        return recipe.max_steps
+    micro_per_epoch = math.ceil(n_examples / recipe.batch_size)
+    return max(1, math.ceil(recipe.epochs * micro_per_epoch / recipe.grad_accum))
+
+
+def warmup_steps(recipe: Recipe, total: int) -> int:
+    if recipe.warmup_steps is not None:
+        return recipe.warmup_steps
+    return int(math.ceil((recipe.warmup_ratio or 0.0) * total))
+
+
+def _micro_batches(examples: tuple[Example, ...], batch_size: int, seed: int) -> Iterator[list[Example]]:
+    """Endless stream of micro-batches; a fresh seeded permutation every epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(examples), generator=gen).tolist()
+        for start in range(0, len(order), batch_size):
+            yield [examples[i] for i in order[start:start + batch_size]]
+
+
+def collate(batch: list[Example], pad: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch. Padding gets attention 0 and label IGNORE_INDEX (never the pad id test: the pad
+    token may equal the end token, which is a real label)."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token cross entropies over labelled positions, in float32.
+
+    Logits at position t predict token t+1, so position t is scored where labels[t+1] is set; only those
+    positions are unembedded (`forward.logits_at`).
+    """
+    target = batch["labels"][:, 1:]                                   # (B, T-1) the token each position predicts
+    scored = target != IGNORE_INDEX                                   # (B, T-1)
+    select = torch.zeros_like(batch["labels"], dtype=torch.bool)      # (B, T)
+    select[:, :-1] = scored
+    logits = logits_at(model, batch["input_ids"], batch["attention_mask"], select).float()   # (N, V)
+    return nn.functional.cross_entropy(logits, target[scored], reduction="sum")
+
+
+def train(
+    model: nn.Module, tokenizer, recipe: Recipe, data: TrainingSet, *, plan: TrainingPlan,
+    callback: DecayCallback | None = None, log_path: Path | None = None, progress: bool = True,
+) -> TrainOutcome:
+    """Fine-tune `model` with `recipe` on `data`; returns the trained model and counts.
+
+    The callback (if any) measures step 0 on the untouched model before adapters are attached, then every
+    `callback.every` steps and at the last step. `log_path` receives one JSON line per optimiser step,
+    flushed as written. A non-finite loss or gradient norm raises `DivergedError` after logging that step.
+    """
+    from transformers import get_scheduler
+
+    from ..tokens import pad_id
+
+    device = next(model.parameters()).device
+    random.seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    total = total_optimizer_steps(recipe, len(data.examples))
+    if callback is not None:
+        callback.evaluate(model, tokenizer, step=0)
+
+    model = prepare_model(model, recipe, plan)
+    if recipe.gradient_checkpointing:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # Non-reentrant checkpointing needs no requires_grad on the (frozen) embedding output.
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = trainable_parameter_names(model)
+    optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    scheduler = get_scheduler(recipe.lr_scheduler, optimizer, num_warmup_steps=warmup_steps(recipe, total),
+                              num_training_steps=total)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if recipe.dtype == "bfloat16" \
+        else contextlib.nullcontext()
+    stream = _micro_batches(data.examples, recipe.batch_size, recipe.seed)
+    pad = pad_id(tokenizer)
+    tokens = loss_tokens = seen = 0
+    train_seconds, loss_value = 0.0, None
+    log = open(log_path, "a", encoding="utf-8") if log_path is not None else None
+    bar = tqdm(total=total, desc=f"{recipe.method} fine-tuning", disable=not progress, leave=False)
+    try:
+        model.train()
+        for step in range(1, total + 1):
+            t0 = time.perf_counter()
+            group = [collate(next(stream), pad, device) for _ in range(recipe.grad_accum)]
+            n_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group)
+            step_loss = 0.0
+            for b in group:
+                with autocast:
+                    loss = token_loss_sum(model, b) / max(n_labels, 1)
+                if not torch.isfinite(loss):
+                    bad = float(loss.detach())
+                    _write(log, {"step": step, "loss": bad, "event": "diverged"})
+                    raise DivergedError(f"loss became {bad} at step {step} of {total} "
+                                        f"(learning_rate={recipe.learning_rate}); the log up to this step is in "
+                                        f"{log_path}. Lower learning_rate or use dtype='float32'.")
+                loss.backward()
+                step_loss += float(loss.detach())
+                tokens += int(b["attention_mask"].sum())
+                seen += b["input_ids"].shape[0]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm or float("inf"))
+            if not torch.isfinite(grad_norm):
+                _write(log, {"step": step, "loss": step_loss, "grad_norm": float(grad_norm), "event": "diverged"})
+                raise DivergedError(f"gradient norm became {float(grad_norm)} at step {step} of {total} "
+                                    f"(learning_rate={recipe.learning_rate}); the log up to this step is in "
+                                    f"{log_path}. Lower learning_rate.")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_tokens += n_labels
+            train_seconds += time.perf_counter() - t0
+            loss_value = step_loss
+            _write(log, {"step": step, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0],
+                         "grad_norm": round(float(grad_norm), 6), "tokens": tokens, "loss_tokens": loss_tokens,
+                         "train_seconds": round(train_seconds, 3)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            if callback is not None and callback.due(step, total):
+                point = callback.evaluate(model, tokenizer, step=step)
+                _write(log, {"event": "eval", **point})
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    return TrainOutcome(
+        model=model, plan=plan, trainable_parameters=names, n_trainable=sum(p.numel() for p in params),
+        steps=total, total_steps=total, epochs_seen=seen / len(data.examples), tokens=tokens,
+        loss_tokens=loss_tokens, train_seconds=round(train_seconds, 3), final_loss=loss_value,
+    )
+
+
+def _write(log, record: dict) -> None:
+    if log is not None:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
