@@ -76,7 +76,11 @@ def _rows(tokenizer, requests: list[EditRequest], templates: tuple[str, ...], kl
 
 
 class _PrefixBatch:
-    """Left-padded prefixes in a KV cache + right-padded suffixes, positions explicit."""
+    """Left-padded prefixes in a KV cache + right-padded suffixes, positions explicit.
+
+    `select(keep)` drops rows (requests that finished optimising) from the cache and the
+    suffixes in place, so later steps cost less; the prefixes are never recomputed.
+    """
 
     def __init__(self, model, rows: list[_Row], pad: int):
         device = next(model.parameters()).device
@@ -110,6 +114,13 @@ class _PrefixBatch:
                        position_ids=pre_pos.to(device), use_cache=True)
         self.cache = getattr(out, "cache", None) or out.past_key_values
 
+    def select(self, keep: list[int]) -> None:
+        """Keep only these rows (indices into the current row list)."""
+        idx = torch.tensor(keep, device=self.suf_ids.device)
+        self.cache.batch_select_indices(idx)
+        self.suf_ids, self.suf_pos, self.mask = self.suf_ids[idx], self.suf_pos[idx], self.mask[idx]
+        self.rows = [self.rows[i] for i in keep]
+
     def hidden(self) -> torch.Tensor:
         """Final hidden states (after the final norm) of the suffixes, (B, S, d)."""
         out = self.model.base_model(input_ids=self.suf_ids, attention_mask=self.mask, position_ids=self.suf_pos,
@@ -119,6 +130,34 @@ class _PrefixBatch:
         self.cache.crop(-self.suf_ids.shape[1])
         _detach_cache(self.cache)
         return out.last_hidden_state
+
+
+@dataclass
+class _Layout:
+    """Index tensors that map the current rows to scored tokens and requests."""
+
+    row_req: torch.Tensor       # (B,) request of each row
+    g_row: torch.Tensor         # (G,) row of each scored target token
+    g_pos: torch.Tensor         # (G,) suffix position whose logits predict it
+    g_tok: torch.Tensor         # (G,) the token
+    g_req: torch.Tensor         # (G,) its request
+    g_weight: torch.Tensor      # (G,) 1 / (target length * templates of the request): NLL means (E3)
+    kl_rows: torch.Tensor       # (K,) rows of KL prompts
+    kl_req: torch.Tensor        # (K,) their requests
+
+    @classmethod
+    def of(cls, rows: list[_Row], device) -> "_Layout":
+        templates: dict[int, int] = {}
+        for r in rows:
+            if r.kind == "nll":
+                templates[r.req] = templates.get(r.req, 0) + 1
+        g = [(b, r.first + j, tok, r.req, 1.0 / (len(r.target) * templates[r.req]))
+             for b, r in enumerate(rows) if r.kind == "nll" for j, tok in enumerate(r.target)]
+        kl = [(b, r.req) for b, r in enumerate(rows) if r.kind == "kl"]
+        t = lambda xs, dt=torch.long: torch.tensor(xs, device=device, dtype=dt)  # noqa: E731
+        return cls(t([r.req for r in rows]), t([x[0] for x in g]), t([x[1] for x in g]), t([x[2] for x in g]),
+                   t([x[3] for x in g]), t([x[4] for x in g], torch.float32), t([x[0] for x in kl]),
+                   t([x[1] for x in kl]))
 
 
 def _detach_cache(cache) -> None:
@@ -136,16 +175,18 @@ def compute_targets(model, tokenizer, requests: list[EditRequest], templates: tu
                     cfg: TargetSettings, *, progress: bool = True) -> TargetResult:
     """Optimise one delta per request (E3), `cfg.batch_size` requests at a time."""
     parts = []
-    for start in tqdm(range(0, len(requests), cfg.batch_size), desc="target values", disable=not progress,
-                      leave=False):
-        parts.append(_optimise(model, tokenizer, requests[start:start + cfg.batch_size], templates, cfg))
+    for start in range(0, len(requests), cfg.batch_size):
+        part = requests[start:start + cfg.batch_size]
+        with tqdm(total=cfg.v_num_grad_steps, desc=f"target values {start + len(part)}/{len(requests)}",
+                  disable=not progress, leave=False) as bar:
+            parts.append(_optimise(model, tokenizer, part, templates, cfg, bar))
     return TargetResult(
         z=torch.cat([p.z for p in parts]), h=torch.cat([p.h for p in parts]),
         loss=[x for p in parts for x in p.loss], steps=[x for p in parts for x in p.steps],
     )
 
 
-def _optimise(model, tokenizer, requests, templates, cfg: TargetSettings) -> TargetResult:
+def _optimise(model, tokenizer, requests, templates, cfg: TargetSettings, bar=None) -> TargetResult:
     spec = arch_for(model)
     device = next(model.parameters()).device
     unembed = unembed_module(model)
@@ -153,26 +194,14 @@ def _optimise(model, tokenizer, requests, templates, cfg: TargetSettings) -> Tar
     n = len(requests)
     d = model.config.hidden_size
     batch = _PrefixBatch(model, rows, pad_id(tokenizer))
-    row_req = torch.tensor([r.req for r in rows], device=device)                       # (B,)
-    nll_rows = [b for b, r in enumerate(rows) if r.kind == "nll"]
-    kl_rows = [b for b, r in enumerate(rows) if r.kind == "kl"]                         # one per request, in order
-    bare_rows = [b for b, r in enumerate(rows) if r.bare]                               # one per request, in order
-    # Flattened gather index of every scored (row, position, token).
-    g_row, g_pos, g_tok, g_req = [], [], [], []
-    templates_per_req = torch.zeros(n, device=device)
-    for b in nll_rows:
-        r = rows[b]
-        templates_per_req[r.req] += 1
-        for j, tok in enumerate(r.target):
-            g_row.append(b), g_pos.append(r.first + j), g_tok.append(tok), g_req.append(r.req)
-    g_row, g_pos, g_tok = (torch.tensor(x, device=device) for x in (g_row, g_pos, g_tok))
-    g_req = torch.tensor(g_req, device=device)
-    tgt_len = torch.tensor([len(rows[b].target) for b in g_row.tolist()], device=device, dtype=torch.float32)
+    lay = _Layout.of(batch.rows, device)
+    bare_rows = torch.tensor([b for b, r in enumerate(rows) if r.bare], device=device)   # one per request, in order
 
     delta = torch.zeros(n, d, device=device, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
     active = torch.ones(n, dtype=torch.bool, device=device)
-    h_init = kl_init = None
+    h_init = None
+    kl_init = torch.zeros(n, 0)
     final_loss = torch.zeros(n)
     steps = torch.zeros(n, dtype=torch.long)
     for p in model.parameters():
@@ -180,28 +209,34 @@ def _optimise(model, tokenizer, requests, templates, cfg: TargetSettings) -> Tar
 
     def add_delta(h):  # h: (B, S, d) block-l* output of the suffixes; position 0 is the subject's last token
         nonlocal h_init
-        if h_init is None:
+        if h_init is None:                                                              # first step: all rows
             h_init = h[bare_rows, 0].detach().float().clone()                          # (n, d)
         h = h.clone()
-        h[:, 0] = h[:, 0] + delta[row_req].to(h.dtype)
+        h[:, 0] = h[:, 0] + delta[lay.row_req].to(h.dtype)
         return h
 
     for it in range(cfg.v_num_grad_steps):
         with edit_output(model, spec.block_name(cfg.layer), add_delta):
             hidden = batch.hidden()                                                      # (B, S, d)
-        logp = torch.log_softmax(unembed(hidden[g_row, g_pos]).float(), -1)            # (G, V)
-        tok_nll = -logp.gather(1, g_tok[:, None]).squeeze(1) / tgt_len                  # per-token share of row mean
-        nll = torch.zeros(n, device=device).index_add(0, g_req, tok_nll) / templates_per_req  # (n,)
-        kl_logp = torch.log_softmax(unembed(hidden[kl_rows, 0]).float(), -1)           # (n, V)
-        if kl_init is None:
-            kl_init = kl_logp.detach().clone()
-        kl = cfg.kl_factor * (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)             # KL(new || orig), (n,)
+        logp = torch.log_softmax(unembed(hidden[lay.g_row, lay.g_pos]).float(), -1)    # (G, V)
+        tok_nll = -logp.gather(1, lay.g_tok[:, None]).squeeze(1) * lay.g_weight         # (G,)
+        nll = torch.zeros(n, device=device).index_add(0, lay.g_req, tok_nll)            # (n,) mean over tokens, templates
+        kl_logp = torch.log_softmax(unembed(hidden[lay.kl_rows, 0]).float(), -1)       # (K, V)
+        if it == 0:
+            kl_init = torch.zeros(n, kl_logp.shape[1], device=device)
+            kl_init[lay.kl_req] = kl_logp.detach()
+        kl_each = (kl_logp.exp() * (kl_logp - kl_init[lay.kl_req])).sum(-1)            # KL(new || orig), (K,)
+        kl = cfg.kl_factor * torch.zeros(n, device=device).index_add(0, lay.kl_req, kl_each)
         wd = cfg.v_weight_decay * delta.norm(dim=1) / h_init.norm(dim=1) ** 2
-        loss = nll + kl + wd                                                             # (n,)
+        loss = nll + kl + wd                                                             # (n,); valid where active
         with torch.no_grad():
-            steps[active.cpu()] = it
-            final_loss[active.cpu()] = loss.detach().cpu()[active.cpu()]
+            was = active.clone()
+            steps[was.cpu()] = it
+            final_loss[was.cpu()] = loss.detach().cpu()[was.cpu()]
             active &= loss.detach() >= cfg.early_stop_loss
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(active=int(active.sum()), loss=f"{float(loss.detach()[was].mean()):.3f}")
         if not bool(active.any()) or it == cfg.v_num_grad_steps - 1:
             break
         frozen = delta.detach()[~active].clone()
@@ -213,5 +248,10 @@ def _optimise(model, tokenizer, requests, templates, cfg: TargetSettings) -> Tar
             max_norm = cfg.clamp_norm_factor * h_init.norm(dim=1, keepdim=True)          # (n, 1)
             scale = torch.clamp(max_norm / delta.norm(dim=1, keepdim=True).clamp_min(1e-12), max=1.0)
             delta.mul_(scale)
+        if not bool(active.all().item()) and bool((~active[lay.row_req]).any()):
+            # Finished requests leave the batch; their rows are not computed again.
+            keep = active[lay.row_req].nonzero().squeeze(1).tolist()
+            batch.select(keep)
+            lay = _Layout.of(batch.rows, device)
     z = (h_init + delta.detach()).float()
     return TargetResult(z=z.cpu(), h=h_init.cpu(), loss=final_loss.tolist(), steps=(steps + 1).tolist())
