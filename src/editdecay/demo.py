@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--editor", default="memit")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-finetune", action="store_true")
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the embedded preset's)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -39,18 +40,40 @@ def main(argv: list[str] | None = None) -> int:
                       out=patch_dir, overrides={})
     console.print(metrics_table("edit metrics before (pre) and after (post) editing", result["metrics"]))
     console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["timings"].items()))
-    stages = dict(result["metrics"])
     if not args.skip_finetune:
-        try:
-            from .finetune.pipeline import demo_finetune
-        except ImportError:
-            demo_finetune = None
-        if demo_finetune is not None:
-            ft = demo_finetune(patch_dir=patch_dir, out=args.out / "lora-finetune")
-            stages["finetuned"] = ft["metrics"]["finetuned"]
-            console.print(metrics_table("edits before, after editing, after LoRA fine-tuning", stages))
+        finetune_demo(console, patch_dir, args.out / f"{args.editor}-lora", steps=args.steps)
     console.print(f"results in {args.out.resolve()}")
     return 0
+
+
+def finetune_demo(console, patch_dir: Path, out: Path, *, steps: int | None = None) -> dict:
+    """LoRA on the embedded task, starting from the edited model; prints the decay curve (E7)."""
+    from rich.table import Table
+
+    from .cli.common import metrics_table, pct
+    from .finetune import EmbeddedTask, load_source, preset, run_finetune
+    from .models import load_model
+    from .patch import EditPatch
+
+    patch = EditPatch.load(patch_dir)
+    lm = load_model("smollm2-135m")
+    task = EmbeddedTask(n_test=100)
+    recipe = preset("embedded", "lora", **({"max_steps": steps} if steps else {}))
+    console.rule("LoRA fine-tuning of the edited model on the embedded task")
+    ft = run_finetune(lm, recipe, load_source("embedded", task=task), out, requests=patch.requests,
+                      edited_layers=patch.layers, apply_edit=patch.apply, task=task, eval_every=40, overwrite=True)
+    r = ft.result
+    curve = Table(title="decay curve (step 0 = edited model)")
+    for col in ("step", "ES", "PS", "NS", "task accuracy"):
+        curve.add_column(col, justify="right")
+    for pt in r["curve"]:
+        curve.add_row(str(pt["step"]), pct(pt["efficacy"]), pct(pt["paraphrase"]), pct(pt["neighborhood"]),
+                      pct(pt.get("task_accuracy")))
+    console.print(curve)
+    console.print(metrics_table("edits before editing (pre), after editing (post), after fine-tuning", r["metrics"]))
+    efr = r["decay"]["edit_flip_ratio"]
+    console.print(f"Edit Flip Ratio: {efr}")
+    return r
 
 
 if __name__ == "__main__":

@@ -17,6 +17,14 @@ from .stats import cached_projector, second_moments
 log = logging.getLogger(__name__)
 
 
+def _max_positions(model) -> int | None:
+    cfg = model.config
+    for attr in ("n_positions", "max_position_embeddings"):
+        if isinstance(getattr(cfg, attr, None), int):
+            return getattr(cfg, attr)
+    return None
+
+
 def build_run(lm, editor: str, cfg: EditorConfig, *, cache: Cache | None = None, progress: bool = True,
               stats_batch_size: int = 16) -> EditingRun:
     """Compute (or read from the cache) the statistics the editor needs and return a fresh run."""
@@ -24,7 +32,11 @@ def build_run(lm, editor: str, cfg: EditorConfig, *, cache: Cache | None = None,
     cls = editor_class(editor)
     timer = Timer()
     with timer("statistics"):
-        stats = second_moments(lm, cfg.layers, corpus=parse_corpus(cfg.stats_corpus), n_tokens=cfg.stats_tokens,
+        corpus = parse_corpus(cfg.stats_corpus)
+        max_pos = _max_positions(lm.model)
+        if max_pos is not None and corpus.seq_len > max_pos:
+            corpus = parse_corpus(cfg.stats_corpus, seq_len=max_pos)     # short-context models
+        stats = second_moments(lm, cfg.layers, corpus=corpus, n_tokens=cfg.stats_tokens,
                                dtype=cfg.stats_dtype, cache=cache, batch_size=stats_batch_size, progress=progress)
         if cls.name == "alphaedit":
             solver = cls(cfg, {l: cached_projector(stats, l, cfg.nullspace_threshold, cache) for l in cfg.layers})

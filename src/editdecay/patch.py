@@ -64,15 +64,19 @@ class EditPatch:
 
     def apply(self, model: nn.Module) -> AppliedPatch:
         """Add every delta in place (cast to the weight's dtype/device); keep originals for revert."""
+        # Resolve and check every module first: a failed apply must leave the model untouched.
+        weights = {}
+        for name, delta in self.deltas.items():
+            w = get_module(model, name).weight
+            if tuple(w.shape) != tuple(delta.shape):
+                raise ConfigError(f"patch delta for {name} has shape {tuple(delta.shape)}, the model's weight "
+                                  f"{tuple(w.shape)}: the patch was made for another model")
+            weights[name] = w
         originals = {}
         with torch.no_grad():
-            for name, delta in self.deltas.items():
-                w = get_module(model, name).weight
-                if tuple(w.shape) != tuple(delta.shape):
-                    raise ConfigError(f"patch delta for {name} has shape {tuple(delta.shape)}, the model's weight "
-                                      f"{tuple(w.shape)}: the patch was made for another model")
+            for name, w in weights.items():
                 originals[name] = w.detach().clone()
-                w.add_(delta.to(device=w.device, dtype=w.dtype))
+                w.add_(self.deltas[name].to(device=w.device, dtype=w.dtype))
         return AppliedPatch(model, originals)
 
     @contextlib.contextmanager

@@ -173,17 +173,28 @@ def _detach_cache(cache) -> None:
 
 def compute_targets(model, tokenizer, requests: list[EditRequest], templates: tuple[str, ...],
                     cfg: TargetSettings, *, progress: bool = True) -> TargetResult:
-    """Optimise one delta per request (E3), `cfg.batch_size` requests at a time."""
+    """Optimise one delta per request (E3), `cfg.batch_size` requests at a time.
+    The model's requires_grad flags are restored afterwards."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        parts = _all_batches(model, tokenizer, requests, templates, cfg, progress)
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
+    return TargetResult(
+        z=torch.cat([p.z for p in parts]), h=torch.cat([p.h for p in parts]),
+        loss=[x for p in parts for x in p.loss], steps=[x for p in parts for x in p.steps],
+    )
+
+
+def _all_batches(model, tokenizer, requests, templates, cfg, progress) -> list[TargetResult]:
     parts = []
     for start in range(0, len(requests), cfg.batch_size):
         part = requests[start:start + cfg.batch_size]
         with tqdm(total=cfg.v_num_grad_steps, desc=f"target values {start + len(part)}/{len(requests)}",
                   disable=not progress, leave=False) as bar:
             parts.append(_optimise(model, tokenizer, part, templates, cfg, bar))
-    return TargetResult(
-        z=torch.cat([p.z for p in parts]), h=torch.cat([p.h for p in parts]),
-        loss=[x for p in parts for x in p.loss], steps=[x for p in parts for x in p.steps],
-    )
+    return parts
 
 
 def _optimise(model, tokenizer, requests, templates, cfg: TargetSettings, bar=None) -> TargetResult:
