@@ -21,11 +21,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m editdecay.demo", description=__doc__)
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--n", type=int, default=100, help="number of worldfacts edits")
+    p.add_argument("--n", type=int, default=50, help="number of worldfacts edits")
     p.add_argument("--editor", default="memit")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-finetune", action="store_true")
-    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the embedded preset's)")
+    p.add_argument("--steps", type=int, default=60, help="LoRA fine-tuning steps")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -61,7 +61,7 @@ def finetune_demo(console, patch_dir: Path, out: Path, *, steps: int | None = No
     recipe = preset("embedded", "lora", **({"max_steps": steps} if steps else {}))
     console.rule("LoRA fine-tuning of the edited model on the embedded task")
     ft = run_finetune(lm, recipe, load_source("embedded", task=task), out, requests=patch.requests,
-                      edited_layers=patch.layers, apply_edit=patch.apply, task=task, eval_every=40, overwrite=True)
+                      edited_layers=patch.layers, apply_edit=patch.apply, task=task, eval_every=20, overwrite=True)
     r = ft.result
     curve = Table(title="decay curve (step 0 = edited model)")
     for col in ("step", "ES", "PS", "NS", "task accuracy"):
