@@ -21,11 +21,13 @@ PRESETS: dict[tuple[str, str], dict] = {
     ("alphaedit", "gpt_neox"): dict(_COMMON, layers=(3, 4, 5, 6, 7, 8), v_lr=0.5, nullspace_threshold=2e-2, L2=10.0),
     ("alphaedit", "llama"): dict(_COMMON, layers=(4, 5, 6, 7, 8), v_lr=0.5, nullspace_threshold=2e-2, L2=10.0),
 }
-# The embedded SmolLM2-135M (30 layers, d 576, d_k 1536): tuned on worldfacts, see the tuning notes
-# in benchmarks/tune_embedded.md.
+# The embedded SmolLM2-135M (30 layers, d 576, d_k 1536), tuned on worldfacts (50 edits, seed 0, layers 3-7,
+# 20k generated statistics tokens): lambda 15000 -> ES 3%; 8000 -> ES 18%; 5000 -> ES 63 / PS 32 / NS 96;
+# 2000 -> ES 100 / PS 74 / NS 91 (from 100 before editing). The study's lambda is tuned for GPT-J's key
+# scale; this model's keys are smaller relative to C, so a smaller lambda writes the same residual.
 EMBEDDED = {
     "memit": dict(layers=(3, 4, 5, 6, 7), v_lr=0.5, v_num_grad_steps=25, kl_factor=0.0625, clamp_norm_factor=0.75,
-                  mom2_update_weight=15000.0, stats_tokens=20_000, n_context_templates=5, context_length=10),
+                  mom2_update_weight=2000.0, stats_tokens=20_000, n_context_templates=5, context_length=10),
     "alphaedit": dict(layers=(3, 4, 5, 6, 7), v_lr=0.5, v_num_grad_steps=25, kl_factor=0.0625, clamp_norm_factor=0.75,
                       nullspace_threshold=2e-2, L2=10.0, stats_tokens=20_000, n_context_templates=5,
                       context_length=10),
