@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo demo-pipeline test bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# A small grid on the embedded model: 2 editors x 2 fine-tuning methods x 2 layer choices.
 demo: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/editdecay grid run examples/grids/demo.yaml --out runs/demo-grid
+
+# One cell in detail: MEMIT edits, LoRA fine-tuning with a decay curve.
+demo-pipeline: $(STAMP)
 	$(BIN)/python -m editdecay.demo
 
 test: $(STAMP)

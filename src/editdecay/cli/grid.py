@@ -1,0 +1,206 @@
+"""`editdecay grid plan|run|status|gather`: the whole study from one grid file (see editdecay.grid)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import app
+from .common import console, guard
+
+grid_app = typer.Typer(name="grid", no_args_is_help=True, add_completion=False,
+                       help="Plan, run and follow a grid of experiments (models x editors x data x edits x recipes).")
+app.add_typer(grid_app, name="grid")
+
+
+def _wide():
+    """The shared console in a terminal; a wide one when piped, so cell ids are never cut."""
+    from rich.console import Console
+
+    return console if sys.stdout.isatty() else Console(width=250)
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _load(grid_file: Path):
+    from ..grid.plan import build_plan
+    from ..grid.spec import load_grid
+
+    return build_plan(load_grid(grid_file))
+
+
+@grid_app.command("plan")
+@guard
+def plan_cmd(
+    grid_file: Path = typer.Argument(..., help="grid YAML file"),
+    as_json: bool = typer.Option(False, "--json", help="print {cells, stages, summary} as JSON"),
+) -> None:
+    """List the cells of a grid and the stages they need, and how many stages are shared. Runs nothing."""
+    from rich.table import Table
+
+    from ..grid.plan import missing_files
+
+    plan = _load(grid_file)
+    missing = missing_files(plan)
+    if as_json:
+        d = plan.to_dict()
+        _print_json({"name": d["name"], "summary": d["summary"], "cells": d["cells"], "stages": d["stages"],
+                     "missing_files": missing})
+        return
+    out = _wide()
+    t = Table(title=f"grid {plan.name!r}: {len(plan.cells)} cells")
+    for col in ("model", "editor", "data", "n", "recipe", "ft data", "seed", "stages", "cell id"):
+        t.add_column(col, no_wrap=True)
+    for c in plan.cells:
+        a = c.axes
+        t.add_row(a["model_label"], a["editor"] or "-", a["edit_data_label"] or "-", str(a["n_edits"]), a["recipe"],
+                  a["finetune_data_label"], str(a["seed"]), str(len(plan.closure(c.stages.values()))), c.id)
+    out.print(t)
+    s = plan.summary()
+    k = Table(title="stages")
+    for col in ("kind", "stages", "used by cells", "shared (used by > 1 cell)"):
+        k.add_column(col, justify="right" if col != "kind" else "left")
+    for kind, v in s["by_kind"].items():
+        k.add_row(kind, str(v["stages"]), str(v["uses"]), str(v["shared"]))
+    out.print(k)
+    out.print(f"{s['cells']} cells need {s['stage_uses']} stage uses; {s['stages']} distinct stages are computed "
+              f"({s['shared_stages']} shared by several cells, {s['uses_saved_by_sharing']} computations saved)")
+    for line in missing:
+        out.print(f"[yellow]warning:[/] {line} (needed when the grid runs)", highlight=False)
+
+
+@grid_app.command("run")
+@guard
+def run_cmd(
+    grid_file: Path = typer.Argument(..., help="grid YAML file"),
+    out: Path = typer.Option(..., help="output directory (created; re-run with the same --out to resume)"),
+    backend: str = typer.Option("local", help="local (in-process) | ray | slurm"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: the grid's, else a local cluster)"),
+    num_cpus: Optional[int] = typer.Option(None, help="CPUs of a local Ray cluster started here"),
+    slurm_cluster: str = typer.Option("auto", help="submitit executor: auto | slurm | local"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="run only the cells that failed before"),
+    cell: Optional[List[str]] = typer.Option(None, help="run only this cell id (repeatable)"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads per stage"),
+    progress: bool = typer.Option(False, "--progress/--no-progress", help="progress bars inside stages"),
+    as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
+) -> None:
+    """Run (or resume) a grid. Finished stages are reused; failed cells are recorded and the rest goes on."""
+    from ..grid.runner import run_grid
+
+    plan = _load(grid_file)
+    options = {}
+    if backend == "ray":
+        options = {"address": address, "num_cpus": num_cpus}
+    elif backend == "slurm":
+        options = {"cluster": slurm_cluster}
+    from rich.console import Console
+
+    err = Console(stderr=True)
+
+    def echo(line: str) -> None:
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    echo(f"grid {plan.name!r}: {len(plan.cells)} cells, {len(plan.stages)} stages -> {out} ({backend})")
+    summary = run_grid(plan, out, backend=backend, grid_text=grid_file.read_text(), retry_failed=retry_failed,
+                       cells=cell or None, threads=threads, progress=progress, echo=echo, **options)
+    if as_json:
+        _print_json(summary.to_dict())
+    else:
+        st = summary.stages
+        console.print(f"stages: {st['computed']} computed, {st['reused']} reused, {st['failed']} failed, "
+                      f"{st['blocked']} blocked; {summary.seconds:.1f} s"
+                      + (f" ({summary.already_done} cells were already done)" if summary.already_done else ""))
+        c = summary.cells
+        console.print(f"cells: {c['done']} done, {c['failed']} failed, {c['pending']} pending, "
+                      f"{c['running']} running (elsewhere)")
+        if summary.skipped_failed:
+            console.print(f"{len(summary.skipped_failed)} cell(s) failed earlier and were left alone; "
+                          f"rerun them with --retry-failed")
+        for f in summary.failed:
+            console.print(f"[red]failed[/] {f['cell']}: {f['error']}", highlight=False)
+        _print_results(Path(out), plan)
+        console.print(f"results: {Path(out) / 'results'}" + (f", table {summary.results_table}"
+                                                            if summary.results_table else ""))
+    if summary.cells["failed"]:
+        raise typer.Exit(1)
+
+
+def _print_results(out: Path, plan, limit: int = 40) -> None:
+    """Efficacy of M0 / M_e / M_f / M_ef, Edit Flip Ratio and task accuracy, one row per finished cell."""
+    from rich.table import Table
+
+    from ..grid.store import GridStore
+    from .common import pct
+
+    store = GridStore(out)
+    rows = [(c, r) for c in plan.cells if (r := store.read_result(c.id)) is not None][:limit]
+    if not rows:
+        return
+    t = Table(title="efficacy (%) before / after editing, after fine-tuning; Edit Flip Ratio; task accuracy (%)")
+    for col in ("cell", "n", "ES M0", "ES M_e", "ES M_f", "ES M_ef", "EFR", "task M0", "task M_ef / M_f"):
+        t.add_column(col, justify="left" if col == "cell" else "right")
+    for c, r in rows:
+        m = r["metrics"]
+        es = [pct((m.get(k) or {}).get("efficacy")) for k in ("M0", "M_e", "M_f", "M_ef")]
+        efr = ((r.get("decay") or {}).get("edit_flip_ratio") or {}).get("value")
+        after = (m.get("M_ef") or m.get("M_f") or {}).get("task_accuracy")
+        t.add_row(c.label, str(c.axes["n_edits"]), *es, pct(efr), pct(m["M0"].get("task_accuracy")), pct(after))
+    _wide().print(t)
+
+
+@grid_app.command("status")
+@guard
+def status_cmd(
+    out: Path = typer.Argument(..., help="grid output directory (the --out of `grid run`)"),
+    as_json: bool = typer.Option(False, "--json", help='print {"cells": [{"id", "state", ...}]}'),
+    errors: bool = typer.Option(False, "--errors", help="print the traceback of each failed cell"),
+) -> None:
+    """Done / running / failed / pending, per cell."""
+    from rich.table import Table
+
+    from ..grid.store import GridStore
+
+    store = GridStore(out)
+    plan = store.read_plan()
+    cells = store.cell_states(plan)
+    counts = {s: sum(1 for c in cells if c["state"] == s) for s in ("done", "running", "failed", "pending")}
+    if as_json:
+        _print_json({"grid": plan.name, "counts": counts, "cells": cells})
+        return
+    colour = {"done": "green", "running": "yellow", "failed": "red", "pending": "dim"}
+    con = _wide()
+    t = Table(title=f"grid {plan.name!r} in {out}")
+    for col in ("cell", "state", "detail"):
+        t.add_column(col)
+    for c in cells:
+        detail = ""
+        if c["state"] == "failed":
+            detail = f"{c['failed_kind']}: {c['error']}"
+        elif c["state"] == "running":
+            r = c["running"][0]
+            detail = f"{r['kind']} on {r.get('host', '?')} pid {r.get('pid', '?')} since {r.get('started', '?')}"
+        t.add_row(c["id"], f"[{colour[c['state']]}]{c['state']}[/]", detail)
+    con.print(t)
+    con.print(", ".join(f"{v} {k}" for k, v in counts.items()))
+    if errors:
+        for c in cells:
+            if c["state"] == "failed":
+                con.rule(c["id"])
+                con.print(c["traceback"], highlight=False, markup=False)
+
+
+@grid_app.command("gather")
+@guard
+def gather_cmd(out: Path = typer.Argument(..., help="grid output directory")) -> None:
+    """Write results.parquet and results.csv (one row per finished cell) from results/*.json."""
+    from ..grid.store import GridStore
+
+    store = GridStore(out)
+    path = store.gather(store.read_plan())
+    console.print(f"wrote {path} and {Path(out) / 'results.csv'}" if path else "no finished cells yet")
