@@ -61,22 +61,16 @@ def evaluate_stage_result(*, model: str, data: str | None, limit: int | None, se
 
 
 def parse_layers(text: str | None) -> tuple[int, ...] | None:
-    """"4,5,6" or "4-8" -> (4, 5, 6) / (4, ..., 8); None stays None."""
+    """"4,5,6" or "4-8" -> sorted layer indices; None or "" stays None. Errors name the text."""
     from .errors import ConfigError
+    from .layerspec import parse_layer_text
 
     if text is None or text == "":
         return None
-    out: list[int] = []
     try:
-        for part in text.split(","):
-            if "-" in part.strip()[1:]:
-                a, b = part.split("-", 1)
-                out.extend(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
-    except ValueError:
-        raise ConfigError(f"layers {text!r}: give comma-separated integers or ranges, e.g. 4,5,6 or 4-8") from None
-    return tuple(out)
+        return parse_layer_text(text)
+    except ValueError as e:
+        raise ConfigError(f"layers {e}") from None
 
 
 def edit_config(editor: str, lm, overrides: dict) -> "object":
