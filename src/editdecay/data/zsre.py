@@ -38,7 +38,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..request import EditRequest
 from .common import EditDataset, Rejection, _norm, finish, validate_request
-from .counterfact import record_problem, read_records, text_field
+from .records import record_problem, read_records, text_field
 
 TARGETS = ("answers", "alt")
 
