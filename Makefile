@@ -17,15 +17,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# A small grid on the embedded model: 2 editors x 2 fine-tuning methods x 2 layer choices.
+# A small grid on the embedded model: 2 editors x 2 fine-tuning methods x 2 layer choices, then its report.
 demo: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/editdecay grid run examples/grids/demo.yaml --out runs/demo-grid
+	$(BIN)/editdecay report runs/demo-grid --out runs/demo-grid/report
 
 # One cell in detail: MEMIT edits, LoRA fine-tuning with a decay curve.
 demo-pipeline: $(STAMP)
 	$(BIN)/python -m editdecay.demo
 
-test: $(STAMP)
+# The report test opens report.html in headless Chromium (Debian's package); installed once, as root.
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	apt-get update && apt-get install -y chromium
+
+test: $(STAMP) $(CHROMIUM)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)

@@ -65,7 +65,7 @@ def test_bad_values_name_key_value_and_choices():
 
 
 def test_several_problems_are_all_reported():
-    msg = error_of(small(seeds=[-3], finetune_data=["commonsense"], shared={"downstream": ["boolq"]}))
+    msg = error_of(small(seeds=[-3], finetune_data=["commonsense"], shared={"downstream": ["mmlu"]}))
     assert "3 problem(s)" in msg and "seeds" in msg and "finetune_data" in msg and "shared.downstream" in msg
 
 

@@ -188,7 +188,7 @@ def iter_token_chunks(spec: CorpusSpec, lm: LoadedModel, n_tokens: int, *, cache
         source: Iterable[list[int]] = generated_chunks(spec, lm, cache=cache, progress=progress)
     else:
         vocab = lm.model.get_input_embeddings().num_embeddings
-        source = _document_chunks(spec, lm.tokenizer, vocab)
+        source = document_chunks(spec, lm.tokenizer, vocab)
     produced = 0
     for chunk in source:
         chunk = chunk[: n_tokens - produced]
@@ -215,7 +215,7 @@ def _split(ids: list[int], seq_len: int, bos: int | None) -> Iterator[list[int]]
         yield ([bos] + piece) if bos is not None else piece
 
 
-def _document_chunks(spec: CorpusSpec, tokenizer, vocab_size: int) -> Iterator[list[int]]:
+def document_chunks(spec: CorpusSpec, tokenizer, vocab_size: int) -> Iterator[list[int]]:
     """Token chunks of a file or `datasets` corpus, document by document."""
     where = spec.describe()
     docs = _file_documents(spec) if spec.kind == "file" else _hf_documents(spec)
@@ -386,8 +386,24 @@ def sample_batch(spec: CorpusSpec, lm: LoadedModel, batch: int) -> list[list[int
     return rows
 
 
-def _generated_parts(spec: CorpusSpec, lm: LoadedModel, batch: int) -> tuple[str, ...]:
-    return ("corpora", "generated", lm.identity.fingerprint, stable_hash(spec.sampling()), f"batch-{batch:06d}.safetensors")
+def _generated_parts(spec: CorpusSpec, fingerprint: str, batch: int) -> tuple[str, ...]:
+    return ("corpora", "generated", fingerprint, stable_hash(spec.sampling()), f"batch-{batch:06d}.safetensors")
+
+
+def cached_generated_chunks(spec: CorpusSpec, fingerprint: str, cache: Cache) -> Iterator[list[int]]:
+    """The `generated` stream as `generated_chunks` cached it, read without a model (e.g. by reports).
+
+    Raises FileNotFoundError at the first batch that was never sampled into `cache`.
+    """
+    meta = json.dumps(spec.sampling(), sort_keys=True)
+    batch = 0
+    while True:
+        path = cache.path(*_generated_parts(spec, fingerprint, batch))
+        rows = _load_generated(path, meta)
+        if rows is None:
+            raise FileNotFoundError(f"generated corpus batch {batch} is not in the cache ({path})")
+        yield from rows
+        batch += 1
 
 
 def _load_generated(path, expect_meta: str) -> list[list[int]] | None:
@@ -430,7 +446,7 @@ def generated_chunks(spec: CorpusSpec, lm: LoadedModel, *, cache: Cache | None =
     batch = 0
     try:
         while True:
-            path = cache.path(*_generated_parts(spec, lm, batch)) if cache is not None else None
+            path = cache.path(*_generated_parts(spec, lm.identity.fingerprint, batch)) if cache is not None else None
             rows = _load_generated(path, meta) if path is not None else None
             if rows is None:
                 if bar is None:
@@ -448,5 +464,6 @@ def generated_chunks(spec: CorpusSpec, lm: LoadedModel, *, cache: Cache | None =
             bar.close()
 
 
-__all__ = ["CORPUS_KINDS", "CorpusSpec", "generated_chunks", "iter_token_chunks", "parse_corpus",
+__all__ = ["CORPUS_KINDS", "CorpusSpec", "cached_generated_chunks", "document_chunks", "generated_chunks",
+           "iter_token_chunks", "parse_corpus",
            "sample_batch", "tokenizer_fingerprint"]

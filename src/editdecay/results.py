@@ -14,7 +14,8 @@ from pathlib import Path
 from .cache import atomic_write_json
 
 RESULT_SCHEMA_VERSION = 1
-_PACKAGES = ("editdecay", "torch", "transformers", "peft", "accelerate", "safetensors", "numpy", "gguf", "pydantic")
+_PACKAGES = ("editdecay", "torch", "transformers", "peft", "accelerate", "safetensors", "numpy", "gguf", "pydantic",
+             "lm_eval", "datasets")
 
 
 def package_versions() -> dict[str, str | None]:

@@ -54,6 +54,11 @@ def finetune(
     task_eval: bool = typer.Option(True, "--task-eval/--no-task-eval", help="score the embedded task's held-out split"),
     task_test: int = typer.Option(100, help="held-out size of the embedded task"),
     task_train: int = typer.Option(2000, help="training size of the embedded task"),
+    downstream: Optional[str] = typer.Option(None, help="lm-eval tasks scored before and after fine-tuning, comma "
+                                                        "separated: everyday (ours, offline) | boolq | piqa | siqa | "
+                                                        "hellaswag | winogrande | arc-e | arc-c | obqa | "
+                                                        "lm-eval:NAME | local:DIR | ppl:FILE"),
+    downstream_limit: Optional[int] = typer.Option(None, help="documents per downstream task (default: all)"),
     save: str = typer.Option("auto", help="auto | adapter | merged | both | none (auto: adapter for lora/dora, "
                                           "merged weights for full)"),
     dtype: str = typer.Option("float32", help="model dtype: float32 | bfloat16"),
@@ -78,6 +83,7 @@ def finetune(
         "dtype": train_dtype, "gradient_checkpointing": gradient_checkpointing, "seed": seed,
     }.items() if v is not None}
     recipe = make_preset(preset or ("embedded" if data == "embedded" else "study"), method, **overrides)
+    ds_spec = _downstream(downstream, downstream_limit)
     task = EmbeddedTask(n_train=task_train, n_test=task_test) if (task_eval or data == "embedded") else None
     source = load_source(data, task=task)
     patch_obj = _load_patch(patch) if patch else None
@@ -100,9 +106,23 @@ def finetune(
     run = run_finetune(
         lm, recipe, source, out, requests=reqs, edited_layers=patch_obj.layers if patch_obj else None,
         apply_edit=patch_obj.apply if patch_obj else None, task=task if task_eval else None,
-        eval_every=eval_every, save=save, overwrite=overwrite, progress=progress, extra=extra,
+        eval_every=eval_every, save=save, overwrite=overwrite, progress=progress, extra=extra, downstream=ds_spec,
     )
     _report(run.result, out)
+
+
+def _downstream(text: Optional[str], limit: Optional[int]):
+    from ..downstream import DownstreamSpec
+    from ..errors import ConfigError
+
+    if not text:
+        if limit is not None:
+            raise ConfigError(f"--downstream-limit {limit} needs --downstream TASK[,TASK]")
+        return None
+    if "embedded" in [t.strip() for t in text.split(",")]:
+        raise ConfigError("--downstream: the embedded task is scored by --task-eval (on by default); list lm-eval "
+                          "tasks here, e.g. --downstream everyday")
+    return DownstreamSpec.parse(text, limit=limit)
 
 
 def _targets(text: Optional[str]):
@@ -127,6 +147,16 @@ def _requests(spec: Optional[str], patch_obj, limit: Optional[int]) -> tuple:
     return tuple(reqs[:limit]) if limit else tuple(reqs)
 
 
+def _score(values: dict) -> str:
+    """acc (%) for multiple choice, word perplexity for ppl: tasks, else the first metric."""
+    if values.get("acc") is not None:
+        return f"acc {pct(values['acc'])}%"
+    if values.get("word_perplexity") is not None:
+        return f"word ppl {values['word_perplexity']:.2f}"
+    first = next((k for k in values if k != "n" and not k.endswith("_stderr")), None)
+    return f"{first} {values[first]}" if first else "-"
+
+
 def _report(result: dict, out: Path) -> None:
     stages = {{"pre": "before edit", "post": "after edit", "finetuned": "after fine-tuning"}.get(k, k): v
               for k, v in result["metrics"].items()}
@@ -135,6 +165,10 @@ def _report(result: dict, out: Path) -> None:
     task = {k: pct(v.get("task_accuracy")) for k, v in stages.items()}
     if any(v != "-" for v in task.values()):
         console.print("embedded task exact match (%): " + ", ".join(f"{k} {v}" for k, v in task.items()))
+    ds = {k: v["downstream"] for k, v in stages.items() if v.get("downstream") is not None}
+    for name in (next(iter(ds.values())) if ds else {}):
+        values = ", ".join(f"{k} {_score(v[name])}" for k, v in ds.items())
+        console.print(f"downstream {name} (n={next(iter(ds.values()))[name]['n']}): {values}", highlight=False)
     if result.get("decay"):
         efr = result["decay"]["edit_flip_ratio"]
         console.print(f"Edit Flip Ratio: {pct(efr['value'])}% ({efr['n_flipped']} of {efr['n_success_edited']} "

@@ -4,6 +4,11 @@ Stages and what `result.json` calls them (ALGORITHMS.md E6/E7):
 - `metrics.pre`       the unedited base model M0 (only when an edit is applied here: measured before applying it)
 - `metrics.post`      the model as handed to fine-tuning (M_e when edited; step 0 of the curve)
 - `metrics.finetuned` after the last step (M_ef; the last point of the curve)
+With `downstream` tasks (editdecay.downstream, scored through lm-eval on the model in memory), each stage also
+has `downstream` ({lm-eval task: {metric: value, ..., n}}) and `downstream_score` (mean accuracy, the study's
+DS), and `result.downstream` records the task specs, lm-eval's provenance and the seconds each scoring took.
+The same model objects are scored as the edit metrics: pre before the edit, post before training, finetuned
+after the last step (a PeftModel with its adapters unmerged).
 plus the curve, per-request outcomes, the Edit Flip Ratio and relative decreases
 between post and finetuned, the recipe, the resolved plan and trainable
 parameter names, data identity, timings and the environment.
@@ -22,13 +27,14 @@ The model object is changed in place (edit applied, weights trained or adapters 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from ..downstream import DownstreamSpec
 from ..errors import ConfigError
 from ..models import LoadedModel
 from ..request import EditRequest
@@ -60,7 +66,7 @@ def run_finetune(
     requests: Sequence[EditRequest] = (), edited_layers: tuple[int, ...] | None = None,
     apply_edit: Callable[[nn.Module], object] | None = None, task: EmbeddedTask | None = None,
     eval_every: int = 0, save: str = "auto", overwrite: bool = False, progress: bool = True,
-    extra: dict | None = None,
+    extra: dict | None = None, downstream: DownstreamSpec | Sequence[str] | None = None,
 ) -> FinetuneRun:
     """Run one fine-tuning experiment and write `out/result.json` (see module docstring).
 
@@ -68,6 +74,7 @@ def run_finetune(
     `apply_edit(model)`: applies the edit in place; when given, `metrics.pre` is the model before it.
     `task`: the embedded task whose held-out split is scored (None: no task accuracy).
     `extra`: recorded as is under `extra` (e.g. patch provenance).
+    `downstream`: lm-eval tasks scored pre (with `apply_edit`), post and finetuned (None or empty: none).
     """
     out = Path(out)
     if save not in SAVE_CHOICES:
@@ -86,6 +93,7 @@ def run_finetune(
                         train_on_prompt=recipe.train_on_prompt)
     log.info("%s fine-tuning: layers %s, %d target modules, %d examples (%d loss tokens)", recipe.method,
              list(plan.layers), len(plan.modules), len(data.examples), data.identity["n_loss_tokens"])
+    scorer = _Downstream.load(downstream, timer) if downstream else None   # unknown task / unreadable data: now
     task_records = task.records()[1] if task is not None else ()
     callback = DecayCallback(requests, task_records, every=eval_every, template=recipe.template,
                              path=out / CURVE_FILE)
@@ -95,12 +103,18 @@ def run_finetune(
         "plan": plan.to_dict(), "data": data.identity, "task": task.identity() if task is not None else None,
         "eval_every": eval_every, "extra": extra or {},
     }
+    if scorer is not None:
+        result["downstream"] = scorer.record
     pre_outcomes = None
     if apply_edit is not None:
         with timer("eval_pre"):
             pre_outcomes, pre_task = measure(model, tok, requests, task_records, template=recipe.template)
+        if scorer is not None:
+            scorer.score("pre", model, tok)
         with timer("apply_edit"):
             apply_edit(model)
+    if scorer is not None:
+        scorer.score("post", model, tok)
     try:
         with timer("train"):
             outcome = train(model, tok, recipe, data, plan=plan, callback=callback, log_path=out / LOG_FILE,
@@ -111,9 +125,14 @@ def run_finetune(
         write_result(out / RESULT_FILE, result)
         raise
     last = outcome.steps
+    if scorer is not None:
+        scorer.score("finetuned", outcome.model, tok)
     metrics = {"post": callback.stage_metrics(0), "finetuned": callback.stage_metrics(last)}
     if pre_outcomes is not None:
         metrics = {"pre": stage_from(pre_outcomes, pre_task), **metrics}
+    if scorer is not None:
+        for stage in metrics:
+            metrics[stage].update(scorer.stage(stage))
     final_model, outputs, merge_check = _save(outcome, save, out, timer)
     result.update(
         status="done", trainable_parameters=outcome.trainable_parameters,
@@ -126,6 +145,40 @@ def run_finetune(
     )
     write_result(out / RESULT_FILE, result)
     return FinetuneRun(result, out, final_model)
+
+
+@dataclass
+class _Downstream:
+    """The downstream tasks of one run: loaded once (data read before any model work), scored per stage."""
+
+    loaded: object                                 # downstream.LoadedTasks
+    timer: Timer
+    results: dict = field(default_factory=dict)    # stage -> DownstreamResult
+    record: dict = field(default_factory=dict)     # `result.downstream`, filled in as stages are scored
+
+    @classmethod
+    def load(cls, downstream, timer: Timer) -> "_Downstream":
+        from ..downstream import load_tasks
+
+        spec = downstream if isinstance(downstream, DownstreamSpec) else DownstreamSpec.parse(downstream)
+        with timer("downstream_load"):
+            loaded = load_tasks(spec)
+        return cls(loaded, timer, record={"spec": spec.to_dict(), "tasks": loaded.names, "provenance": None,
+                                          "seconds": {}})
+
+    def score(self, stage: str, model: nn.Module, tokenizer) -> None:
+        from ..downstream import evaluate_downstream
+
+        log.info("downstream (%s): scoring %s", stage, ", ".join(self.loaded.names))
+        with self.timer(f"downstream_{stage}"):
+            res = evaluate_downstream(model, tokenizer, self.loaded)
+        self.results[stage] = res
+        self.record["provenance"] = res.provenance
+        self.record["seconds"][stage] = round(res.seconds, 3)
+
+    def stage(self, stage: str) -> dict:
+        res = self.results[stage]
+        return {"downstream": res.tasks, "downstream_score": res.score}
 
 
 def _prepare_dir(out: Path, overwrite: bool) -> None:

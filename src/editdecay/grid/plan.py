@@ -342,6 +342,7 @@ def build_plan(spec: GridSpec) -> Plan:
     digests = {d: data_digest(d) for d in dict.fromkeys(edit_data + ft_data)}
     uses_task = "embedded" in sh.downstream or any(d == "embedded" for d in ft_data)
     task = sh.embedded_task.model_dump() if uses_task else None
+    downstream = _downstream_config(spec)
 
     for mi, model in enumerate(models):
         for seed in spec.seeds:
@@ -375,17 +376,17 @@ def build_plan(spec: GridSpec) -> Plan:
                             # define the same `edited`/`non-edited` layers and share it.
                             for editor_fields in _distinct_layer_sets(editors) if selective else [None]:
                                 mf = _finetune_base(b, model, recipe, rlabel, editor_fields, ft, task, spec,
-                                                    labels, digests, seed)
+                                                    labels, digests, seed, downstream)
                                 axes = _axes(model, _layer_set_label(editor_fields), None, 0, rlabel, recipe, ft,
                                              seed, labels)
                                 cells.append(_cell(b, axes, {"finetune_base": mf}))
                             continue
                         for editor_fields in editors:
                             mf = _finetune_base(b, model, recipe, rlabel, editor_fields if selective else None, ft,
-                                                task, spec, labels, digests, seed)
+                                                task, spec, labels, digests, seed, downstream)
                             for data in edit_data:
                                 cells.append(_edited_cell(b, model, editor_fields, data, n, seed, ft, rlabel, recipe,
-                                                          task, spec, labels, digests, mf))
+                                                          task, spec, labels, digests, mf, downstream))
     # Execution order: cheap stages that fail early (bad data, bad layers) before expensive ones; within a rank,
     # plan order. Every stage's dependencies have a lower rank.
     stages = {s.id: s for s in sorted(b.stages.values(), key=_rank)}
@@ -400,8 +401,23 @@ def build_plan(spec: GridSpec) -> Plan:
     return Plan(spec.name, tuple(cells), stages, runtime, spec.model_dump(mode="json"))
 
 
+def _downstream_config(spec: GridSpec) -> dict:
+    """The finetune stages' downstream keys: the task list with `local:`/`ppl:` paths made absolute and, when
+    there are lm-eval tasks, their limit and data digests (a changed corpus or task directory names new
+    stages). A grid with only the embedded task keeps exactly the keys (and stage ids) it always had."""
+    from ..downstream.spec import parse_task, task_digest
+
+    tasks = [t if t == "embedded" else parse_task(t, spec.base_dir) for t in spec.shared.downstream]
+    lm_tasks = [t for t in tasks if t != "embedded"]
+    if not lm_tasks:
+        return {"downstream": tasks}
+    return {"downstream": tasks, "downstream_limit": spec.shared.downstream_limit,
+            "downstream_digests": {t: task_digest(t) for t in lm_tasks}}
+
+
 def _finetune_base(b: _Builder, model: _Model, recipe, rlabel: str, editor_fields, ft: str, task: dict | None,
-                   spec: GridSpec, labels: dict[str, str], digests: dict[str, str | None], seed: int) -> str:
+                   spec: GridSpec, labels: dict[str, str], digests: dict[str, str | None], seed: int,
+                   downstream: dict) -> str:
     """The M_f stage: the base model fine-tuned with `recipe`. For an `edited`/`non-edited` recipe
     `editor_fields` says which layers are the edited ones; otherwise it is None and M_f does not depend on
     the editor at all (one M_f per model x recipe x data x seed)."""
@@ -410,7 +426,7 @@ def _finetune_base(b: _Builder, model: _Model, recipe, rlabel: str, editor_field
         editor, fields, cfg = editor_fields
         edited = cfg["layers"] if cfg else {"editor": editor.name, "layers": fields.get("layers")}
     conf = {"model": model.ref, "recipe": recipe.to_dict(), "edited_layers": edited, "data": ft,
-            "data_digest": digests[ft], "task": task, "downstream": spec.shared.downstream,
+            "data_digest": digests[ft], "task": task, **downstream,
             "eval_every": spec.shared.evaluation.eval_every, "patch": None}
     return b.add("finetune", conf, (), f"M_f {model.label} {rlabel} {labels[ft]} s{seed}")
 
@@ -454,7 +470,7 @@ def _cell(b: _Builder, axes: dict, roles: dict[str, str]) -> Cell:
 
 def _edited_cell(b: _Builder, model: _Model, editor_fields, data: str, n: int, seed: int, ft: str, rlabel: str,
                  recipe, task: dict | None, spec: GridSpec, labels: dict[str, str], digests: dict[str, str | None],
-                 mf: str) -> Cell:
+                 mf: str, downstream: dict) -> Cell:
     """A cell with edits: statistics -> patch -> M_ef, plus M0 and M_f measured on its requests."""
     editor, fields, cfg = editor_fields
     editor_label = editor.label or editor.name
@@ -477,7 +493,7 @@ def _edited_cell(b: _Builder, model: _Model, editor_fields, data: str, n: int, s
     eval_mf = b.add("evaluate", {"model": model.ref, "requests": requests, "finetune": mf}, (mf,),
                     f"M_f {model.label} {rlabel} on {labels[data]} n{n} s{seed}")
     mef = b.add("finetune", {"model": model.ref, "recipe": recipe.to_dict(), "edited_layers": None, "data": ft,
-                             "data_digest": digests[ft], "task": task, "downstream": spec.shared.downstream,
+                             "data_digest": digests[ft], "task": task, **downstream,
                              "eval_every": ev.eval_every, "patch": patch}, (patch,),
                 f"M_ef {model.label} {editor_label} {labels[data]} n{n} {rlabel} s{seed}")
     axes = _axes(model, editor_label, data, n, rlabel, recipe, ft, seed, labels)
@@ -498,6 +514,9 @@ def missing_files(plan: Plan) -> list[str]:
         for spec, what in (((c.get("requests") or {}).get("data"), "edit data"), (c.get("data"), "fine-tuning data")):
             if isinstance(spec, str) and ":" in spec and spec.split(":", 1)[1].startswith("/"):
                 paths[spec.split(":", 1)[1]] = what
+        for t in c.get("downstream") or []:
+            if t.startswith(("local:", "ppl:")):
+                paths[t.split(":", 1)[1]] = "downstream task data"
         corpus = c.get("corpus") or (c.get("fields") or {}).get("stats_corpus")
         if isinstance(corpus, str) and corpus.startswith("/"):
             paths[corpus] = "statistics corpus"

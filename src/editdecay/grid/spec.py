@@ -13,7 +13,7 @@ Checks that need the editor or recipe classes (field names of `overrides`) run i
 `plan.build_plan`; checks that need the data or the model run in the stage that uses them.
 
 Relative paths (local model directories, ``counterfact:PATH``-style data, a corpus
-file) are relative to the directory of the grid file.
+file, ``local:DIR`` / ``ppl:FILE`` downstream tasks) are relative to the directory of the grid file.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ METHODS = ("full", "lora", "dora")
 LAYER_CHOICES = ("all", "edited", "non-edited")
 TARGET_CHOICES = ("attention", "mlp", "all-linear", "all")
 PRESET_NAMES = ("embedded", "study")
-DOWNSTREAM_TASKS = ("embedded",)        # the embedded generated task's held-out split (finetune.task)
+DOWNSTREAM_TASKS = ("embedded",)        # the embedded generated task's held-out split (finetune.task); every
+                                        # other entry is an lm-eval task spec (downstream/spec.py)
 EDIT_SOURCES = ("worldfacts", "counterfact", "mcf", "multicounterfact", "zsre")
 FINETUNE_SOURCES = ("embedded", "instructions", "text", "hf")
 STAGE_KINDS = ("stats", "patch", "finetune", "evaluate", "cell")
@@ -239,7 +240,12 @@ class SharedSettings(_Strict):
     statistics: StatisticsSettings = Field(default_factory=StatisticsSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     downstream: list[str] = Field(default_factory=lambda: ["embedded"],
-                                  description="downstream tasks scored for M0, M_e, M_f, M_ef")
+                                  description="downstream tasks scored for M0, M_e, M_f, M_ef: embedded (the "
+                                              "generated task's exact match) and lm-eval tasks: everyday, boolq, "
+                                              "piqa, siqa, hellaswag, winogrande, arc-e, arc-c, obqa, "
+                                              "lm-eval:NAME, local:DIR, ppl:FILE")
+    downstream_limit: int | None = Field(None, ge=1, description="documents per lm-eval task (None: all); the "
+                                                                 "first N, the same for every model")
     embedded_task: TaskSettings = Field(default_factory=TaskSettings)
     device: str = Field("auto", description="auto (cuda when available) | cpu | cuda | cuda:N")
     threads: int | None = Field(None, ge=1, description="torch CPU threads per stage (default: torch's)")
@@ -249,7 +255,24 @@ class SharedSettings(_Strict):
     @field_validator("downstream")
     @classmethod
     def _downstream(cls, v):
-        return [_choice(t, DOWNSTREAM_TASKS, "downstream task") for t in v]
+        from ..downstream.spec import VALID_TEXT, parse_task
+
+        out = []
+        for t in v:
+            if t in DOWNSTREAM_TASKS:
+                out.append(t)
+                continue
+            try:
+                parse_task(t)          # syntax only; paths resolve against the grid file in plan.build_plan
+            except ConfigError as e:
+                if isinstance(t, str) and _suggest(t, DOWNSTREAM_TASKS):
+                    raise ValueError(f"{t!r} is not a valid downstream task; use embedded or one of "
+                                     f"{VALID_TEXT}{_suggest(t, DOWNSTREAM_TASKS)}") from None
+                raise ValueError(str(e).replace("downstream task ", "", 1)) from None
+            out.append(t.strip())
+        if len(set(out)) != len(out):
+            raise ValueError(f"{out}: a downstream task is listed twice")
+        return out
 
 
 # --------------------------------------------------------------------------- how to run

@@ -215,7 +215,7 @@ def run_patch(ctx: StageContext) -> None:
 # --------------------------------------------------------------------------- evaluate
 
 
-def _apply_finetuned(lm, run_dir: Path):
+def apply_finetuned(lm, run_dir: Path):
     """Base model + the fine-tuned weights of an M_f stage: the adapter (LoRA/DoRA, unmerged, as it was measured
     during training) or the saved tensors (full fine-tuning). Returns the model to measure."""
     import torch
@@ -250,7 +250,7 @@ def run_evaluate(ctx: StageContext) -> None:
     lm = ctx.load_model(c["model"])
     model = lm.model
     if c["finetune"] is not None:
-        model = _apply_finetuned(lm, ctx.dep_dir(c["finetune"]) / "run")
+        model = apply_finetuned(lm, ctx.dep_dir(c["finetune"]) / "run")
     outcomes, _ = measure(model, lm.tokenizer, list(ds.requests), (),
                           batch_size=ctx.runtime.get("eval_batch_size", 32))
     metrics = aggregate(outcomes)
@@ -280,6 +280,8 @@ def run_finetune_stage(ctx: StageContext) -> None:
 
     M_ef measures the patch's requests every `eval_every` steps (step 0 = M_e) and keeps no weights; M_f
     measures only the downstream task and keeps its adapter or weights, which `evaluate` stages read.
+    lm-eval downstream tasks (everything in `downstream` but `embedded`) are scored on the model handed to
+    fine-tuning (M0 or M_e) and on the fine-tuned one (M_f or M_ef), in memory.
     """
     from ..finetune import EmbeddedTask, Recipe, load_source, run_finetune
     from ..patch import EditPatch
@@ -303,7 +305,8 @@ def run_finetune_stage(ctx: StageContext) -> None:
                           "n_requests": len(patch.requests)}
     run = run_finetune(lm, recipe, source, ctx.out / "run", requests=requests, edited_layers=edited,
                        task=task if "embedded" in c["downstream"] else None, eval_every=c["eval_every"],
-                       save="none" if c["patch"] is not None else "auto", progress=ctx.progress, extra=extra)
+                       save="none" if c["patch"] is not None else "auto", progress=ctx.progress, extra=extra,
+                       downstream=_downstream_spec(c, ctx.runtime))
     r = run.result
     _check_finite("fine-tuning metrics", {"metrics": r["metrics"], "final_loss": r["training"]["final_loss"]})
     ctx.write_json("outputs.json", {"method": recipe.method, "edited_layers": list(edited) if edited else None,
@@ -311,12 +314,32 @@ def run_finetune_stage(ctx: StageContext) -> None:
                                     "model": lm.identity.to_dict()})
 
 
+def _downstream_spec(c: dict, runtime: dict):
+    """The lm-eval part of a finetune stage's `downstream` list, or None; its data must be what was planned."""
+    tasks = [t for t in c["downstream"] if t != "embedded"]
+    if not tasks:
+        return None
+    from ..downstream import DownstreamSpec, task_digest
+    from ..errors import DataError
+
+    for t in tasks:
+        planned, now = (c.get("downstream_digests") or {}).get(t), task_digest(t)
+        if planned is not None and now != planned:
+            raise DataError(f"downstream task {t!r} changed since this grid was planned (content {planned} -> "
+                            f"{now}); run `editdecay grid run` again: it plans anew")
+    return DownstreamSpec(tuple(tasks), limit=c.get("downstream_limit"),
+                          batch_size=runtime.get("eval_batch_size", 32))
+
+
 # --------------------------------------------------------------------------- cell
 
 
 def _task_keys(metrics: dict | None) -> dict:
+    """The downstream keys of a finetune stage's metrics: the embedded task's, and lm-eval's where scored."""
     m = metrics or {}
-    return {k: m.get(k) for k in ("task_accuracy", "task_prefix_accuracy", "n_task")}
+    keys = ("task_accuracy", "task_prefix_accuracy", "n_task") + \
+        (("downstream", "downstream_score") if "downstream" in m else ())
+    return {k: m.get(k) for k in keys}
 
 
 def _stage_info(store: GridStore, sid: str) -> dict:
@@ -342,11 +365,12 @@ def run_cell(ctx: StageContext) -> None:
         "config": {"model": ft_conf["model"], "editor": None, "recipe": base_run["recipe"],
                    "edited_layers": (base_run.get("plan") or {}).get("edited_layers"), "requests": None,
                    "finetune_data": ft_conf["data"], "task": ft_conf["task"], "downstream": ft_conf["downstream"],
-                   "eval_every": ft_conf["eval_every"]},
+                   "downstream_limit": ft_conf.get("downstream_limit"), "eval_every": ft_conf["eval_every"]},
         "stages": {role: _stage_info(ctx.store, sid) for role, sid in roles.items()},
         "model": base_run["model"], "data": None,
         "training": {"base": base_run["training"]},
         "curve_base": base_run["curve"],
+        "downstream": _downstream_provenance(base_run),
         "timings": {role: (ctx.store.manifest(sid) or {}).get("seconds") for role, sid in roles.items()},
     }
     m0_task, mf_task = _task_keys(base_run["metrics"]["post"]), _task_keys(base_run["metrics"]["finetuned"])
@@ -396,12 +420,37 @@ def _cell_id(ctx: StageContext) -> str:
 
 
 def _downstream(metrics: dict) -> dict:
-    acc = {k: (v or {}).get("task_accuracy") for k, v in metrics.items()}
-    out = dict(acc)
-    if acc.get("M0") is not None and acc.get("M_e") is not None:
-        out["delta_edit"] = acc["M_e"] - acc["M0"]
-    if acc.get("M_e") is not None and acc.get("M_ef") is not None:
-        out["delta_finetune"] = acc["M_ef"] - acc["M_e"]
+    """decay.downstream: the embedded task's accuracy per model and its changes (top level, as always), and
+    for lm-eval tasks the same per task and metric (`tasks`) and for their mean accuracy (`score`)."""
+    out = _deltas({k: (v or {}).get("task_accuracy") for k, v in metrics.items()})
+    scored = {k: v["downstream"] for k, v in metrics.items() if (v or {}).get("downstream") is not None}
+    if scored:
+        tasks: dict = {}
+        for model, per_task in scored.items():
+            for task, values in per_task.items():
+                for metric, value in values.items():
+                    if metric != "n" and not metric.endswith("_stderr") and metric != "n_tokens":
+                        tasks.setdefault(task, {}).setdefault(metric, {})[model] = value
+        out["tasks"] = {t: {m: _deltas(v, base_delta=True) for m, v in ms.items()} for t, ms in tasks.items()}
+        out["score"] = _deltas({k: metrics[k].get("downstream_score") for k in scored}, base_delta=True)
+    return out
+
+
+def _downstream_provenance(run: dict) -> dict | None:
+    """How the lm-eval tasks were scored (lm-eval version, task versions, limit, few-shot), from a run result."""
+    d = run.get("downstream")
+    return None if d is None else {"spec": d["spec"], "tasks": d["tasks"], "provenance": d["provenance"]}
+
+
+def _deltas(values: dict, base_delta: bool = False) -> dict:
+    """{M0, M_e, M_f, M_ef} plus delta_edit = M_e - M0, delta_finetune = M_ef - M_e and (base_delta)
+    delta_finetune_base = M_f - M0, where both sides are known."""
+    out = dict(values)
+    pairs = [("delta_edit", "M_e", "M0"), ("delta_finetune", "M_ef", "M_e")]
+    pairs += [("delta_finetune_base", "M_f", "M0")] if base_delta else []
+    for name, a, b in pairs:
+        if values.get(a) is not None and values.get(b) is not None:
+            out[name] = values[a] - values[b]
     return out
 
 

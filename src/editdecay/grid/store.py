@@ -36,16 +36,27 @@ Cell result schema (`results/<cell-id>.json`, `kind: grid-cell`, `cell_schema_ve
                            finetune_data, seed, ...labels}}
     config                resolved configuration: {model, editor (full editor config, null without edits),
                            recipe (full Recipe), edited_layers, requests {data, n, seed, zsre_target, strict},
-                           finetune_data, task, downstream, eval_every}
+                           finetune_data, task, downstream (task specs), downstream_limit, eval_every}
     stages                role -> {id, kind, created, seconds, host}: the stages this cell's numbers come from
     model                 ModelIdentity of the base model (weights fingerprint)
     data                  edit data identity and rejections (null without edits)
     metrics               {M0, M_e, M_f, M_ef}: each `metrics.aggregate` (efficacy, paraphrase, neighborhood as
-                           fractions, n, ...) plus task_accuracy / task_prefix_accuracy / n_task (downstream);
+                           fractions, n, ...) plus task_accuracy / task_prefix_accuracy / n_task (the embedded
+                           task) and, when lm-eval tasks are configured, downstream {lm-eval task: {metric: value,
+                           <metric>_stderr, ..., n (documents scored)}} (acc/acc_norm for multiple choice;
+                           word_perplexity, byte_perplexity, bits_per_byte, token_perplexity, n_tokens for ppl:)
+                           and downstream_score (mean acc over the tasks that have one: the study's DS);
                            M_e and M_ef are absent for n_edits = 0
     decay                 {edit_flip_ratio: {value, n_flipped, n_success_edited, n, ...},
                            relative_decrease: {efficacy, paraphrase, neighborhood},
-                           downstream: {M0, M_e, M_f, M_ef, delta_edit, delta_finetune}} (E7)
+                           downstream: {M0, M_e, M_f, M_ef, delta_edit, delta_finetune (embedded task accuracy),
+                                        tasks: {lm-eval task: {metric: {M0, M_e, M_f, M_ef, delta_edit,
+                                                delta_finetune, delta_finetune_base}}},
+                                        score: {the same for downstream_score}}} (E7); delta_edit = M_e - M0,
+                           delta_finetune = M_ef - M_e, delta_finetune_base = M_f - M0
+    downstream            how lm-eval tasks were scored: {spec {tasks, limit, num_fewshot, batch_size}, tasks
+                           (lm-eval names), provenance {lm_eval_version, limit, num_fewshot, tasks: {name: {spec,
+                           version, num_fewshot, output_type, n_documents, digest}}}}; null without lm-eval tasks
     curve                 decay curve of M_ef: [{step, efficacy, paraphrase, neighborhood, task_accuracy, ...}],
                            step 0 = M_e; `curve_base`: the same for M_f (step 0 = M0)
     requests              per-request survival table: [{case_id, M0, M_e, M_f, M_ef (RequestOutcome dicts),
@@ -342,6 +353,9 @@ class GridStore:
         return path
 
 
+ROW_DOWNSTREAM_METRICS = ("acc", "acc_norm", "word_perplexity", "token_perplexity")   # lm-eval task columns
+
+
 def result_row(result: dict) -> dict:
     """Flatten a cell result into one table row: axes, then <model>_<score> for M0/M_e/M_f/M_ef, then decay."""
     axes = result["cell"]["axes"]
@@ -351,6 +365,12 @@ def result_row(result: dict) -> dict:
         m = result["metrics"].get(stage) or {}
         for key in ("efficacy", "paraphrase", "neighborhood", "harmonic_mean", "task_accuracy", "n", "n_task"):
             row[f"{stage}_{key}"] = m.get(key)
+        if m.get("downstream") is not None:
+            row[f"{stage}_downstream_score"] = m.get("downstream_score")
+            for task, values in m["downstream"].items():
+                for key in ROW_DOWNSTREAM_METRICS:
+                    if key in values:
+                        row[f"{stage}_{task}_{key}"] = values[key]
     decay = result.get("decay") or {}
     efr = decay.get("edit_flip_ratio") or {}
     row["edit_flip_ratio"] = efr.get("value")
