@@ -37,6 +37,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None)
     p.add_argument("--skip", default="", help="comma list of parts to skip: memit,alphaedit,sequential")
+    p.add_argument("--override", default="{}", help="JSON editor-config fields applied over the preset, "
+                                                   "e.g. '{\"stats_tokens\": 50000}'")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     cache = Cache.default()
@@ -45,8 +47,9 @@ def main() -> None:
     out = {"n": len(reqs), "data": a.data, "pre": scores(lm, reqs)}
     print("pre", out["pre"], flush=True)
     skip = set(a.skip.split(","))
+    override = json.loads(a.override)
     if "memit" not in skip:
-        cfg = edit_config("memit", lm, {})
+        cfg = edit_config("memit", lm, override)
         t = time.time()
         patch, run = edit_model(lm, "memit", cfg, reqs, cache=cache, progress=False)
         out["memit"] = {"post": scores(lm, reqs), "seconds": time.time() - t, "timings": run.timer.seconds,
@@ -54,7 +57,7 @@ def main() -> None:
         run.restore()
         print("memit", out["memit"]["post"], round(out["memit"]["seconds"]), flush=True)
     if "alphaedit" not in skip:
-        cfg = edit_config("alphaedit", lm, {})
+        cfg = edit_config("alphaedit", lm, {k: v for k, v in override.items() if k != "mom2_update_weight"})
         t = time.time()
         patch, run = edit_model(lm, "alphaedit", cfg, reqs, cache=cache, progress=False)
         spec = arch_for(lm.model)
@@ -69,7 +72,7 @@ def main() -> None:
         run.restore()
         print("alphaedit", out["alphaedit"]["post"], ratios, flush=True)
     if "sequential" not in skip:
-        cfg = edit_config("alphaedit", lm, {})
+        cfg = edit_config("alphaedit", lm, {k: v for k, v in override.items() if k != "mom2_update_weight"})
         size = len(reqs) // 4
         patch, run = edit_model(lm, "alphaedit", cfg, reqs[:4 * size], batch_size=size, cache=cache, progress=False)
         out["sequential_alphaedit"] = {"batches": 4, "batch_size": size, "first_batch": scores(lm, reqs[:size]),

@@ -29,10 +29,13 @@ def edit_flip_ratio(edited: Sequence[RequestOutcome], finetuned: Sequence[Reques
             "n_flipped": len(flipped), "n": len(edited), "threshold": SUCCESS_THRESHOLD, "flipped": flipped}
 
 
+def relative_decrease_of(edited: float | None, finetuned: float | None) -> float | None:
+    """E7: (S(M_e) - S(M_ef)) / S(M_e); None where S(M_e) is 0 or either score is missing."""
+    if edited is None or finetuned is None or edited == 0:
+        return None
+    return (edited - finetuned) / edited
+
+
 def relative_decrease(edited: dict, finetuned: dict, keys=("efficacy", "paraphrase", "neighborhood")) -> dict:
-    """E7: (S(M_e) - S(M_ef)) / S(M_e) per score; None where S(M_e) is 0 or missing."""
-    out = {}
-    for k in keys:
-        a, b = edited.get(k), finetuned.get(k)
-        out[k] = (a - b) / a if a and b is not None else None
-    return out
+    """E7 relative decrease of each score in `keys` (see `relative_decrease_of`)."""
+    return {k: relative_decrease_of(edited.get(k), finetuned.get(k)) for k in keys}

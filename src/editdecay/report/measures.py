@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from statistics import mean
 from typing import Mapping, Sequence
 
+from ..finetune.decay import relative_decrease_of as relative_decrease
 from .records import MODELS, SCORES, CellRecord, RequestRecord
 
 TOLERANCE = 1e-9      # stored and recomputed means agree to float rounding
@@ -52,13 +53,6 @@ class CellMeasures:
 def _mean(values) -> float | None:
     vals = [v for v in values if v is not None]
     return mean(vals) if vals else None
-
-
-def relative_decrease(edited: float | None, finetuned: float | None) -> float | None:
-    """E7: (S(M_e) - S(M_ef)) / S(M_e); None where S(M_e) is 0 or either score is missing."""
-    if edited is None or finetuned is None or edited == 0:
-        return None
-    return (edited - finetuned) / edited
 
 
 def edit_flip(requests: Sequence[RequestRecord]) -> EditFlip:
