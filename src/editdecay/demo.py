@@ -1,6 +1,6 @@
-"""`make demo`: the main job on the embedded default model, with nothing to download.
+"""`make demo-pipeline`: one cell of the pipeline on the embedded default model, with nothing to download.
 
-Edits the embedded SmolLM2-135M with MEMIT (worldfacts, 100 edits in one batch),
+Edits the embedded SmolLM2-135M with MEMIT (worldfacts, 50 edits in one batch by default),
 then fine-tunes the edited model with LoRA on the embedded task and reports what
 is left of the edits. Results go to ./runs/demo (patch, result.json, curve).
 """
