@@ -25,5 +25,7 @@ def _register() -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # lm-eval narrates every evaluation at INFO (task building, seeds); keep its warnings only.
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
     _register()
     app()
