@@ -27,7 +27,8 @@ PRESETS: dict[tuple[str, str], dict] = {
 # scale; this model's keys are smaller relative to C, so a smaller lambda writes the same residual.
 # At 100 edits (seed-0 sample) this preset gives ES 98 / PS 68.7 / NS 86.3; no setting tried beat it on both
 # PS and NS (layers 1-8 spans, lambda 2000-5000, 50k statistics tokens, 10 context templates, stronger E3
-# targets, clamp 1.25, 100k tokens: PS + NS stays at 148-155), so it stays; the figures are in the closing note.
+# targets, clamp 1.25, 100k tokens: PS + NS stays at 148-155), so it stays; the figures are in the issue's
+# closing note.
 EMBEDDED = {
     "memit": dict(layers=(3, 4, 5, 6, 7), v_lr=0.5, v_num_grad_steps=25, kl_factor=0.0625, clamp_norm_factor=0.75,
                   mom2_update_weight=2000.0, stats_tokens=20_000, n_context_templates=5, context_length=10),
