@@ -137,26 +137,20 @@ def _compute(store: GridStore, plan: Plan, stage_id: str, progress: bool, thread
 
 def _quiet_libraries() -> None:
     """No per-file progress bars from transformers when stage progress is off (one line per stage is the progress)."""
-    try:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    hf_logging.disable_progress_bar()
 
 
 def _release_memory() -> None:
     """After a failure (out of memory in particular) free what the failed stage held before the next one."""
     import gc
 
-    gc.collect()
-    try:
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001
-        pass
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------- selecting work

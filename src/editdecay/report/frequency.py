@@ -134,8 +134,8 @@ class TargetFrequencies:
         try:
             reqs = json.loads(path.read_text())["requests"]
             return {r["case_id"]: r["target_new"] for r in reqs}
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+        except (OSError, ValueError, KeyError, TypeError) as e:   # no usable patch.json: load the data again
+            log.debug("%s: no requests in %s (%s); loading the edit data", cell.label, path, e)
         spec = ((cell.result or {}).get("config") or {}).get("requests") or {}
         try:
             from ..data import load_edit_data
