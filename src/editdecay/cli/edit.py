@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from . import app
-from .common import console, guard, metrics_table, set_threads
+from editdecay.cli import app
+from editdecay.cli.common import console, guard, metrics_table, set_threads
 
 
 @app.command("edit")
@@ -36,12 +36,18 @@ def edit(
     out: Path = typer.Option(..., help="patch directory to write (patch.safetensors, patch.json, result.json)"),
 ) -> None:
     """Edit a model (ALGORITHMS.md E1-E5); print efficacy/paraphrase/neighbourhood before and after."""
-    from ..pipeline import parse_layers, run_edit
+    from editdecay.edit.workflow import parse_layers, run_edit
+
+    from editdecay.core.errors import ConfigError
 
     set_threads(threads)
+    # An editor's setting given to the other editor is an error, not silently dropped.
+    for flag, value, owner in (("--mom2-update-weight", mom2_update_weight, "memit"),
+                               ("--nullspace-threshold", nullspace_threshold, "alphaedit")):
+        if value is not None and editor.lower() != owner:
+            raise ConfigError(f"{flag} {value} is a setting of --editor {owner}; --editor {editor} does not use it")
     overrides = {"layers": parse_layers(layers), "stats_corpus": stats_corpus, "stats_tokens": stats_tokens,
-                 "mom2_update_weight": mom2_update_weight if editor.lower() == "memit" else None,
-                 "nullspace_threshold": nullspace_threshold if editor.lower() == "alphaedit" else None,
+                 "mom2_update_weight": mom2_update_weight, "nullspace_threshold": nullspace_threshold,
                  "v_lr": v_lr, "v_num_grad_steps": v_num_grad_steps, "clamp_norm_factor": clamp_norm_factor}
     result = run_edit(model=model, editor=editor, data=data, n=n, seed=seed, out=out, overrides=overrides,
                       batch_size=batch_size, zsre_target=zsre_target, strict=strict, dtype=dtype, device=device)

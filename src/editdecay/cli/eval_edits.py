@@ -7,16 +7,18 @@ from typing import Optional
 
 import typer
 
-from . import app
-from .common import console, guard, metrics_table, set_threads
+from editdecay.cli import app
+from editdecay.cli.common import console, guard, metrics_table, set_threads
 
 
 @app.command("eval-edits")
 @guard
 def eval_edits(
     model: str = typer.Option("smollm2-135m", help="embedded 'smollm2-135m', a local HF model directory, or a hub id"),
-    data: str = typer.Option("worldfacts", help="worldfacts | counterfact:PATH | zsre:PATH"),
-    limit: Optional[int] = typer.Option(None, help="evaluate this many requests (first N, or a seeded sample with --seed)"),
+    data: Optional[str] = typer.Option(None, help="worldfacts | counterfact:PATH | zsre:PATH (default: the patch's own "
+                                                  "requests with --patch, else worldfacts)"),
+    limit: Optional[int] = typer.Option(None, help="evaluate this many requests (first N, or a seeded sample with "
+                                                   "--seed), of --data or of the patch's requests"),
     seed: Optional[int] = typer.Option(None, help="seed for the --limit sample"),
     patch: Optional[Path] = typer.Option(None, help="evaluate with this patch (from `editdecay edit --out`) applied; "
                                                      "its own requests are used unless --data is given explicitly"),
@@ -29,7 +31,7 @@ def eval_edits(
     out: Optional[Path] = typer.Option(None, help="write the JSON result here"),
 ) -> None:
     """Measure efficacy, paraphrase and neighbourhood success (ALGORITHMS.md E6)."""
-    from ..pipeline import evaluate_stage_result
+    from editdecay.edit.workflow import evaluate_stage_result
 
     set_threads(threads)
     result = evaluate_stage_result(
@@ -38,7 +40,7 @@ def eval_edits(
     )
     console.print(metrics_table(f"{result['model']['name']} on {result['data']['name']}", result["metrics"]))
     if out:
-        from ..results import write_result
+        from editdecay.core.results import write_result
 
         write_result(out, result)
         console.print(f"result written to {out}")

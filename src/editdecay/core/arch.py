@@ -1,0 +1,141 @@
+"""Architecture knowledge as data (ALGORITHMS.md, architecture table).
+
+Every module path that an editor, a statistics pass or a fine-tuner needs is
+read from `ARCHITECTURES`; no other file spells `transformer.h` or
+`model.layers`. To support a new family, add one `ArchSpec` row below with the
+`model_type` values of its Hugging Face configs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from editdecay.core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Module-path templates of one model family. `{}` stands for the layer index."""
+
+    family: str
+    model_types: tuple[str, ...]   # values of `config.model_type` served by this row
+    block: str                     # the transformer block, e.g. "model.layers.{}"
+    mlp_out: str                   # W_out, the edited module ("down projection")
+    final_norm: str
+    unembed: str                   # "a|b": alternatives across transformers versions (NeoX: lm_head, was embed_out)
+    embed: str
+    conv1d: bool                   # True: weight stored (d_k, d) (GPT-2 Conv1D), else (d, d_k)
+    attention: tuple[str, ...]     # linear modules of attention, relative to the block
+    mlp: tuple[str, ...]           # linear modules of the MLP, relative to the block
+    n_layers_attr: str             # config attribute holding the depth
+
+    def block_name(self, layer: int) -> str:
+        return self.block.format(layer)
+
+    def mlp_out_name(self, layer: int) -> str:
+        return self.mlp_out.format(layer)
+
+    @property
+    def mlp_out_relative(self) -> str:
+        """The edited module's name relative to its block, e.g. "mlp.down_proj"."""
+        prefix = self.block.format("{}") + "."
+        return self.mlp_out[len(prefix):]
+
+    def module_names(self, layer: int, which: str) -> list[str]:
+        """Full names of `attention`, `mlp` or `all-linear` modules of one block."""
+        rel = {"attention": self.attention, "mlp": self.mlp, "all-linear": self.attention + self.mlp}[which]
+        return [f"{self.block_name(layer)}.{r}" for r in rel]
+
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (
+    ArchSpec(
+        family="gpt2", model_types=("gpt2",),
+        block="transformer.h.{}", mlp_out="transformer.h.{}.mlp.c_proj",
+        final_norm="transformer.ln_f", unembed="lm_head", embed="transformer.wte", conv1d=True,
+        attention=("attn.c_attn", "attn.c_proj"), mlp=("mlp.c_fc", "mlp.c_proj"), n_layers_attr="n_layer",
+    ),
+    ArchSpec(
+        family="gptj", model_types=("gptj",),
+        block="transformer.h.{}", mlp_out="transformer.h.{}.mlp.fc_out",
+        final_norm="transformer.ln_f", unembed="lm_head", embed="transformer.wte", conv1d=False,
+        attention=("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"),
+        mlp=("mlp.fc_in", "mlp.fc_out"), n_layers_attr="n_layer",
+    ),
+    ArchSpec(
+        family="gpt_neox", model_types=("gpt_neox",),
+        block="gpt_neox.layers.{}", mlp_out="gpt_neox.layers.{}.mlp.dense_4h_to_h",
+        final_norm="gpt_neox.final_layer_norm", unembed="lm_head|embed_out", embed="gpt_neox.embed_in", conv1d=False,
+        attention=("attention.query_key_value", "attention.dense"),
+        mlp=("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"), n_layers_attr="num_hidden_layers",
+    ),
+    ArchSpec(
+        family="llama", model_types=("llama", "mistral", "qwen2", "qwen3", "smollm3"),
+        block="model.layers.{}", mlp_out="model.layers.{}.mlp.down_proj",
+        final_norm="model.norm", unembed="lm_head", embed="model.embed_tokens", conv1d=False,
+        attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+        mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), n_layers_attr="num_hidden_layers",
+    ),
+)
+
+
+def arch_for_model_type(model_type: str) -> ArchSpec:
+    for spec in ARCHITECTURES:
+        if model_type in spec.model_types:
+            return spec
+    known = sorted(t for s in ARCHITECTURES for t in s.model_types)
+    raise ConfigError(
+        f"model_type {model_type!r} is not in the architecture table (editdecay.core.arch.ARCHITECTURES); "
+        f"supported: {', '.join(known)}. To add a family, add an ArchSpec row with its module-path "
+        f"templates (block, mlp_out, final_norm, unembed, embed, attention, mlp) to editdecay/arch.py."
+    )
+
+
+def arch_for(model: nn.Module) -> ArchSpec:
+    return arch_for_model_type(getattr(model.config, "model_type", type(model).__name__))
+
+
+def num_layers(model: nn.Module) -> int:
+    return int(getattr(model.config, arch_for(model).n_layers_attr))
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as e:
+        raise ConfigError(f"module {name!r} not found in {type(model).__name__}: {e}") from None
+
+
+def unembed_module(model: nn.Module) -> nn.Module:
+    """The unembedding (hidden -> vocabulary logits) named by the table, first alternative that exists."""
+    names = arch_for(model).unembed.split("|")
+    for name in names:
+        try:
+            return model.get_submodule(name)
+        except AttributeError:
+            continue
+    raise ConfigError(f"none of the unembedding modules {names} exists in {type(model).__name__}; "
+                      f"update the row of family {arch_for(model).family!r} in editdecay/arch.py")
+
+
+def check_layers(model: nn.Module, layers: list[int] | tuple[int, ...], field: str = "layers") -> tuple[int, ...]:
+    """Validate layer indices against the model depth; returns them sorted, unique."""
+    depth = num_layers(model)
+    if not layers:
+        raise ConfigError(f"{field}: empty list; give at least one layer index in [0, {depth - 1}]")
+    bad = [l for l in layers if not (0 <= int(l) < depth)]
+    if bad:
+        raise ConfigError(f"{field}: layer index {bad[0]} is out of range; this model has {depth} layers (0..{depth - 1})")
+    return tuple(sorted({int(l) for l in layers}))
+
+
+def mlp_out_weight(model: nn.Module, layer: int) -> torch.Tensor:
+    """The edited weight as stored (Conv1D: (d_k, d); Linear: (d, d_k))."""
+    return get_module(model, arch_for(model).mlp_out_name(layer)).weight
+
+
+def as_out_in(delta_or_weight: torch.Tensor, spec: ArchSpec) -> torch.Tensor:
+    """View a stored weight/delta as (d_out, d_in) = (d, d_k), whatever the layout. Involutive."""
+    return delta_or_weight.T if spec.conv1d else delta_or_weight

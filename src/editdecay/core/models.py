@@ -1,0 +1,138 @@
+"""Loading causal LMs: the embedded default, a local directory, or a hub id.
+
+`load_model` returns a `LoadedModel`: the model, its tokenizer and a
+`ModelIdentity` that names exactly which weights these are (a fingerprint of the
+parameters), so caches and results can refer to them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from editdecay.core.arch import arch_for, num_layers
+from editdecay.core.cache import Cache
+from editdecay.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "smollm2-135m"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"dtype {name!r} is not supported; use one of {sorted(DTYPES)}") from None
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    name: str             # what the user asked for
+    source: str           # resolved local directory or hub id
+    model_type: str
+    family: str
+    n_layers: int
+    fingerprint: str      # sha256 over parameter names, shapes, dtypes and bytes (first 16 hex)
+    dtype: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """Content hash of every parameter and buffer-free state (names, shapes, dtypes, bytes).
+
+    Identifies the weights actually in memory, so an edited model differs from its base.
+    """
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        t = p.detach()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(t.cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    identity: ModelIdentity
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def identity_of(model: nn.Module, name: str, source: str) -> ModelIdentity:
+    spec = arch_for(model)
+    return ModelIdentity(
+        name=name, source=source, model_type=model.config.model_type, family=spec.family,
+        n_layers=num_layers(model), fingerprint=weights_fingerprint(model),
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+    )
+
+
+def wrap(model: nn.Module, tokenizer, name: str = "in-memory", source: str = "in-memory") -> LoadedModel:
+    """Wrap an already built model (tests, notebooks) with an identity."""
+    model.eval()
+    return LoadedModel(model, tokenizer, identity_of(model, name, source))
+
+
+def resolve_source(name: str, cache: Cache | None = None) -> str:
+    """Map a model name to a local directory (embedded model: converted once into the cache)."""
+    if name == EMBEDDED_NAME:
+        from editdecay.core.embedded import ensure_embedded_model
+
+        return str(ensure_embedded_model(cache or Cache.default()))
+    return name
+
+
+def load_model(
+    name: str = EMBEDDED_NAME,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    cache: Cache | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer.
+
+    `name`: "smollm2-135m" (embedded; no network), a local directory with a
+    Hugging Face model, or a hub id (needs network or a populated HF cache).
+    Weights load through safetensors where the checkpoint has them; remote code
+    runs only with `trust_remote_code=True`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = parse_dtype(dtype)
+    source = resolve_source(name, cache)
+    local = Path(source).expanduser()
+    if local.exists() and not local.is_dir():
+        raise ConfigError(f"model {name!r}: {local} is a file; give a directory holding config.json and weights")
+    if local.is_dir() and not (local / "config.json").exists():
+        raise ConfigError(f"model {name!r}: {local} has no config.json; is it a Hugging Face model directory?")
+    kw = dict(trust_remote_code=trust_remote_code, revision=revision)
+    config = AutoConfig.from_pretrained(source, **kw)
+    arch_for_type = getattr(config, "model_type", "?")
+    from editdecay.core.arch import arch_for_model_type
+
+    arch_for_model_type(arch_for_type)  # fail before loading weights
+    tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=None, **kw)
+    model.to(device)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, identity_of(model, name, source))

@@ -1,0 +1,65 @@
+"""Edit a loaded model: statistics (E1) -> solver (E4/E5) -> batches -> patch."""
+
+from __future__ import annotations
+
+import logging
+
+from editdecay.core.arch import check_layers
+from editdecay.core.cache import Cache
+from editdecay.data.corpus import parse_corpus
+from editdecay.edit import EditingRun, editor_class, validate_requests
+from editdecay.edit.config import EditorConfig
+from editdecay.edit.patch import EditPatch
+from editdecay.core.request import EditRequest
+from editdecay.core.results import Timer
+from editdecay.edit.stats import cached_projector, second_moments
+
+log = logging.getLogger(__name__)
+
+
+def _max_positions(model) -> int | None:
+    cfg = model.config
+    for attr in ("n_positions", "max_position_embeddings"):
+        if isinstance(getattr(cfg, attr, None), int):
+            return getattr(cfg, attr)
+    return None
+
+
+def build_run(lm, editor: str, cfg: EditorConfig, *, cache: Cache | None = None, progress: bool = True,
+              stats_batch_size: int = 16) -> EditingRun:
+    """Compute (or read from the cache) the statistics the editor needs and return a fresh run."""
+    check_layers(lm.model, list(cfg.layers), field="layers")
+    cls = editor_class(editor)
+    timer = Timer()
+    with timer("statistics"):
+        corpus = parse_corpus(cfg.stats_corpus)
+        max_pos = _max_positions(lm.model)
+        if max_pos is not None and corpus.seq_len > max_pos:
+            corpus = parse_corpus(cfg.stats_corpus, seq_len=max_pos)     # short-context models
+        stats = second_moments(lm, cfg.layers, corpus=corpus, n_tokens=cfg.stats_tokens,
+                               dtype=cfg.stats_dtype, cache=cache, batch_size=stats_batch_size, progress=progress)
+        if cls.name == "alphaedit":
+            solver = cls(cfg, {l: cached_projector(stats, l, cfg.nullspace_threshold, cache) for l in cfg.layers})
+        else:
+            solver = cls(cfg, {l: stats[l] for l in cfg.layers})
+    run = EditingRun(lm, solver, progress=progress)
+    run.timer.seconds.update(timer.seconds)
+    run.stats_provenance = stats.provenance
+    return run
+
+
+def edit_model(lm, editor: str, cfg: EditorConfig, requests: list[EditRequest], *, batch_size: int | None = None,
+               cache: Cache | None = None, progress: bool = True) -> tuple[EditPatch, EditingRun]:
+    """Edit `lm.model` in place with `requests`, in one batch or sequential batches of `batch_size`.
+
+    Returns the total patch (relative to the model as it was) and the run (call `run.restore()`
+    to undo). Requests are validated before statistics or any other heavy work.
+    """
+    validate_requests(lm.tokenizer, requests)
+    check_layers(lm.model, list(cfg.layers), field="layers")
+    run = build_run(lm, editor, cfg, cache=cache, progress=progress)
+    size = batch_size or len(requests)
+    for start in range(0, len(requests), size):
+        run.edit_batch(requests[start:start + size])
+    extra = {"stats": run.stats_provenance, "batch_size": size, "n_batches": -(-len(requests) // size)}
+    return run.patch(extra=extra), run

@@ -1,0 +1,131 @@
+"""The edit result: per-layer weight deltas that can be applied, reverted, saved and loaded.
+
+A patch stores each delta in the weight's own layout (Conv1D deltas are (d_k, d),
+Linear deltas (d, d_k)), so applying it is a plain in-place add. Reverting copies
+back the exact original tensors saved at apply time, so it is bit-exact (adding
+and subtracting a float delta would not be).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from editdecay.core.arch import get_module
+from editdecay.core.cache import atomic_write_json, sha256_file
+from editdecay.core.errors import ConfigError
+from editdecay.core.request import EditRequest
+
+PATCH_FILE = "patch.safetensors"
+META_FILE = "patch.json"
+PATCH_FORMAT = 1
+
+
+@dataclass
+class AppliedPatch:
+    """Handle returned by `EditPatch.apply`; `revert()` restores the saved originals bit-exactly."""
+
+    model: nn.Module
+    originals: dict[str, torch.Tensor]
+    reverted: bool = False
+
+    def revert(self) -> None:
+        if self.reverted:
+            return
+        with torch.no_grad():
+            for name, w in self.originals.items():
+                get_module(self.model, name).weight.copy_(w)
+        self.reverted = True
+
+
+@dataclass
+class EditPatch:
+    """Weight deltas of one editing run, with what made them."""
+
+    deltas: dict[str, torch.Tensor]            # module name -> delta, same shape/layout as its .weight
+    layers: tuple[int, ...]
+    editor: str
+    config: dict
+    requests: tuple[EditRequest, ...] = ()
+    model_identity: dict = field(default_factory=dict)   # identity of the model the patch was computed on
+    extra: dict = field(default_factory=dict)            # timings, statistics provenance, ...
+
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        return tuple(self.deltas)
+
+    def apply(self, model: nn.Module) -> AppliedPatch:
+        """Add every delta in place (cast to the weight's dtype/device); keep originals for revert."""
+        # Resolve and check every module first: a failed apply must leave the model untouched.
+        weights = {}
+        for name, delta in self.deltas.items():
+            w = get_module(model, name).weight
+            if tuple(w.shape) != tuple(delta.shape):
+                raise ConfigError(f"patch delta for {name} has shape {tuple(delta.shape)}, the model's weight "
+                                  f"{tuple(w.shape)}: the patch was made for another model")
+            weights[name] = w
+        originals = {}
+        with torch.no_grad():
+            for name, w in weights.items():
+                originals[name] = w.detach().clone()
+                w.add_(self.deltas[name].to(device=w.device, dtype=w.dtype))
+        return AppliedPatch(model, originals)
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module) -> Iterator[nn.Module]:
+        handle = self.apply(model)
+        try:
+            yield model
+        finally:
+            handle.revert()
+
+    def norms(self) -> dict[str, float]:
+        return {k: float(v.float().norm()) for k, v in self.deltas.items()}
+
+    def save(self, directory: Path) -> Path:
+        """Write `patch.safetensors` + `patch.json` atomically into `directory` (must not exist or be a patch dir)."""
+        directory = Path(directory)
+        meta = {
+            "format": PATCH_FORMAT, "editor": self.editor, "layers": list(self.layers), "config": self.config,
+            "model_identity": self.model_identity, "modules": list(self.deltas),
+            "requests": [r.to_dict() for r in self.requests], "extra": self.extra,
+        }
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.deltas.items()}
+        tmp = directory / f".{PATCH_FILE}.tmp"
+        save_file(tensors, str(tmp), metadata={"editor": self.editor, "format": str(PATCH_FORMAT)})
+        meta["tensors_sha256"] = sha256_file(tmp)
+        os.replace(tmp, directory / PATCH_FILE)
+        # The metadata goes last: a patch directory is complete only when both match (checked on load).
+        atomic_write_json(directory / META_FILE, meta)
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path) -> "EditPatch":
+        directory = Path(directory)
+        if not (directory / META_FILE).exists() or not (directory / PATCH_FILE).exists():
+            raise ConfigError(f"patch {directory}: missing {META_FILE} or {PATCH_FILE}; is this a directory "
+                              f"written by `editdecay edit --out`?")
+        meta = json.loads((directory / META_FILE).read_text())
+        if meta.get("tensors_sha256") and sha256_file(directory / PATCH_FILE) != meta["tensors_sha256"]:
+            raise ConfigError(f"patch {directory}: {PATCH_FILE} does not match {META_FILE} (interrupted save?); "
+                              f"recompute the patch")
+        if meta.get("format") != PATCH_FORMAT:
+            raise ConfigError(f"patch {directory}: format {meta.get('format')} is not supported (expected {PATCH_FORMAT})")
+        deltas = load_file(str(directory / PATCH_FILE))
+        missing = [m for m in meta["modules"] if m not in deltas]
+        if missing:
+            raise ConfigError(f"patch {directory}: tensors missing for {missing}")
+        return cls(
+            deltas={m: deltas[m] for m in meta["modules"]}, layers=tuple(meta["layers"]), editor=meta["editor"],
+            config=meta["config"], requests=tuple(EditRequest.from_dict(r) for r in meta["requests"]),
+            model_identity=meta.get("model_identity", {}), extra=meta.get("extra", {}),
+        )

@@ -1,0 +1,126 @@
+"""An editing run: validated requests in, weight deltas out (ALGORITHMS.md E2-E5).
+
+Invariant: at any time the model's edited weights equal original + accumulated
+delta (cast once to the weight dtype), so the live model and `patch()` applied to
+a fresh copy of the base are bit-identical; `restore()` puts the originals back.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from editdecay.core.arch import arch_for, as_out_in, check_layers, get_module
+from editdecay.edit.context import context_templates
+from editdecay.core.errors import DataError
+from editdecay.edit.keys import block_outputs_at_subject, compute_keys
+from editdecay.edit.patch import EditPatch
+from editdecay.core.request import EditRequest
+from editdecay.core.results import Timer
+from editdecay.edit.targets import TargetSettings, compute_targets
+from editdecay.core.tokens import encode_subject_prompt, encode_target
+from editdecay.edit.config import EditorConfig
+
+log = logging.getLogger(__name__)
+
+
+class Solver(Protocol):
+    name: str
+    cfg: EditorConfig
+
+    def layer_delta(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor: ...
+    def after_batch(self, keys_after: dict[int, torch.Tensor]) -> None: ...
+
+
+def validate_requests(tokenizer, requests: list[EditRequest]) -> None:
+    """Cheap checks before any heavy work: subject in prompt, targets that tokenize."""
+    if not requests:
+        raise DataError("no edit requests given")
+    for i, r in enumerate(requests):
+        where = f"request {i} ({r.case_id})"
+        if r.prompt.count("{}") != 1:
+            raise DataError(f"{where}: field 'prompt' must contain exactly one '{{}}' for the subject: {r.prompt!r}")
+        if not r.subject.strip():
+            raise DataError(f"{where}: field 'subject' is empty")
+        try:
+            encode_target(tokenizer, r.target_new)
+            encode_subject_prompt(tokenizer, r.prompt, r.subject)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+
+
+class EditingRun:
+    """Edits one model in place, batch after batch, and can hand back the total patch."""
+
+    def __init__(self, lm, solver: Solver, *, progress: bool = True):
+        self.lm, self.solver, self.cfg = lm, solver, solver.cfg
+        model = lm.model
+        self.spec = arch_for(model)
+        self.layers = check_layers(model, list(self.cfg.layers), field="layers")
+        self.names = {l: self.spec.mlp_out_name(l) for l in self.layers}
+        self.originals = {n: get_module(model, n).weight.detach().clone() for n in self.names.values()}
+        self.accum = {n: torch.zeros_like(w, dtype=torch.float64) for n, w in self.originals.items()}
+        self.requests: list[EditRequest] = []
+        self.timer = Timer()
+        self.progress = progress
+        self.target_log: list[dict] = []
+        with self.timer("context"):
+            self.templates = context_templates(model, lm.tokenizer, n=self.cfg.n_context_templates,
+                                               length=self.cfg.context_length, seed=self.cfg.seed)
+
+    def edit_batch(self, requests: list[EditRequest]) -> None:
+        """E3 targets at l*, then E4/E5 layer by layer under the partly edited model."""
+        model, tok, cfg = self.lm.model, self.lm.tokenizer, self.cfg
+        validate_requests(tok, requests)
+        top = self.layers[-1]
+        with self.timer("targets"):
+            tset = TargetSettings(layer=top, v_lr=cfg.v_lr, v_num_grad_steps=cfg.v_num_grad_steps,
+                                  kl_factor=cfg.kl_factor, v_weight_decay=cfg.v_weight_decay,
+                                  clamp_norm_factor=cfg.clamp_norm_factor, early_stop_loss=cfg.early_stop_loss,
+                                  batch_size=cfg.target_batch_size)
+            tr = compute_targets(model, tok, requests, self.templates, tset, progress=self.progress)
+        self.target_log.append({"n": len(requests), "mean_final_loss": sum(tr.loss) / len(tr.loss),
+                                "mean_steps": sum(tr.steps) / len(tr.steps)})
+        device = next(model.parameters()).device
+        z = tr.z.T.to(device)                                                   # (d, n)
+        m = len(self.layers)
+        for j, layer in enumerate(tqdm(self.layers, desc=f"{self.solver.name} layers", disable=not self.progress,
+                                       leave=False)):
+            with self.timer("keys"):
+                K = compute_keys(model, tok, requests, [layer], self.templates)[layer]      # (d_k, n)
+                h_now = block_outputs_at_subject(model, tok, requests, top)               # (d, n)
+            R = (z - h_now) / (m - j)                                                     # E4: spread residual
+            with self.timer("solve"):
+                delta = self.solver.layer_delta(layer, K, R)                              # (d, d_k)
+            self._add(self.names[layer], as_out_in(delta, self.spec))
+        with self.timer("keys"):
+            keys_after = compute_keys(model, tok, requests, list(self.layers), self.templates)
+        self.solver.after_batch(keys_after)
+        self.requests.extend(requests)
+
+    def _add(self, name: str, delta: torch.Tensor) -> None:
+        self.accum[name] += delta.to(device=self.accum[name].device, dtype=torch.float64)
+        w = get_module(self.lm.model, name).weight
+        with torch.no_grad():
+            w.copy_(self.originals[name] + self._stored_delta(name).to(device=w.device, dtype=w.dtype))
+
+    def _stored_delta(self, name: str) -> torch.Tensor:
+        """The delta as the patch stores it (float32); applied exactly as `EditPatch.apply` does."""
+        return self.accum[name].to(torch.float32)
+
+    def patch(self, extra: dict | None = None) -> EditPatch:
+        return EditPatch(
+            deltas={n: self._stored_delta(n).cpu() for n in self.names.values()},
+            layers=self.layers, editor=self.solver.name, config=self.cfg.model_dump(mode="json"),
+            requests=tuple(self.requests), model_identity=self.lm.identity.to_dict(),
+            extra={"timings": dict(self.timer.seconds), "context_templates": list(self.templates),
+                   "targets": self.target_log, **(extra or {})},
+        )
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for n, w in self.originals.items():
+                get_module(self.lm.model, n).weight.copy_(w)

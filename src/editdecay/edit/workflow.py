@@ -1,0 +1,140 @@
+"""Glue that the CLI commands share: load data and model in the right order, evaluate, build results.
+
+Data and configs are validated before any model is loaded (fail early, cheaply).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from editdecay.data import load_edit_data
+from editdecay.measure.metrics import aggregate, evaluate_requests
+from editdecay.core.models import load_model
+from editdecay.core.results import Timer, environment
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_stage_result(*, model: str, data: str | None, limit: int | None, seed: int | None,
+                          patch_dir: Path | None, zsre_target: str = "answers", strict: bool = False,
+                          batch_size: int = 32, dtype: str = "float32", device: str = "cpu") -> dict:
+    """Evaluate edit metrics of one model stage: `pre` (no patch) or `post` (patch applied)."""
+    timer = Timer()
+    patch = None
+    if patch_dir is not None:
+        from editdecay.edit.patch import EditPatch
+
+        patch = EditPatch.load(patch_dir)
+    with timer("load_data"):
+        if patch is not None and data is None:
+            # The documented default with a patch: its own requests (--limit/--seed apply to them too).
+            from editdecay.data import EditDataset, subset
+
+            ds = subset(EditDataset(f"patch:{patch_dir}", tuple(patch.requests), len(patch.requests)), limit, seed)
+            requests = list(ds.requests)
+            data_info = ds.to_dict()
+        else:
+            ds = load_edit_data(data or "worldfacts", zsre_target=zsre_target, strict=strict, limit=limit, seed=seed)
+            if ds.rejected:
+                log.warning(ds.summary())
+            requests = list(ds.requests)
+            data_info = ds.to_dict()
+    with timer("load_model"):
+        lm = load_model(model, dtype=dtype, device=device)
+    stage = "pre"
+    handle = None
+    if patch is not None:
+        handle = patch.apply(lm.model)
+        stage = "post"
+    with timer("evaluate"):
+        outcomes = evaluate_requests(lm.model, lm.tokenizer, requests, batch_size=batch_size, progress=True)
+    if handle is not None:
+        handle.revert()
+    return {
+        "kind": "eval-edits",
+        "config": {"model": model, "data": data, "limit": limit, "seed": seed, "patch": str(patch_dir) if patch_dir else None,
+                   "zsre_target": zsre_target, "strict": strict, "batch_size": batch_size, "dtype": dtype, "device": device},
+        "model": lm.identity.to_dict(),
+        "data": data_info,
+        "metrics": {stage: aggregate(outcomes)},
+        "requests": [{"stage": stage, **o.to_dict()} for o in outcomes],
+        "timings": timer.seconds,
+        "environment": environment(device),
+    }
+
+
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    """"4,5,6" or "4-8" -> sorted layer indices; None or "" stays None. Errors name the text."""
+    from editdecay.core.errors import ConfigError
+    from editdecay.core.layers import parse_layer_text
+
+    if text is None or text == "":
+        return None
+    try:
+        return parse_layer_text(text)
+    except ValueError as e:
+        raise ConfigError(f"layers {e}") from None
+
+
+def edit_config(editor: str, lm, overrides: dict) -> "object":
+    """Preset for the model's family (or the embedded model) + explicit overrides, validated."""
+    from editdecay.edit import editor_class, make_config
+    from editdecay.edit.presets import preset_for
+
+    editor_class(editor)
+    fields = preset_for(editor.lower(), lm.identity.family, lm.identity.name)
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return make_config(editor.lower(), **fields)
+
+
+def run_edit(*, model: str, editor: str, data: str, n: int | None, seed: int | None, out: Path | None,
+             overrides: dict, batch_size: int | None = None, zsre_target: str = "answers", strict: bool = False,
+             dtype: str = "float32", device: str = "cpu", eval_batch_size: int = 32, progress: bool = True,
+             cache=None) -> dict:
+    """Load data, then the model; evaluate (pre), edit, evaluate (post); save patch + result.json."""
+    from editdecay.core.arch import check_layers
+    from editdecay.core.cache import Cache
+    from editdecay.edit.api import edit_model
+    from editdecay.edit import editor_class, validate_requests
+
+    editor_class(editor)                                                   # unknown editor: fail before loading
+    timer = Timer()
+    with timer("load_data"):
+        ds = load_edit_data(data, zsre_target=zsre_target, strict=strict, limit=n, seed=seed)
+        if ds.rejected:
+            log.warning(ds.summary())
+        requests = list(ds.requests)
+    with timer("load_model"):
+        lm = load_model(model, dtype=dtype, device=device, cache=cache)
+    cfg = edit_config(editor, lm, overrides)
+    check_layers(lm.model, list(cfg.layers), field="layers")
+    validate_requests(lm.tokenizer, requests)
+    with timer("evaluate_pre"):
+        pre = evaluate_requests(lm.model, lm.tokenizer, requests, batch_size=eval_batch_size, progress=progress)
+    patch, run = edit_model(lm, editor, cfg, requests, batch_size=batch_size, cache=cache or Cache.default(),
+                            progress=progress)
+    with timer("evaluate_post"):
+        post = evaluate_requests(lm.model, lm.tokenizer, requests, batch_size=eval_batch_size, progress=progress)
+    timings = {**timer.seconds, **run.timer.seconds}
+    result = {
+        "kind": "edit",
+        "config": {"model": model, "editor": editor, "data": data, "n": n, "seed": seed, "batch_size": batch_size,
+                   "zsre_target": zsre_target, "strict": strict, "dtype": dtype, "device": device,
+                   "editor_config": cfg.model_dump(mode="json")},
+        "model": lm.identity.to_dict(),
+        "data": ds.to_dict(),
+        "metrics": {"pre": aggregate(pre), "post": aggregate(post)},
+        "requests": [{"case_id": a.case_id, "pre": a.to_dict(), "post": b.to_dict()} for a, b in zip(pre, post)],
+        "edit": {"layers": list(patch.layers), "delta_norms": patch.norms(), "targets": run.target_log,
+                 "statistics": run.stats_provenance, "context_templates": run.templates.to_dict()},
+        "timings": timings,
+        "environment": environment(device),
+    }
+    if out is not None:
+        from editdecay.core.results import write_result
+
+        patch.extra["timings"] = timings
+        patch.save(out)
+        write_result(Path(out) / "result.json", result)
+    return result
