@@ -24,7 +24,7 @@ demo: $(STAMP)
 
 # One cell in detail: MEMIT edits, LoRA fine-tuning with a decay curve.
 demo-pipeline: $(STAMP)
-	$(BIN)/python -m editdecay.demo
+	$(BIN)/editdecay demo
 
 # The report test opens report.html in headless Chromium (Debian's package); installed once, as root.
 CHROMIUM := /usr/bin/chromium

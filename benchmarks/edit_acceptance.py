@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from editdecay.arch import arch_for, as_out_in
-from editdecay.cache import Cache
+from editdecay.core.arch import arch_for, as_out_in, resolve_name
+from editdecay.core.cache import Cache
 from editdecay.data import load_edit_data
-from editdecay.editing import edit_model
-from editdecay.metrics import aggregate, evaluate_requests
-from editdecay.models import load_model
-from editdecay.pipeline import edit_config
-from editdecay.stats import cached_projector
+from editdecay.edit.api import edit_model
+from editdecay.measure.metrics import aggregate, evaluate_requests
+from editdecay.core.models import load_model
+from editdecay.edit.workflow import edit_config
+from editdecay.edit.stats import cached_projector
 
 
 def scores(lm, reqs):
@@ -63,7 +65,8 @@ def main() -> None:
         spec = arch_for(lm.model)
         ratios = {}
         for layer in patch.layers:
-            delta = as_out_in(patch.deltas[spec.mlp_out_name(layer)], spec).double()        # (d, d_k)
+            name = resolve_name(lm.model, spec.mlp_out_name(layer))
+            delta = as_out_in(patch.deltas[name], spec).double()        # (d, d_k)
             P = run.solver.P[layer].double()
             ratios[layer] = float((delta - delta @ P).norm() / delta.norm())
         out["alphaedit"] = {"post": scores(lm, reqs), "seconds": time.time() - t, "nullspace_ratio": ratios,

@@ -29,7 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -58,7 +60,7 @@ COUNTRIES = (
 
 def fallback_requests(n: int):
     """2 * len(COUNTRIES) counterfactual requests; the new object is another country's."""
-    from editdecay.request import EditRequest
+    from editdecay.core.request import EditRequest
 
     out = []
     m = len(COUNTRIES)
@@ -119,16 +121,17 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    from editdecay.arch import arch_for, as_out_in
-    from editdecay.cache import Cache
-    from editdecay.corpus import iter_token_chunks, parse_corpus
-    from editdecay.editing import edit_model
-    from editdecay.editors import make_config
-    from editdecay.editors.presets import EMBEDDED
-    from editdecay.models import load_model
-    from editdecay.reference import reference_memit, reference_second_moments
-    from editdecay.results import environment
-    from editdecay.stats import accumulate_second_moments, second_moments
+    from editdecay.core.arch import arch_for, as_out_in, resolve_name
+    from editdecay.core.cache import Cache
+    from editdecay.data.corpus import iter_token_chunks, parse_corpus
+    from editdecay.edit.api import edit_model
+    from editdecay.edit import make_config
+    from editdecay.edit.presets import EMBEDDED
+    from editdecay.core.models import load_model
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the reference lives with the tests
+    from reference import reference_memit, reference_second_moments
+    from editdecay.core.results import environment
+    from editdecay.edit.stats import accumulate_second_moments, second_moments
 
     layers = parse_layers(args.layers)
     sizes = sorted(set(args.sizes))
@@ -175,7 +178,8 @@ def main() -> None:
         per_req = (secs - fixed) / n
         check = None
         if n in fast_patches:
-            check = max(rel_diff(as_out_in(fast_patches[n].deltas[spec.mlp_out_name(l)], spec), ref.deltas[l])
+            name = {l: resolve_name(lm.model, spec.mlp_out_name(l)) for l in layers}
+            check = max(rel_diff(as_out_in(fast_patches[n].deltas[name[l]], spec), ref.deltas[l])
                         for l in layers)
         rows.append({"what": "edit", "impl": "reference", "n": n, "seconds": round(secs, 2),
                      "cpu_seconds": round(cpu, 2), "per_s": n / secs, "extrapolated": False,

@@ -14,8 +14,8 @@ import time
 import torch
 
 from editdecay.data import load_edit_data
-from editdecay.metrics import _pairs_for, evaluate_requests
-from editdecay.models import load_model
+from editdecay.measure.metrics import _pairs_for, evaluate_requests
+from editdecay.core.models import load_model
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Throughput of the E1 key statistics: one hooked pass vs. a straightforward implementation.
 
-one-pass  : `editdecay.stats.accumulate_second_moments`: all layers in one forward
+one-pass  : `editdecay.edit.stats.accumulate_second_moments`: all layers in one forward
             pass, cut right after the last layer's W_out.
 per-layer : what a direct implementation does: for each layer, a full-depth forward
             pass (logits included) with a hook on that layer's W_out.
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,8 +33,8 @@ def parse_layers(text: str) -> list[int]:
 @torch.no_grad()
 def per_layer_reference(lm, layers, chunks, batch_size: int) -> tuple[dict[int, torch.Tensor], int]:
     """One full forward pass over the corpus per layer (the straightforward implementation)."""
-    from editdecay.arch import arch_for, get_module
-    from editdecay.tokens import pad_batch, pad_id
+    from editdecay.core.arch import arch_for, get_module
+    from editdecay.core.tokens import pad_batch, pad_id
 
     spec = arch_for(lm.model)
     sums, n = {}, 0
@@ -64,10 +66,10 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the figures to this file")
     args = ap.parse_args()
 
-    from editdecay.cache import Cache
-    from editdecay.corpus import iter_token_chunks, parse_corpus
-    from editdecay.models import load_model
-    from editdecay.stats import accumulate_second_moments
+    from editdecay.core.cache import Cache
+    from editdecay.data.corpus import iter_token_chunks, parse_corpus
+    from editdecay.core.models import load_model
+    from editdecay.edit.stats import accumulate_second_moments
 
     layers = parse_layers(args.layers)
     torch.set_num_threads(max(args.threads))

@@ -20,7 +20,7 @@ ZSRE_SAMPLE = (SHARED / "data" / "zsre_sample.json").resolve()
 @pytest.fixture(scope="session")
 def embedded():
     """The real embedded model (SmolLM2-135M), loaded once per test session."""
-    from editdecay.models import load_model
+    from editdecay.core.models import load_model
 
     return load_model("smollm2-135m")
 
@@ -56,7 +56,7 @@ def make_tiny(family: str, tokenizer, seed: int = 0):
     """A tiny random model of `family` wrapped as a LoadedModel (float32, eval mode)."""
     from transformers import AutoModelForCausalLM
 
-    from editdecay.models import wrap
+    from editdecay.core.models import wrap
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)))

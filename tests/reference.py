@@ -8,10 +8,14 @@ Used only by tests and benchmarks. Everything here trades speed for obviousness:
   block l*'s output at the subject's last token (no KV cache, no restriction to the
   scored positions);
 - keys (E2) are read with one full-depth forward pass per layer (no early stop,
-  no collecting several layers at once);
+  no collecting several layers at once), then averaged two-level as in memit
+  `memit/compute_ks.py`: a plain mean within each context type, then a plain mean of
+  the type means (written out here with loops, independently of `edit.context`);
 - statistics (E1) take one full-depth pass over the corpus per layer;
 - the MEMIT solve (E4) goes through `torch.linalg.solve` on the symmetric system
-  in float64, by a different route than `editors.solve` (A X = K R^T, Delta = X^T).
+  in float64, by a different route than `editors.solve` (A X = K R^T, Delta = X^T);
+- the AlphaEdit solve (E5) is written as the paper's formula with an explicit inverse
+  in float64: Delta = R K^T P ((K K^T + C_p) P + L2 I)^-1.
 
 Tokenisation is shared with the fast path (`tokens.encode_subject_prompt`,
 `tokens.encode_target`), so both see the same token positions; padding is on the
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from editdecay.core.arch import arch_for, as_out_in, check_layers, get_module
-from editdecay.edit.context import context_templates
+from editdecay.edit.context import ContextTemplates, context_templates
 from editdecay.core.hooks import capture_inputs, capture_output, edit_output
 from editdecay.core.request import EditRequest
 from editdecay.edit.targets import TargetSettings
@@ -44,11 +48,11 @@ class ReferenceTarget:
 
 @dataclass(frozen=True)
 class ReferenceEdit:
-    """Result of `reference_memit`: the MEMIT deltas of one batch, in (d, d_k) layout."""
+    """Result of `reference_memit` / `reference_alphaedit`: the deltas of one batch, in (d, d_k) layout."""
 
     deltas: dict[int, torch.Tensor]    # layer -> (d, d_k) float64
     targets: tuple[ReferenceTarget, ...]
-    templates: tuple[str, ...]
+    templates: ContextTemplates
 
 
 def _device(model) -> torch.device:
@@ -76,11 +80,11 @@ def reference_block_outputs(model, tokenizer, requests: list[EditRequest], layer
     return torch.stack([_block_output(model, tokenizer, r, layer) for r in requests], 1).cpu()
 
 
-def reference_targets(model, tokenizer, request: EditRequest, templates: tuple[str, ...],
+def reference_targets(model, tokenizer, request: EditRequest, templates: ContextTemplates | tuple[str, ...],
                       settings: TargetSettings) -> ReferenceTarget:
     """E3 for one request, one full forward (all templates + the KL prompt, padded) per step.
 
-    loss = mean_templates mean_tokens NLL(target_new)
+    loss = mean over ALL templates (every context type's, equal weight) of mean_tokens NLL(target_new)
            + kl_factor * KL(P_new || P_orig) at the subject's last token of `kl_prompt`
            + v_weight_decay * ||delta|| / ||h||^2
     Adam(lr=v_lr); the loss is checked before each step (stop when < early_stop_loss);
@@ -97,8 +101,10 @@ def reference_targets(model, tokenizer, request: EditRequest, templates: tuple[s
             p.requires_grad_(flag)
 
 
-def _optimise_one(model, tokenizer, request: EditRequest, templates: tuple[str, ...],
+def _optimise_one(model, tokenizer, request: EditRequest, templates: ContextTemplates | tuple[str, ...],
                   settings: TargetSettings) -> ReferenceTarget:
+    if isinstance(templates, ContextTemplates):
+        templates = tuple(t for group in templates.groups for t in group)
     spec = arch_for(model)
     device = _device(model)
     block = spec.block_name(settings.layer)
@@ -151,19 +157,24 @@ def _optimise_one(model, tokenizer, request: EditRequest, templates: tuple[str, 
 
 @torch.no_grad()
 def reference_keys(model, tokenizer, requests: list[EditRequest], layer: int,
-                   templates: tuple[str, ...]) -> torch.Tensor:
-    """E2 at one layer: W_out's input at the subject's last token, mean over templates; (d_k, n) float32.
+                   templates: ContextTemplates) -> torch.Tensor:
+    """E2 at one layer: W_out's input at the subject's last token; (d_k, n) float32.
 
-    One full-depth forward per request (its templates padded together), no early stop.
+    Per request: the mean of the keys within each context type, then the mean of those
+    type means (memit `memit/compute_ks.py`). One full-depth forward per request and
+    context type (the type's templates padded together), no early stop.
     """
     name = arch_for(model).mlp_out_name(layer)
     keys = []
     for r in requests:
-        prompts = [encode_subject_prompt(tokenizer, t.replace("{}", r.prompt), r.subject) for t in templates]
-        with capture_inputs(model, [name]) as store:
-            _forward(model, [p.ids for p in prompts], tokenizer)
-        k = torch.stack([store[name][i, p.index] for i, p in enumerate(prompts)]).float()   # (T, d_k)
-        keys.append(k.mean(0))
+        type_means = []
+        for group in templates.groups:
+            prompts = [encode_subject_prompt(tokenizer, t.replace("{}", r.prompt), r.subject) for t in group]
+            with capture_inputs(model, [name]) as store:
+                _forward(model, [p.ids for p in prompts], tokenizer)
+            k = torch.stack([store[name][i, p.index] for i, p in enumerate(prompts)]).float()   # (|group|, d_k)
+            type_means.append(k.mean(0))
+        keys.append(torch.stack(type_means).mean(0))
     return torch.stack(keys, 1).cpu()                                                     # (d_k, n)
 
 
@@ -172,11 +183,42 @@ def reference_memit(lm, cfg, requests: list[EditRequest], C: dict[int, torch.Ten
 
     `cfg` is a `MemitConfig`; `C` maps each edited layer to its (d_k, d_k) second moment (E1).
     """
+    def solve(layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        A = cfg.mom2_update_weight * C[layer].double() + K @ K.T                         # (d_k, d_k), symmetric
+        return torch.linalg.solve(A, K @ R.T).T                                          # (d, d_k) = R K^T A^-1
+
+    return _reference_edit(lm, cfg, requests, solve)
+
+
+def reference_alphaedit(lm, cfg, requests: list[EditRequest], P: dict[int, torch.Tensor],
+                        C_p: dict[int, torch.Tensor] | None = None, *,
+                        templates: ContextTemplates | None = None) -> ReferenceEdit:
+    """E5 for one batch, the slow way, as the paper writes it (explicit inverse, float64):
+    Delta = R K^T P ((K K^T + C_p) P + L2 I)^-1. `P` maps each layer to its null-space projector,
+    `C_p` to the K_p K_p^T of earlier batches (zero if omitted). `templates` default to those
+    sampled from the model as it is now (a sequential run keeps the ones of its first batch).
+    The model is left as it was.
+    """
+    def solve(layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        P_l = P[layer].double()
+        Cp = torch.zeros_like(P_l) if C_p is None else C_p[layer].double()
+        eye = torch.eye(K.shape[0], dtype=torch.float64)
+        return R @ K.T @ P_l @ torch.linalg.inv((K @ K.T + Cp) @ P_l + cfg.L2 * eye)   # (d, d_k)
+
+    return _reference_edit(lm, cfg, requests, solve, templates)
+
+
+def _reference_edit(lm, cfg, requests: list[EditRequest], solve,
+                    templates: ContextTemplates | None = None) -> ReferenceEdit:
+    """E2-E3 plus the layer loop of E4/E5 (R spread over the remaining layers), one layer's delta
+    from `solve(layer, K (d_k, n) float64, R (d, n) float64)`; every edit is undone at the end."""
     model, tok = lm.model, lm.tokenizer
     spec = arch_for(model)
     layers = check_layers(model, list(cfg.layers))
     top = layers[-1]
-    templates = context_templates(model, tok, n=cfg.n_context_templates, length=cfg.context_length, seed=cfg.seed)
+    if templates is None:
+        templates = context_templates(model, tok, n=cfg.n_context_templates, length=cfg.context_length,
+                                      seed=cfg.seed)
     settings = TargetSettings(layer=top, v_lr=cfg.v_lr, v_num_grad_steps=cfg.v_num_grad_steps,
                               kl_factor=cfg.kl_factor, v_weight_decay=cfg.v_weight_decay,
                               clamp_norm_factor=cfg.clamp_norm_factor, early_stop_loss=cfg.early_stop_loss)
@@ -189,8 +231,7 @@ def reference_memit(lm, cfg, requests: list[EditRequest], C: dict[int, torch.Ten
             K = reference_keys(model, tok, requests, layer, templates).double()          # (d_k, n)
             h_now = reference_block_outputs(model, tok, requests, top).double()          # (d, n)
             R = (z - h_now) / (len(layers) - j)                                          # (d, n)
-            A = cfg.mom2_update_weight * C[layer].double() + K @ K.T                     # (d_k, d_k), symmetric
-            delta = torch.linalg.solve(A, K @ R.T).T                                     # (d, d_k) = R K^T A^-1
+            delta = solve(layer, K.cpu(), R.cpu())                                       # (d, d_k)
             deltas[layer] = delta
             w = get_module(model, spec.mlp_out_name(layer)).weight
             with torch.no_grad():
@@ -223,5 +264,5 @@ def reference_second_moments(lm, layer: int, chunks: list[list[int]], *, batch_s
     return (total / n).cpu(), n
 
 
-__all__ = ["ReferenceEdit", "ReferenceTarget", "reference_block_outputs", "reference_keys", "reference_memit",
-           "reference_second_moments", "reference_targets"]
+__all__ = ["ReferenceEdit", "ReferenceTarget", "reference_alphaedit", "reference_block_outputs", "reference_keys",
+           "reference_memit", "reference_second_moments", "reference_targets"]

@@ -10,8 +10,8 @@ import torch
 
 from editdecay.data import load_edit_data
 from editdecay.data.counterfact import load_counterfact
-from editdecay.errors import DataError
-from editdecay.metrics import evaluate_requests, score_continuations
+from editdecay.core.errors import DataError
+from editdecay.measure.metrics import evaluate_requests, score_continuations
 
 FIXTURE = Path(__file__).parent / "fixtures" / "counterfact_small.json"
 EXPECTED_REJECTIONS = [
@@ -144,7 +144,7 @@ def test_counterfact_requests_score_counterfact_style(ds):
     """The loaded requests drive E6 CounterFact scoring: neighbours compare true vs new."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from editdecay.models import resolve_source
+    from editdecay.core.models import resolve_source
 
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(resolve_source("smollm2-135m"))

@@ -12,8 +12,8 @@ import torch
 
 from editdecay.data import load_edit_data
 from editdecay.data.zsre import load_zsre, locate_subject
-from editdecay.errors import ConfigError, DataError
-from editdecay.metrics import evaluate_requests, score_continuations
+from editdecay.core.errors import ConfigError, DataError
+from editdecay.measure.metrics import evaluate_requests, score_continuations
 
 SAMPLE = (Path(__file__).parents[1] / "../shared/data/zsre_sample.json").resolve()
 N = 301
@@ -277,7 +277,7 @@ def tiny_lm():
     """A 2-layer random Llama with the embedded model's real tokenizer (no weights loaded)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from editdecay.models import resolve_source
+    from editdecay.core.models import resolve_source
 
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(resolve_source("smollm2-135m"))

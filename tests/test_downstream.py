@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from editdecay.downstream import DownstreamSpec, evaluate_downstream, load_tasks, parse_tasks
-from editdecay.downstream import everyday
-from editdecay.errors import ConfigError, DataError
+from editdecay.measure.downstream import DownstreamSpec, evaluate_downstream, load_tasks, parse_tasks
+from editdecay.measure.downstream import everyday
+from editdecay.core.errors import ConfigError, DataError
 from test_finetune_tiny import tiny_model, tok
 
 LIMIT = 24
@@ -204,7 +204,7 @@ def test_embedded_model_is_well_above_chance_on_the_authored_task(embedded):
 
 def test_run_finetune_records_downstream_for_pre_post_and_finetuned(tmp_path):
     from editdecay.finetune import EmbeddedTask, Recipe, load_source, run_finetune
-    from editdecay.models import wrap
+    from editdecay.core.models import wrap
     from test_finetune_run import synthetic_patch
 
     task = EmbeddedTask(n_train=24, n_test=6)

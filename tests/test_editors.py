@@ -15,16 +15,16 @@ import pytest
 import torch
 from conftest import make_tiny
 
-import editdecay.editing as editing
-from editdecay.arch import arch_for, arch_for_model_type, as_out_in
-from editdecay.cache import Cache
-from editdecay.corpus import parse_corpus
-from editdecay.editors import make_config
-from editdecay.editors.solve import alphaedit_delta, memit_delta
-from editdecay.errors import ConfigError, DataError
-from editdecay.reference import reference_keys, reference_memit
-from editdecay.request import EditRequest
-from editdecay.stats import cached_projector, second_moments
+import editdecay.edit.api as editing
+from editdecay.core.arch import arch_for, arch_for_model_type, as_out_in
+from editdecay.core.cache import Cache
+from editdecay.data.corpus import parse_corpus
+from editdecay.edit import make_config
+from editdecay.edit.solve import alphaedit_delta, memit_delta
+from editdecay.core.errors import ConfigError, DataError
+from reference import reference_alphaedit, reference_keys, reference_memit
+from editdecay.core.request import EditRequest
+from editdecay.edit.stats import cached_projector, second_moments
 
 torch.set_num_threads(1)
 
@@ -168,11 +168,48 @@ def test_memit_matches_reference(family, tokenizer, corpus, cache):
     assert_same_params(lm.model, before)                   # the reference leaves the model as it found it
     patch, run = editing.edit_model(lm, "memit", cfg, REQUESTS, cache=cache, progress=False)
     run.restore()
-    assert tuple(patch.extra["context_templates"]) == ref.templates
+    # The patch records the E2 grouping: the bare prompt is a context type of its own (weight 1/2),
+    # the 2 sampled prefixes share the other half.
+    recorded = patch.extra["context_templates"]
+    assert recorded["groups"] == [list(g) for g in ref.templates.groups] and len(recorded["groups"]) == 2
+    assert recorded["groups"][0] == ["{}"] and recorded["key_weights"] == [0.5, 0.25, 0.25]
     for layer in LAYERS:
         fast = as_out_in(patch.deltas[spec.mlp_out_name(layer)], spec).double()
         rel = float((fast - ref.deltas[layer]).norm() / ref.deltas[layer].norm())
         assert rel < 1e-3, f"layer {layer}: relative difference {rel:.2e} between fast and reference MEMIT deltas"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_alphaedit_matches_reference(family, tokenizer, corpus, cache):
+    """The whole AlphaEdit batch (E2, E3, E5) against the reference (paper formula, explicit inverse),
+    once from a fresh run and once as the second batch of a sequential run (C_p from the first)."""
+    lm = make_tiny(family, tokenizer)
+    spec = arch_for(lm.model)
+    cfg = config("alphaedit", corpus)
+    stats = second_moments(lm, LAYERS, corpus=parse_corpus(cfg.stats_corpus), n_tokens=cfg.stats_tokens,
+                           cache=cache, progress=False)
+    P = {l: cached_projector(stats, l, cfg.nullspace_threshold, cache) for l in LAYERS}
+    first, second = REQUESTS[:2], REQUESTS[2:]
+    ref = reference_alphaedit(lm, cfg, REQUESTS, P)
+    patch, run = editing.edit_model(lm, "alphaedit", cfg, REQUESTS, cache=cache, progress=False)
+    run.restore()
+    for layer in LAYERS:
+        fast = as_out_in(patch.deltas[spec.mlp_out_name(layer)], spec).double()
+        rel = float((fast - ref.deltas[layer]).norm() / ref.deltas[layer].norm())
+        assert rel < 1e-3, f"layer {layer}: relative difference {rel:.2e} between fast and reference AlphaEdit deltas"
+
+    run = editing.build_run(lm, "alphaedit", cfg, cache=cache, progress=False)
+    run.edit_batch(first)
+    after_first = {n: d.clone() for n, d in run.accum.items()}
+    # On the model edited by the first batch, with the run's templates (sampled from the unedited model).
+    ref2 = reference_alphaedit(lm, cfg, second, P, run.solver.C_p, templates=run.templates)
+    run.edit_batch(second)
+    run.restore()
+    for layer in LAYERS:
+        name = spec.mlp_out_name(layer)
+        fast = as_out_in(run.accum[name] - after_first[name], spec).double()
+        rel = float((fast - ref2.deltas[layer]).norm() / ref2.deltas[layer].norm())
+        assert rel < 1e-3, f"layer {layer}: second batch differs from the reference by {rel:.2e} (relative)"
 
 
 # --------------------------------------------------------------------------- closed-form solves

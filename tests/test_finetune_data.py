@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from editdecay.errors import ConfigError, DataError
-from editdecay.finetune.data import (IGNORE_INDEX, InstructionRecord, load_source, min_prompt_tokens, render_prompt,
+from editdecay.core.errors import ConfigError, DataError
+from editdecay.data.instructions import (IGNORE_INDEX, InstructionRecord, load_source, min_prompt_tokens, render_prompt,
                                      tokenize)
-from editdecay.finetune.task import FAMILIES, EmbeddedTask, exact_match
+from editdecay.data.embedded_task import FAMILIES, EmbeddedTask
+from editdecay.measure.task import exact_match
 from test_finetune_tiny import tok as load_tok
 
 RECORDS = [

@@ -7,9 +7,10 @@ import copy
 import pytest
 import torch
 
-from editdecay.finetune.data import load_source, tokenize
+from editdecay.data.instructions import load_source, tokenize
 from editdecay.finetune.recipe import preset
-from editdecay.finetune.task import EmbeddedTask, exact_match
+from editdecay.data.embedded_task import EmbeddedTask
+from editdecay.measure.task import exact_match
 from editdecay.finetune.train import collate, token_loss_sum, train
 from editdecay.finetune.trainable import resolve_plan
 

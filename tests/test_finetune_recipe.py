@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from editdecay.errors import ConfigError
+from editdecay.core.errors import ConfigError
 from editdecay.finetune.recipe import Recipe, preset
 from editdecay.finetune.trainable import resolve_plan
 from test_finetune_tiny import tiny_model

@@ -8,17 +8,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from editdecay.errors import ConfigError
-from editdecay.finetune.data import load_source
-from editdecay.finetune.decay import edit_flip_ratio, relative_decrease
+from editdecay.core.errors import ConfigError
+from editdecay.data.instructions import load_source
+from editdecay.measure.decay import edit_flip_ratio, relative_decrease
 from editdecay.finetune.recipe import Recipe
 from editdecay.finetune.run import run_finetune
-from editdecay.finetune.task import EmbeddedTask
+from editdecay.data.embedded_task import EmbeddedTask
 from editdecay.finetune.train import DivergedError
-from editdecay.metrics import RequestOutcome, aggregate, evaluate_requests
-from editdecay.models import wrap
-from editdecay.patch import EditPatch
-from editdecay.request import EditRequest
+from editdecay.measure.metrics import RequestOutcome, aggregate, evaluate_requests
+from editdecay.core.models import wrap
+from editdecay.edit.patch import EditPatch
+from editdecay.core.request import EditRequest
 from test_finetune_tiny import tiny_model, tok
 
 TASK = EmbeddedTask(n_train=24, n_test=6)

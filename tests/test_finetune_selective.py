@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editdecay.arch import arch_for
-from editdecay.finetune.data import load_source, tokenize
+from editdecay.core.arch import arch_for
+from editdecay.data.instructions import load_source, tokenize
 from editdecay.finetune.recipe import Recipe
-from editdecay.finetune.task import EmbeddedTask
+from editdecay.data.embedded_task import EmbeddedTask
 from editdecay.finetune.train import train
 from editdecay.finetune.trainable import adapted_modules, merge, resolve_plan
 from test_finetune_tiny import snapshot, tiny_model, tok

@@ -11,14 +11,14 @@ import functools
 
 import torch
 
-from editdecay.arch import arch_for, num_layers
+from editdecay.core.arch import arch_for, num_layers
 
 
 @functools.lru_cache(maxsize=1)
 def tok():
     from transformers import AutoTokenizer
 
-    from editdecay.models import EMBEDDED_NAME, resolve_source
+    from editdecay.core.models import EMBEDDED_NAME, resolve_source
 
     tok = AutoTokenizer.from_pretrained(resolve_source(EMBEDDED_NAME))
     if tok.pad_token_id is None:

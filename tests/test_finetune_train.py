@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from editdecay.finetune.callback import DecayCallback
-from editdecay.finetune.data import load_source, tokenize
+from editdecay.data.instructions import load_source, tokenize
 from editdecay.finetune.recipe import Recipe
-from editdecay.finetune.task import EmbeddedTask
+from editdecay.data.embedded_task import EmbeddedTask
 from editdecay.finetune.train import DivergedError, total_optimizer_steps, train
 from editdecay.finetune.trainable import resolve_plan
 from test_finetune_tiny import snapshot, tiny_model, tok
@@ -81,7 +81,10 @@ def test_gradient_accumulation_equals_one_large_batch():
         results.append((snapshot(model), out.loss_tokens, out.tokens))
     (a, la, ta), (b, lb, tb) = results
     assert (la, ta) == (lb, tb)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    # Adam's first step is lr * g / (|g| + eps): where |g| is near eps the order of float summation
+    # (one batch of 8 vs 4 micro-batches of 2) moves the update by up to ~0.3% of lr (2.8e-6 with
+    # transformers 5.24 / torch 2.13). A wrong loss weighting moves it by O(lr) = 1e-3.
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     fresh = snapshot(tiny_model("llama"))
     assert any(not torch.equal(a[k], fresh[k]) for k in a)          # the step did change the weights
 

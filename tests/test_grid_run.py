@@ -31,7 +31,7 @@ NUMBERS = ("metrics", "decay", "curve", "curve_base", "requests")   # what must 
 def make_tiny_model(path: Path) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from editdecay.models import EMBEDDED_NAME, resolve_source
+    from editdecay.core.models import EMBEDDED_NAME, resolve_source
 
     tok = AutoTokenizer.from_pretrained(resolve_source(EMBEDDED_NAME))
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from editdecay.errors import ConfigError
+from editdecay.core.errors import ConfigError
 from editdecay.grid.plan import build_plan
 from editdecay.grid.spec import grid_from_dict, load_grid
 
@@ -214,10 +214,10 @@ PLAN_PROBE = textwrap.dedent("""
     socket.socket.connect = no_network
     socket.create_connection = no_network
     t0 = time.perf_counter()
-    import editdecay.models
+    import editdecay.core.models
     def no_model(*a, **k):
         raise AssertionError("grid plan loaded a model")
-    editdecay.models.load_model = no_model
+    editdecay.core.models.load_model = no_model
     from typer.testing import CliRunner
     from editdecay.cli import _register, app
     _register()
@@ -281,7 +281,7 @@ def test_missing_local_files_are_warnings_of_the_plan(tmp_path):
 
 
 def test_data_content_is_part_of_the_stage_ids(tmp_path):
-    from editdecay.errors import DataError
+    from editdecay.core.errors import DataError
     from editdecay.grid.plan import check_data_digest
 
     data = tmp_path / "cf.json"

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from editdecay.metrics import RequestOutcome, aggregate, evaluate_requests, score_continuations
-from editdecay.request import EditRequest
-from editdecay.tokens import encode_prompt, encode_target
+from editdecay.measure.metrics import RequestOutcome, aggregate, evaluate_requests, score_continuations
+from editdecay.core.request import EditRequest
+from editdecay.core.tokens import encode_prompt, encode_target
 
 from conftest import make_tiny
 
@@ -111,7 +111,7 @@ def test_aggregate_means_and_harmonic_mean():
 
 
 def test_empty_target_is_rejected(tokenizer):
-    from editdecay.errors import DataError
+    from editdecay.core.errors import DataError
 
     with pytest.raises(DataError, match="tokenizes to nothing"):
         encode_target(tokenizer, "   ")

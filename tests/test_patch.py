@@ -9,14 +9,14 @@ import torch
 from conftest import make_tiny
 from safetensors.torch import load_file, save_file
 
-from editdecay.arch import arch_for, as_out_in, get_module
-from editdecay.cache import Cache
-from editdecay.editing import edit_model
-from editdecay.editors import make_config
-from editdecay.errors import ConfigError
-from editdecay.metrics import evaluate_requests
-from editdecay.patch import META_FILE, PATCH_FILE, EditPatch
-from editdecay.request import EditRequest
+from editdecay.core.arch import arch_for, as_out_in, get_module
+from editdecay.core.cache import Cache
+from editdecay.edit.api import edit_model
+from editdecay.edit import make_config
+from editdecay.core.errors import ConfigError
+from editdecay.measure.metrics import evaluate_requests
+from editdecay.edit.patch import META_FILE, PATCH_FILE, EditPatch
+from editdecay.core.request import EditRequest
 
 torch.set_num_threads(1)
 
@@ -134,7 +134,7 @@ def test_corrupted_patch_dir_is_rejected(tokenizer, tmp_path):
 def test_patch_for_another_shape_fails_clearly(tokenizer):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from editdecay.models import wrap
+    from editdecay.core.models import wrap
 
     lm = make_tiny("llama", tokenizer)
     patch = random_patch(lm)

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from editdecay.arch import arch_for, get_module
-from editdecay.cache import Cache
-from editdecay.corpus import CorpusSpec, iter_token_chunks, parse_corpus, sample_batch
-from editdecay.errors import ConfigError, DataError
-from editdecay.models import wrap
-from editdecay.stats import LayerStats, cached_projector, null_space_projector, second_moments
+from editdecay.core.arch import arch_for, get_module
+from editdecay.core.cache import Cache
+from editdecay.data.corpus import CorpusSpec, iter_token_chunks, parse_corpus, sample_batch
+from editdecay.core.errors import ConfigError, DataError
+from editdecay.core.models import wrap
+from editdecay.edit.stats import LayerStats, cached_projector, null_space_projector, second_moments
 
 torch.set_num_threads(1)
 VOCAB = 128
@@ -359,7 +359,7 @@ def test_generated_sequences_end_at_first_eos():
 
 
 def test_long_documents_split_and_restart_with_bos():
-    from editdecay.corpus import _split
+    from editdecay.data.corpus import _split
 
     assert list(_split(list(range(10, 20)), 4, None)) == [[10, 11, 12, 13], [14, 15, 16, 17], [18, 19]]
     # a tokenizer that starts documents with BOS (id 1): continuation pieces start with it too
@@ -423,7 +423,7 @@ def test_corpus_file_errors(tmp_path):
 def real_tokenizer():
     from transformers import AutoTokenizer
 
-    from editdecay.models import resolve_source
+    from editdecay.core.models import resolve_source
 
     return AutoTokenizer.from_pretrained(resolve_source("smollm2-135m"))
 
@@ -468,7 +468,7 @@ def test_text_jsonl_parquet_give_the_same_tokens(tmp_path, real_tokenizer):
 # --------------------------------------------------------------------------- embedded model, end to end
 
 def test_embedded_model_generated_corpus_end_to_end(tmp_path):
-    from editdecay.models import load_model
+    from editdecay.core.models import load_model
 
     lm = load_model("smollm2-135m")
     cache = Cache(tmp_path / "cache")

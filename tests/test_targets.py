@@ -15,12 +15,12 @@ import pytest
 import torch
 from conftest import FAMILIES, make_tiny
 
-from editdecay.arch import arch_for, unembed_module
-from editdecay.context import context_templates
-from editdecay.keys import block_outputs_at_subject, compute_keys
-from editdecay.reference import reference_block_outputs, reference_keys, reference_targets
-from editdecay.request import EditRequest
-from editdecay.targets import TargetSettings, compute_targets
+from editdecay.core.arch import arch_for, unembed_module
+from editdecay.edit.context import ContextTemplates, context_templates, mean_over_context_types
+from editdecay.edit.keys import block_outputs_at_subject, compute_keys
+from reference import reference_block_outputs, reference_keys, reference_targets
+from editdecay.core.request import EditRequest
+from editdecay.edit.targets import TargetSettings, compute_targets
 
 torch.set_num_threads(1)
 
@@ -130,17 +130,19 @@ def test_context_templates_deterministic_per_seed(tokenizer):
     c = context_templates(lm.model, tokenizer, n=3, length=5, seed=1)
     assert a == b
     assert a != c
-    assert a[0] == c[0] == "{}" and len(a) == len(c) == 4
-    for t in a + c:
-        assert t.count("{}") == 1 and t.endswith("{}"), t
-    assert context_templates(lm.model, tokenizer, n=0) == ("{}",)
+    # Two context types (E2): the bare prompt alone, then the 3 sampled prefixes.
+    assert a.groups[0] == c.groups[0] == ("{}",) and a.group_sizes == c.group_sizes == (1, 3)
+    assert len(a) == len(c) == 4 and a.flat[0] == "{}"
+    for t in a.flat[1:] + c.flat[1:]:
+        assert t.count("{}") == 1 and t.endswith(". {}"), t
+    assert context_templates(lm.model, tokenizer, n=0) == ContextTemplates.of(["{}"])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keys_and_block_outputs_match_reference(family, tokenizer):
     """E2 keys (one early-stopped pass for all layers, padded batches) vs one full-depth pass per layer."""
     lm = make_tiny(family, tokenizer)
-    templates = ("{}", "A short prefix. {}", "Another, somewhat longer, context prefix here. {}")
+    templates = ContextTemplates.of(["{}"], ["A short prefix. {}", "Another, somewhat longer, context prefix here. {}"])
     layers = [1, 3]
     keys = compute_keys(lm.model, tokenizer, REQUESTS, layers, templates, batch_size=5)   # uneven chunks
     for layer in layers:
@@ -148,7 +150,7 @@ def test_keys_and_block_outputs_match_reference(family, tokenizer):
         assert keys[layer].shape == ref.shape == (ref.shape[0], len(REQUESTS))
         torch.testing.assert_close(keys[layer], ref, rtol=1e-5, atol=1e-5)
     # Templates matter: the mean over templates differs from the bare-prompt key.
-    bare = reference_keys(lm.model, tokenizer, REQUESTS, 1, ("{}",))
+    bare = reference_keys(lm.model, tokenizer, REQUESTS, 1, ContextTemplates.of(["{}"]))
     assert not torch.allclose(bare, keys[1], atol=1e-3)
     h = block_outputs_at_subject(lm.model, tokenizer, REQUESTS, 2)
     torch.testing.assert_close(h, reference_block_outputs(lm.model, tokenizer, REQUESTS, 2), rtol=1e-5, atol=1e-5)
@@ -164,3 +166,69 @@ def test_arch_unembedding_is_the_output_embedding(family, tokenizer):
     assert unembed_module(lm.model) is lm.model.get_output_embeddings(), (
         f"editdecay/arch.py: family {spec.family!r} unembed {spec.unembed!r} does not resolve to the output "
         f"embedding of {type(lm.model).__name__} (transformers {transformers.__version__})")
+
+
+# --------------------------------------------------------------------------- E2: the two-level key average
+
+def test_e2_weights_hand_worked():
+    """Two context types, known keys: type means, then their mean (memit compute_ks.py), not a flat mean.
+
+    Request 0, d_k = 2. Type 1 (bare): (6, 0). Type 2 (three prefixes): (0, 0), (3, 3), (0, 6),
+    whose mean is (1, 3). E2 key = ((6, 0) + (1, 3)) / 2 = (3.5, 1.5); the flat mean of all four
+    would be (2.25, 2.25). Request 1 is request 0 doubled (the average is linear).
+    """
+    templates = ContextTemplates.of(["{}"], ["A. {}", "B. {}", "C. {}"])
+    assert templates.flat == ("{}", "A. {}", "B. {}", "C. {}")
+    assert templates.key_weights == (0.5, 1 / 6, 1 / 6, 1 / 6)
+    k0 = torch.tensor([[6.0, 0.0], [0.0, 0.0], [3.0, 3.0], [0.0, 6.0]])        # (T=4, d_k=2)
+    k = torch.stack([k0, 2 * k0])                                                 # (n=2, T, d_k)
+    got = mean_over_context_types(k, templates)
+    torch.testing.assert_close(got, torch.tensor([[3.5, 1.5], [7.0, 3.0]]), rtol=0, atol=1e-6)
+    # The recorded weights give the same average.
+    w = torch.tensor(templates.key_weights)
+    torch.testing.assert_close((k * w[None, :, None]).sum(1), got, rtol=0, atol=1e-6)
+    # With the bare prompt and 5 prefixes (the default): 1/2 and 1/10 each.
+    five = ContextTemplates.of(["{}"], [f"P{i}. {{}}" for i in range(5)])
+    assert five.key_weights == (0.5, 0.1, 0.1, 0.1, 0.1, 0.1) and abs(sum(five.key_weights) - 1) < 1e-12
+    record = five.to_dict()
+    assert record["groups"] == [["{}"], [f"P{i}. {{}}" for i in range(5)]] and record["key_weights"][0] == 0.5
+
+
+@pytest.mark.parametrize("bad", [(), (("{}",), ()), (("no slot",),), (("{} and {}",),)])
+def test_context_templates_reject_bad_groups(bad):
+    from editdecay.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="context t"):
+        ContextTemplates(bad)
+
+
+def _weights_from_single_template_keys(model, tok, templates: ContextTemplates, layer: int):
+    """(E2 key, keys of each template on its own) at `layer`, for REQUESTS."""
+    keys = compute_keys(model, tok, REQUESTS, [layer], templates)[layer]                       # (d_k, n)
+    singles = [compute_keys(model, tok, REQUESTS, [layer], ContextTemplates.of([t]))[layer] for t in templates.flat]
+    return keys, torch.stack(singles)                                                           # (T, d_k, n)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_e2_weights_on_tiny_models(family, tokenizer):
+    """The fast keys are 1/2 * bare key + 1/10 * each prefixed key (5 sampled prefixes), not the flat mean."""
+    lm = make_tiny(family, tokenizer)
+    templates = context_templates(lm.model, tokenizer, n=5, length=4, seed=0)
+    assert templates.group_sizes == (1, 5)
+    keys, singles = _weights_from_single_template_keys(lm.model, tokenizer, templates, 1)
+    expected = 0.5 * singles[0] + 0.1 * singles[1:].sum(0)
+    torch.testing.assert_close(keys, expected, rtol=1e-5, atol=1e-5)
+    flat = singles.mean(0)
+    assert float((keys - flat).norm()) > 1e-2 * float(keys.norm()), "flat and two-level means must differ here"
+
+
+@pytest.mark.slow
+def test_e2_weights_on_embedded(embedded):
+    """The same on the real model with its default templates (bare prompt + 5 prefixes of 10 tokens)."""
+    model, tok = embedded.model, embedded.tokenizer
+    templates = context_templates(model, tok, n=5, length=10, seed=0)
+    assert templates.key_weights == (0.5, 0.1, 0.1, 0.1, 0.1, 0.1)
+    keys, singles = _weights_from_single_template_keys(model, tok, templates, 5)
+    torch.testing.assert_close(keys, 0.5 * singles[0] + 0.1 * singles[1:].sum(0), rtol=1e-4, atol=1e-4)
+    flat = singles.mean(0)
+    assert float((keys - flat).norm()) > 1e-2 * float(keys.norm()), "flat and two-level means must differ here"

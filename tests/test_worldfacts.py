@@ -11,9 +11,9 @@ import pytest
 
 from editdecay.data import load_edit_data
 from editdecay.data import worldfacts as wf
-from editdecay.errors import DataError
-from editdecay.metrics import aggregate, evaluate_requests, score_continuations
-from editdecay.request import fill
+from editdecay.core.errors import DataError
+from editdecay.measure.metrics import aggregate, evaluate_requests, score_continuations
+from editdecay.core.request import fill
 
 
 @pytest.fixture(scope="module")

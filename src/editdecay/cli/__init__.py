@@ -14,8 +14,8 @@ app = typer.Typer(
 
 def _register() -> None:
     # Imported for their side effect of adding commands to `app`.
-    from . import eval_edits  # noqa: F401
-    for optional in ("edit", "finetune", "grid", "report"):
+    from editdecay.cli import eval_edits  # noqa: F401
+    for optional in ("edit", "finetune", "grid", "report", "demo"):
         try:
             __import__(f"{__name__}.{optional}")
         except ModuleNotFoundError as e:

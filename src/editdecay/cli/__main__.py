@@ -1,3 +1,3 @@
-from . import main
+from editdecay.cli import main
 
 main()

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import EditDecayError
+from editdecay.core.errors import EditDecayError
 
 console = Console()
 

@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from . import app
-from .common import console, guard, metrics_table, pct, set_threads
+from editdecay.cli import app
+from editdecay.cli.common import console, guard, metrics_table, pct, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ def finetune(
 ) -> None:
     """Fine-tune (full, LoRA, DoRA; selective layers) and print edit metrics before/after editing and after
     fine-tuning, with a decay curve every --eval-every steps."""
-    from ..finetune import EmbeddedTask, load_source, preset as make_preset, run_finetune
-    from ..pipeline import parse_layers
+    from editdecay.finetune import EmbeddedTask, load_source, preset as make_preset, run_finetune
+    from editdecay.edit.workflow import parse_layers
 
     set_threads(threads)
     # Recipe and data first: both fail in milliseconds, before a model is loaded.
@@ -89,7 +89,7 @@ def finetune(
     patch_obj = _load_patch(patch) if patch else None
     reqs = _requests(requests, patch_obj, limit)
 
-    from ..models import load_model
+    from editdecay.core.models import load_model
 
     lm = load_model(model, dtype=dtype, device=device)
     extra = {}
@@ -112,8 +112,8 @@ def finetune(
 
 
 def _downstream(text: Optional[str], limit: Optional[int]):
-    from ..downstream import DownstreamSpec
-    from ..errors import ConfigError
+    from editdecay.measure.downstream import DownstreamSpec
+    from editdecay.core.errors import ConfigError
 
     if not text:
         if limit is not None:
@@ -132,14 +132,14 @@ def _targets(text: Optional[str]):
 
 
 def _load_patch(path: Path):
-    from ..patch import EditPatch
+    from editdecay.edit.patch import EditPatch
 
     return EditPatch.load(path)
 
 
 def _requests(spec: Optional[str], patch_obj, limit: Optional[int]) -> tuple:
     if spec:
-        from ..data import load_edit_data
+        from editdecay.data import load_edit_data
 
         reqs = load_edit_data(spec).requests
     else:

@@ -9,8 +9,8 @@ from typing import List, Optional
 
 import typer
 
-from . import app
-from .common import console, guard
+from editdecay.cli import app
+from editdecay.cli.common import console, guard
 
 grid_app = typer.Typer(name="grid", no_args_is_help=True, add_completion=False,
                        help="Plan, run and follow a grid of experiments (models x editors x data x edits x recipes).")
@@ -29,8 +29,8 @@ def _print_json(obj) -> None:
 
 
 def _load(grid_file: Path):
-    from ..grid.plan import build_plan
-    from ..grid.spec import load_grid
+    from editdecay.grid.plan import build_plan
+    from editdecay.grid.spec import load_grid
 
     return build_plan(load_grid(grid_file))
 
@@ -44,7 +44,7 @@ def plan_cmd(
     """List the cells of a grid and the stages they need, and how many stages are shared. Runs nothing."""
     from rich.table import Table
 
-    from ..grid.plan import missing_files
+    from editdecay.grid.plan import missing_files
 
     plan = _load(grid_file)
     missing = missing_files(plan)
@@ -91,7 +91,7 @@ def run_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
 ) -> None:
     """Run (or resume) a grid. Finished stages are reused; failed cells are recorded and the rest goes on."""
-    from ..grid.runner import run_grid
+    from editdecay.grid.runner import run_grid
 
     plan = _load(grid_file)
     options = {}
@@ -135,8 +135,8 @@ def _print_results(out: Path, plan, limit: int = 40) -> None:
     """Efficacy of M0 / M_e / M_f / M_ef, Edit Flip Ratio and task accuracy, one row per finished cell."""
     from rich.table import Table
 
-    from ..grid.store import GridStore
-    from .common import pct
+    from editdecay.grid.store import GridStore
+    from editdecay.cli.common import pct
 
     store = GridStore(out)
     rows = [(c, r) for c in plan.cells if (r := store.read_result(c.id)) is not None][:limit]
@@ -164,7 +164,7 @@ def status_cmd(
     """Done / running / failed / pending, per cell."""
     from rich.table import Table
 
-    from ..grid.store import GridStore
+    from editdecay.grid.store import GridStore
 
     store = GridStore(out)
     plan = store.read_plan()
@@ -199,7 +199,7 @@ def status_cmd(
 @guard
 def gather_cmd(out: Path = typer.Argument(..., help="grid output directory")) -> None:
     """Write results.parquet and results.csv (one row per finished cell) from results/*.json."""
-    from ..grid.store import GridStore
+    from editdecay.grid.store import GridStore
 
     store = GridStore(out)
     path = store.gather(store.read_plan())

@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from . import app
-from .common import console, guard, set_threads
+from editdecay.cli import app
+from editdecay.cli.common import console, guard, set_threads
 
 
 @app.command("report")
@@ -32,7 +32,7 @@ def report_cmd(
 
     Computed from the cells' per-request rows; cells that failed or never ran are listed and marked.
     """
-    from ..report import build_report
+    from editdecay.report import build_report
 
     set_threads(threads)
     report = build_report(results_dir, out, frequencies=frequencies, activation_shift=activation_shift,

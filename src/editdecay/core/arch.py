@@ -32,22 +32,23 @@ class ArchSpec:
     mlp: tuple[str, ...]           # linear modules of the MLP, relative to the block
     n_layers_attr: str             # config attribute holding the depth
 
+    # Every name below is a *table name*: it may hold alternatives ("a|b"). Turn one into the module path of a
+    # given model with `resolve_name(model, name)` (or fetch the module with `get_module`), never by hand.
+
     def block_name(self, layer: int) -> str:
         return self.block.format(layer)
 
     def mlp_out_name(self, layer: int) -> str:
         return self.mlp_out.format(layer)
 
-    @property
-    def mlp_out_relative(self) -> str:
-        """The edited module's name relative to its block, e.g. "mlp.down_proj"."""
-        prefix = self.block.format("{}") + "."
-        return self.mlp_out[len(prefix):]
+    def in_block(self, layer: int, relative: str) -> str:
+        """Table name of a block-relative module of one layer: every block alternative x every relative one."""
+        return "|".join(f"{b}.{r}" for b in alternatives(self.block_name(layer)) for r in alternatives(relative))
 
     def module_names(self, layer: int, which: str) -> list[str]:
-        """Full names of `attention`, `mlp` or `all-linear` modules of one block."""
+        """Table names of the `attention`, `mlp` or `all-linear` modules of one block."""
         rel = {"attention": self.attention, "mlp": self.mlp, "all-linear": self.attention + self.mlp}[which]
-        return [f"{self.block_name(layer)}.{r}" for r in rel]
+        return [self.in_block(layer, r) for r in rel]
 
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (
@@ -89,7 +90,7 @@ def arch_for_model_type(model_type: str) -> ArchSpec:
     raise ConfigError(
         f"model_type {model_type!r} is not in the architecture table (editdecay.core.arch.ARCHITECTURES); "
         f"supported: {', '.join(known)}. To add a family, add an ArchSpec row with its module-path "
-        f"templates (block, mlp_out, final_norm, unembed, embed, attention, mlp) to editdecay/arch.py."
+        f"templates (block, mlp_out, final_norm, unembed, embed, attention, mlp) to editdecay/core/arch.py."
     )
 
 
@@ -101,23 +102,48 @@ def num_layers(model: nn.Module) -> int:
     return int(getattr(model.config, arch_for(model).n_layers_attr))
 
 
-def get_module(model: nn.Module, name: str) -> nn.Module:
+def alternatives(name: str) -> tuple[str, ...]:
+    """The alternatives of a table name: "lm_head|embed_out" -> ("lm_head", "embed_out"); "a.b" -> ("a.b",)."""
+    return tuple(part.strip() for part in name.split("|"))
+
+
+def resolve_name(model: nn.Module, name: str) -> str:
+    """The module path that a table name denotes in `model`: its first alternative that exists.
+
+    The one place where alternatives are expanded. Every name read from `ARCHITECTURES` (or composed from it)
+    goes through here (or `get_module`, which calls it) before it is looked up, hooked, wrapped by peft or
+    stored as a key (patch deltas, statistics keys), so keys are always real module paths.
+    Raises ConfigError naming every alternative tried.
+    """
+    options = alternatives(name)
+    for option in options:
+        try:
+            model.get_submodule(option)
+        except AttributeError:
+            continue
+        return option
+    spec = _spec_or_none(model)
+    row = f"; update the row of family {spec.family!r} in editdecay/core/arch.py" if spec else ""
+    if len(options) == 1:
+        raise ConfigError(f"module {options[0]!r} not found in {type(model).__name__}{row}")
+    raise ConfigError(f"none of the modules {list(options)} exists in {type(model).__name__}{row}")
+
+
+def _spec_or_none(model: nn.Module) -> ArchSpec | None:
     try:
-        return model.get_submodule(name)
-    except AttributeError as e:
-        raise ConfigError(f"module {name!r} not found in {type(model).__name__}: {e}") from None
+        return arch_for(model)
+    except (ConfigError, AttributeError):
+        return None
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule a table name (or a plain module path) denotes; alternatives expanded by `resolve_name`."""
+    return model.get_submodule(resolve_name(model, name))
 
 
 def unembed_module(model: nn.Module) -> nn.Module:
     """The unembedding (hidden -> vocabulary logits) named by the table, first alternative that exists."""
-    names = arch_for(model).unembed.split("|")
-    for name in names:
-        try:
-            return model.get_submodule(name)
-        except AttributeError:
-            continue
-    raise ConfigError(f"none of the unembedding modules {names} exists in {type(model).__name__}; "
-                      f"update the row of family {arch_for(model).family!r} in editdecay/arch.py")
+    return get_module(model, arch_for(model).unembed)
 
 
 def check_layers(model: nn.Module, layers: list[int] | tuple[int, ...], field: str = "layers") -> tuple[int, ...]:

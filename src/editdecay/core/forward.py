@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from editdecay.core.arch import arch_for, get_module
+from editdecay.core.arch import unembed_module
 
 
 def plain(model: nn.Module) -> nn.Module:
@@ -31,5 +31,5 @@ def logits_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     lm = plain(model)
     hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
                            use_cache=False).last_hidden_state                 # (B, T, d)
-    unembed = get_module(lm, arch_for(lm).unembed)
+    unembed = unembed_module(lm)                       # table name with alternatives, resolved in arch.py
     return unembed(hidden[select])                                            # (N, V)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from ..errors import ConfigError
-from .common import EditDataset, Rejection, validate_request
+from editdecay.core.errors import ConfigError
+from editdecay.data.common import EditDataset, Rejection, validate_request
 
 SOURCES = ("worldfacts", "counterfact", "zsre")
 
@@ -19,15 +19,15 @@ def load_edit_data(spec: str, *, zsre_target: str = "answers", strict: bool = Fa
     """
     kind, _, path = spec.partition(":")
     if kind == "worldfacts":
-        from .worldfacts import load_worldfacts
+        from editdecay.data.worldfacts import load_worldfacts
 
         ds = load_worldfacts(strict=strict)
     elif kind in ("counterfact", "mcf", "multicounterfact"):
-        from .counterfact import load_counterfact
+        from editdecay.data.counterfact import load_counterfact
 
         ds = load_counterfact(_need_path(spec, path), strict=strict)
     elif kind == "zsre":
-        from .zsre import load_zsre
+        from editdecay.data.zsre import load_zsre
 
         ds = load_zsre(_need_path(spec, path), target=zsre_target, strict=strict)
     else:

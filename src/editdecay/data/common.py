@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import DataError
-from ..request import EditRequest
+from editdecay.core.errors import DataError
+from editdecay.core.request import EditRequest
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..request import EditRequest
-from .common import EditDataset, Rejection, finish, validate_request
-from .records import _kind, _show, record_problem, read_records, text_field, text_list
+from editdecay.core.request import EditRequest
+from editdecay.data.common import EditDataset, Rejection, finish, validate_request
+from editdecay.data.records import _kind, _show, record_problem, read_records, text_field, text_list
 
 
 def _sub_object(container: dict, key: str, name: str, index: int, out: list[Rejection]) -> dict | None:

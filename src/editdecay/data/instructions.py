@@ -2,6 +2,8 @@
 
 Sources (named on the command line):
 - `embedded`            the generated task of `data.embedded_task` (training split)
+- `chatterbot[:DIR]`    human-written question/answer pairs of the `chatterbot-corpus` package (English, BSD-3-Clause;
+                        training split of `data.chatterbot`), or of a directory of files in its YAML format
 - `instructions:PATH`   Commonsense170K-shaped records {instruction, input, output} in .json (a list) or .jsonl
 - `text:PATH`           a plain text file; documents are separated by blank lines; every token is trained
 - `hf:NAME[:SPLIT]`     a `datasets` hub name with instruction records (needs network and `pip install datasets`)
@@ -37,7 +39,7 @@ class Source:
     """Validated records of one source, before tokenisation. Exactly one of `records`/`texts` is set."""
 
     spec: str
-    kind: str                                   # embedded | instructions | text | hf
+    kind: str                                   # embedded | chatterbot | instructions | text | hf
     records: tuple[InstructionRecord, ...] = ()
     texts: tuple[str, ...] = ()
     identity: dict = field(default_factory=dict)
@@ -48,12 +50,27 @@ class Source:
 
 
 def load_source(spec: str, *, task=None) -> Source:
-    """Parse a data spec and load its records. `task`: the `EmbeddedTask` behind `embedded` (default one)."""
+    """Parse a data spec and load its records (the training split where the source has a held-out one).
+
+    `task`: the `EmbeddedTask` behind `embedded`, or the `ChatterbotCorpus` behind `chatterbot` (default: the
+    default one). The identity (recorded in results, part of grid stage ids) includes the source's name,
+    licence and record counts where it has them.
+    """
     kind, _, rest = spec.partition(":")
     if kind == "embedded":
         task = task or EmbeddedTask()
         train, _ = task.records()
         return Source(spec, "embedded", records=train, identity={"spec": spec, **task.identity()})
+    if kind == "chatterbot":
+        from editdecay.data.chatterbot import ChatterbotCorpus
+
+        if task is None or not isinstance(task, ChatterbotCorpus):
+            task = ChatterbotCorpus(root=rest or None)
+        elif rest and Path(rest).expanduser().resolve() != task.directory:
+            raise ConfigError(f"data {spec!r}: the directory differs from the corpus given as task "
+                              f"({task.directory}); give one directory")
+        train, _ = task.records()
+        return _finish(Source(spec, "chatterbot", records=train, identity={"spec": spec, **task.identity()}))
     if kind == "instructions":
         path = _existing(spec, rest)
         records = _read_instruction_file(path)
@@ -68,8 +85,8 @@ def load_source(spec: str, *, task=None) -> Source:
     if kind == "hf":
         name, _, split = rest.partition(":")
         return _finish(_load_hub(spec, name, split or "train"))
-    raise ConfigError(f"data {spec!r}: unknown source {kind!r}; use embedded, instructions:PATH, text:PATH or "
-                      f"hf:NAME[:SPLIT]")
+    raise ConfigError(f"data {spec!r}: unknown source {kind!r}; use embedded, chatterbot[:DIR], instructions:PATH, "
+                      f"text:PATH or hf:NAME[:SPLIT]")
 
 
 def _finish(src: Source) -> Source:

@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DataError
-from .common import Rejection
+from editdecay.core.errors import DataError
+from editdecay.data.common import Rejection
 
 
 @dataclass(frozen=True)

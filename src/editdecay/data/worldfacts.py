@@ -66,9 +66,9 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Sequence
 
-from ..errors import DataError
-from ..request import EditRequest, fill
-from .common import EditDataset, Rejection, finish, validate_request
+from editdecay.core.errors import DataError
+from editdecay.core.request import EditRequest, fill
+from editdecay.data.common import EditDataset, Rejection, finish, validate_request
 
 NAME = "worldfacts"
 RULE = "known-v1"
@@ -232,8 +232,8 @@ def judge(model, tokenizer, facts: Sequence[Fact], candidates: Sequence[str], *,
     """Apply rule `known-v1` to `facts` (all of one relation) against `candidates`."""
     import torch
 
-    from ..metrics import score_continuations
-    from ..tokens import encode_prompt, encode_target, pad_batch, pad_id
+    from editdecay.core.scoring import score_continuations
+    from editdecay.core.tokens import encode_prompt, encode_target, pad_batch, pad_id
 
     if len({f.relation for f in facts}) > 1:
         raise ValueError("judge: facts must share one relation")

@@ -35,10 +35,10 @@ import json
 import re
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..request import EditRequest
-from .common import EditDataset, Rejection, _norm, finish, validate_request
-from .records import record_problem, read_records, text_field
+from editdecay.core.errors import ConfigError
+from editdecay.core.request import EditRequest
+from editdecay.data.common import EditDataset, Rejection, _norm, finish, validate_request
+from editdecay.data.records import record_problem, read_records, text_field
 
 TARGETS = ("answers", "alt")
 

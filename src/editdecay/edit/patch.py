@@ -87,6 +87,33 @@ class EditPatch:
         finally:
             handle.revert()
 
+    def check_model(self, identity, *, allow_foreign: bool = False, where: str = "patch") -> dict:
+        """The one rule for applying a patch to a loaded model (eval-edits, finetune, demo, report).
+
+        `identity`: the `ModelIdentity` of the model about to receive the patch. A patch is *foreign*
+        when the weights it was computed on (its recorded fingerprint) differ from the model's, or
+        when it records none. Same shapes do not make the same model: a foreign patch raises
+        ConfigError naming both fingerprints, unless `allow_foreign` (the CLI's --allow-foreign-patch).
+        Returns what results record: both fingerprints, `foreign` and `allowed`.
+        """
+        made_on = (self.model_identity or {}).get("fingerprint")
+        got = identity.fingerprint
+        foreign = made_on != got
+        record = {"patch_model_fingerprint": made_on, "model_fingerprint": got, "foreign": foreign,
+                  "allowed_foreign": bool(foreign and allow_foreign)}
+        if foreign and not allow_foreign:
+            mine = self.model_identity or {}
+            if made_on is None:
+                why = "records no model fingerprint, so the weights it was computed on cannot be checked"
+            else:
+                why = (f"was computed on weights {made_on} ({mine.get('name', '?')}, {mine.get('dtype', '?')}), "
+                       f"but model {identity.name!r} ({identity.dtype}) holds weights {got}")
+                if mine.get("dtype") and mine.get("dtype") != identity.dtype:
+                    why += f"; the dtypes differ: load the model with --dtype {mine['dtype']}"
+            raise ConfigError(f"{where} {why}. Applying it to other weights gives meaningless results; pass "
+                              f"--allow-foreign-patch to apply it anyway (both fingerprints are then recorded)")
+        return record
+
     def norms(self) -> dict[str, float]:
         return {k: float(v.float().norm()) for k, v in self.deltas.items()}
 

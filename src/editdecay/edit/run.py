@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from editdecay.core.arch import arch_for, as_out_in, check_layers, get_module
+from editdecay.core.arch import arch_for, as_out_in, check_layers, get_module, resolve_name
 from editdecay.edit.context import context_templates
 from editdecay.core.errors import DataError
 from editdecay.edit.keys import block_outputs_at_subject, compute_keys
@@ -60,7 +60,7 @@ class EditingRun:
         model = lm.model
         self.spec = arch_for(model)
         self.layers = check_layers(model, list(self.cfg.layers), field="layers")
-        self.names = {l: self.spec.mlp_out_name(l) for l in self.layers}
+        self.names = {l: resolve_name(model, self.spec.mlp_out_name(l)) for l in self.layers}   # patch keys
         self.originals = {n: get_module(model, n).weight.detach().clone() for n in self.names.values()}
         self.accum = {n: torch.zeros_like(w, dtype=torch.float64) for n, w in self.originals.items()}
         self.requests: list[EditRequest] = []
@@ -68,6 +68,7 @@ class EditingRun:
         self.progress = progress
         self.target_log: list[dict] = []
         with self.timer("context"):
+            # Grouped by context type (E2): [("{}",), (<sampled prefixes>)]; recorded in the patch.
             self.templates = context_templates(model, lm.tokenizer, n=self.cfg.n_context_templates,
                                                length=self.cfg.context_length, seed=self.cfg.seed)
 
@@ -116,7 +117,7 @@ class EditingRun:
             deltas={n: self._stored_delta(n).cpu() for n in self.names.values()},
             layers=self.layers, editor=self.solver.name, config=self.cfg.model_dump(mode="json"),
             requests=tuple(self.requests), model_identity=self.lm.identity.to_dict(),
-            extra={"timings": dict(self.timer.seconds), "context_templates": list(self.templates),
+            extra={"timings": dict(self.timer.seconds), "context_templates": self.templates.to_dict(),
                    "targets": self.target_log, **(extra or {})},
         )
 

@@ -33,7 +33,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from editdecay.core.arch import arch_for, check_layers
+from editdecay.core.arch import arch_for, check_layers, resolve_name
 from editdecay.core.cache import Cache, atomic_write_bytes, stable_hash
 from editdecay.data.corpus import CorpusSpec, iter_token_chunks
 from editdecay.core.errors import ConfigError, DataError
@@ -164,7 +164,7 @@ def accumulate_second_moments(lm: LoadedModel, layers: tuple[int, ...], chunks: 
     model = lm.model
     spec = arch_for(model)
     layers = tuple(sorted(set(layers)))          # the stop hook goes on the deepest one
-    names = [spec.mlp_out_name(l) for l in layers]
+    names = [resolve_name(model, spec.mlp_out_name(l)) for l in layers]
     device = next(model.parameters()).device
     pad = pad_id(lm.tokenizer) if lm.tokenizer is not None else 0
     sums: dict[int, torch.Tensor] = {}
@@ -211,8 +211,8 @@ def second_moments(lm: LoadedModel, layers: Iterable[int], *, corpus: CorpusSpec
     spec = arch_for(model)
     corpus_identity = corpus.identity(lm)
     corpus_hash = stable_hash(corpus_identity)
-    keys = {l: StatsKey(model=lm.identity.fingerprint, family=spec.family, layer=l, module=spec.mlp_out_name(l),
-                        corpus=corpus_hash, n_tokens=n_tokens, dtype=dtype) for l in layers}
+    keys = {l: StatsKey(model=lm.identity.fingerprint, family=spec.family, layer=l,
+                        module=resolve_name(model, spec.mlp_out_name(l)), corpus=corpus_hash, n_tokens=n_tokens, dtype=dtype) for l in layers}
 
     moments: dict[int, torch.Tensor] = {}
     used: dict[int, int] = {}

@@ -24,6 +24,7 @@ from editdecay.core.arch import arch_for, unembed_module
 from editdecay.core.hooks import edit_output
 from editdecay.core.request import EditRequest
 from editdecay.core.tokens import encode_subject_prompt, encode_target, pad_id
+from editdecay.edit.context import ContextTemplates
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,14 @@ class _Row:
     bare: bool = False       # the template "{}" without a context prefix (h_i is read here)
 
 
-def _rows(tokenizer, requests: list[EditRequest], templates: tuple[str, ...], kl_prompt: str) -> list[_Row]:
+def flat_templates(templates: ContextTemplates | tuple[str, ...]) -> tuple[str, ...]:
+    """E3 sees every rendered prompt with equal weight: the templates of all context types, in order."""
+    return templates.flat if isinstance(templates, ContextTemplates) else tuple(templates)
+
+
+def _rows(tokenizer, requests: list[EditRequest], templates: ContextTemplates | tuple[str, ...],
+          kl_prompt: str) -> list[_Row]:
+    templates = flat_templates(templates)
     rows = []
     for i, r in enumerate(requests):
         tgt = encode_target(tokenizer, r.target_new)
@@ -171,9 +179,12 @@ def _detach_cache(cache) -> None:
         cache.value_cache = [v.detach() for v in cache.value_cache]
 
 
-def compute_targets(model, tokenizer, requests: list[EditRequest], templates: tuple[str, ...],
+def compute_targets(model, tokenizer, requests: list[EditRequest], templates: ContextTemplates | tuple[str, ...],
                     cfg: TargetSettings, *, progress: bool = True) -> TargetResult:
     """Optimise one delta per request (E3), `cfg.batch_size` requests at a time.
+
+    The NLL is a plain mean over all rendered prompts (every template of every context
+    type weighs the same, as in memit `compute_z`), unlike E2's two-level key average.
     The model's requires_grad flags are restored afterwards."""
     flags = {p: p.requires_grad for p in model.parameters()}
     try:

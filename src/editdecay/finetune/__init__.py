@@ -11,14 +11,15 @@
 - `run`        one experiment end to end, writing result.json
 """
 
-from .callback import DecayCallback
-from .data import InstructionRecord, Source, TrainingSet, load_source, tokenize
-from .decay import edit_flip_ratio, relative_decrease
-from .recipe import PRESETS, Recipe, preset
-from .run import FinetuneRun, run_finetune
-from .task import EmbeddedTask, exact_match
-from .train import DivergedError, TrainOutcome, train
-from .trainable import TrainingPlan, merge, prepare_model, resolve_plan, trainable_parameter_names
+from editdecay.finetune.callback import DecayCallback
+from editdecay.data.instructions import InstructionRecord, Source, TrainingSet, load_source, tokenize
+from editdecay.measure.decay import edit_flip_ratio, relative_decrease
+from editdecay.finetune.recipe import PRESETS, Recipe, preset
+from editdecay.finetune.run import FinetuneRun, run_finetune
+from editdecay.data.embedded_task import EmbeddedTask
+from editdecay.measure.task import exact_match
+from editdecay.finetune.train import DivergedError, TrainOutcome, train
+from editdecay.finetune.trainable import TrainingPlan, merge, prepare_model, resolve_plan, trainable_parameter_names
 
 __all__ = [
     "DecayCallback", "DivergedError", "EmbeddedTask", "FinetuneRun", "InstructionRecord", "PRESETS", "Recipe",

@@ -4,7 +4,7 @@ The callback evaluates the model in memory at step 0 (the edited model, before
 any training step and before adapters are attached), every `every` optimiser
 steps, and at the last step. No model copies are written: one evaluation is a
 few batched forward passes (E6 scores via `metrics.evaluate_requests`, task
-accuracy via `task.exact_match`). Each point is appended to a JSONL file as it
+scores via `task.exact_match`: exact match, token accuracy, NLL). Each point is appended to a JSONL file as it
 is measured, so an interrupted run still has its curve.
 """
 
@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import ConfigError
-from ..metrics import RequestOutcome, aggregate, evaluate_requests
-from ..request import EditRequest
-from .data import InstructionRecord
-from .task import TaskScore, exact_match
+from editdecay.core.errors import ConfigError
+from editdecay.measure.metrics import RequestOutcome, aggregate, evaluate_requests
+from editdecay.core.request import EditRequest
+from editdecay.data.instructions import InstructionRecord
+from editdecay.measure.task import TaskScore, exact_match
 
 CURVE_KEYS = ("step", "efficacy", "paraphrase", "neighborhood", "task_accuracy")
 
@@ -35,6 +35,7 @@ class DecayCallback:
     template: str = "compact"
     batch_size: int = 32
     path: Path | None = None                      # curve JSONL, appended and flushed per point
+    task_name: str | None = None                  # the held-out task's name (embedded, chatterbot), in the metrics
     points: list[dict] = field(default_factory=list)
     outcomes: dict[int, list[RequestOutcome]] = field(default_factory=dict)   # step -> per-request outcomes
 
@@ -53,9 +54,8 @@ class DecayCallback:
         agg = aggregate(outcomes)
         point = {
             "step": step, "efficacy": agg["efficacy"], "paraphrase": agg["paraphrase"],
-            "neighborhood": agg["neighborhood"], "task_accuracy": task.accuracy if task else None,
-            "task_prefix_accuracy": task.prefix_accuracy if task else None, "harmonic_mean": agg["harmonic_mean"],
-            "n_requests": agg["n"], "n_task": task.n if task else 0,
+            "neighborhood": agg["neighborhood"], **task_keys(task, self.task_name),
+            "harmonic_mean": agg["harmonic_mean"], "n_requests": agg["n"],
             "eval_seconds": round(time.perf_counter() - t0, 3),
         }
         self.points.append(point)
@@ -69,8 +69,7 @@ class DecayCallback:
     def stage_metrics(self, step: int) -> dict:
         """Metrics of the model at `step` in the stage format of result files: `aggregate` + task keys."""
         point = next(p for p in self.points if p["step"] == step)
-        return {**aggregate(self.outcomes[step]), "task_accuracy": point["task_accuracy"],
-                "task_prefix_accuracy": point["task_prefix_accuracy"], "n_task": point["n_task"]}
+        return {**aggregate(self.outcomes[step]), **{k: point[k] for k in TASK_KEYS}}
 
 
 def measure(model, tokenizer, requests: Sequence[EditRequest], task_records: Sequence[InstructionRecord], *,
@@ -93,7 +92,18 @@ def measure(model, tokenizer, requests: Sequence[EditRequest], task_records: Seq
     return outcomes, task
 
 
-def stage_from(outcomes: Sequence[RequestOutcome], task: TaskScore | None) -> dict:
+def stage_from(outcomes: Sequence[RequestOutcome], task: TaskScore | None, task_name: str | None = None) -> dict:
     """The stage format of result files (`metrics.pre/post/finetuned`): `aggregate` plus task keys."""
-    return {**aggregate(outcomes), "task_accuracy": task.accuracy if task else None,
-            "task_prefix_accuracy": task.prefix_accuracy if task else None, "n_task": task.n if task else 0}
+    return {**aggregate(outcomes), **task_keys(task, task_name)}
+
+
+TASK_KEYS = ("task_accuracy", "task_prefix_accuracy", "task_token_accuracy", "task_nll", "n_task", "task_name")
+
+
+def task_keys(task: TaskScore | None, name: str | None) -> dict:
+    """The held-out task's keys of a curve point / stage (`TASK_KEYS`; None and n_task 0 without a task)."""
+    return {"task_accuracy": task.accuracy if task else None,
+            "task_prefix_accuracy": task.prefix_accuracy if task else None,
+            "task_token_accuracy": task.token_accuracy if task else None,
+            "task_nll": task.nll if task else None, "n_task": task.n if task else 0,
+            "task_name": name if task else None}

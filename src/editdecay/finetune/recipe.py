@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
-from ..errors import ConfigError
+from editdecay.core.errors import ConfigError
 
 Method = Literal["full", "lora", "dora"]
 METHODS = ("full", "lora", "dora")
@@ -31,7 +31,7 @@ TARGET_CHOICES = ("attention", "mlp", "all-linear", "all")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
               "inverse_sqrt")
 TRAIN_DTYPES = ("float32", "bfloat16")
-TEMPLATES = ("alpaca", "compact")   # prompt templates of editdecay.finetune.data
+TEMPLATES = ("alpaca", "compact")   # prompt templates of editdecay.data.instructions
 
 LayerSpec = Union[str, tuple[int, ...]]
 TargetSpec = Union[str, tuple[str, ...]]
@@ -49,7 +49,7 @@ class Recipe:
                            "dora: weight-decomposed low-rank adapters (peft, use_dora=True).", "lora")
     layers: LayerSpec = _help("Which transformer blocks train: all | edited (the layers of the patch under test) | "
                               "non-edited | a tuple of layer indices.", "all")
-    targets: TargetSpec = _help("Which modules of those blocks train, resolved through editdecay.arch: attention | "
+    targets: TargetSpec = _help("Which modules of those blocks train, resolved through editdecay.core.arch: attention | "
                                 "mlp | all-linear (default; includes the edited MLP output projection) | all "
                                 "(method=full only: every parameter of the blocks, and with layers=all also "
                                 "embeddings, final norm and unembedding, as the study's full fine-tuning) | a "

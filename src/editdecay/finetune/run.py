@@ -4,7 +4,7 @@ Stages and what `result.json` calls them (ALGORITHMS.md E6/E7):
 - `metrics.pre`       the unedited base model M0 (only when an edit is applied here: measured before applying it)
 - `metrics.post`      the model as handed to fine-tuning (M_e when edited; step 0 of the curve)
 - `metrics.finetuned` after the last step (M_ef; the last point of the curve)
-With `downstream` tasks (editdecay.downstream, scored through lm-eval on the model in memory), each stage also
+With `downstream` tasks (editdecay.measure.downstream, scored through lm-eval on the model in memory), each stage also
 has `downstream` ({lm-eval task: {metric: value, ..., n}}) and `downstream_score` (mean accuracy, the study's
 DS), and `result.downstream` records the task specs, lm-eval's provenance and the seconds each scoring took.
 The same model objects are scored as the edit metrics: pre before the edit, post before training, finetuned
@@ -34,18 +34,19 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..downstream import DownstreamSpec
-from ..errors import ConfigError
-from ..models import LoadedModel
-from ..request import EditRequest
-from ..results import Timer, environment, write_result
-from .callback import DecayCallback, measure, stage_from
-from .data import Source, tokenize
-from .decay import edit_flip_ratio, relative_decrease, success
-from .recipe import Recipe
-from .task import EmbeddedTask
-from .train import DivergedError, TrainOutcome, train
-from .trainable import changed_tensors, merge, resolve_plan
+from editdecay.measure.downstream import DownstreamSpec
+from editdecay.core.errors import ConfigError
+from editdecay.core.models import LoadedModel
+from editdecay.core.request import EditRequest
+from editdecay.core.results import Timer, environment, write_result
+from editdecay.finetune.callback import DecayCallback, measure, stage_from
+from editdecay.data.instructions import Source, tokenize
+from editdecay.measure.decay import edit_flip_ratio, relative_decrease, success
+from editdecay.finetune.recipe import Recipe
+from editdecay.data.chatterbot import ChatterbotCorpus
+from editdecay.data.embedded_task import EmbeddedTask
+from editdecay.finetune.train import DivergedError, TrainOutcome, train
+from editdecay.finetune.trainable import changed_tensors, merge, resolve_plan
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class FinetuneRun:
 def run_finetune(
     lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *,
     requests: Sequence[EditRequest] = (), edited_layers: tuple[int, ...] | None = None,
-    apply_edit: Callable[[nn.Module], object] | None = None, task: EmbeddedTask | None = None,
+    apply_edit: Callable[[nn.Module], object] | None = None, task: EmbeddedTask | ChatterbotCorpus | None = None,
     eval_every: int = 0, save: str = "auto", overwrite: bool = False, progress: bool = True,
     extra: dict | None = None, downstream: DownstreamSpec | Sequence[str] | None = None,
 ) -> FinetuneRun:
@@ -72,7 +73,8 @@ def run_finetune(
 
     `requests`/`edited_layers`: the edits under test (explicit, so this does not depend on patch internals).
     `apply_edit(model)`: applies the edit in place; when given, `metrics.pre` is the model before it.
-    `task`: the embedded task whose held-out split is scored (None: no task accuracy).
+    `task`: the task whose held-out split is scored (`EmbeddedTask`, `ChatterbotCorpus`: anything with
+    `records() -> (train, test)` and `identity()`; None: no task scores).
     `extra`: recorded as is under `extra` (e.g. patch provenance).
     `downstream`: lm-eval tasks scored pre (with `apply_edit`), post and finetuned (None or empty: none).
     """
@@ -95,8 +97,9 @@ def run_finetune(
              list(plan.layers), len(plan.modules), len(data.examples), data.identity["n_loss_tokens"])
     scorer = _Downstream.load(downstream, timer) if downstream else None   # unknown task / unreadable data: now
     task_records = task.records()[1] if task is not None else ()
+    task_name = task.identity().get("name") if task is not None else None
     callback = DecayCallback(requests, task_records, every=eval_every, template=recipe.template,
-                             path=out / CURVE_FILE)
+                             path=out / CURVE_FILE, task_name=task_name)
     device = next(model.parameters()).device
     result = {
         "kind": "finetune", "status": "running", "model": lm.identity.to_dict(), "recipe": recipe.to_dict(),
@@ -129,7 +132,7 @@ def run_finetune(
         scorer.score("finetuned", outcome.model, tok)
     metrics = {"post": callback.stage_metrics(0), "finetuned": callback.stage_metrics(last)}
     if pre_outcomes is not None:
-        metrics = {"pre": stage_from(pre_outcomes, pre_task), **metrics}
+        metrics = {"pre": stage_from(pre_outcomes, pre_task, task_name), **metrics}
     if scorer is not None:
         for stage in metrics:
             metrics[stage].update(scorer.stage(stage))
@@ -158,7 +161,7 @@ class _Downstream:
 
     @classmethod
     def load(cls, downstream, timer: Timer) -> "_Downstream":
-        from ..downstream import load_tasks
+        from editdecay.measure.downstream import load_tasks
 
         spec = downstream if isinstance(downstream, DownstreamSpec) else DownstreamSpec.parse(downstream)
         with timer("downstream_load"):
@@ -167,7 +170,7 @@ class _Downstream:
                                           "seconds": {}})
 
     def score(self, stage: str, model: nn.Module, tokenizer) -> None:
-        from ..downstream import evaluate_downstream
+        from editdecay.measure.downstream import evaluate_downstream
 
         log.info("downstream (%s): scoring %s", stage, ", ".join(self.loaded.names))
         with self.timer(f"downstream_{stage}"):

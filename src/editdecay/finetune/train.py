@@ -26,12 +26,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import EditDecayError
-from .callback import DecayCallback
-from .data import IGNORE_INDEX, Example, TrainingSet
-from .forward import logits_at
-from .recipe import Recipe
-from .trainable import TrainingPlan, prepare_model, trainable_parameter_names
+from editdecay.core.errors import EditDecayError
+from editdecay.finetune.callback import DecayCallback
+from editdecay.data.instructions import IGNORE_INDEX, Example, TrainingSet
+from editdecay.core.forward import logits_at
+from editdecay.finetune.recipe import Recipe
+from editdecay.finetune.trainable import TrainingPlan, prepare_model, trainable_parameter_names
 
 
 class DivergedError(EditDecayError):
@@ -120,7 +120,7 @@ def train(
     """
     from transformers import get_scheduler
 
-    from ..tokens import pad_id
+    from editdecay.core.tokens import pad_id
 
     device = next(model.parameters()).device
     random.seed(recipe.seed)

@@ -17,9 +17,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..arch import ArchSpec, arch_for, check_layers, get_module, num_layers
-from ..errors import ConfigError
-from .recipe import Recipe
+from editdecay.core.arch import (ArchSpec, alternatives, arch_for, check_layers, get_module, num_layers,
+                                 resolve_name)
+from editdecay.core.errors import ConfigError
+from editdecay.finetune.recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -63,18 +64,26 @@ def resolve_layers(spec, depth: int, edited_layers: tuple[int, ...] | None) -> t
     return tuple(sorted(spec))
 
 
-def resolve_targets(spec, arch: ArchSpec) -> tuple[str, ...]:
-    """`attention | mlp | all-linear | (names)` -> block-relative module names from the architecture table."""
+def resolve_targets(spec, arch: ArchSpec, block: nn.Module | None = None) -> tuple[str, ...]:
+    """`attention | mlp | all-linear | (names)` -> block-relative module names from the architecture table.
+
+    With `block` (a block of the model), table names with alternatives ("a|b") are resolved to the module
+    paths that exist in it (`arch.resolve_name`); peft matches these names literally.
+    """
     if spec == "all":
         return ()
     if isinstance(spec, str):
-        return {"attention": arch.attention, "mlp": arch.mlp, "all-linear": arch.attention + arch.mlp}[spec]
-    known = arch.attention + arch.mlp
-    bad = [t for t in spec if t not in known]
-    if bad:
-        raise ConfigError(f"targets: {bad[0]!r} is not a linear module of a {arch.family} block; valid names: "
-                          f"{', '.join(known)} (or attention | mlp | all-linear)")
-    return tuple(dict.fromkeys(spec))
+        names = {"attention": arch.attention, "mlp": arch.mlp, "all-linear": arch.attention + arch.mlp}[spec]
+    else:
+        known = [a for t in arch.attention + arch.mlp for a in alternatives(t)]
+        bad = [t for t in spec if t not in known]
+        if bad:
+            raise ConfigError(f"targets: {bad[0]!r} is not a linear module of a {arch.family} block; valid names: "
+                              f"{', '.join(known)} (or attention | mlp | all-linear)")
+        names = spec
+    if block is not None:
+        names = [resolve_name(block, n) for n in names]
+    return tuple(dict.fromkeys(names))
 
 
 def wrappable_types() -> tuple[type, ...]:
@@ -98,9 +107,9 @@ def resolve_plan(recipe: Recipe, model: nn.Module, edited_layers: tuple[int, ...
     if edited_layers is not None:
         edited_layers = check_layers(model, list(edited_layers), field="edited_layers")
     layers = resolve_layers(recipe.layers, depth, edited_layers)
-    rel = resolve_targets(recipe.targets, arch)
+    rel = resolve_targets(recipe.targets, arch, get_module(model, arch.block_name(layers[0])) if layers else None)
     whole = recipe.targets == "all"
-    modules = tuple(f"{arch.block_name(l)}.{r}" for l in layers for r in rel)
+    modules = tuple(resolve_name(model, arch.in_block(l, r)) for l in layers for r in rel)
     supported = wrappable_types()
     for name in modules:
         module = get_module(model, name)
@@ -127,7 +136,8 @@ def prepare_model(model: nn.Module, recipe: Recipe, plan: TrainingPlan) -> nn.Mo
         r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
         target_modules=list(plan.relative_targets), layers_to_transform=list(plan.layers),
         # The container of the blocks, e.g. "layers" in "model.layers.{}", "h" in "transformer.h.{}".
-        layers_pattern=arch.block.split(".")[-2], use_dora=recipe.method == "dora",
+        layers_pattern=resolve_name(model, arch.block_name(plan.layers[0])).split(".")[-2],
+        use_dora=recipe.method == "dora",
         fan_in_fan_out=arch.conv1d, bias="none", task_type="CAUSAL_LM",
     )
     torch.manual_seed(recipe.seed)        # adapter initialisation (lora_A is random)
@@ -147,7 +157,10 @@ def _freeze_outside(model: nn.Module, plan: TrainingPlan) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     arch = arch_for(model)
-    roots = [arch.block_name(l) for l in plan.layers] if plan.whole_blocks else list(plan.modules)
+    if plan.whole_blocks:
+        roots = [resolve_name(model, arch.block_name(l)) for l in plan.layers]
+    else:
+        roots = list(plan.modules)
     for name in roots:
         for p in get_module(model, name).parameters():
             p.requires_grad_(True)
@@ -195,8 +208,8 @@ def changed_tensors(model: nn.Module, plan: TrainingPlan) -> dict[str, torch.Ten
         if plan.outside_blocks:
             names = [n for n, _ in model.named_parameters()]
         else:
-            names = [f"{arch.block_name(l)}.{n}" for l in plan.layers for n, _ in
-                     get_module(model, arch.block_name(l)).named_parameters()]
+            blocks = [resolve_name(model, arch.block_name(l)) for l in plan.layers]
+            names = [f"{b}.{n}" for b in blocks for n, _ in get_module(model, b).named_parameters()]
     else:
         names = [f"{m}.{n}" for m in plan.modules for n, _ in get_module(model, m).named_parameters()]
     params = dict(model.named_parameters())

@@ -1,6 +1,6 @@
 """Where stages run: in this process (local), as Ray tasks, or as Slurm job arrays (submitit).
 
-Every backend computes a stage the same way, with `runner.execute_stage(root, stage_id)`
+Every backend computes a stage the same way, with `execute.execute_stage(root, stage_id)`
 in some process that sees the grid directory; locks and atomic publication live
 there, so backends only decide *where* and *when*. A stage is started once all its
 dependencies are finished; a stage whose dependency failed is reported `blocked`
@@ -25,10 +25,10 @@ import math
 import time
 from pathlib import Path
 
-from ..errors import ConfigError
-from .plan import Plan
-from .runner import Progress, StageOutcome, execute_stage
-from .store import GridStore
+from editdecay.core.errors import ConfigError
+from editdecay.grid.plan import Plan
+from editdecay.grid.execute import Progress, StageOutcome, execute_stage
+from editdecay.grid.store import GridStore
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..cache import stable_hash
-from ..errors import ConfigError
-from .spec import EditorEntry, GridSpec, ModelEntry, RecipeEntry
+from editdecay.core.cache import stable_hash
+from editdecay.core.errors import ConfigError
+from editdecay.grid.spec import EditorEntry, GridSpec, ModelEntry, RecipeEntry
 
 PLAN_FORMAT = 1
 ROLE_ORDER = ("stats", "patch", "eval_base", "finetune_base", "eval_finetuned_base", "finetune_edited", "cell")
@@ -175,7 +175,7 @@ def data_digest(spec: str) -> str | None:
 
     kind, _, rest = spec.partition(":")
     if kind in FILE_KINDS and rest:
-        from ..cache import sha256_file
+        from editdecay.core.cache import sha256_file
 
         return sha256_file(Path(rest))[:16] if Path(rest).is_file() else "missing"
     if kind == "worldfacts":
@@ -192,7 +192,7 @@ def data_digest(spec: str) -> str | None:
 
 def check_data_digest(spec: str, planned: str | None) -> None:
     """Raise DataError if the data behind `spec` changed since the plan was made (ids would be stale)."""
-    from ..errors import DataError
+    from editdecay.core.errors import DataError
 
     now = data_digest(spec)
     if planned is not None and now != planned:
@@ -233,7 +233,7 @@ class _Model:
 
 
 def _resolve_model(entry: ModelEntry, base: Path) -> _Model:
-    from ..models import EMBEDDED_NAME
+    from editdecay.core.models import EMBEDDED_NAME
 
     name, family = entry.name, entry.family
     embedded = name == EMBEDDED_NAME
@@ -241,7 +241,7 @@ def _resolve_model(entry: ModelEntry, base: Path) -> _Model:
         name = _resolve_path(name, base)
         cfg = Path(name) / "config.json"
         if family is None and cfg.is_file():
-            from ..arch import arch_for_model_type
+            from editdecay.core.arch import arch_for_model_type
 
             try:
                 model_type = json.loads(cfg.read_text()).get("model_type", "?")
@@ -263,7 +263,7 @@ def _editor_fields(model: _Model, editor: EditorEntry, seed: int, spec: GridSpec
     if model.entry.edit_layers is not None and "layers" not in editor.overrides:
         fields["layers"] = list(model.entry.edit_layers)
     if isinstance(fields.get("layers"), str):
-        from .spec import parse_layer_text
+        from editdecay.grid.spec import parse_layer_text
 
         fields["layers"] = list(parse_layer_text(fields["layers"]))
     for key, value in (("stats_corpus", st.corpus), ("stats_tokens", st.tokens), ("stats_dtype", st.dtype)):
@@ -279,8 +279,8 @@ def _editor_fields(model: _Model, editor: EditorEntry, seed: int, spec: GridSpec
 def _editor_config(model: _Model, editor: EditorEntry, fields: dict, where: str) -> dict | None:
     """The full editor config when the preset is known (validated), else None (resolved when the stage runs).
     Override names and values are validated either way."""
-    from ..editors import make_config
-    from ..editors.presets import preset_for
+    from editdecay.edit import make_config
+    from editdecay.edit.presets import preset_for
 
     try:
         if model.family is None:
@@ -293,7 +293,7 @@ def _editor_config(model: _Model, editor: EditorEntry, fields: dict, where: str)
 
 
 def _recipe(entry: RecipeEntry, index: int, method: str, layers, targets, seed: int, model: _Model):
-    from ..finetune.recipe import preset
+    from editdecay.finetune.recipe import preset
 
     name = entry.preset or ("embedded" if model.embedded else "study")
     chosen = {"layers": layers, "seed": seed, **({"targets": targets} if targets is not None else {})}
@@ -405,7 +405,7 @@ def _downstream_config(spec: GridSpec) -> dict:
     """The finetune stages' downstream keys: the task list with `local:`/`ppl:` paths made absolute and, when
     there are lm-eval tasks, their limit and data digests (a changed corpus or task directory names new
     stages). A grid with only the embedded task keeps exactly the keys (and stage ids) it always had."""
-    from ..downstream.spec import parse_task, task_digest
+    from editdecay.measure.downstream.spec import parse_task, task_digest
 
     tasks = [t if t == "embedded" else parse_task(t, spec.base_dir) for t in spec.shared.downstream]
     lm_tasks = [t for t in tasks if t != "embedded"]

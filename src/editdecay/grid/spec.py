@@ -24,26 +24,27 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from ..errors import ConfigError
+from editdecay.core.errors import ConfigError
 
-# Mirrors of the choices in editdecay.editors / editdecay.finetune.recipe, kept here so that validating a grid
+# Mirrors of the choices in editdecay.edit / editdecay.finetune.recipe, kept here so that validating a grid
 # file imports no torch. `plan.build_plan` checks every entry against the real classes as well.
 EDITOR_NAMES = ("memit", "alphaedit")
 METHODS = ("full", "lora", "dora")
 LAYER_CHOICES = ("all", "edited", "non-edited")
 TARGET_CHOICES = ("attention", "mlp", "all-linear", "all")
 PRESET_NAMES = ("embedded", "study")
-DOWNSTREAM_TASKS = ("embedded",)        # the embedded generated task's held-out split (finetune.task); every
-                                        # other entry is an lm-eval task spec (downstream/spec.py)
+DOWNSTREAM_TASKS = ("embedded", "chatterbot")   # held-out splits scored in the decay curve (measure/task.py): the
+                                                 # embedded generated task, the chatterbot corpus; every other entry
+                                                 # is an lm-eval task spec (measure/downstream/spec.py)
 EDIT_SOURCES = ("worldfacts", "counterfact", "mcf", "multicounterfact", "zsre")
-FINETUNE_SOURCES = ("embedded", "instructions", "text", "hf")
+FINETUNE_SOURCES = ("embedded", "chatterbot", "instructions", "text", "hf")
 STAGE_KINDS = ("stats", "patch", "finetune", "evaluate", "cell")
 
 LayerChoice = Union[str, tuple[int, ...]]
 TargetChoice = Union[str, tuple[str, ...]]
 
 
-from ..layerspec import parse_layer_text  # noqa: E402  (shared with the CLI)
+from editdecay.core.layers import parse_layer_text  # noqa: E402  (shared with the CLI)
 
 
 class _Strict(BaseModel):
@@ -236,17 +237,27 @@ class TaskSettings(_Strict):
     seed: int = Field(0, ge=0)
 
 
+class ChatterbotSettings(_Strict):
+    """The chatterbot corpus (data/chatterbot.py): fine-tuning data `chatterbot` and downstream `chatterbot`."""
+
+    n_test: int = Field(150, ge=1, description="held-out records (whole prompt groups; the rest is training data)")
+    seed: int = Field(0, ge=0, description="seed of the held-out split")
+    strict: bool = Field(False, description="a malformed conversation fails instead of being skipped")
+
+
 class SharedSettings(_Strict):
     statistics: StatisticsSettings = Field(default_factory=StatisticsSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     downstream: list[str] = Field(default_factory=lambda: ["embedded"],
                                   description="downstream tasks scored for M0, M_e, M_f, M_ef: embedded (the "
-                                              "generated task's exact match) and lm-eval tasks: everyday, boolq, "
+                                              "generated task's held-out split) or chatterbot (the chatterbot "
+                                              "corpus' held-out split) and lm-eval tasks: everyday, boolq, "
                                               "piqa, siqa, hellaswag, winogrande, arc-e, arc-c, obqa, "
                                               "lm-eval:NAME, local:DIR, ppl:FILE")
     downstream_limit: int | None = Field(None, ge=1, description="documents per lm-eval task (None: all); the "
                                                                  "first N, the same for every model")
     embedded_task: TaskSettings = Field(default_factory=TaskSettings)
+    chatterbot: ChatterbotSettings = Field(default_factory=ChatterbotSettings)
     device: str = Field("auto", description="auto (cuda when available) | cpu | cuda | cuda:N")
     threads: int | None = Field(None, ge=1, description="torch CPU threads per stage (default: torch's)")
     cache_dir: str | None = Field(None, description="editdecay cache (converted models, E1 statistics); default "
@@ -255,7 +266,7 @@ class SharedSettings(_Strict):
     @field_validator("downstream")
     @classmethod
     def _downstream(cls, v):
-        from ..downstream.spec import VALID_TEXT, parse_task
+        from editdecay.measure.downstream.spec import VALID_TEXT, parse_task
 
         out = []
         for t in v:
@@ -266,12 +277,16 @@ class SharedSettings(_Strict):
                 parse_task(t)          # syntax only; paths resolve against the grid file in plan.build_plan
             except ConfigError as e:
                 if isinstance(t, str) and _suggest(t, DOWNSTREAM_TASKS):
-                    raise ValueError(f"{t!r} is not a valid downstream task; use embedded or one of "
+                    raise ValueError(f"{t!r} is not a valid downstream task; use embedded, chatterbot or one of "
                                      f"{VALID_TEXT}{_suggest(t, DOWNSTREAM_TASKS)}") from None
                 raise ValueError(str(e).replace("downstream task ", "", 1)) from None
             out.append(t.strip())
         if len(set(out)) != len(out):
             raise ValueError(f"{out}: a downstream task is listed twice")
+        held_out = [t for t in out if t in DOWNSTREAM_TASKS]
+        if len(held_out) > 1:
+            raise ValueError(f"{held_out}: one held-out task per grid (the decay curve scores one); keep one of "
+                             f"{' or '.join(held_out)}")
         return out
 
 
@@ -327,7 +342,8 @@ class GridSpec(_Strict):
     n_edits: list[int] = Field(description="numbers of edits, one batch each; 0 means fine-tune only")
     recipes: list[RecipeEntry] = Field(min_length=1)
     finetune_data: list[str] = Field(default_factory=lambda: ["embedded"],
-                                     description="embedded | instructions:PATH | text:PATH | hf:NAME[:SPLIT]")
+                                     description="embedded | chatterbot[:DIR] | instructions:PATH | text:PATH | "
+                                                 "hf:NAME[:SPLIT]")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     shared: SharedSettings = Field(default_factory=SharedSettings)
     resources: ResourceSettings = Field(default_factory=ResourceSettings)
@@ -474,5 +490,5 @@ def load_grid(path: str | Path) -> GridSpec:
 
 __all__ = ["DOWNSTREAM_TASKS", "EDITOR_NAMES", "EditorEntry", "EvaluationSettings", "GridSpec", "LAYER_CHOICES",
            "METHODS", "ModelEntry", "RaySettings", "RecipeEntry", "ResourceSettings", "Resources", "STAGE_KINDS",
-           "SharedSettings", "SlurmSettings", "StatisticsSettings", "TaskSettings", "grid_from_dict", "load_grid",
+           "SharedSettings", "ChatterbotSettings", "SlurmSettings", "StatisticsSettings", "TaskSettings", "grid_from_dict", "load_grid",
            "parse_layer_text"]

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import EditDecayError
-from .plan import Plan, Stage
-from .store import CELL_SCHEMA_VERSION, GridStore
+from editdecay.core.errors import EditDecayError
+from editdecay.grid.plan import Plan, Stage
+from editdecay.grid.store import CELL_SCHEMA_VERSION, GridStore
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +74,13 @@ class StageContext:
         return want
 
     def cache(self):
-        from ..cache import Cache
+        from editdecay.core.cache import Cache
 
         root = self.runtime.get("cache_dir")
         return Cache(Path(root)) if root else Cache.default()
 
     def load_model(self, ref: dict):
-        from ..models import load_model
+        from editdecay.core.models import load_model
 
         return load_model(ref["name"], dtype=ref["dtype"], device=self.device(), cache=self.cache(),
                           trust_remote_code=ref["trust_remote_code"], revision=ref["revision"])
@@ -139,8 +139,8 @@ def _check_model(lm, recorded: dict | None, what: str) -> None:
 
 
 def _editor_config(editor: str, concrete: dict | None, fields: dict | None, lm):
-    from ..editors import make_config
-    from ..pipeline import edit_config
+    from editdecay.edit import make_config
+    from editdecay.edit.workflow import edit_config
 
     if concrete is not None:
         return make_config(editor, **concrete)
@@ -148,8 +148,8 @@ def _editor_config(editor: str, concrete: dict | None, fields: dict | None, lm):
 
 
 def _requests(spec: dict):
-    from ..data import load_edit_data
-    from .plan import check_data_digest
+    from editdecay.data import load_edit_data
+    from editdecay.grid.plan import check_data_digest
 
     check_data_digest(spec["data"], spec.get("digest"))
     ds = load_edit_data(spec["data"], zsre_target=spec["zsre_target"], strict=spec["strict"], limit=spec["n"],
@@ -164,8 +164,8 @@ def _requests(spec: dict):
 
 def run_stats(ctx: StageContext) -> None:
     """E1 statistics of one model and layer set, in the editdecay cache (reused by every editor and cell)."""
-    from ..corpus import parse_corpus
-    from ..stats import second_moments
+    from editdecay.data.corpus import parse_corpus
+    from editdecay.edit.stats import second_moments
 
     c = ctx.config
     lm = ctx.load_model(c["model"])
@@ -187,8 +187,8 @@ def run_stats(ctx: StageContext) -> None:
 
 def run_patch(ctx: StageContext) -> None:
     """E2-E5: edit the base model with the cell's requests; save the patch (the model is then discarded)."""
-    from ..editing import edit_model
-    from ..results import Timer
+    from editdecay.edit.api import edit_model
+    from editdecay.core.results import Timer
 
     c = ctx.config
     stats_out = ctx.store.manifest(ctx.stage.deps[0])["outputs"]
@@ -242,8 +242,8 @@ def apply_finetuned(lm, run_dir: Path):
 
 def run_evaluate(ctx: StageContext) -> None:
     """E6 outcomes of the cell's requests under M0 (config.finetune is None) or M_f (the base + its weights)."""
-    from ..finetune.callback import measure
-    from ..metrics import aggregate
+    from editdecay.finetune.callback import measure
+    from editdecay.measure.metrics import aggregate
 
     c = ctx.config
     ds = _requests(c["requests"])
@@ -270,7 +270,7 @@ def _edited_layers(spec, lm) -> tuple[int, ...] | None:
         return tuple(spec)
     if spec.get("layers"):
         return tuple(spec["layers"])
-    from ..editors.presets import preset_for
+    from editdecay.edit.presets import preset_for
 
     return tuple(preset_for(spec["editor"], lm.identity.family, lm.identity.name)["layers"])
 
@@ -283,10 +283,10 @@ def run_finetune_stage(ctx: StageContext) -> None:
     lm-eval downstream tasks (everything in `downstream` but `embedded`) are scored on the model handed to
     fine-tuning (M0 or M_e) and on the fine-tuned one (M_f or M_ef), in memory.
     """
-    from ..finetune import EmbeddedTask, Recipe, load_source, run_finetune
-    from ..patch import EditPatch
+    from editdecay.finetune import EmbeddedTask, Recipe, load_source, run_finetune
+    from editdecay.edit.patch import EditPatch
 
-    from .plan import check_data_digest
+    from editdecay.grid.plan import check_data_digest
 
     c = ctx.config
     recipe = Recipe.from_dict(c["recipe"])
@@ -319,8 +319,8 @@ def _downstream_spec(c: dict, runtime: dict):
     tasks = [t for t in c["downstream"] if t != "embedded"]
     if not tasks:
         return None
-    from ..downstream import DownstreamSpec, task_digest
-    from ..errors import DataError
+    from editdecay.measure.downstream import DownstreamSpec, task_digest
+    from editdecay.core.errors import DataError
 
     for t in tasks:
         planned, now = (c.get("downstream_digests") or {}).get(t), task_digest(t)
@@ -350,9 +350,9 @@ def _stage_info(store: GridStore, sid: str) -> dict:
 
 def run_cell(ctx: StageContext) -> None:
     """Assemble one cell's result (schema in store.py) from its stages; computes nothing on a model."""
-    from ..finetune.decay import success
-    from ..metrics import RequestOutcome
-    from ..results import environment, write_result
+    from editdecay.measure.decay import success
+    from editdecay.measure.metrics import RequestOutcome
+    from editdecay.core.results import environment, write_result
 
     c = ctx.config
     roles, axes = c["roles"], c["axes"]

@@ -80,9 +80,9 @@ from typing import Iterator
 
 from filelock import FileLock, Timeout
 
-from ..cache import atomic_dir, atomic_write_json
-from ..errors import ConfigError
-from .plan import Plan
+from editdecay.core.cache import atomic_dir, atomic_write_json
+from editdecay.core.errors import ConfigError
+from editdecay.grid.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class GridStore:
         Stages are run against a plan id, so a runner keeps its own plan even if another grid is started
         in the same directory meanwhile. Returns the plan id.
         """
-        from ..cache import atomic_write_bytes, stable_hash
+        from editdecay.core.cache import atomic_write_bytes, stable_hash
 
         self.root.mkdir(parents=True, exist_ok=True)
         for sub in ("stages", "results", "logs", "plans"):
@@ -269,7 +269,7 @@ class GridStore:
         target = self.result_path(cell_id)
         src = self.stage_dir(cell.stages["cell"]) / "result.json"
         if not target.is_file() or target.stat().st_size != src.stat().st_size:
-            from ..cache import atomic_write_bytes
+            from editdecay.core.cache import atomic_write_bytes
 
             atomic_write_bytes(target, src.read_bytes())
         return True
@@ -343,7 +343,7 @@ class GridStore:
         if not rows:
             return None
         df = pd.DataFrame(rows)
-        from ..cache import atomic_write_bytes
+        from editdecay.core.cache import atomic_write_bytes
 
         atomic_write_bytes(self.root / "results.csv", df.to_csv(index=False).encode())
         path = self.root / "results.parquet"

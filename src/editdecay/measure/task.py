@@ -1,9 +1,20 @@
-"""Exact-match scoring of instruction tasks (the embedded task's held-out split).
+"""Scoring of instruction tasks' held-out splits (the embedded task, the chatterbot corpus).
 
-Scoring is token-level exact match under greedy decoding, computed with one
-teacher-forced pass: the reference tokens (response + end token) are the argmax
-at every position. If they are, greedy decoding reproduces exactly that response
-and stops; if one is not, greedy decoding leaves the reference at that token.
+All scores come from one teacher-forced pass over prompt + reference response + end token:
+- `accuracy` (exact match under greedy decoding): the reference tokens are the argmax at every
+  position. If they are, greedy decoding reproduces exactly that response and stops; if one is not,
+  greedy decoding leaves the reference at that token.
+- `prefix_accuracy`: the response tokens are all greedy choices (the model may not stop after them).
+- `token_accuracy`: the fraction of all reference tokens (response + end token, pooled over records)
+  that are the argmax given the reference before them.
+- `nll`: the mean negative log-likelihood of those tokens, in nats per token.
+
+Why more than exact match: the embedded task's answers are one or two tokens, so exact match is the
+natural score. Free-text answers written by people (chatterbot: "Oh, no.  It has plenty of RAM.") are
+almost never reproduced word for word by any model, before or after fine-tuning, so exact match sits near
+0 and cannot show a change; token accuracy moves with every token the model learns to predict and stays
+a percentage (comparable across checkpoints and with the edit scores); NLL is the unbounded, smooth
+counterpart (the training loss on held-out data).
 """
 
 from __future__ import annotations
@@ -23,6 +34,8 @@ class TaskScore:
     accuracy: float          # exact match: response tokens and the end token are all greedy choices
     prefix_accuracy: float   # the response tokens are greedy choices (the model may not stop after them)
     n: int
+    token_accuracy: float | None = None   # greedy-choice fraction of all reference tokens (pooled)
+    nll: float | None = None              # mean NLL of the reference tokens, nats per token
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -31,7 +44,8 @@ class TaskScore:
 @torch.no_grad()
 def exact_match(model, tokenizer, records: Sequence[InstructionRecord], *, template: str = "compact",
                 batch_size: int = 32) -> TaskScore:
-    """Greedy exact-match accuracy of `records`, by one teacher-forced pass per batch (see module docstring).
+    """Exact match, prefix match, token accuracy and NLL of `records`, by one teacher-forced pass per batch
+    (see module docstring).
 
     Uses the same prompt rendering and response tokenisation as training (`data.render_prompt`), so what is
     scored is exactly what was trained. Padding is on the right; positions are implicit (0..T-1 per row).
@@ -45,7 +59,8 @@ def exact_match(model, tokenizer, records: Sequence[InstructionRecord], *, templ
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    hits = prefix_hits = 0
+    hits = prefix_hits = token_hits = n_tokens = 0
+    nll_sum = 0.0
     try:
         for start in range(0, len(seqs), batch_size):
             chunk = seqs[start:start + batch_size]
@@ -53,10 +68,15 @@ def exact_match(model, tokenizer, records: Sequence[InstructionRecord], *, templ
             select = torch.zeros_like(batch.input_ids, dtype=torch.bool)    # (B, T) positions predicting t
             for row, (p, t) in enumerate(chunk):
                 select[row, len(p) - 1:len(p) - 1 + len(t)] = True
-            pred = logits_at(model, batch.input_ids, batch.attention_mask, select).argmax(-1).cpu()  # (N,)
+            logits = logits_at(model, batch.input_ids, batch.attention_mask, select).float()    # (N, V)
+            targets = torch.tensor([x for _, t in chunk for x in t], device=logits.device)     # (N,)
+            nll_sum += float(-torch.log_softmax(logits, -1).gather(1, targets[:, None]).sum())
+            pred = logits.argmax(-1).cpu()                                                     # (N,)
             i = 0
             for p, t in chunk:
                 ok = pred[i:i + len(t)] == torch.tensor(t)
+                token_hits += int(ok.sum())
+                n_tokens += len(t)
                 i += len(t)
                 n_resp = len(t) - (1 if eos is not None else 0)
                 prefix_hits += bool(ok[:n_resp].all())
@@ -64,4 +84,5 @@ def exact_match(model, tokenizer, records: Sequence[InstructionRecord], *, templ
     finally:
         model.train(was_training)
     n = len(seqs)
-    return TaskScore(hits / n if n else 0.0, prefix_hits / n if n else 0.0, n)
+    return TaskScore(hits / n if n else 0.0, prefix_hits / n if n else 0.0, n,
+                     token_hits / n_tokens if n_tokens else None, nll_sum / n_tokens if n_tokens else None)

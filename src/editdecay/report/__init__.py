@@ -6,7 +6,7 @@ from per-request rows, checked against the stored numbers), analysis (both toget
 build (`build_report`), activation (optional, loads models).
 """
 
-from .build import Report, build_report
-from .records import CellRecord, RequestRecord, ResultsSet, load_results
+from editdecay.report.build import Report, build_report
+from editdecay.report.records import CellRecord, RequestRecord, ResultsSet, load_results
 
 __all__ = ["CellRecord", "Report", "RequestRecord", "ResultsSet", "build_report", "load_results"]

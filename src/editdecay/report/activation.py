@@ -34,10 +34,10 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .analysis import Analysis
-from .figures import FigureRecord, _empty, _figure, _save
-from .records import CellRecord
-from .table import Column, Table, make_table
+from editdecay.report.analysis import Analysis
+from editdecay.report.figures import FigureRecord, _empty, _figure, _save
+from editdecay.report.records import CellRecord
+from editdecay.report.table import Column, Table, make_table
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class CellShift:
 @torch.no_grad()
 def last_token_states(model, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
     """(P, L, d) hidden states at each prompt's last token after every block (float32, CPU)."""
-    from ..tokens import encode_prompt
+    from editdecay.core.tokens import encode_prompt
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     was_training = base.training
@@ -101,8 +101,8 @@ def shifts(states: dict[str, torch.Tensor], cell: str, prompts: str) -> list[Shi
 
 
 def _task_prompts(result: dict) -> list[str]:
-    from ..finetune.data import load_source, render_prompt
-    from ..finetune.task import EmbeddedTask
+    from editdecay.data.instructions import load_source, render_prompt
+    from editdecay.data.embedded_task import EmbeddedTask
 
     cfg = result.get("config") or {}
     template = (cfg.get("recipe") or {}).get("template", "alpaca")
@@ -119,12 +119,12 @@ def _task_prompts(result: dict) -> list[str]:
 def cell_shift(a: Analysis, cell: CellRecord, *, cache_dir=None, device: str = "cpu",
                progress: bool = False) -> CellShift:
     """Rebuild the four models of one cell and measure their hidden-state shifts (see module docstring)."""
-    from ..cache import Cache
-    from ..finetune import Recipe, load_source, run_finetune
-    from ..finetune.task import EmbeddedTask
-    from ..grid.stages import apply_finetuned, seed_everything    # the loader the grid's evaluate stage uses
-    from ..models import load_model
-    from ..patch import EditPatch
+    from editdecay.core.cache import Cache
+    from editdecay.finetune import Recipe, load_source, run_finetune
+    from editdecay.data.embedded_task import EmbeddedTask
+    from editdecay.grid.stages import apply_finetuned, seed_everything    # the loader the grid's evaluate stage uses
+    from editdecay.core.models import load_model
+    from editdecay.edit.patch import EditPatch
 
     result = cell.result
     root = a.results.root

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-from .downstream import downstream_score, downstream_scores
-from .measures import CellMeasures, cell_measures, check_stored
-from .records import CellRecord, ResultsSet
+from editdecay.report.downstream import downstream_score, downstream_scores
+from editdecay.report.measures import CellMeasures, cell_measures, check_stored
+from editdecay.report.records import CellRecord, ResultsSet
 
 # Axes that identify one edit (the same patch, hence the same requests) apart from the fine-tuning recipe.
 EDIT_AXES = ("model_label", "editor", "edit_data_label", "n_edits", "finetune_data_label", "seed")

@@ -22,35 +22,18 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .analysis import Analysis, analyse
-from .figures import FigureRecord, decay_curves, downstream_bars, editor_decay_by_n, request_survival, \
+from editdecay.report.analysis import Analysis, analyse
+from editdecay.report.document import Report
+from editdecay.report.figures import FigureRecord, decay_curves, downstream_bars, editor_decay_by_n, request_survival, \
     survival_heatmap
-from .records import load_results
-from .render import render_html, render_markdown, report_json
-from .significance import paired_comparisons, significance_table
-from .survival import request_frame, survival_requests, survival_summary
-from .table import Column, Table, make_table
-from .tables import all_tables
+from editdecay.report.records import load_results
+from editdecay.report.render import render_html, render_markdown, report_json
+from editdecay.report.significance import paired_comparisons, significance_table
+from editdecay.report.survival import request_frame, survival_requests, survival_summary
+from editdecay.report.table import Column, Table, make_table
+from editdecay.report.tables import all_tables
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Report:
-    analysis: Analysis
-    tables: tuple[Table, ...]
-    figures: tuple[FigureRecord, ...]
-    missing: Table
-    summary: tuple[str, ...]
-    created: str
-    version: str
-    files: dict = field(default_factory=dict)      # what was written: name -> path
-
-    def table(self, key: str) -> Table:
-        for t in (self.missing, *self.tables):
-            if t.key == key:
-                return t
-        raise KeyError(f"no table {key!r}; tables: {', '.join(t.key for t in self.tables)}")
 
 
 def missing_table(a: Analysis) -> Table:
@@ -93,8 +76,8 @@ def build_report(results_dir: str | Path, out_dir: str | Path, *, frequencies: b
                  activation_shift: bool = False, activation_cells: int | None = None,
                  cache_dir: str | Path | None = None, device: str = "cpu", progress: bool = True) -> Report:
     """Read `results_dir`, write the report into `out_dir` (created), return what was written."""
-    from ..cache import atomic_write_bytes
-    from .frequency import TargetFrequencies
+    from editdecay.core.cache import atomic_write_bytes
+    from editdecay.report.frequency import TargetFrequencies
 
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
@@ -119,7 +102,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path, *, frequencies: b
                downstream_bars(a, fig_dir / "downstream.png")]
     steps.update()
     if activation_shift:
-        from .activation import activation_figure, activation_shift_table, measure_activation_shift
+        from editdecay.report.activation import activation_figure, activation_shift_table, measure_activation_shift
 
         shifts = measure_activation_shift(a, cache_dir=cache_dir or results.runtime.get("cache_dir"),
                                           device=device, max_cells=activation_cells, progress=progress)

@@ -17,9 +17,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .analysis import Analysis, axis
-from .downstream import EMBEDDED, downstream_score, downstream_scores
-from .records import MODELS, SCORE_ABBR, SCORES, CellRecord
+from editdecay.report.analysis import Analysis, axis
+from editdecay.report.downstream import EMBEDDED, downstream_score, downstream_scores
+from editdecay.report.records import MODELS, SCORE_ABBR, SCORES, CellRecord
 
 DPI = 110
 MAX_CURVES = 12        # more cells than this: decay curves are averaged per editor x recipe

@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .records import CellRecord
+from editdecay.report.records import CellRecord
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class TargetFrequencies:
     """Counts of edit targets per cell; sources that cannot be read are reported, not raised."""
 
     def __init__(self, results_root: Path, cache_dir: str | Path | None = None):
-        from ..cache import Cache
+        from editdecay.core.cache import Cache
 
         self.root = Path(results_root)
         self.cache = Cache(Path(cache_dir)) if cache_dir else Cache.default()
@@ -116,7 +116,7 @@ class TargetFrequencies:
         try:
             from transformers import AutoTokenizer
 
-            from ..models import EMBEDDED_NAME, resolve_source
+            from editdecay.core.models import EMBEDDED_NAME, resolve_source
 
             if not (source and Path(source).is_dir()):
                 source = resolve_source(name, self.cache) if name == EMBEDDED_NAME else name
@@ -138,7 +138,7 @@ class TargetFrequencies:
             log.debug("%s: no requests in %s (%s); loading the edit data", cell.label, path, e)
         spec = ((cell.result or {}).get("config") or {}).get("requests") or {}
         try:
-            from ..data import load_edit_data
+            from editdecay.data import load_edit_data
 
             ds = load_edit_data(spec["data"], zsre_target=spec.get("zsre_target", "answers"),
                                 strict=spec.get("strict", False), limit=spec["n"], seed=spec.get("seed"))
@@ -156,8 +156,8 @@ class TargetFrequencies:
         if key not in self._streams:
             name = f"fine-tuning data {spec}"
             try:
-                from ..finetune.data import load_source, tokenize
-                from ..finetune.task import EmbeddedTask
+                from editdecay.data.instructions import load_source, tokenize
+                from editdecay.data.embedded_task import EmbeddedTask
 
                 source = load_source(spec, task=EmbeddedTask(**task) if task else None)
                 ts = tokenize(source, tok, cutoff_len=recipe["cutoff_len"], template=recipe.get("template", "alpaca"),
@@ -168,7 +168,7 @@ class TargetFrequencies:
         return self._streams[key]
 
     def corpus_stream(self, cell: CellRecord, tok) -> TokenStream:
-        from ..corpus import CorpusSpec, parse_corpus
+        from editdecay.data.corpus import CorpusSpec, parse_corpus
 
         result = cell.result or {}
         editor = (result.get("config") or {}).get("editor") or {}
@@ -215,11 +215,11 @@ class TargetFrequencies:
                 yield chunk
 
         if spec.kind == "generated":
-            from ..corpus import cached_generated_chunks      # the cached batches, read without a model
+            from editdecay.data.corpus import cached_generated_chunks      # the cached batches, read without a model
 
             return _stream(name, cut(cached_generated_chunks(spec, str(fingerprint), self.cache)))
         if spec.kind == "file":
-            from ..corpus import document_chunks   # the same document splitting E1 used
+            from editdecay.data.corpus import document_chunks   # the same document splitting E1 used
 
             return _stream(name, cut(document_chunks(spec, tok, len(tok))))
         return TokenStream(name, None, 0, "a hub corpus is not read by the report (it would need the network)")
@@ -228,7 +228,7 @@ class TargetFrequencies:
 
     def counts(self, cell: CellRecord) -> dict[str, TargetCount]:
         """case_id -> counts of its target in the cell's fine-tuning data and statistics corpus."""
-        from ..tokens import encode_target
+        from editdecay.core.tokens import encode_target
 
         targets = self.targets(cell)
         tok = self.tokenizer(cell) if targets else None

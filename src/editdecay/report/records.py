@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from ..errors import ConfigError
+from editdecay.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class ResultsSet:
 
 def load_results(root: str | Path) -> ResultsSet:
     """Read a grid output directory (`editdecay grid run --out DIR`) into a `ResultsSet`."""
-    from ..grid.store import GridStore
+    from editdecay.grid.store import GridStore
 
     root = Path(root)
     if not root.is_dir():

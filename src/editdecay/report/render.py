@@ -16,12 +16,9 @@ from __future__ import annotations
 import base64
 import html
 import json
-from typing import TYPE_CHECKING
 
-from .table import Missing, Table, format_value
-
-if TYPE_CHECKING:
-    from .build import Report
+from editdecay.report.document import Report
+from editdecay.report.table import Missing, Table, format_value
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1400px;
@@ -92,7 +89,7 @@ def html_table(t: Table) -> str:
     return "\n".join(out)
 
 
-def render_html(report: "Report") -> str:
+def render_html(report: Report) -> str:
     rs = report.analysis.results
     counts = rs.counts()
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -162,7 +159,7 @@ def md_table(t: Table) -> str:
     return "\n".join(lines + [""])
 
 
-def render_markdown(report: "Report", figure_dir: str = "figures") -> str:
+def render_markdown(report: Report, figure_dir: str = "figures") -> str:
     rs = report.analysis.results
     counts = rs.counts()
     out = [f"# Edit decay report: grid {rs.grid}", "",
@@ -187,7 +184,7 @@ def render_markdown(report: "Report", figure_dir: str = "figures") -> str:
     return "\n".join(out) + "\n"
 
 
-def report_json(report: "Report") -> str:
+def report_json(report: Report) -> str:
     """The tables' raw values (Missing as {"missing": state}) and the checks, for other tools."""
     def enc(v):
         return {"missing": v.state} if isinstance(v, Missing) else v

@@ -27,9 +27,9 @@ from itertools import combinations
 from statistics import median
 from typing import Sequence
 
-from .analysis import Analysis, axis, key_of
-from .records import CellRecord, RequestRecord
-from .table import Column, Table, make_table
+from editdecay.report.analysis import Analysis, axis, key_of
+from editdecay.report.records import CellRecord, RequestRecord
+from editdecay.report.table import Column, Table, make_table
 
 
 @dataclass(frozen=True)

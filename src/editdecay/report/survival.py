@@ -23,10 +23,10 @@ from statistics import mean
 
 import pandas as pd
 
-from .analysis import Analysis, axis
-from .frequency import TargetFrequencies
-from .significance import mann_whitney
-from .table import Column, Table, make_table
+from editdecay.report.analysis import Analysis, axis
+from editdecay.report.frequency import TargetFrequencies
+from editdecay.report.significance import mann_whitney
+from editdecay.report.table import Column, Table, make_table
 
 AXES = ("model_label", "editor", "edit_data_label", "n_edits", "recipe", "method", "layers", "finetune_data_label",
         "seed")

@@ -20,11 +20,11 @@ from __future__ import annotations
 from statistics import mean
 from typing import Callable
 
-from .analysis import AXIS_TITLES, EDIT_AXES, Analysis, axis, key_of
-from .downstream import EMBEDDED, downstream_score, downstream_scores, is_error_metric, is_fraction, \
+from editdecay.report.analysis import AXIS_TITLES, EDIT_AXES, Analysis, axis, key_of
+from editdecay.report.downstream import EMBEDDED, downstream_score, downstream_scores, is_error_metric, is_fraction, \
     primary_metric
-from .records import MODELS, SCORE_ABBR, SCORES, CellRecord
-from .table import Column, Missing, Table, make_table
+from editdecay.report.records import MODELS, SCORE_ABBR, SCORES, CellRecord
+from editdecay.report.table import Column, Missing, Table, make_table
 
 
 def _missing(cell: CellRecord) -> Missing:

@@ -1,0 +1,233 @@
+"""`chatterbot`: human-written question/answer pairs for fine-tuning, with a held-out split, offline.
+
+Source: the English part of the PyPI package `chatterbot-corpus` (licence BSD-3-Clause; the package
+classifies itself "OSI Approved :: BSD License", the upstream repository gunthercox/chatterbot-corpus
+ships the BSD-3-Clause text). It is user-contributed YAML, one file per topic (trivia, history, science,
+literature, computers, coding, emotion, ...):
+
+    categories: [trivia]
+    conversations:
+    - - Who was the 37th President of the United States?
+      - Richard Nixon
+
+Why this source: the study fine-tunes on instruction text written by people (Commonsense170K, PROTOCOL.md);
+the embedded generated task shares nothing with language about the world. This package installs from
+the package index like every other dependency, so a fresh clone has it with no download at run time.
+
+Records. Every consecutive pair of turns (turn j, turn j+1) of a conversation becomes one instruction
+record {instruction: turn j, input: "", output: turn j+1}. Exact duplicate (instruction, output) pairs are
+kept once (the package repeats some lines many times; duplicates would also leak between the splits).
+Turns that YAML reads as numbers (an unquoted ``- 1963``) are kept as their text.
+
+Held-out split (`records()` -> (train, test)). Records are grouped by their normalised prompt (casefolded,
+whitespace collapsed, trailing ``?.!`` dropped), so a prompt with several answers ("Tell me a joke", 30
+answers) is wholly in one split: the splits share no prompt. Groups are shuffled with a seeded
+`random.Random` and taken into the held-out split while they fit, until it has exactly `n_test` records.
+
+Bad data. A file that is not YAML, or has no `conversations` list, is a `DataError` naming the file. A
+conversation that is not a list of at least two texts is a bad record: with `strict=True` a `DataError`
+names the file, conversation index and turn (first 5 shown); by default it is skipped, logged, and listed
+under `skipped` in the identity (the package's own trivia.yml has one such conversation: a single string
+"question - 'answer'" instead of a two-turn list).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from editdecay.core.errors import ConfigError, DataError
+from editdecay.data.prompts import InstructionRecord
+
+log = logging.getLogger(__name__)
+
+NAME = "chatterbot"
+LICENCE = "BSD-3-Clause"
+PACKAGE = "chatterbot-corpus"
+SPLIT_VERSION = 1
+LANGUAGE = "english"
+
+
+def package_root() -> Path:
+    """The English YAML directory of the installed `chatterbot-corpus` package."""
+    try:
+        from chatterbot_corpus.corpus import DATA_DIRECTORY
+    except ModuleNotFoundError:
+        raise ConfigError("data 'chatterbot' needs the chatterbot-corpus package: pip install chatterbot-corpus "
+                          "(a dependency of editdecay; reinstall with pip install -e .)") from None
+    return Path(DATA_DIRECTORY) / LANGUAGE
+
+
+def package_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(PACKAGE)
+    except PackageNotFoundError:
+        return None
+
+
+def yaml_files(root: Path) -> list[Path]:
+    """The corpus files of `root` (*.yml, *.yaml), sorted by name; ConfigError when there are none."""
+    if not root.is_dir():
+        raise ConfigError(f"data 'chatterbot:{root}': {root} is not a directory; give a directory of "
+                          f"chatterbot-corpus YAML files, or plain 'chatterbot' for the installed package")
+    files = sorted(p for p in root.iterdir() if p.suffix in (".yml", ".yaml") and p.is_file())
+    if not files:
+        raise ConfigError(f"data 'chatterbot:{root}': no .yml/.yaml files in {root}")
+    return files
+
+
+def files_digest(root: Path) -> str:
+    """Content hash of a corpus directory (file names and bytes), 16 hex digits: part of the grid's stage ids."""
+    h = hashlib.sha256()
+    for p in yaml_files(root):
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    records: tuple[InstructionRecord, ...]      # deduplicated, in file / conversation / turn order
+    n_conversations: int
+    n_pairs: int                                 # before deduplication
+    skipped: tuple[str, ...]                     # "file: conversation i: why"
+    digest: str
+
+
+@functools.lru_cache(maxsize=8)
+def _parse(root: str, strict: bool) -> _Parsed:
+    import yaml
+
+    files = yaml_files(Path(root))
+    records: dict[tuple[str, str], InstructionRecord] = {}
+    problems: list[str] = []
+    n_conv = n_pairs = 0
+    for path in files:
+        try:
+            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: not a valid YAML file ({e})") from None
+        convs = doc.get("conversations") if isinstance(doc, dict) else None
+        if not isinstance(convs, list):
+            raise DataError(f"{path}: expected a mapping with a `conversations` list (chatterbot-corpus format), "
+                            f"got {type(doc).__name__ if not isinstance(doc, dict) else 'no conversations list'}")
+        for i, conv in enumerate(convs):
+            turns, why = _turns(conv)
+            if why:
+                problems.append(f"{path.name}: conversation {i}: {why}")
+                continue
+            n_conv += 1
+            for a, b in zip(turns, turns[1:]):
+                n_pairs += 1
+                records.setdefault((a, b), InstructionRecord(a, "", b))
+    if problems and strict:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise DataError(f"data 'chatterbot' ({root}): {len(problems)} unusable conversation(s){more}:\n  "
+                        + "\n  ".join(problems[:5]))
+    if problems:
+        log.warning("chatterbot corpus %s: skipped %d unusable conversation(s): %s", root, len(problems),
+                    "; ".join(problems[:5]))
+    out = tuple(records.values())
+    if not out:
+        raise DataError(f"data 'chatterbot' ({root}): no usable question/answer pair in {len(files)} file(s)")
+    digest = hashlib.sha256(json.dumps([asdict(r) for r in out]).encode()).hexdigest()[:16]
+    return _Parsed(out, n_conv, n_pairs, tuple(problems), digest)
+
+
+def _turns(conv) -> tuple[list[str], str | None]:
+    """The texts of one conversation, or why it is unusable (a list of >= 2 non-empty texts is required)."""
+    if not isinstance(conv, list):
+        return [], f"expected a list of turns, got {type(conv).__name__} {str(conv)[:60]!r}"
+    if len(conv) < 2:
+        return [], f"has {len(conv)} turn(s); a question/answer pair needs at least 2"
+    out = []
+    for j, t in enumerate(conv):
+        if isinstance(t, bool) or not isinstance(t, (str, int, float)):
+            return [], f"turn {j} is {type(t).__name__}, expected text"
+        text = str(t).strip()
+        if not text:
+            return [], f"turn {j} is empty"
+        out.append(text)
+    return out, None
+
+
+def prompt_key(text: str) -> str:
+    """The grouping key of a prompt for the split: casefolded, whitespace collapsed, trailing ?.! dropped."""
+    return re.sub(r"\s+", " ", text.casefold()).strip().rstrip("?.! ").strip()
+
+
+@dataclass(frozen=True)
+class ChatterbotCorpus:
+    """The chatterbot question/answer records and their held-out split (see module docstring).
+
+    `root`: a directory of chatterbot-format YAML files (None: the installed package's English files).
+    `n_test`: held-out records (exactly; at least one record must stay for training).
+    `strict`: a bad conversation fails instead of being skipped.
+    """
+
+    n_test: int = 150
+    seed: int = 0
+    root: str | None = None
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_test < 1:
+            raise ConfigError(f"chatterbot: n_test={self.n_test}; must be >= 1")
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.root).expanduser().resolve() if self.root else package_root()
+
+    def parsed(self) -> _Parsed:
+        return _parse(str(self.directory), self.strict)
+
+    def records(self) -> tuple[tuple[InstructionRecord, ...], tuple[InstructionRecord, ...]]:
+        """Disjoint (train, test) splits: no normalised prompt is in both; test has exactly `n_test` records."""
+        records = self.parsed().records
+        if self.n_test >= len(records):
+            raise ConfigError(f"chatterbot: n_test={self.n_test} leaves nothing to train on ({len(records)} "
+                              f"records); use n_test <= {len(records) - 1}")
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(records):
+            groups.setdefault(prompt_key(r.instruction), []).append(i)
+        keys = sorted(groups)
+        random.Random(f"editdecay-chatterbot-split-v{SPLIT_VERSION}-{self.seed}").shuffle(keys)
+        test_idx: list[int] = []
+        for k in keys:
+            if len(test_idx) + len(groups[k]) <= self.n_test:
+                test_idx += groups[k]
+            if len(test_idx) == self.n_test:
+                break
+        if len(test_idx) != self.n_test:
+            raise ConfigError(f"chatterbot: cannot hold out exactly n_test={self.n_test} records in whole prompt "
+                              f"groups (got {len(test_idx)}); choose another n_test")
+        held = set(test_idx)
+        train = tuple(r for i, r in enumerate(records) if i not in held)
+        test = tuple(records[i] for i in sorted(held))
+        return train, test
+
+    def identity(self) -> dict:
+        """Name, licence, package version, counts, content hashes: recorded in results and stage configs."""
+        p = self.parsed()
+        train, test = self.records()
+        split = hashlib.sha256(json.dumps([[asdict(r) for r in train], [asdict(r) for r in test]])
+                               .encode()).hexdigest()[:16]
+        return {"name": NAME, "version": SPLIT_VERSION,
+                "licence": LICENCE if self.root is None else None,
+                "package": PACKAGE if self.root is None else None,
+                "package_version": package_version() if self.root is None else None,
+                "language": LANGUAGE if self.root is None else None, "root": self.root,
+                "files_sha256": files_digest(self.directory), "n_conversations": p.n_conversations,
+                "n_pairs": p.n_pairs, "n_duplicates": p.n_pairs - len(p.records), "n_records_total": len(p.records),
+                "n_train": len(train), "n_test": len(test), "seed": self.seed, "strict": self.strict,
+                "skipped": list(p.skipped), "records_sha256": p.digest, "split_sha256": split}
+
+
+__all__ = ["ChatterbotCorpus", "LICENCE", "NAME", "files_digest", "package_root", "prompt_key", "yaml_files"]
