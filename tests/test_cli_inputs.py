@@ -71,3 +71,43 @@ def test_editor_setting_of_the_other_editor_is_refused():
     res = runner.invoke(app, ["edit", "--editor", "memit", "--nullspace-threshold", "0.1", "--out", "x"])
     assert res.exit_code == 2 and "--nullspace-threshold" in _text(res) and "alphaedit" in _text(res)
     assert not Path("x").exists()
+
+
+# --------------------------------------------------------------------------- 2: a patch made on other weights
+
+
+def test_foreign_patch_is_refused_by_every_entry_point_unless_allowed(tmp_path, embedded):
+    """Same shapes, other fingerprint: eval-edits and finetune refuse (exit 2, both fingerprints named,
+    nothing written); --allow-foreign-patch applies it and records both fingerprints."""
+    make_patch(tmp_path / "p", embedded, n=2, fingerprint="0123456789abcdef")
+    mine = embedded.identity.fingerprint
+    out = tmp_path / "post.json"
+    res = runner.invoke(app, ["eval-edits", "--patch", str(tmp_path / "p"), "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    text = _text(res)
+    assert "0123456789abcdef" in text and mine in text and "--allow-foreign-patch" in text
+    assert "Traceback" not in res.output and not out.exists()
+
+    ft_out = tmp_path / "ft"
+    res = runner.invoke(app, ["finetune", "--patch", str(tmp_path / "p"), "--steps", "1", "--task-train", "8",
+                              "--task-test", "4", "--no-progress", "--out", str(ft_out)])
+    assert res.exit_code == 2, res.output
+    assert "0123456789abcdef" in _text(res) and "--allow-foreign-patch" in _text(res)
+    assert not ft_out.exists()
+
+    res = runner.invoke(app, ["eval-edits", "--patch", str(tmp_path / "p"), "--allow-foreign-patch",
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())
+    assert r["patch"]["patch_model_fingerprint"] == "0123456789abcdef"
+    assert r["patch"]["model_fingerprint"] == mine and r["patch"]["foreign"] is True
+    assert r["patch"]["allowed_foreign"] is True
+
+
+def test_own_patch_records_matching_fingerprints(tmp_path, embedded):
+    make_patch(tmp_path / "p", embedded, n=1)
+    out = tmp_path / "post.json"
+    res = runner.invoke(app, ["eval-edits", "--patch", str(tmp_path / "p"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    p = json.loads(out.read_text())["patch"]
+    assert p["foreign"] is False and p["patch_model_fingerprint"] == p["model_fingerprint"]

@@ -298,7 +298,11 @@ def test_cli_scores_downstream_tasks_and_rejects_unknown_ones_before_loading_the
     model = scaled_tiny()
     model.save_pretrained(tmp_path / "model")
     tok().save_pretrained(tmp_path / "model")
-    synthetic_patch(model).save(tmp_path / "patch")
+    from editdecay.core.models import wrap
+
+    patch = synthetic_patch(model)
+    patch.model_identity = wrap(model, tok()).identity.to_dict()    # made on these weights (else: foreign, refused)
+    patch.save(tmp_path / "patch")
     _register()
 
     def invoke(*args):

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from editdecay.cli import _register, app
+from editdecay.core.models import wrap
 from test_finetune_run import synthetic_patch
 from test_finetune_tiny import tiny_model, tok
 
@@ -18,7 +19,9 @@ def saved(tmp_path_factory):
     model = tiny_model("llama")
     model.save_pretrained(root / "model")
     tok().save_pretrained(root / "model")
-    synthetic_patch(model).save(root / "patch")
+    patch = synthetic_patch(model)
+    patch.model_identity = wrap(model, tok()).identity.to_dict()    # made on these weights (else: foreign, refused)
+    patch.save(root / "patch")
     return root
 
 

@@ -51,6 +51,7 @@ def finetune_demo(console, patch_dir: Path, out: Path, *, steps: int | None = No
 
     patch = EditPatch.load(patch_dir)
     lm = load_model("smollm2-135m")
+    patch.check_model(lm.identity, where=f"patch {patch_dir}")
     task = EmbeddedTask(n_test=100)
     recipe = preset("embedded", "lora", **({"max_steps": steps} if steps else {}))
     console.rule("LoRA fine-tuning of the edited model on the embedded task")

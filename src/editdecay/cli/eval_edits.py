@@ -22,6 +22,9 @@ def eval_edits(
     seed: Optional[int] = typer.Option(None, help="seed for the --limit sample"),
     patch: Optional[Path] = typer.Option(None, help="evaluate with this patch (from `editdecay edit --out`) applied; "
                                                      "its own requests are used unless --data is given explicitly"),
+    allow_foreign_patch: bool = typer.Option(False, "--allow-foreign-patch",
+                                             help="apply a patch computed on other weights than --model's "
+                                                  "(refused by default; both fingerprints are recorded)"),
     zsre_target: str = typer.Option("answers", help="zsRE edit target: 'answers' (MEMIT/AlphaEdit) or 'alt' (EasyEdit)"),
     strict: bool = typer.Option(False, help="fail on any rejected record instead of reporting it"),
     batch_size: int = typer.Option(32, help="prompts per forward pass"),
@@ -37,6 +40,7 @@ def eval_edits(
     result = evaluate_stage_result(
         model=model, data=data, limit=limit, seed=seed, patch_dir=patch, zsre_target=zsre_target, strict=strict,
         batch_size=batch_size, dtype=dtype, device=device,
+        allow_foreign_patch=allow_foreign_patch,
     )
     console.print(metrics_table(f"{result['model']['name']} on {result['data']['name']}", result["metrics"]))
     if out:

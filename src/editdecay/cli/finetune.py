@@ -21,13 +21,16 @@ def finetune(
     patch: Optional[Path] = typer.Option(None, help="patch directory (from `editdecay edit --out`): applied before "
                                                      "fine-tuning; its requests are measured and its layers are "
                                                      "what --layers edited/non-edited refer to"),
+    allow_foreign_patch: bool = typer.Option(False, "--allow-foreign-patch",
+                                             help="apply a patch computed on other weights than --model's "
+                                                  "(refused by default; both fingerprints are recorded)"),
     method: str = typer.Option("lora", help="lora | dora | full"),
     layers: str = typer.Option("all", help="all | edited | non-edited | 4,5,6 | 4-8"),
     targets: Optional[str] = typer.Option(None, help="attention | mlp | all-linear | all (full only) | comma list of "
                                                      "block-relative names (mlp.down_proj,...); default all-linear "
                                                      "(the study preset's full fine-tuning: all)"),
-    data: str = typer.Option("embedded", help="embedded | instructions:PATH (.json/.jsonl) | text:PATH | "
-                                              "hf:NAME[:SPLIT]"),
+    data: str = typer.Option("embedded", help="embedded | chatterbot[:DIR] (human-written Q/A, BSD-3) | "
+                                              "instructions:PATH (.json/.jsonl) | text:PATH | hf:NAME[:SPLIT]"),
     preset: Optional[str] = typer.Option(None, help="study | embedded (default: embedded for --data embedded, "
                                                     "else study)"),
     steps: Optional[int] = typer.Option(None, help="optimiser steps (replaces the preset's epochs)"),
@@ -51,7 +54,9 @@ def finetune(
                                                       "(worldfacts | counterfact:PATH | zsre:PATH), e.g. for the "
                                                       "base model fine-tuned without a patch (M_f)"),
     limit: Optional[int] = typer.Option(None, help="measure only the first N requests"),
-    task_eval: bool = typer.Option(True, "--task-eval/--no-task-eval", help="score the embedded task's held-out split"),
+    task_eval: bool = typer.Option(True, "--task-eval/--no-task-eval",
+                                   help="score a held-out split: the chatterbot corpus' (150 records) with --data "
+                                        "chatterbot, else the embedded task's"),
     task_test: int = typer.Option(100, help="held-out size of the embedded task"),
     task_train: int = typer.Option(2000, help="training size of the embedded task"),
     downstream: Optional[str] = typer.Option(None, help="lm-eval tasks scored before and after fine-tuning, comma "
@@ -84,7 +89,12 @@ def finetune(
     }.items() if v is not None}
     recipe = make_preset(preset or ("embedded" if data == "embedded" else "study"), method, **overrides)
     ds_spec = _downstream(downstream, downstream_limit)
-    task = EmbeddedTask(n_train=task_train, n_test=task_test) if (task_eval or data == "embedded") else None
+    if data.partition(":")[0] == "chatterbot":
+        from editdecay.data.chatterbot import ChatterbotCorpus
+
+        task = ChatterbotCorpus(root=data.partition(":")[2] or None)
+    else:
+        task = EmbeddedTask(n_train=task_train, n_test=task_test) if (task_eval or data == "embedded") else None
     source = load_source(data, task=task)
     patch_obj = _load_patch(patch) if patch else None
     reqs = _requests(requests, patch_obj, limit)
@@ -94,13 +104,11 @@ def finetune(
     lm = load_model(model, dtype=dtype, device=device)
     extra = {}
     if patch_obj is not None:
+        # The rule every entry point shares: a patch made on other weights is refused unless allowed.
+        check = patch_obj.check_model(lm.identity, allow_foreign=allow_foreign_patch, where=f"patch {patch}")
         extra["patch"] = {"dir": str(patch), "editor": patch_obj.editor, "layers": list(patch_obj.layers),
                           "modules": list(patch_obj.module_names), "model_identity": patch_obj.model_identity,
-                          "n_requests": len(patch_obj.requests)}
-        made_on = (patch_obj.model_identity or {}).get("fingerprint")
-        if made_on and made_on != lm.identity.fingerprint:
-            log.warning("patch %s was computed on weights %s, this model is %s", patch, made_on,
-                        lm.identity.fingerprint)
+                          "n_requests": len(patch_obj.requests), **check}
     if requests:
         extra["requests_source"] = requests
     run = run_finetune(

@@ -18,8 +18,13 @@ log = logging.getLogger(__name__)
 
 def evaluate_stage_result(*, model: str, data: str | None, limit: int | None, seed: int | None,
                           patch_dir: Path | None, zsre_target: str = "answers", strict: bool = False,
-                          batch_size: int = 32, dtype: str = "float32", device: str = "cpu") -> dict:
-    """Evaluate edit metrics of one model stage: `pre` (no patch) or `post` (patch applied)."""
+                          batch_size: int = 32, dtype: str = "float32", device: str = "cpu",
+                          allow_foreign_patch: bool = False) -> dict:
+    """Evaluate edit metrics of one model stage: `pre` (no patch) or `post` (patch applied).
+
+    A patch computed on other weights than the loaded model's is refused (ConfigError) unless
+    `allow_foreign_patch`; the result's `patch` entry records both fingerprints either way.
+    """
     timer = Timer()
     patch = None
     if patch_dir is not None:
@@ -44,7 +49,10 @@ def evaluate_stage_result(*, model: str, data: str | None, limit: int | None, se
         lm = load_model(model, dtype=dtype, device=device)
     stage = "pre"
     handle = None
+    patch_info = None
     if patch is not None:
+        check = patch.check_model(lm.identity, allow_foreign=allow_foreign_patch, where=f"patch {patch_dir}")
+        patch_info = {"dir": str(patch_dir), "editor": patch.editor, "layers": list(patch.layers), **check}
         handle = patch.apply(lm.model)
         stage = "post"
     with timer("evaluate"):
@@ -54,8 +62,10 @@ def evaluate_stage_result(*, model: str, data: str | None, limit: int | None, se
     return {
         "kind": "eval-edits",
         "config": {"model": model, "data": data, "limit": limit, "seed": seed, "patch": str(patch_dir) if patch_dir else None,
-                   "zsre_target": zsre_target, "strict": strict, "batch_size": batch_size, "dtype": dtype, "device": device},
+                   "zsre_target": zsre_target, "strict": strict, "batch_size": batch_size, "dtype": dtype, "device": device,
+                   "allow_foreign_patch": allow_foreign_patch},
         "model": lm.identity.to_dict(),
+        **({"patch": patch_info} if patch_info is not None else {}),
         "data": data_info,
         "metrics": {stage: aggregate(outcomes)},
         "requests": [{"stage": stage, **o.to_dict()} for o in outcomes],

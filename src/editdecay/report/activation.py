@@ -140,6 +140,7 @@ def cell_shift(a: Analysis, cell: CellRecord, *, cache_dir=None, device: str = "
                           trust_remote_code=ref.get("trust_remote_code", False), revision=ref.get("revision"))
 
     lm = load()
+    patch.check_model(lm.identity, where=f"patch of {cell.label}")     # the model directory may have changed
     sets = {"edit": [r.rewrite_prompt for r in patch.requests], "task": _task_prompts(result)}
     states: dict[str, dict[str, torch.Tensor]] = {k: {} for k in sets}
     for k, prompts in sets.items():
