@@ -303,10 +303,10 @@ def test_unknown_architecture(tokenizer, corpus, no_heavy_work, monkeypatch):
     monkeypatch.setattr(editing, "build_run", no_heavy_work)
     with pytest.raises(ConfigError) as e:
         arch_for_model_type("mamba")
-    assert "'mamba'" in str(e.value) and "editdecay/arch.py" in str(e.value)
+    assert "'mamba'" in str(e.value) and "editdecay/core/arch.py" in str(e.value)
     lm = make_tiny("llama", tokenizer)
     lm.model.config.model_type = "mamba"
-    with pytest.raises(ConfigError, match="editdecay/arch.py"):
+    with pytest.raises(ConfigError, match="editdecay/core/arch.py"):
         editing.edit_model(lm, "memit", config("memit", corpus), REQUESTS, progress=False)
 
 

@@ -57,7 +57,7 @@ def test_typo_in_a_choice_suggests_the_valid_value():
 
 def test_every_field_has_a_help_text():
     helps = Recipe.help()
-    assert set(helps) == set(Recipe.__dataclass_fields__)
+    assert set(helps) == set(Recipe.model_fields)
     assert all(len(h) > 10 for h in helps.values())
 
 

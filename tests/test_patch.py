@@ -166,7 +166,7 @@ def test_failed_apply_leaves_model_untouched(tokenizer):
         patch.apply(lm.model)
     changed = [n for n, p in lm.model.named_parameters() if not torch.equal(p, before[n])]
     assert not changed, (f"EditPatch.apply raised but left {changed} modified: it must resolve every module and "
-                         f"check every shape before adding any delta (editdecay/patch.py, EditPatch.apply)")
+                         f"check every shape before adding any delta (editdecay/edit/patch.py, EditPatch.apply)")
 
 
 def test_gpt2_conv1d_layout(tokenizer, tmp_path):

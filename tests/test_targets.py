@@ -164,7 +164,7 @@ def test_arch_unembedding_is_the_output_embedding(family, tokenizer):
     lm = make_tiny(family, tokenizer)
     spec = arch_for(lm.model)
     assert unembed_module(lm.model) is lm.model.get_output_embeddings(), (
-        f"editdecay/arch.py: family {spec.family!r} unembed {spec.unembed!r} does not resolve to the output "
+        f"editdecay/core/arch.py: family {spec.family!r} unembed {spec.unembed!r} does not resolve to the output "
         f"embedding of {type(lm.model).__name__} (transformers {transformers.__version__})")
 
 

@@ -1,14 +1,19 @@
-"""Typed editor configurations (pydantic): one help text per field; conflicts rejected at construction."""
+"""Typed editor configurations (core.config.Config): one help text per field; conflicts rejected at construction
+with a ConfigError naming the field."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from typing import ClassVar
+
+from pydantic import Field, field_validator, model_validator
+
+from editdecay.core.config import Config
 
 
-class EditorConfig(BaseModel):
+class EditorConfig(Config):
     """Settings shared by MEMIT and AlphaEdit: the edited layers, E2 keys and E3 target values."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    config_name: ClassVar[str] = "editor config"
 
     layers: tuple[int, ...] = Field(description="edited layers l_1 < ... < l_m; targets live at l_m (E3/E4)")
     v_lr: float = Field(0.5, gt=0, description="Adam learning rate of the E3 target optimisation")
@@ -57,11 +62,15 @@ class EditorConfig(BaseModel):
 class MemitConfig(EditorConfig):
     """MEMIT (E4): Delta = R K^T (lambda C + K K^T)^-1, spread over the edited layers."""
 
+    config_name: ClassVar[str] = "memit config"
+
     mom2_update_weight: float = Field(15000.0, gt=0, description="lambda: weight of the preserved key statistics C")
 
 
 class AlphaEditConfig(EditorConfig):
     """AlphaEdit (E5): the MEMIT update projected onto the null space of the preserved keys."""
+
+    config_name: ClassVar[str] = "alphaedit config"
 
     nullspace_threshold: float = Field(2e-2, gt=0, description="eigenvalues of C below this span the null space P")
     L2: float = Field(10.0, gt=0, description="ridge term of the projected solve")

@@ -16,76 +16,73 @@ explicit, recorded choice, and `attention` reproduces the study's setting.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import math
-from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import ClassVar, Union
 
+from pydantic import Field, model_validator
+
+from editdecay.core.config import Config, check_choice, did_you_mean
 from editdecay.core.errors import ConfigError
+from editdecay.data.prompts import TEMPLATES
 
-Method = Literal["full", "lora", "dora"]
 METHODS = ("full", "lora", "dora")
 LAYER_CHOICES = ("all", "edited", "non-edited")
 TARGET_CHOICES = ("attention", "mlp", "all-linear", "all")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
               "inverse_sqrt")
 TRAIN_DTYPES = ("float32", "bfloat16")
-TEMPLATES = ("alpaca", "compact")   # prompt templates of editdecay.data.instructions
 
 LayerSpec = Union[str, tuple[int, ...]]
 TargetSpec = Union[str, tuple[str, ...]]
 
 
-def _help(text: str, default=dataclasses.MISSING, **kw):
-    return field(default=default, metadata={"help": text}, **kw)
+def _field(text: str, default):
+    return Field(default, description=text)
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """A fine-tuning recipe. Every field carries a help text (`Recipe.help()`)."""
+class Recipe(Config):
+    """A fine-tuning recipe. Every field carries a help text (`Recipe.help()`); invalid or conflicting values
+    raise ConfigError naming the field (core.config)."""
 
-    method: Method = _help("full: train the selected parameters themselves; lora: low-rank adapters (peft); "
+    config_name: ClassVar[str] = "recipe"
+
+    method: str = _field("full: train the selected parameters themselves; lora: low-rank adapters (peft); "
                            "dora: weight-decomposed low-rank adapters (peft, use_dora=True).", "lora")
-    layers: LayerSpec = _help("Which transformer blocks train: all | edited (the layers of the patch under test) | "
+    layers: LayerSpec = _field("Which transformer blocks train: all | edited (the layers of the patch under test) | "
                               "non-edited | a tuple of layer indices.", "all")
-    targets: TargetSpec = _help("Which modules of those blocks train, resolved through editdecay.core.arch: attention | "
+    targets: TargetSpec = _field("Which modules of those blocks train, resolved through editdecay.core.arch: attention | "
                                 "mlp | all-linear (default; includes the edited MLP output projection) | all "
                                 "(method=full only: every parameter of the blocks, and with layers=all also "
                                 "embeddings, final norm and unembedding, as the study's full fine-tuning) | a "
                                 "tuple of block-relative module names such as ('mlp.down_proj',).", "all-linear")
-    lora_r: int = _help("LoRA/DoRA rank r.", 32)
-    lora_alpha: float = _help("LoRA/DoRA scaling numerator: the update is scaled by alpha / r.", 64.0)
-    lora_dropout: float = _help("Dropout on the adapter input during training, in [0, 1).", 0.05)
-    learning_rate: float = _help("Peak learning rate of AdamW.", 2e-4)
-    lr_scheduler: str = _help(f"Learning-rate schedule (transformers.get_scheduler): one of {', '.join(SCHEDULERS)}.",
+    lora_r: int = _field("LoRA/DoRA rank r.", 32)
+    lora_alpha: float = _field("LoRA/DoRA scaling numerator: the update is scaled by alpha / r.", 64.0)
+    lora_dropout: float = _field("Dropout on the adapter input during training, in [0, 1).", 0.05)
+    learning_rate: float = _field("Peak learning rate of AdamW.", 2e-4)
+    lr_scheduler: str = _field(f"Learning-rate schedule (transformers.get_scheduler): one of {', '.join(SCHEDULERS)}.",
                               "linear")
-    warmup_steps: int | None = _help("Linear warm-up in optimiser steps; give this or warmup_ratio, not both.", None)
-    warmup_ratio: float | None = _help("Warm-up as a fraction of the total optimiser steps, in [0, 1).", None)
-    epochs: float | None = _help("Passes over the training examples; give this or max_steps, not both.", None)
-    max_steps: int | None = _help("Optimiser steps to run; give this or epochs, not both.", None)
-    batch_size: int = _help("Examples per micro-batch.", 16)
-    grad_accum: int = _help("Micro-batches per optimiser step (effective batch = batch_size * grad_accum).", 1)
-    cutoff_len: int = _help("Maximum tokens per example (prompt + response + end token); longer examples are cut "
+    warmup_steps: int | None = _field("Linear warm-up in optimiser steps; give this or warmup_ratio, not both.", None)
+    warmup_ratio: float | None = _field("Warm-up as a fraction of the total optimiser steps, in [0, 1).", None)
+    epochs: float | None = _field("Passes over the training examples; give this or max_steps, not both.", None)
+    max_steps: int | None = _field("Optimiser steps to run; give this or epochs, not both.", None)
+    batch_size: int = _field("Examples per micro-batch.", 16)
+    grad_accum: int = _field("Micro-batches per optimiser step (effective batch = batch_size * grad_accum).", 1)
+    cutoff_len: int = _field("Maximum tokens per example (prompt + response + end token); longer examples are cut "
                             "at the end.", 256)
-    template: str = _help(f"Prompt template for instruction records: {' | '.join(TEMPLATES)} "
+    template: str = _field(f"Prompt template for instruction records: {' | '.join(TEMPLATES)} "
                           "(alpaca = the Commonsense170K / LLM-Adapters wording).", "alpaca")
-    train_on_prompt: bool = _help("Also train on prompt tokens. Default False: the loss covers the response only "
+    train_on_prompt: bool = _field("Also train on prompt tokens. Default False: the loss covers the response only "
                                   "(prompt labels are -100). The LLM-Adapters reference code defaults to True.", False)
-    dtype: str = _help("Compute dtype of forward and backward passes (autocast): float32 | bfloat16. Weights and "
+    dtype: str = _field("Compute dtype of forward and backward passes (autocast): float32 | bfloat16. Weights and "
                        "optimiser state keep the dtype the model was loaded in.", "float32")
-    weight_decay: float = _help("AdamW decoupled weight decay.", 0.0)
-    max_grad_norm: float | None = _help("Clip the global gradient norm to this value; None disables clipping.", 1.0)
-    gradient_checkpointing: bool = _help("Recompute activations in the backward pass (less memory, ~30% slower).",
+    weight_decay: float = _field("AdamW decoupled weight decay.", 0.0)
+    max_grad_norm: float | None = _field("Clip the global gradient norm to this value; None disables clipping.", 1.0)
+    gradient_checkpointing: bool = _field("Recompute activations in the backward pass (less memory, ~30% slower).",
                                          False)
-    seed: int = _help("Seed of adapter initialisation, dropout and data order.", 0)
+    seed: int = _field("Seed of adapter initialisation, dropout and data order.", 0)
 
-    def __post_init__(self) -> None:
-        # Normalise list inputs (YAML/JSON give lists) into tuples so the record stays hashable and frozen.
-        if isinstance(self.layers, list):
-            object.__setattr__(self, "layers", tuple(self.layers))
-        if isinstance(self.targets, list):
-            object.__setattr__(self, "targets", tuple(self.targets))
+    @model_validator(mode="after")
+    def _validate(self) -> "Recipe":
         _choice("method", self.method, METHODS)
         self._check_layers()
         self._check_targets()
@@ -124,6 +121,7 @@ class Recipe:
         if self.max_grad_norm is not None:
             _check(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "a number > 0 or None")
         _check(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        return self
 
     def _check_layers(self) -> None:
         if isinstance(self.layers, str):
@@ -151,34 +149,13 @@ class Recipe:
     # -- convenience -----------------------------------------------------------------------------
 
     def replace(self, **changes) -> "Recipe":
-        """A copy with some fields changed (validated again). Unknown names are an error."""
-        _check_fields(changes)
-        if "epochs" in changes and changes["epochs"] is not None and "max_steps" not in changes:
-            changes["max_steps"] = None      # choosing one length setting drops the other
-        if "max_steps" in changes and changes["max_steps"] is not None and "epochs" not in changes:
-            changes["epochs"] = None
-        if "warmup_steps" in changes and changes["warmup_steps"] is not None and "warmup_ratio" not in changes:
-            changes["warmup_ratio"] = None
-        if "warmup_ratio" in changes and changes["warmup_ratio"] is not None and "warmup_steps" not in changes:
-            changes["warmup_steps"] = None
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        for k in ("layers", "targets"):
-            if isinstance(d[k], tuple):
-                d[k] = list(d[k])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Recipe":
-        _check_fields(d)
-        return cls(**d)
-
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        """Field name -> help text, for documentation and command-line help."""
-        return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
+        """A copy with some fields changed (validated again). Unknown names are an error. Choosing one length
+        (epochs / max_steps) or warm-up (warmup_steps / warmup_ratio) setting drops the other."""
+        for one, other in (("epochs", "max_steps"), ("warmup_steps", "warmup_ratio")):
+            for a, b in ((one, other), (other, one)):
+                if changes.get(a) is not None and b not in changes:
+                    changes[b] = None
+        return super().replace(**changes)
 
 
 # -- presets -----------------------------------------------------------------------------------------
@@ -209,7 +186,7 @@ PRESETS = {"study": _study, "embedded": _embedded}
 def preset(name: str, method: str = "lora", **overrides) -> Recipe:
     """A named preset for `method`, with field overrides applied (and validated)."""
     if name not in PRESETS:
-        raise ConfigError(f"preset {name!r} is unknown{_did_you_mean(name, PRESETS)}; presets: {', '.join(PRESETS)}")
+        raise ConfigError(f"preset {name!r} is unknown{did_you_mean(name, PRESETS)}; presets: {', '.join(PRESETS)}")
     _choice("method", method, METHODS)
     base = PRESETS[name](method)
     return base.replace(**overrides) if overrides else base
@@ -217,22 +194,8 @@ def preset(name: str, method: str = "lora", **overrides) -> Recipe:
 
 # -- helpers -----------------------------------------------------------------------------------------
 
-def _did_you_mean(value: str, options) -> str:
-    close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _check_fields(names) -> None:
-    fields = Recipe.__dataclass_fields__
-    unknown = [k for k in names if k not in fields]
-    if unknown:
-        raise ConfigError(f"recipe has no field {unknown[0]!r}{_did_you_mean(unknown[0], fields)}")
-
-
 def _choice(name: str, value, options, extra: str = "") -> None:
-    if value not in options:
-        raise ConfigError(f"{name}={value!r} is not valid{_did_you_mean(value, options)}; "
-                          f"use one of {', '.join(options)}{' ' + extra if extra else ''}")
+    check_choice(name, value, options, extra=extra)
 
 
 def _check(ok: bool, name: str, value, valid: str) -> None:
