@@ -36,10 +36,10 @@ class ArchSpec:
     # given model with `resolve_name(model, name)` (or fetch the module with `get_module`), never by hand.
 
     def block_name(self, layer: int) -> str:
-        return self.block.format(layer)
+        return "|".join(a.format(layer) for a in alternatives(self.block))
 
     def mlp_out_name(self, layer: int) -> str:
-        return self.mlp_out.format(layer)
+        return "|".join(a.format(layer) for a in alternatives(self.mlp_out))
 
     def in_block(self, layer: int, relative: str) -> str:
         """Table name of a block-relative module of one layer: every block alternative x every relative one."""

@@ -212,7 +212,8 @@ def second_moments(lm: LoadedModel, layers: Iterable[int], *, corpus: CorpusSpec
     corpus_identity = corpus.identity(lm)
     corpus_hash = stable_hash(corpus_identity)
     keys = {l: StatsKey(model=lm.identity.fingerprint, family=spec.family, layer=l,
-                        module=resolve_name(model, spec.mlp_out_name(l)), corpus=corpus_hash, n_tokens=n_tokens, dtype=dtype) for l in layers}
+                        module=resolve_name(model, spec.mlp_out_name(l)), corpus=corpus_hash,
+                        n_tokens=n_tokens, dtype=dtype) for l in layers}
 
     moments: dict[int, torch.Tensor] = {}
     used: dict[int, int] = {}
