@@ -61,7 +61,8 @@ def explain(name: str, err: ValidationError, fields: Iterable[str]) -> str:
         elif loc:
             parts.append(f"{name}.{loc}={e.get('input')!r}: {_strip(e['msg'])}")
         else:
-            parts.append(f"{name}: {_strip(e['msg'])}")
+            msg = _strip(e["msg"])
+            parts.append(msg if msg.startswith((f"{name}.", f"{name}:")) else f"{name}: {msg}")
     return "; ".join(parts)
 
 

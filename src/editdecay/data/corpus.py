@@ -29,13 +29,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import ClassVar, Iterable, Iterator
 
 import torch
+from pydantic import Field, model_validator
 
 from editdecay.core.cache import Cache, atomic_write_bytes, sha256_file, stable_hash
+from editdecay.core.config import Config, check_choice
 from editdecay.core.errors import ConfigError, DataError
 from editdecay.core.models import LoadedModel
 from editdecay.core.tokens import pad_id
@@ -49,28 +50,30 @@ GENERATED_FORMAT_VERSION = 1   # bump when the sampling procedure changes: old c
 _TOKENIZE_GROUP = 64           # documents per batched tokenizer call
 
 
-@dataclass(frozen=True)
-class CorpusSpec:
+class CorpusSpec(Config):
     """Which generic text the second-moment statistics (E1) are collected over.
 
     Only `generated` reads the sampling fields; only `file`/`hf` read `text_field`.
+    Raises ConfigError naming the field (core.config).
     """
 
-    kind: str                      # "generated" | "file" | "hf"
-    source: str | None = None      # file path (kind=file) or dataset name (kind=hf)
-    config: str | None = None      # dataset configuration (kind=hf), e.g. "wikitext-103-raw-v1"
-    split: str = "train"           # dataset split (kind=hf)
-    text_field: str = "text"       # record field / column holding the text (file: jsonl, parquet; hf)
-    seq_len: int = 256             # longest token sequence fed to the model
-    seed: int = 0                  # sampling seed (kind=generated)
-    temperature: float = 1.0       # sampling temperature (kind=generated)
-    top_k: int = 0                 # 0: no top-k truncation (kind=generated)
-    top_p: float = 0.95            # nucleus sampling mass; 1.0: none (kind=generated)
-    gen_batch_size: int = 16       # sequences sampled per generate() call; part of the stream's identity
+    config_name: ClassVar[str] = "corpus"
 
-    def __post_init__(self) -> None:
-        if self.kind not in CORPUS_KINDS:
-            raise ConfigError(f"corpus.kind: {self.kind!r} is not a corpus kind; use one of {', '.join(CORPUS_KINDS)}")
+    kind: str = Field(description="generated (sampled from the model) | file | hf")
+    source: str | None = Field(None, description="file path (kind=file) or dataset name (kind=hf)")
+    config: str | None = Field(None, description="dataset configuration (kind=hf), e.g. wikitext-103-raw-v1")
+    split: str = Field("train", description="dataset split (kind=hf)")
+    text_field: str = Field("text", description="record field / column holding the text (file: jsonl, parquet; hf)")
+    seq_len: int = Field(256, description="longest token sequence fed to the model")
+    seed: int = Field(0, description="sampling seed (kind=generated)")
+    temperature: float = Field(1.0, description="sampling temperature (kind=generated)")
+    top_k: int = Field(0, description="0: no top-k truncation (kind=generated)")
+    top_p: float = Field(0.95, description="nucleus sampling mass; 1.0: none (kind=generated)")
+    gen_batch_size: int = Field(16, description="sequences sampled per generate() call; part of the stream's identity")
+
+    @model_validator(mode="after")
+    def _validate(self) -> "CorpusSpec":
+        check_choice("corpus.kind", self.kind, CORPUS_KINDS)
         if self.kind in ("file", "hf") and not self.source:
             raise ConfigError(f"corpus.source: a {self.kind!r} corpus needs a "
                               f"{'file path' if self.kind == 'file' else 'dataset name'}, got {self.source!r}")
@@ -79,16 +82,17 @@ class CorpusSpec:
             if suffix not in FILE_SUFFIXES:
                 raise ConfigError(f"corpus.source: {self.source!r} has suffix {suffix!r}; a corpus file must end in "
                                   f"one of {', '.join(FILE_SUFFIXES)} (or use 'generated' or 'hf:NAME[:CONFIG]')")
-        if not (isinstance(self.seq_len, int) and self.seq_len >= 2):
+        if self.seq_len < 2:
             raise ConfigError(f"corpus.seq_len: {self.seq_len!r}; give an integer >= 2")
-        if not (isinstance(self.gen_batch_size, int) and self.gen_batch_size >= 1):
+        if self.gen_batch_size < 1:
             raise ConfigError(f"corpus.gen_batch_size: {self.gen_batch_size!r}; give an integer >= 1")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ConfigError(f"corpus.temperature: {self.temperature!r}; give a finite number > 0")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+        if self.top_k < 0:
             raise ConfigError(f"corpus.top_k: {self.top_k!r}; give an integer >= 0 (0 disables top-k)")
         if not (0 < self.top_p <= 1):
             raise ConfigError(f"corpus.top_p: {self.top_p!r}; give a number in (0, 1] (1 disables nucleus sampling)")
+        return self
 
     def describe(self) -> str:
         """The command-line spelling (inverse of `parse_corpus` up to seq_len and sampling settings)."""
@@ -126,8 +130,6 @@ class CorpusSpec:
             raise ConfigError(f"corpus.source: file {str(path)!r} does not exist or is not a file")
         return path
 
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def parse_corpus(text: str, **overrides) -> CorpusSpec:
