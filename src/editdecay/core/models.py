@@ -17,6 +17,7 @@ from torch import nn
 
 from editdecay.core.arch import arch_for, num_layers
 from editdecay.core.cache import Cache
+from editdecay.core.devices import input_device
 from editdecay.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where input ids go (the input embedding's device); a spread model has more (core.devices)."""
+        return input_device(self.model)
 
 
 def identity_of(model: nn.Module, name: str, source: str) -> ModelIdentity:
@@ -102,7 +104,7 @@ def load_model(
     name: str = EMBEDDED_NAME,
     *,
     dtype: str | torch.dtype = "float32",
-    device: str | torch.device = "cpu",
+    device: str | torch.device | dict = "cpu",
     cache: Cache | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
@@ -113,6 +115,10 @@ def load_model(
     Hugging Face model, or a hub id (needs network or a populated HF cache).
     Weights load through safetensors where the checkpoint has them; remote code
     runs only with `trust_remote_code=True`.
+    `device`: "cpu", "cuda", "cuda:1", ... puts the whole model on one device;
+    "auto" spreads it over the visible GPUs (then CPU) with accelerate's device map;
+    a dict {module name: device} is an explicit accelerate device map. With a map,
+    editdecay sends every tensor to the device of the module it meets (core.devices).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -125,13 +131,25 @@ def load_model(
         raise ConfigError(f"model {name!r}: {local} has no config.json; is it a Hugging Face model directory?")
     kw = dict(trust_remote_code=trust_remote_code, revision=revision)
     config = AutoConfig.from_pretrained(source, **kw)
+    quant = getattr(config, "quantization_config", None)
+    if quant is not None:
+        # Editing adds float deltas in place and fine-tuning casts and saves weights: a model transformers
+        # treats as quantised breaks both (.half()/.float()/save_pretrained raise).
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+        raise ConfigError(f"model {name!r}: the config of {source} declares quantization_config (quant_method "
+                          f"{method!r}); editdecay edits and fine-tunes plain float weights: give an unquantised "
+                          f"checkpoint (if the weights are already float, remove quantization_config from "
+                          f"config.json)")
     arch_for_type = getattr(config, "model_type", "?")
     from editdecay.core.arch import arch_for_model_type
 
     arch_for_model_type(arch_for_type)  # fail before loading weights
     tokenizer = AutoTokenizer.from_pretrained(source, **kw)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=None, **kw)
-    model.to(device)
+    device_map = device if isinstance(device, dict) or device == "auto" else None
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=None,
+                                                 device_map=device_map, **kw)
+    if device_map is None:
+        model.to(device)
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
