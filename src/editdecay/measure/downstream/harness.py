@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from editdecay.core.devices import input_device
+from editdecay.core.config import did_you_mean
 from editdecay.core.errors import ConfigError, DataError
 from editdecay.measure.downstream import everyday, perplexity
 from editdecay.measure.downstream.spec import EVERYDAY, DownstreamSpec, lm_eval_name, task_digest
@@ -135,11 +137,8 @@ def _items(s: str, manager, digest: str | None) -> list:
         return _local_task_names(manager, path, s)
     name = lm_eval_name(s)
     if name not in manager.all_tasks:
-        import difflib
-
-        close = difflib.get_close_matches(name, manager.all_tasks, n=3)
-        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-        raise ConfigError(f"downstream task {s!r}: lm-eval has no task, group or tag named {name!r}{hint}")
+        raise ConfigError(f"downstream task {s!r}: lm-eval has no task, group or tag named {name!r}"
+                          f"{did_you_mean(name, manager.all_tasks, n=3)}")
     return [name]
 
 
@@ -270,7 +269,7 @@ def _rng_preserved(model=None):
     import torch
 
     py, npy = random.getstate(), np.random.get_state()
-    device = next(model.parameters()).device if model is not None else None
+    device = input_device(model) if model is not None else None
     with torch.random.fork_rng(devices=[device] if device is not None and device.type == "cuda" else []):
         try:
             yield

@@ -19,12 +19,13 @@ also runs before any model work.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
+from pydantic import Field, field_validator
+
+from editdecay.core.config import Config, did_you_mean
 from editdecay.core.errors import ConfigError
 
 EVERYDAY = "everyday"
@@ -66,8 +67,7 @@ def parse_task(text: str, base_dir: Path | None = None) -> str:
     if name == EVERYDAY or name in STUDY_TASKS:
         return name
     options = [EVERYDAY, *STUDY_TASKS, *_ALIASES]
-    close = difflib.get_close_matches(name, options, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else f" (another lm-eval task: lm-eval:{raw})"
+    hint = did_you_mean(name, options) or f" (another lm-eval task: lm-eval:{raw})"
     raise ConfigError(f"downstream task {raw!r} is not known; use one of {VALID_TEXT}{hint}")
 
 
@@ -90,39 +90,36 @@ def lm_eval_name(spec: str) -> str | None:
     return spec.split(":", 1)[1] if spec.startswith("lm-eval:") else None
 
 
-@dataclass(frozen=True)
-class DownstreamSpec:
-    """What to score and how much of it. `limit` caps the documents per task (the first N, so every
-    model of a grid is scored on the same ones); `num_fewshot` None keeps each task's default (0 for
-    the study's tasks and ours)."""
+class DownstreamSpec(Config):
+    """What to score and how much of it. Raises ConfigError naming the field (core.config)."""
 
-    tasks: tuple[str, ...]
-    limit: int | None = None
-    num_fewshot: int | None = None
-    batch_size: int = 32
+    config_name: ClassVar[str] = "downstream"
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.tasks, tuple):
-            object.__setattr__(self, "tasks", tuple(self.tasks))
-        canonical = parse_tasks(self.tasks)
-        if canonical != self.tasks:
-            object.__setattr__(self, "tasks", canonical)
-        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int)
-                                       or self.limit < 1):
-            raise ConfigError(f"downstream limit={self.limit!r} is not valid; use an integer >= 1 (documents "
-                              f"per task) or None (all)")
-        if self.num_fewshot is not None and (not isinstance(self.num_fewshot, int) or self.num_fewshot < 0):
-            raise ConfigError(f"downstream num_fewshot={self.num_fewshot!r} is not valid; use an integer >= 0 or "
-                              f"None (the task's default)")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"downstream batch_size={self.batch_size!r} is not valid; use an integer >= 1")
+    tasks: tuple[str, ...] = Field(description=f"task specs, each canonical (parse_task): {VALID_TEXT}")
+    limit: int | None = Field(None, ge=1, description="documents per task: the first N, so every model of a grid "
+                                                      "is scored on the same ones; None: all")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples; None keeps each task's default "
+                                                            "(0 for the study's tasks and ours)")
+    batch_size: int = Field(32, ge=1, description="documents per forward pass")
+
+    def __init__(self, tasks: Sequence[str] = (), **settings) -> None:
+        super().__init__(tasks=tasks, **settings)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _canonical(cls, v):
+        return parse_tasks(v)
+
+    @field_validator("limit", "num_fewshot", mode="before")
+    @classmethod
+    def _no_bool(cls, v):
+        if isinstance(v, bool):
+            raise ValueError(f"{v!r} is not a count; give an integer")
+        return v
 
     @classmethod
     def parse(cls, tasks: str | Sequence[str], *, base_dir: Path | None = None, **settings) -> "DownstreamSpec":
         return cls(parse_tasks(tasks, base_dir), **settings)
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "tasks": list(self.tasks)}
 
 
 def task_digest(spec: str) -> str | None:
