@@ -25,9 +25,12 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from typing import ClassVar
 
-from editdecay.core.errors import ConfigError
+from pydantic import Field, field_validator
+
+from editdecay.core.config import Config, check_choice
 from editdecay.data.prompts import InstructionRecord
 
 TASK_VERSION = 1
@@ -45,21 +48,25 @@ WORDS = (
 )
 
 
-@dataclass(frozen=True)
-class EmbeddedTask:
-    """Configuration of the generated task; `records()` gives (train, held-out) splits."""
+class EmbeddedTask(Config):
+    """Configuration of the generated task; `records()` gives (train, held-out) splits.
+    Raises ConfigError naming the field (core.config)."""
 
-    n_train: int = 2000
-    n_test: int = 200
-    seed: int = 0
-    families: tuple[str, ...] = FAMILIES
+    config_name: ClassVar[str] = "embedded task"
 
-    def __post_init__(self) -> None:
-        if self.n_train < 1 or self.n_test < 1:
-            raise ConfigError(f"embedded task: n_train={self.n_train}, n_test={self.n_test}; both must be >= 1")
-        unknown = [f for f in self.families if f not in FAMILIES]
-        if unknown or not self.families:
-            raise ConfigError(f"embedded task: families={self.families!r}; choose from {', '.join(FAMILIES)}")
+    n_train: int = Field(2000, ge=1, description="training records")
+    n_test: int = Field(200, ge=1, description="held-out records (scored by exact match)")
+    seed: int = Field(0, description="seed of the record generator")
+    families: tuple[str, ...] = Field(FAMILIES, description=f"task families, any of {', '.join(FAMILIES)}")
+
+    @field_validator("families")
+    @classmethod
+    def _families(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError(f"give at least one family of {', '.join(FAMILIES)}")
+        for f in v:
+            check_choice("family", f, FAMILIES)
+        return v
 
     def records(self) -> tuple[tuple[InstructionRecord, ...], tuple[InstructionRecord, ...]]:
         """Disjoint (train, test) splits, families interleaved round-robin so every prefix is balanced."""
@@ -79,7 +86,7 @@ class EmbeddedTask:
     def identity(self) -> dict:
         train, test = self.records()
         digest = hashlib.sha256(json.dumps([asdict(r) for r in train + test]).encode()).hexdigest()[:16]
-        return {"name": "embedded", "version": TASK_VERSION, **asdict(self), "families": list(self.families),
+        return {"name": "embedded", "version": TASK_VERSION, **self.to_dict(),
                 "records_sha256": digest}
 
 
