@@ -13,7 +13,12 @@ import torch
 from tqdm.auto import tqdm
 
 from editdecay.core.arch import unembed_module
+from editdecay.core.devices import input_device
+from editdecay.core.memory import ModelShape, plan_batch_size, run_batched
 from editdecay.core.tokens import encode_prompt, encode_target, pad_batch, pad_id
+
+
+SCORING_CPU_BATCH = 32      # pairs per forward pass on the CPU (memory-aware on CUDA)
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,7 @@ class ContinuationScore:
 
 @torch.no_grad()
 def score_continuations(
-    model, tokenizer, pairs: Sequence[tuple[str, str]], *, batch_size: int = 32,
+    model, tokenizer, pairs: Sequence[tuple[str, str]], *, batch_size: int | None = None,
     padding_side: str = "right", progress: bool = False,
 ) -> list[ContinuationScore]:
     """Teacher-forced scores of `target` after `prompt` for every pair.
@@ -40,6 +45,9 @@ def score_continuations(
     Pairs are de-duplicated and sorted by length so batches waste little padding;
     results come back in input order. Positions are explicit, so the padding side
     does not change the numbers.
+
+    `batch_size`: pairs per forward pass; None: from the device's free memory (SCORING_CPU_BATCH on the
+    CPU). An out-of-memory batch is redone at half the size; at one pair, DeviceMemoryError names the stage.
     """
     unique = list(dict.fromkeys(pairs))
     encoded = {}
@@ -49,14 +57,20 @@ def score_continuations(
     order = sorted(unique, key=lambda k: len(encoded[k][0]) + len(encoded[k][1]))
     if hasattr(model, "get_base_model"):       # a peft model: its adapters live inside the base model
         model = model.get_base_model()
-    device = next(model.parameters()).device
+    device = input_device(model)
     # Unembed only the scored positions: the full (B, T, V) logits would cost ~20% of the
     # forward pass of a small model for nothing.
     unembed = unembed_module(model)
     results: dict[tuple[str, str], ContinuationScore] = {}
-    steps = range(0, len(order), batch_size)
-    for start in tqdm(steps, desc="scoring", disable=not progress, leave=False):
-        chunk = order[start:start + batch_size]
+    shape = ModelShape.of(model)
+    longest = max((len(p) + len(t) for p, t in encoded.values()), default=1)
+    most = max((len(t) for _, t in encoded.values()), default=1)
+    per_pair = longest * shape.forward_token_bytes(longest) + shape.logits_bytes(most)
+    size = plan_batch_size("E6 scoring", n_items=len(order), bytes_per_item=per_pair, device=device,
+                           explicit=batch_size, cpu_default=SCORING_CPU_BATCH)
+    bar = tqdm(total=len(order), desc="scoring", disable=not progress, leave=False)
+
+    def one(chunk) -> None:
         seqs = [encoded[k][0] + encoded[k][1] for k in chunk]
         batch = pad_batch(seqs, pad_id(tokenizer), padding_side).to(device)
         hidden = model.base_model(**batch.model_inputs(), use_cache=False).last_hidden_state  # (B, T, d)
@@ -69,8 +83,8 @@ def score_continuations(
             cols += range(first, first + len(t))
             toks += t
             owner += [row] * len(t)
-        lp = torch.log_softmax(unembed(hidden[rows, cols]).float(), dim=-1)       # (G, V)
-        tgt = torch.tensor(toks, device=device)
+        lp = torch.log_softmax(unembed(hidden[rows, cols]).float(), dim=-1)       # (G, V) on the unembedding's device
+        tgt = torch.tensor(toks, device=lp.device)
         tok_nll = (-lp.gather(1, tgt[:, None]).squeeze(1)).tolist()
         hit = (lp.argmax(-1) == tgt).tolist()
         i = 0
@@ -78,4 +92,10 @@ def score_continuations(
             n = len(encoded[key][1])
             results[key] = ContinuationScore(sum(tok_nll[i:i + n]) / n, tuple(bool(x) for x in hit[i:i + n]))
             i += n
+        bar.update(len(chunk))
+
+    try:
+        run_batched("E6 scoring", order, one, batch_size=size, bytes_per_item=per_pair, device=device)
+    finally:
+        bar.close()
     return [results[k] for k in pairs]

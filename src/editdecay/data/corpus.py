@@ -35,6 +35,7 @@ from typing import ClassVar, Iterable, Iterator
 import torch
 from pydantic import Field, model_validator
 
+from editdecay.core.devices import input_device
 from editdecay.core.cache import Cache, atomic_write_bytes, sha256_file, stable_hash
 from editdecay.core.config import Config, check_choice
 from editdecay.core.errors import ConfigError, DataError
@@ -364,7 +365,7 @@ def sample_batch(spec: CorpusSpec, lm: LoadedModel, batch: int) -> list[list[int
     settings and device give the same tokens; other devices may sample differently.
     """
     model = lm.model
-    device = next(model.parameters()).device
+    device = input_device(model)
     start = _start_token(lm)
     eos = _eos_ids(lm)
     ids = torch.full((spec.gen_batch_size, 1), start, dtype=torch.long, device=device)    # (B, 1)

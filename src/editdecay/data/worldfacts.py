@@ -66,6 +66,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Sequence
 
+from editdecay.core.devices import input_device
 from editdecay.core.errors import DataError
 from editdecay.core.request import EditRequest, fill
 from editdecay.data.common import EditDataset, Rejection, finish, validate_request
@@ -247,7 +248,7 @@ def judge(model, tokenizer, facts: Sequence[Fact], candidates: Sequence[str], *,
 
     # Next-token log-probs at the end of each greedy-correct prompt (rule (b) is only needed there).
     todo = [i for i, s in enumerate(true) if s.all_correct]
-    device = next(model.parameters()).device
+    device = input_device(model)
     first_nll: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for start in range(0, len(todo), batch_size):

@@ -10,7 +10,7 @@ import torch
 
 from editdecay.edit.config import AlphaEditConfig
 from editdecay.edit.memit import _dtype
-from editdecay.edit.solve import alphaedit_delta
+from editdecay.edit.solve import alphaedit_delta, key_gram
 
 
 class AlphaEdit:
@@ -22,11 +22,17 @@ class AlphaEdit:
         self.P = projectors                                                   # layer -> (d_k, d_k)
         self.C_p = {l: torch.zeros_like(P, dtype=torch.float64) for l, P in projectors.items()}
 
-    def layer_delta(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-        return alphaedit_delta(K, R, self.P[layer], self.C_p[layer], self.cfg.L2, dtype=_dtype(self.cfg))
+    def layer_delta(self, layer: int, K: torch.Tensor, R: torch.Tensor, *, device=None) -> torch.Tensor:
+        """E5 on `device` (the edited module's; default K's): (d, d_k), see `solve` for dtypes."""
+        return alphaedit_delta(K, R, self.P[layer], self.C_p[layer], self.cfg.L2, dtype=_dtype(self.cfg),
+                               device=device)
 
-    def after_batch(self, keys_after: dict[int, torch.Tensor]) -> None:
-        """C_p += K K^T with the batch's keys recomputed on the edited model (E5)."""
+    def after_batch(self, keys_after: dict[int, torch.Tensor], devices: dict | None = None) -> None:
+        """C_p += K K^T with the batch's keys recomputed on the edited model (E5).
+
+        K K^T is accumulated in float64 over column blocks of K on the layer's device (`devices[layer]`,
+        default K's), then added to C_p, which stays on the CPU in float64 (one (d_k, d_k) per layer).
+        """
         for l, K in keys_after.items():
-            K = K.to(torch.float64).cpu()
-            self.C_p[l] += K @ K.T
+            device = (devices or {}).get(l, K.device)
+            self.C_p[l] += key_gram(K, dtype=torch.float64, device=device).cpu()

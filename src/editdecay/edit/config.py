@@ -25,7 +25,8 @@ class EditorConfig(Config):
     n_context_templates: int = Field(5, ge=0, description="sampled context prefixes besides the bare prompt (E2)")
     context_length: int = Field(10, ge=1, description="tokens sampled per context prefix (E2)")
     seed: int = Field(0, description="seed of the context prefixes")
-    target_batch_size: int = Field(128, ge=1, description="requests optimised together in E3")
+    target_batch_size: int | None = Field(None, ge=1, description="requests optimised together in E3; None: as "
+                                             "many as the device's free memory holds (128 on the CPU)")
     stats_corpus: str = Field("generated", description="E1 corpus: generated | PATH (.txt/.jsonl/.parquet) | hf:NAME[:CONFIG]")
     stats_tokens: int = Field(100_000, ge=1, description="tokens of the E1 corpus used for the key statistics")
     stats_dtype: str = Field("float32", description="dtype in which E1 statistics are accumulated")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from editdecay.core.devices import input_device
 from editdecay.core.errors import ConfigError
 from editdecay.core.tokens import encode_prompt, pad_id
 
@@ -106,7 +107,7 @@ def context_templates(model, tokenizer, *, n: int = 5, length: int = 10, seed: i
     """
     if n <= 0:
         return ContextTemplates.of(["{}"])
-    device = next(model.parameters()).device
+    device = input_device(model)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     for i in range(n):

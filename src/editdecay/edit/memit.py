@@ -16,10 +16,11 @@ class Memit:
         self.cfg = cfg
         self.C = moments                       # layer -> (d_k, d_k), E1
 
-    def layer_delta(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-        return memit_delta(K, R, self.C[layer], self.cfg.mom2_update_weight, dtype=_dtype(self.cfg))
+    def layer_delta(self, layer: int, K: torch.Tensor, R: torch.Tensor, *, device=None) -> torch.Tensor:
+        """E4 on `device` (the edited module's; default K's): (d, d_k), see `solve` for dtypes."""
+        return memit_delta(K, R, self.C[layer], self.cfg.mom2_update_weight, dtype=_dtype(self.cfg), device=device)
 
-    def after_batch(self, keys_after: dict[int, torch.Tensor]) -> None:
+    def after_batch(self, keys_after: dict[int, torch.Tensor], devices: dict | None = None) -> None:
         """MEMIT keeps no state between sequential batches."""
 
 

@@ -3,6 +3,12 @@
 Invariant: at any time the model's edited weights equal original + accumulated
 delta (cast once to the weight dtype), so the live model and `patch()` applied to
 a fresh copy of the base are bit-identical; `restore()` puts the originals back.
+
+Memory and devices: the targets z, the residuals R and the keys K of a batch are
+float32 tensors on the CPU (O(n) host bookkeeping); each layer's solve runs on the
+device of that layer's W_out (`core.devices.module_device`), reading K and R in
+column blocks (edit/solve.py). The accumulated delta is float64 on the CPU, so no
+float64 copy of a weight matrix sits on an accelerator.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from editdecay.core.arch import arch_for, as_out_in, check_layers, get_module, resolve_name
-from editdecay.edit.context import context_templates
+from editdecay.core.checks import check_finite
+from editdecay.core.devices import module_device
+from editdecay.edit.context import ContextTemplates, context_templates
 from editdecay.core.errors import DataError
 from editdecay.edit.keys import block_outputs_at_subject, compute_keys
 from editdecay.edit.patch import EditPatch
@@ -31,14 +39,18 @@ class Solver(Protocol):
     name: str
     cfg: EditorConfig
 
-    def layer_delta(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor: ...
-    def after_batch(self, keys_after: dict[int, torch.Tensor]) -> None: ...
+    def layer_delta(self, layer: int, K: torch.Tensor, R: torch.Tensor, *, device=None) -> torch.Tensor: ...
+    def after_batch(self, keys_after: dict[int, torch.Tensor], devices: dict | None = None) -> None: ...
 
 
-def validate_requests(tokenizer, requests: list[EditRequest]) -> None:
-    """Cheap checks before any heavy work: subject in prompt, targets that tokenize."""
+def validate_requests(tokenizer, requests: list[EditRequest], templates: ContextTemplates | None = None) -> None:
+    """Cheap checks before any heavy work: subject in prompt, targets that tokenize, and the subject
+    ending on a token boundary of the full prompt (`core.tokens.encode_subject_prompt`), for the bare
+    prompt and, when given, every context template. Raises DataError (TokenBoundaryError for the
+    boundary rule) naming the request's index and case_id."""
     if not requests:
         raise DataError("no edit requests given")
+    rendered = templates.flat if templates is not None else ("{}",)
     for i, r in enumerate(requests):
         where = f"request {i} ({r.case_id})"
         if r.prompt.count("{}") != 1:
@@ -47,9 +59,10 @@ def validate_requests(tokenizer, requests: list[EditRequest]) -> None:
             raise DataError(f"{where}: field 'subject' is empty")
         try:
             encode_target(tokenizer, r.target_new)
-            encode_subject_prompt(tokenizer, r.prompt, r.subject)
+            for t in rendered:
+                encode_subject_prompt(tokenizer, t.replace("{}", r.prompt), r.subject)
         except DataError as e:
-            raise DataError(f"{where}: {e}") from None
+            raise type(e)(f"{where}: {e}") from None
 
 
 class EditingRun:
@@ -62,20 +75,30 @@ class EditingRun:
         self.layers = check_layers(model, list(self.cfg.layers), field="layers")
         self.names = {l: resolve_name(model, self.spec.mlp_out_name(l)) for l in self.layers}   # patch keys
         self.originals = {n: get_module(model, n).weight.detach().clone() for n in self.names.values()}
-        self.accum = {n: torch.zeros_like(w, dtype=torch.float64) for n, w in self.originals.items()}
+        self.devices = {l: module_device(get_module(model, n)) for l, n in self.names.items()}
+        # float64 on the CPU: exact accumulation without a float64 weight copy on an accelerator
+        self.accum = {n: torch.zeros(w.shape, dtype=torch.float64) for n, w in self.originals.items()}
         self.requests: list[EditRequest] = []
         self.timer = Timer()
         self.progress = progress
         self.target_log: list[dict] = []
+        self.warnings: list[str] = []          # judgement calls (e.g. few statistics tokens), kept in the patch
         with self.timer("context"):
             # Grouped by context type (E2): [("{}",), (<sampled prefixes>)]; recorded in the patch.
             self.templates = context_templates(model, lm.tokenizer, n=self.cfg.n_context_templates,
                                                length=self.cfg.context_length, seed=self.cfg.seed)
 
     def edit_batch(self, requests: list[EditRequest]) -> None:
-        """E3 targets at l*, then E4/E5 layer by layer under the partly edited model."""
+        """E3 targets at l*, then E4/E5 layer by layer under the partly edited model.
+
+        Raises NonFiniteError (core.checks.check_finite) as soon as a target value, key, block
+        output or delta is NaN or infinite, before that delta reaches the model; layers edited
+        earlier in the failing batch stay edited (`restore()` undoes the run; `api.edit_model`
+        does so itself). Raises DataError for requests that `validate_requests` rejects.
+        """
         model, tok, cfg = self.lm.model, self.lm.tokenizer, self.cfg
-        validate_requests(tok, requests)
+        validate_requests(tok, requests, self.templates)
+        ids = [r.case_id for r in requests]
         top = self.layers[-1]
         with self.timer("targets"):
             tset = TargetSettings(layer=top, v_lr=cfg.v_lr, v_num_grad_steps=cfg.v_num_grad_steps,
@@ -85,25 +108,29 @@ class EditingRun:
             tr = compute_targets(model, tok, requests, self.templates, tset, progress=self.progress)
         self.target_log.append({"n": len(requests), "mean_final_loss": sum(tr.loss) / len(tr.loss),
                                 "mean_steps": sum(tr.steps) / len(tr.steps)})
-        device = next(model.parameters()).device
-        z = tr.z.T.to(device)                                                   # (d, n)
+        z = tr.z.T.cpu()                                                        # (d, n) float32, host
+        check_finite("E3 target values z", {f"case_id {i}": z[:, c] for c, i in enumerate(ids)})
         m = len(self.layers)
         for j, layer in enumerate(tqdm(self.layers, desc=f"{self.solver.name} layers", disable=not self.progress,
                                        leave=False)):
             with self.timer("keys"):
                 K = compute_keys(model, tok, requests, [layer], self.templates)[layer]      # (d_k, n)
                 h_now = block_outputs_at_subject(model, tok, requests, top)               # (d, n)
+            check_finite(f"E2 keys at layer {layer}", {f"case_id {i}": K[:, c] for c, i in enumerate(ids)})
+            check_finite(f"block {top} outputs", {f"case_id {i}": h_now[:, c] for c, i in enumerate(ids)})
             R = (z - h_now) / (m - j)                                                     # E4: spread residual
             with self.timer("solve"):
-                delta = self.solver.layer_delta(layer, K, R)                              # (d, d_k)
+                delta = self.solver.layer_delta(layer, K, R, device=self.devices[layer])  # (d, d_k)
+            check_finite(f"{self.solver.name} delta at layer {layer}", delta)
             self._add(self.names[layer], as_out_in(delta, self.spec))
         with self.timer("keys"):
             keys_after = compute_keys(model, tok, requests, list(self.layers), self.templates)
-        self.solver.after_batch(keys_after)
+        check_finite("E2 keys after the edit", {f"layer {l}": K for l, K in keys_after.items()})
+        self.solver.after_batch(keys_after, self.devices)
         self.requests.extend(requests)
 
     def _add(self, name: str, delta: torch.Tensor) -> None:
-        self.accum[name] += delta.to(device=self.accum[name].device, dtype=torch.float64)
+        self.accum[name] += delta.to(device="cpu", dtype=torch.float64)
         w = get_module(self.lm.model, name).weight
         with torch.no_grad():
             w.copy_(self.originals[name] + self._stored_delta(name).to(device=w.device, dtype=w.dtype))
@@ -118,7 +145,7 @@ class EditingRun:
             layers=self.layers, editor=self.solver.name, config=self.cfg.model_dump(mode="json"),
             requests=tuple(self.requests), model_identity=self.lm.identity.to_dict(),
             extra={"timings": dict(self.timer.seconds), "context_templates": self.templates.to_dict(),
-                   "targets": self.target_log, **(extra or {})},
+                   "targets": self.target_log, "warnings": list(self.warnings), **(extra or {})},
         )
 
     def restore(self) -> None:

@@ -33,6 +33,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from editdecay.core.devices import input_device
 from editdecay.core.arch import arch_for, check_layers, resolve_name
 from editdecay.core.cache import Cache, atomic_write_bytes, stable_hash
 from editdecay.data.corpus import CorpusSpec, iter_token_chunks
@@ -155,7 +156,7 @@ def accumulate_second_moments(lm: LoadedModel, layers: tuple[int, ...], chunks: 
                               progress_total: int | None = None, progress: bool = True) -> tuple[dict[int, torch.Tensor], int]:
     """Sums S_l = sum_t k_t k_t^T over the non-padding tokens of `chunks`, all `layers` in one pass.
 
-    Returns ({layer: S_l on the model's device, `dtype`}, N). The pass stops right
+    Returns ({layer: S_l on the device of W_out(layer), `dtype`}, N). The pass stops right
     after the last layer's W_out. Sequences are right-padded, so with a causal model a
     real token never sees padding and its key does not depend on the batch.
     """
@@ -165,7 +166,7 @@ def accumulate_second_moments(lm: LoadedModel, layers: tuple[int, ...], chunks: 
     spec = arch_for(model)
     layers = tuple(sorted(set(layers)))          # the stop hook goes on the deepest one
     names = [resolve_name(model, spec.mlp_out_name(l)) for l in layers]
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = pad_id(lm.tokenizer) if lm.tokenizer is not None else 0
     sums: dict[int, torch.Tensor] = {}
     n = 0
@@ -178,9 +179,10 @@ def accumulate_second_moments(lm: LoadedModel, layers: tuple[int, ...], chunks: 
                 run_until_stop(model, **batch.model_inputs())
             mask = batch.attention_mask.bool()                       # (B, T)
             for layer, name in zip(layers, names):
-                k = store[name][mask].to(dtype)                      # (n_b, d_k): keys of real tokens
+                x = store[name]                                      # on the device of W_out(layer)
+                k = x[mask.to(x.device)].to(dtype)                   # (n_b, d_k): keys of real tokens
                 if layer not in sums:
-                    sums[layer] = torch.zeros(k.shape[1], k.shape[1], dtype=dtype, device=device)
+                    sums[layer] = torch.zeros(k.shape[1], k.shape[1], dtype=dtype, device=k.device)
                 sums[layer].addmm_(k.T, k)                           # += K^T K, (d_k, d_k)
             n_b = int(mask.sum())
             n += n_b

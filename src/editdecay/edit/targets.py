@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from editdecay.core.arch import arch_for, unembed_module
+from editdecay.core.arch import arch_for, get_module, unembed_module
+from editdecay.core.devices import input_device, module_device
 from editdecay.core.hooks import edit_output
+from editdecay.core.memory import ModelShape, plan_batch_size, run_batched
 from editdecay.core.request import EditRequest
 from editdecay.core.tokens import encode_subject_prompt, encode_target, pad_id
 from editdecay.edit.context import ContextTemplates
@@ -39,7 +41,10 @@ class TargetSettings:
     clamp_norm_factor: float = 0.75
     early_stop_loss: float = 0.05
     kl_prompt: str = "{} is a"
-    batch_size: int = 128           # requests optimised together
+    batch_size: int | None = None   # requests optimised together; None: from free memory (TARGETS_CPU_BATCH on CPU)
+
+
+TARGETS_CPU_BATCH = 128
 
 
 @dataclass
@@ -91,7 +96,7 @@ class _PrefixBatch:
     """
 
     def __init__(self, model, rows: list[_Row], pad: int):
-        device = next(model.parameters()).device
+        device = input_device(model)
         self.model, self.rows = model, rows
         P = max(1, max(len(r.prefix) for r in rows))
         S = max(len(r.suffix) for r in rows)
@@ -125,7 +130,8 @@ class _PrefixBatch:
     def select(self, keep: list[int]) -> None:
         """Keep only these rows (indices into the current row list)."""
         idx = torch.tensor(keep, device=self.suf_ids.device)
-        self.cache.batch_select_indices(idx)
+        # CPU indices: the cache's layers may sit on several devices (a model spread over GPUs).
+        self.cache.batch_select_indices(torch.tensor(keep))
         self.suf_ids, self.suf_pos, self.mask = self.suf_ids[idx], self.suf_pos[idx], self.mask[idx]
         self.rows = [self.rows[i] for i in keep]
 
@@ -181,7 +187,10 @@ def _detach_cache(cache) -> None:
 
 def compute_targets(model, tokenizer, requests: list[EditRequest], templates: ContextTemplates | tuple[str, ...],
                     cfg: TargetSettings, *, progress: bool = True) -> TargetResult:
-    """Optimise one delta per request (E3), `cfg.batch_size` requests at a time.
+    """Optimise one delta per request (E3), `cfg.batch_size` requests at a time (None: as many as the
+    device's free memory holds by `_bytes_per_request`, TARGETS_CPU_BATCH on the CPU). A batch that runs out
+    of memory is redone at half the size; at one request, DeviceMemoryError names the stage (E3 targets).
+    z and h come back as float32 CPU tensors.
 
     The NLL is a plain mean over all rendered prompts (every template of every context
     type weighs the same, as in memit `compute_z`), unlike E2's two-level key average.
@@ -198,28 +207,56 @@ def compute_targets(model, tokenizer, requests: list[EditRequest], templates: Co
     )
 
 
+def _bytes_per_request(model, tokenizer, requests, templates, cfg: TargetSettings) -> int:
+    """Estimated device memory of one request in an E3 batch: its rows' suffix activations kept for the
+    backward pass through the blocks after l*, their prefix KV cache (twice: a step concatenates), and the
+    float32 logits (with gradients) at its scored tokens and KL position."""
+    shape = ModelShape.of(model)
+    rows = _rows(tokenizer, requests[:64], templates, cfg.kl_prompt)        # a sample bounds the sizes
+    reqs = {r.req for r in rows}
+    S = max(len(r.suffix) for r in rows)
+    P = max(len(r.prefix) for r in rows)
+    per_req_rows = len(rows) / max(1, len(reqs))
+    scored = max(sum(len(r.target) for r in rows if r.req == i) for i in reqs) + 1
+    after = shape.n_layers - cfg.layer
+    return int(per_req_rows * S * shape.grad_token_bytes(after, P + S)
+               + 2 * per_req_rows * (P + S) * shape.kv_token_bytes()
+               + shape.logits_bytes(scored, grad=True) + 4 * shape.vocab)
+
+
 def _all_batches(model, tokenizer, requests, templates, cfg, progress) -> list[TargetResult]:
-    parts = []
-    for start in range(0, len(requests), cfg.batch_size):
-        part = requests[start:start + cfg.batch_size]
-        with tqdm(total=cfg.v_num_grad_steps, desc=f"target values {start + len(part)}/{len(requests)}",
+    per_req = _bytes_per_request(model, tokenizer, requests, templates, cfg)
+    size = plan_batch_size("E3 targets", n_items=len(requests), bytes_per_item=per_req, device=input_device(model),
+                           explicit=cfg.batch_size, cpu_default=TARGETS_CPU_BATCH)
+    done = [0]
+
+    def one(part):
+        with tqdm(total=cfg.v_num_grad_steps, desc=f"target values {done[0] + len(part)}/{len(requests)}",
                   disable=not progress, leave=False) as bar:
-            parts.append(_optimise(model, tokenizer, part, templates, cfg, bar))
-    return parts
+            out = _optimise(model, tokenizer, part, templates, cfg, bar)
+        done[0] += len(part)
+        return out
+
+    return run_batched("E3 targets", requests, one, batch_size=size, bytes_per_item=per_req,
+                       device=input_device(model))
 
 
 def _optimise(model, tokenizer, requests, templates, cfg: TargetSettings, bar=None) -> TargetResult:
     spec = arch_for(model)
-    device = next(model.parameters()).device
     unembed = unembed_module(model)
+    # Devices (a model may be spread over several): delta lives where block l* computes; losses where the
+    # unembedding computes. On one device both are the same.
+    block_dev = module_device(get_module(model, spec.block_name(cfg.layer)))
+    device = module_device(unembed)
     rows = _rows(tokenizer, requests, templates, cfg.kl_prompt)
     n = len(requests)
     d = model.config.hidden_size
     batch = _PrefixBatch(model, rows, pad_id(tokenizer))
     lay = _Layout.of(batch.rows, device)
-    bare_rows = torch.tensor([b for b, r in enumerate(rows) if r.bare], device=device)   # one per request, in order
+    row_req = lay.row_req.to(block_dev)                                                  # (B,) for the hook
+    bare_rows = torch.tensor([b for b, r in enumerate(rows) if r.bare], device=block_dev)   # one per request
 
-    delta = torch.zeros(n, d, device=device, dtype=torch.float32, requires_grad=True)
+    delta = torch.zeros(n, d, device=block_dev, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
     active = torch.ones(n, dtype=torch.bool, device=device)
     h_init = None
@@ -234,12 +271,12 @@ def _optimise(model, tokenizer, requests, templates, cfg: TargetSettings, bar=No
         if h_init is None:                                                              # first step: all rows
             h_init = h[bare_rows, 0].detach().float().clone()                          # (n, d)
         h = h.clone()
-        h[:, 0] = h[:, 0] + delta[lay.row_req].to(h.dtype)
+        h[:, 0] = h[:, 0] + delta[row_req].to(h.dtype)
         return h
 
     for it in range(cfg.v_num_grad_steps):
         with edit_output(model, spec.block_name(cfg.layer), add_delta):
-            hidden = batch.hidden()                                                      # (B, S, d)
+            hidden = batch.hidden().to(device)                                           # (B, S, d)
         logp = torch.log_softmax(unembed(hidden[lay.g_row, lay.g_pos]).float(), -1)    # (G, V)
         tok_nll = -logp.gather(1, lay.g_tok[:, None]).squeeze(1) * lay.g_weight         # (G,)
         nll = torch.zeros(n, device=device).index_add(0, lay.g_req, tok_nll)            # (n,) mean over tokens, templates
@@ -249,7 +286,7 @@ def _optimise(model, tokenizer, requests, templates, cfg: TargetSettings, bar=No
             kl_init[lay.kl_req] = kl_logp.detach()
         kl_each = (kl_logp.exp() * (kl_logp - kl_init[lay.kl_req])).sum(-1)            # KL(new || orig), (K,)
         kl = cfg.kl_factor * torch.zeros(n, device=device).index_add(0, lay.kl_req, kl_each)
-        wd = cfg.v_weight_decay * delta.norm(dim=1) / h_init.norm(dim=1) ** 2
+        wd = (cfg.v_weight_decay * delta.norm(dim=1) / h_init.norm(dim=1) ** 2).to(device)
         loss = nll + kl + wd                                                             # (n,); valid where active
         with torch.no_grad():
             was = active.clone()
@@ -261,12 +298,12 @@ def _optimise(model, tokenizer, requests, templates, cfg: TargetSettings, bar=No
             bar.set_postfix(active=int(active.sum()), loss=f"{float(loss.detach()[was].mean()):.3f}")
         if not bool(active.any()) or it == cfg.v_num_grad_steps - 1:
             break
-        frozen = delta.detach()[~active].clone()
+        frozen = delta.detach()[~active.to(block_dev)].clone()
         opt.zero_grad(set_to_none=False)
         (loss * active).sum().backward()
         opt.step()
         with torch.no_grad():
-            delta[~active] = frozen                      # finished requests keep their delta
+            delta[~active.to(block_dev)] = frozen        # finished requests keep their delta
             max_norm = cfg.clamp_norm_factor * h_init.norm(dim=1, keepdim=True)          # (n, 1)
             scale = torch.clamp(max_norm / delta.norm(dim=1, keepdim=True).clamp_min(1e-12), max=1.0)
             delta.mul_(scale)
@@ -275,5 +312,6 @@ def _optimise(model, tokenizer, requests, templates, cfg: TargetSettings, bar=No
             keep = active[lay.row_req].nonzero().squeeze(1).tolist()
             batch.select(keep)
             lay = _Layout.of(batch.rows, device)
+            row_req = lay.row_req.to(block_dev)
     z = (h_init + delta.detach()).float()
     return TargetResult(z=z.cpu(), h=h_init.cpu(), loss=final_loss.tolist(), steps=(steps + 1).tolist())

@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from editdecay.core.devices import input_device
 from editdecay.measure.downstream import DownstreamSpec
 from editdecay.core.errors import ConfigError
 from editdecay.core.models import LoadedModel
@@ -100,7 +101,7 @@ def run_finetune(
     task_name = task.identity().get("name") if task is not None else None
     callback = DecayCallback(requests, task_records, every=eval_every, template=recipe.template,
                              path=out / CURVE_FILE, task_name=task_name)
-    device = next(model.parameters()).device
+    device = input_device(model)
     result = {
         "kind": "finetune", "status": "running", "model": lm.identity.to_dict(), "recipe": recipe.to_dict(),
         "plan": plan.to_dict(), "data": data.identity, "task": task.identity() if task is not None else None,
@@ -223,7 +224,7 @@ def _save(o: TrainOutcome, save: str, out: Path, timer: Timer) -> tuple[nn.Modul
 def _merge_checked(model: nn.Module) -> tuple[nn.Module, dict]:
     """Merge adapters and record how far the merged logits are from the unmerged ones on a probe input."""
     model.eval()
-    device = next(model.parameters()).device
+    device = input_device(model)
     vocab = model.get_input_embeddings().weight.shape[0]
     probe = torch.arange(16, device=device).remainder(vocab)[None]   # (1, 16) fixed token ids
     before = model(input_ids=probe, use_cache=False).logits.float()

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from editdecay.core.devices import input_device
 from editdecay.core.errors import EditDecayError
 from editdecay.finetune.callback import DecayCallback
 from editdecay.data.instructions import IGNORE_INDEX, Example, TrainingSet
@@ -122,7 +123,7 @@ def train(
 
     from editdecay.core.tokens import pad_id
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     total = total_optimizer_steps(recipe, len(data.examples))

@@ -101,10 +101,14 @@ def _outcome(r: EditRequest, s: list[ContinuationScore]) -> RequestOutcome:
 
 
 def evaluate_requests(
-    model, tokenizer, requests: Sequence[EditRequest], *, batch_size: int = 32,
+    model, tokenizer, requests: Sequence[EditRequest], *, batch_size: int | None = None,
     padding_side: str = "right", progress: bool = False,
 ) -> list[RequestOutcome]:
-    """Per-request E6 outcomes; all prompts of all requests go through one batched scorer."""
+    """Per-request E6 outcomes; all prompts of all requests go through one batched scorer.
+
+    `batch_size`: (prompt, target) pairs per forward pass; None: from the device's free memory (32 on the
+    CPU), so device memory does not grow with the number of requests (core.memory).
+    """
     per_req = [_pairs_for(r) for r in requests]
     flat = [pair for pairs in per_req for pair in pairs]
     scores = score_continuations(model, tokenizer, flat, batch_size=batch_size,

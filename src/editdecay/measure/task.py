@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from editdecay.core.devices import input_device
 from editdecay.core.forward import logits_at
 from editdecay.core.tokens import pad_batch, pad_id
 from editdecay.data.prompts import InstructionRecord, render_prompt
@@ -58,7 +59,7 @@ def exact_match(model, tokenizer, records: Sequence[InstructionRecord], *, templ
         seqs.append((p, t))
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = input_device(model)
     hits = prefix_hits = token_hits = n_tokens = 0
     nll_sum = 0.0
     try:

@@ -34,6 +34,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from editdecay.core.devices import input_device
 from editdecay.report.analysis import Analysis
 from editdecay.report.figures import FigureRecord, _empty, _figure, _save
 from editdecay.report.records import CellRecord
@@ -70,7 +71,7 @@ def last_token_states(model, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     was_training = base.training
     base.eval()
-    device = next(base.parameters()).device
+    device = input_device(base)
     out = []
     for p in prompts:
         ids = torch.tensor([encode_prompt(tokenizer, p)], device=device)                 # (1, T)
