@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 from editdecay.measure.metrics import RequestOutcome
 
@@ -14,19 +15,47 @@ def success(outcome: RequestOutcome) -> bool:
     return outcome.efficacy >= SUCCESS_THRESHOLD
 
 
-def edit_flip_ratio(edited: Sequence[RequestOutcome], finetuned: Sequence[RequestOutcome]) -> dict:
+@dataclass(frozen=True)
+class EditFlip:
+    """E7 Edit Flip Ratio with its counts. `value` is None when no request succeeded on M_e (undefined)."""
+
+    value: float | None
+    n_flipped: int
+    n_success_edited: int
+    n: int                         # requests compared
+    n_recovered: int               # failed on M_e, succeed on M_ef (not part of the EFR)
+    flipped: tuple[str, ...]       # case ids of the flipped requests
+
+    def to_dict(self) -> dict:
+        """The shape stored in result files under `decay.edit_flip_ratio`."""
+        return {"value": self.value, "n_success_edited": self.n_success_edited, "n_flipped": self.n_flipped,
+                "n": self.n, "threshold": SUCCESS_THRESHOLD, "flipped": list(self.flipped)}
+
+
+def edit_flip(rows: Iterable[tuple[str, bool, bool]]) -> EditFlip:
     """E7: EFR = |{i : success_i(M_e) and not success_i(M_ef)}| / |{i : success_i(M_e)}|.
 
-    Outcomes are matched by case_id. `value` is None when no request succeeded on M_e (the ratio is undefined).
+    rows: (case_id, success on M_e, success on M_ef) per request. The one implementation, used by
+    fine-tuning results (`edit_flip_ratio`) and by the report (recomputed from per-request rows).
+    """
+    rows = list(rows)
+    succeeded = [cid for cid, before, _ in rows if before]
+    flipped = tuple(cid for cid, before, after in rows if before and not after)
+    recovered = sum(1 for _, before, after in rows if not before and after)
+    return EditFlip(len(flipped) / len(succeeded) if succeeded else None, len(flipped), len(succeeded), len(rows),
+                    recovered, flipped)
+
+
+def edit_flip_ratio(edited: Sequence[RequestOutcome], finetuned: Sequence[RequestOutcome]) -> dict:
+    """E7 Edit Flip Ratio of two models' outcomes, matched by case_id, as stored in results (`EditFlip.to_dict`).
+
+    Raises ValueError when a request of `edited` has no fine-tuned outcome.
     """
     after = {o.case_id: o for o in finetuned}
     missing = [o.case_id for o in edited if o.case_id not in after]
     if missing:
         raise ValueError(f"edit_flip_ratio: no fine-tuned outcome for case_id {missing[0]!r}")
-    succeeded = [o for o in edited if success(o)]
-    flipped = [o.case_id for o in succeeded if not success(after[o.case_id])]
-    return {"value": len(flipped) / len(succeeded) if succeeded else None, "n_success_edited": len(succeeded),
-            "n_flipped": len(flipped), "n": len(edited), "threshold": SUCCESS_THRESHOLD, "flipped": flipped}
+    return edit_flip((o.case_id, success(o), success(after[o.case_id])) for o in edited).to_dict()
 
 
 def relative_decrease_of(edited: float | None, finetuned: float | None) -> float | None:

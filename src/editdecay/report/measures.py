@@ -12,7 +12,7 @@ Definitions (ALGORITHMS.md E6/E7):
 - relative decrease of S: (S(M_e) - S(M_ef)) / S(M_e); undefined (None) when S(M_e) = 0.
 - Edit Flip Ratio: |{i: success_i(M_e) and not success_i(M_ef)}| / |{i: success_i(M_e)}|;
   undefined when no request succeeded after editing. `success` is the stored per-request
-  flag (efficacy >= 0.5, finetune/decay.py).
+  flag (efficacy >= 0.5, measure/decay.py).
 """
 
 from __future__ import annotations
@@ -22,21 +22,10 @@ from dataclasses import dataclass
 from statistics import mean
 from typing import Mapping, Sequence
 
-from editdecay.measure.decay import relative_decrease_of as relative_decrease
+from editdecay.measure.decay import EditFlip, edit_flip, relative_decrease_of as relative_decrease
 from editdecay.report.records import MODELS, SCORES, CellRecord, RequestRecord
 
 TOLERANCE = 1e-9      # stored and recomputed means agree to float rounding
-
-
-@dataclass(frozen=True)
-class EditFlip:
-    """E7 Edit Flip Ratio with its counts."""
-
-    value: float | None
-    n_flipped: int
-    n_success_edited: int
-    n: int                    # requests in the cell
-    n_recovered: int          # failed after editing, succeed after fine-tuning (not in the EFR)
 
 
 @dataclass(frozen=True)
@@ -55,19 +44,16 @@ def _mean(values) -> float | None:
     return mean(vals) if vals else None
 
 
-def edit_flip(requests: Sequence[RequestRecord]) -> EditFlip:
-    succeeded = [r for r in requests if r.success["M_e"]]
-    flipped = [r for r in succeeded if not r.success["M_ef"]]
-    recovered = [r for r in requests if not r.success["M_e"] and r.success["M_ef"]]
-    return EditFlip(len(flipped) / len(succeeded) if succeeded else None, len(flipped), len(succeeded),
-                    len(requests), len(recovered))
+def edit_flip_of(requests: Sequence[RequestRecord]) -> EditFlip:
+    """E7 Edit Flip Ratio from the stored per-request success flags (measure.decay.edit_flip)."""
+    return edit_flip((r.case_id, r.success["M_e"], r.success["M_ef"]) for r in requests)
 
 
 def cell_measures(requests: Sequence[RequestRecord]) -> CellMeasures:
     scores = {m: {s: _mean(r.scores[m][s] for r in requests) for s in SCORES} for m in MODELS}
     rel = {s: relative_decrease(scores["M_e"][s], scores["M_ef"][s]) for s in SCORES}
     margins = {m: _mean(r.margin[m] for r in requests) for m in MODELS}
-    return CellMeasures(len(requests), scores, rel, edit_flip(requests), margins)
+    return CellMeasures(len(requests), scores, rel, edit_flip_of(requests), margins)
 
 
 def _differs(a, b) -> bool:
@@ -112,5 +98,5 @@ def check_stored(cell: CellRecord, m: CellMeasures) -> list[str]:
     return out
 
 
-__all__ = ["CellMeasures", "EditFlip", "TOLERANCE", "cell_measures", "check_stored", "edit_flip",
+__all__ = ["CellMeasures", "EditFlip", "TOLERANCE", "cell_measures", "check_stored", "edit_flip_of",
            "relative_decrease"]
