@@ -31,7 +31,7 @@ def edit(
     zsre_target: str = typer.Option("answers", help="zsRE edit target: 'answers' (MEMIT/AlphaEdit) or 'alt' (EasyEdit)"),
     strict: bool = typer.Option(False, help="fail on any rejected record"),
     dtype: str = typer.Option("float32", help="model dtype: float32 | bfloat16 | float16"),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ... or auto: spread the model over the visible GPUs (accelerate device map)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     out: Path = typer.Option(..., help="patch directory to write (patch.safetensors, patch.json, result.json)"),
 ) -> None:

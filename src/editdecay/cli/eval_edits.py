@@ -27,9 +27,9 @@ def eval_edits(
                                                   "(refused by default; both fingerprints are recorded)"),
     zsre_target: str = typer.Option("answers", help="zsRE edit target: 'answers' (MEMIT/AlphaEdit) or 'alt' (EasyEdit)"),
     strict: bool = typer.Option(False, help="fail on any rejected record instead of reporting it"),
-    batch_size: int = typer.Option(32, help="prompts per forward pass"),
+    batch_size: Optional[int] = typer.Option(None, help="prompts per forward pass (default: from the device's free memory; 32 on the CPU)"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ... or auto: spread the model over the visible GPUs (accelerate device map)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     out: Optional[Path] = typer.Option(None, help="write the JSON result here"),
 ) -> None:

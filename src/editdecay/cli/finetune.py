@@ -67,7 +67,7 @@ def finetune(
     save: str = typer.Option("auto", help="auto | adapter | merged | both | none (auto: adapter for lora/dora, "
                                           "merged weights for full)"),
     dtype: str = typer.Option("float32", help="model dtype: float32 | bfloat16"),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ... or auto: spread the model over the visible GPUs (accelerate device map)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     overwrite: bool = typer.Option(False, help="replace a previous run in --out"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 def evaluate_stage_result(*, model: str, data: str | None, limit: int | None, seed: int | None,
                           patch_dir: Path | None, zsre_target: str = "answers", strict: bool = False,
-                          batch_size: int = 32, dtype: str = "float32", device: str = "cpu",
+                          batch_size: int | None = None, dtype: str = "float32", device: str = "cpu",
                           allow_foreign_patch: bool = False) -> dict:
     """Evaluate edit metrics of one model stage: `pre` (no patch) or `post` (patch applied).
 
@@ -100,7 +100,7 @@ def edit_config(editor: str, lm, overrides: dict) -> "object":
 
 def run_edit(*, model: str, editor: str, data: str, n: int | None, seed: int | None, out: Path | None,
              overrides: dict, batch_size: int | None = None, zsre_target: str = "answers", strict: bool = False,
-             dtype: str = "float32", device: str = "cpu", eval_batch_size: int = 32, progress: bool = True,
+             dtype: str = "float32", device: str = "cpu", eval_batch_size: int | None = None, progress: bool = True,
              cache=None) -> dict:
     """Load data, then the model; evaluate (pre), edit, evaluate (post); save patch + result.json."""
     from editdecay.core.arch import check_layers
