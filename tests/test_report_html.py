@@ -110,7 +110,8 @@ def rendered(grid, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("report")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "editdecay.cli", "report", str(grid["out"]), "--out", str(out),
-                           "--threads", "1"], env=env, capture_output=True, text=True, timeout=300)
+                           "--threads", "1", "--frequency-method", "corpus"], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     profile = out.parent / "chromium-profile"
     dom = subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -224,13 +225,16 @@ def test_tables_hold_the_numbers_of_the_result_files(grid, rendered):
 
 
 def test_target_frequencies_come_from_the_data_and_the_corpus_file(rendered):
-    """The tiny grid's statistics corpus is a local text file: targets are counted there and in the task data."""
+    """The tiny grid's statistics corpus is a local text file: targets are counted there and in the task data
+    (`--frequency-method corpus`; the wordfreq default is tested in test_report_frequency.py)."""
+    from editdecay.report.frequency import method_description
+
     report = json.loads((rendered["out"] / "report.json").read_text())
     table = report["tables"]["survival_requests"]
     names = [c["name"] for c in table["columns"]]
     rows = [dict(zip(names, r)) for r in table["rows"]]
     assert len(rows) == 3 and all(r["target"] for r in rows)
-    assert table["notes"] == []                      # every source was available
+    assert table["notes"] == [method_description("corpus")]     # every source was available
     for r in rows:
         # the corpus's word list holds no target, so every occurrence is in TARGET_DOC; the task data has none
         assert r["count in stats corpus"] == TARGET_DOC.split().count(r["target"].strip()), r

@@ -24,6 +24,8 @@ def finetune(
     allow_foreign_patch: bool = typer.Option(False, "--allow-foreign-patch",
                                              help="apply a patch computed on other weights than --model's "
                                                   "(refused by default; both fingerprints are recorded)"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="also load pickled weights (.bin/.pt), which "
+                                      "can run code when unpickled (default: safetensors only)"),
     method: str = typer.Option("lora", help="lora | dora | full"),
     layers: str = typer.Option("all", help="all | edited | non-edited | 4,5,6 | 4-8"),
     targets: Optional[str] = typer.Option(None, help="attention | mlp | all-linear | all (full only) | comma list of "
@@ -101,7 +103,7 @@ def finetune(
 
     from editdecay.core.models import load_model
 
-    lm = load_model(model, dtype=dtype, device=device)
+    lm = load_model(model, dtype=dtype, device=device, allow_pickle=allow_pickle)
     extra = {}
     if patch_obj is not None:
         # The rule every entry point shares: a patch made on other weights is refused unless allowed.
@@ -172,7 +174,11 @@ def _report(result: dict, out: Path) -> None:
         console.print(metrics_table(f"{result['recipe']['method']} fine-tuning of {result['model']['name']}", stages))
     task = {k: pct(v.get("task_accuracy")) for k, v in stages.items()}
     if any(v != "-" for v in task.values()):
-        console.print("embedded task exact match (%): " + ", ".join(f"{k} {v}" for k, v in task.items()))
+        name = next((v.get("task_name") for v in stages.values() if v.get("task_name")), None) or "embedded"
+        console.print(f"{name} task exact match (%): " + ", ".join(f"{k} {v}" for k, v in task.items()))
+        tok = {k: pct(v.get("task_token_accuracy")) for k, v in stages.items()}
+        if any(v != "-" for v in tok.values()):
+            console.print(f"{name} task token accuracy (%): " + ", ".join(f"{k} {v}" for k, v in tok.items()))
     ds = {k: v["downstream"] for k, v in stages.items() if v.get("downstream") is not None}
     for name in (next(iter(ds.values())) if ds else {}):
         values = ", ".join(f"{k} {_score(v[name])}" for k, v in ds.items())

@@ -22,7 +22,11 @@ def report_cmd(
     activation_cells: Optional[int] = typer.Option(None, "--activation-cells", min=1,
                                                    help="measure activation shift on at most this many cells"),
     frequencies: bool = typer.Option(True, "--frequencies/--no-frequencies",
-                                     help="count edit targets in the fine-tuning data and the statistics corpus"),
+                                     help="relate edit survival to the targets' frequency"),
+    frequency_method: str = typer.Option("wordfreq", "--frequency-method",
+                                         help="wordfreq: the target's Zipf frequency in English (wordfreq word "
+                                              "lists; default) | corpus: counts in the cell's fine-tuning data and "
+                                              "E1 statistics corpus"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir",
                                              help="editdecay cache (default: the grid's, else $EDITDECAY_CACHE)"),
     device: str = typer.Option("cpu", "--device", help="device for --activation-shift"),
@@ -35,7 +39,8 @@ def report_cmd(
     from editdecay.report import build_report
 
     set_threads(threads)
-    report = build_report(results_dir, out, frequencies=frequencies, activation_shift=activation_shift,
+    report = build_report(results_dir, out, frequencies=frequencies, frequency_method=frequency_method,
+                          activation_shift=activation_shift,
                           activation_cells=activation_cells, cache_dir=cache_dir, device=device)
     counts = report.analysis.results.counts()
     console.print(f"[bold]{report.analysis.results.grid}[/]: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)

@@ -102,7 +102,9 @@ class _Parsed:
 
 
 @functools.lru_cache(maxsize=8)
-def _parse(root: str, strict: bool) -> _Parsed:
+def _parse(root: str, strict: bool, digest: str) -> _Parsed:
+    """Records of the files under `root`; `digest` (their content hash) keys the cache, so edited files are
+    read again."""
     import yaml
 
     files = yaml_files(Path(root))
@@ -137,8 +139,8 @@ def _parse(root: str, strict: bool) -> _Parsed:
     out = tuple(records.values())
     if not out:
         raise DataError(f"data 'chatterbot' ({root}): no usable question/answer pair in {len(files)} file(s)")
-    digest = hashlib.sha256(json.dumps([asdict(r) for r in out]).encode()).hexdigest()[:16]
-    return _Parsed(out, n_conv, n_pairs, tuple(problems), digest)
+    records_digest = hashlib.sha256(json.dumps([asdict(r) for r in out]).encode()).hexdigest()[:16]
+    return _Parsed(out, n_conv, n_pairs, tuple(problems), records_digest)
 
 
 def _turns(conv) -> tuple[list[str], str | None]:
@@ -186,7 +188,7 @@ class ChatterbotCorpus:
         return Path(self.root).expanduser().resolve() if self.root else package_root()
 
     def parsed(self) -> _Parsed:
-        return _parse(str(self.directory), self.strict)
+        return _parse(str(self.directory), self.strict, files_digest(self.directory))
 
     def records(self) -> tuple[tuple[InstructionRecord, ...], tuple[InstructionRecord, ...]]:
         """Disjoint (train, test) splits: no normalised prompt is in both; test has exactly `n_test` records."""

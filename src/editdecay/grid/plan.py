@@ -36,7 +36,7 @@ from pathlib import Path
 
 from editdecay.core.cache import stable_hash
 from editdecay.core.errors import ConfigError
-from editdecay.grid.spec import EditorEntry, GridSpec, ModelEntry, RecipeEntry
+from editdecay.grid.spec import DOWNSTREAM_TASKS, EditorEntry, GridSpec, ModelEntry, RecipeEntry
 
 PLAN_FORMAT = 1
 ROLE_ORDER = ("stats", "patch", "eval_base", "finetune_base", "eval_finetuned_base", "finetune_edited", "cell")
@@ -158,7 +158,7 @@ def _resolve_path(text: str, base: Path) -> str:
 def _resolve_data(spec: str, base: Path) -> str:
     """`kind:PATH` with PATH made absolute (relative to the grid file); other specs unchanged."""
     kind, sep, rest = spec.partition(":")
-    if kind in FILE_KINDS and rest:
+    if (kind in FILE_KINDS or kind == "chatterbot") and rest:
         return f"{kind}:{_resolve_path(rest, base)}"
     return spec
 
@@ -169,8 +169,9 @@ FILE_KINDS = ("counterfact", "mcf", "multicounterfact", "zsre", "instructions", 
 def data_digest(spec: str) -> str | None:
     """Content hash of the data behind a spec, part of the ids of the stages that read it: edited data means
     new stages, never a silent mix of old and new. A file that does not exist yet hashes to "missing" (a grid
-    may be planned before its data is downloaded); the bundled `worldfacts` set hashes its package files;
-    generated (`embedded`) and hub (`hf:`) data are named by their spec alone."""
+    may be planned before its data is downloaded); the bundled `worldfacts` set and the `chatterbot` corpus
+    (the installed package's English files, or `chatterbot:DIR`) hash their files; generated (`embedded`)
+    and hub (`hf:`) data are named by their spec alone."""
     import hashlib
 
     kind, _, rest = spec.partition(":")
@@ -187,7 +188,29 @@ def data_digest(spec: str) -> str | None:
         for name in names:
             h.update(name.encode() + b"\0" + root.joinpath(name).read_bytes())
         return h.hexdigest()[:16]
+    if kind == "chatterbot":
+        from editdecay.data.chatterbot import files_digest, package_root
+
+        root = Path(rest) if rest else package_root()
+        return files_digest(root) if root.is_dir() else "missing"
     return None
+
+
+def task_objects(c: dict) -> tuple[object | None, object | None]:
+    """(the task behind a finetune stage's data, the task whose held-out split it scores), from its config:
+    `task` (the embedded task's settings) and `chatterbot` (the corpus' split settings; the corpus is the
+    fine-tuning data's directory for `chatterbot:DIR`, else the installed package's). Either may be None."""
+    from editdecay.data.chatterbot import ChatterbotCorpus
+    from editdecay.data.embedded_task import EmbeddedTask
+
+    kind, _, rest = c["data"].partition(":")
+    embedded = EmbeddedTask(**c["task"]) if c.get("task") else None
+    chatter = (ChatterbotCorpus(root=rest if kind == "chatterbot" and rest else None, **c["chatterbot"])
+               if c.get("chatterbot") is not None else None)
+    source_task = chatter if kind == "chatterbot" else embedded
+    downstream = c.get("downstream") or []
+    scored = embedded if "embedded" in downstream else chatter if "chatterbot" in downstream else None
+    return source_task, scored
 
 
 def check_data_digest(spec: str, planned: str | None) -> None:
@@ -407,12 +430,15 @@ def _downstream_config(spec: GridSpec) -> dict:
     stages). A grid with only the embedded task keeps exactly the keys (and stage ids) it always had."""
     from editdecay.measure.downstream.spec import parse_task, task_digest
 
-    tasks = [t if t == "embedded" else parse_task(t, spec.base_dir) for t in spec.shared.downstream]
-    lm_tasks = [t for t in tasks if t != "embedded"]
+    tasks = [t if t in DOWNSTREAM_TASKS else parse_task(t, spec.base_dir) for t in spec.shared.downstream]
+    lm_tasks = [t for t in tasks if t not in DOWNSTREAM_TASKS]
+    # The chatterbot corpus' split settings, only where the grid uses it (other grids keep their stage ids).
+    uses_chatterbot = "chatterbot" in tasks or any(d.partition(":")[0] == "chatterbot" for d in spec.finetune_data)
+    extra = {"chatterbot": spec.shared.chatterbot.model_dump()} if uses_chatterbot else {}
     if not lm_tasks:
-        return {"downstream": tasks}
+        return {"downstream": tasks, **extra}
     return {"downstream": tasks, "downstream_limit": spec.shared.downstream_limit,
-            "downstream_digests": {t: task_digest(t) for t in lm_tasks}}
+            "downstream_digests": {t: task_digest(t) for t in lm_tasks}, **extra}
 
 
 def _finetune_base(b: _Builder, model: _Model, recipe, rlabel: str, editor_fields, ft: str, task: dict | None,
@@ -548,4 +574,5 @@ def _check_unique(cells: list[Cell]) -> None:
                           f"axis value")
 
 
-__all__ = ["Cell", "Plan", "ROLE_ORDER", "Stage", "build_plan", "check_data_digest", "data_digest", "missing_files"]
+__all__ = ["Cell", "Plan", "ROLE_ORDER", "Stage", "build_plan", "check_data_digest", "data_digest", "missing_files",
+           "task_objects"]

@@ -122,8 +122,7 @@ def preflight(plan: Plan, store: GridStore, stage_ids: list[str]) -> list[StageO
     never finish. Hub datasets (`hf:`) are left to their stage."""
     from editdecay.data import load_edit_data
     from editdecay.data.instructions import load_source
-    from editdecay.data.embedded_task import EmbeddedTask
-    from editdecay.grid.plan import check_data_digest
+    from editdecay.grid.plan import check_data_digest, task_objects
 
     def edit_data(r: dict):
         check_data_digest(r["data"], r.get("digest"))
@@ -131,7 +130,7 @@ def preflight(plan: Plan, store: GridStore, stage_ids: list[str]) -> list[StageO
 
     def finetune_data(c: dict):
         check_data_digest(c["data"], c.get("data_digest"))
-        return load_source(c["data"], task=EmbeddedTask(**c["task"]) if c["task"] else None)
+        return load_source(c["data"], task=task_objects(c)[0])
 
     readers: dict[str, list[str]] = {}      # data key -> stages reading it
     loaders: dict[str, Callable[[], object]] = {}
@@ -145,7 +144,7 @@ def preflight(plan: Plan, store: GridStore, stage_ids: list[str]) -> list[StageO
             key = json.dumps(["edit", r["data"], r.get("digest"), r["zsre_target"], r["strict"]])
             loaders[key] = lambda r=r: edit_data(r)
         elif st.kind == "finetune" and not c["data"].startswith("hf:"):
-            key = json.dumps(["finetune", c["data"], c.get("data_digest"), c["task"]])
+            key = json.dumps(["finetune", c["data"], c.get("data_digest"), c["task"], c.get("chatterbot")])
             loaders[key] = lambda c=c: finetune_data(c)
         else:
             continue

@@ -32,6 +32,7 @@ from typing import Callable
 
 from editdecay.core.errors import EditDecayError
 from editdecay.grid.plan import Plan, Stage
+from editdecay.grid.spec import DOWNSTREAM_TASKS
 from editdecay.grid.store import CELL_SCHEMA_VERSION, GridStore
 
 log = logging.getLogger(__name__)
@@ -280,19 +281,20 @@ def run_finetune_stage(ctx: StageContext) -> None:
 
     M_ef measures the patch's requests every `eval_every` steps (step 0 = M_e) and keeps no weights; M_f
     measures only the downstream task and keeps its adapter or weights, which `evaluate` stages read.
-    lm-eval downstream tasks (everything in `downstream` but `embedded`) are scored on the model handed to
+    The held-out task (`embedded` or `chatterbot` in `downstream`, `plan.task_objects`) is scored at every curve
+    point; lm-eval downstream tasks (everything else in `downstream`) are scored on the model handed to
     fine-tuning (M0 or M_e) and on the fine-tuned one (M_f or M_ef), in memory.
     """
-    from editdecay.finetune import EmbeddedTask, Recipe, load_source, run_finetune
+    from editdecay.finetune import Recipe, load_source, run_finetune
     from editdecay.edit.patch import EditPatch
 
-    from editdecay.grid.plan import check_data_digest
+    from editdecay.grid.plan import check_data_digest, task_objects
 
     c = ctx.config
     recipe = Recipe.from_dict(c["recipe"])
-    task = EmbeddedTask(**c["task"]) if c["task"] else None
+    source_task, scored_task = task_objects(c)
     check_data_digest(c["data"], c.get("data_digest"))
-    source = load_source(c["data"], task=task)
+    source = load_source(c["data"], task=source_task)
     lm = ctx.load_model(c["model"])
     requests, edited = (), _edited_layers(c["edited_layers"], lm)
     extra = {"grid_stage": ctx.stage.id}
@@ -304,7 +306,7 @@ def run_finetune_stage(ctx: StageContext) -> None:
         extra["patch"] = {"stage": c["patch"], "editor": patch.editor, "layers": list(patch.layers),
                           "n_requests": len(patch.requests)}
     run = run_finetune(lm, recipe, source, ctx.out / "run", requests=requests, edited_layers=edited,
-                       task=task if "embedded" in c["downstream"] else None, eval_every=c["eval_every"],
+                       task=scored_task, eval_every=c["eval_every"],
                        save="none" if c["patch"] is not None else "auto", progress=ctx.progress, extra=extra,
                        downstream=_downstream_spec(c, ctx.runtime))
     r = run.result
@@ -316,7 +318,7 @@ def run_finetune_stage(ctx: StageContext) -> None:
 
 def _downstream_spec(c: dict, runtime: dict):
     """The lm-eval part of a finetune stage's `downstream` list, or None; its data must be what was planned."""
-    tasks = [t for t in c["downstream"] if t != "embedded"]
+    tasks = [t for t in c["downstream"] if t not in DOWNSTREAM_TASKS]
     if not tasks:
         return None
     from editdecay.measure.downstream import DownstreamSpec, task_digest
@@ -337,7 +339,7 @@ def _downstream_spec(c: dict, runtime: dict):
 def _task_keys(metrics: dict | None) -> dict:
     """The downstream keys of a finetune stage's metrics: the embedded task's, and lm-eval's where scored."""
     m = metrics or {}
-    keys = ("task_accuracy", "task_prefix_accuracy", "n_task") + \
+    keys = ("task_accuracy", "task_prefix_accuracy", "task_token_accuracy", "task_nll", "n_task", "task_name") + \
         (("downstream", "downstream_score") if "downstream" in m else ())
     return {k: m.get(k) for k in keys}
 
@@ -364,7 +366,9 @@ def run_cell(ctx: StageContext) -> None:
         "cell": {"id": _cell_id(ctx), "label": ctx.stage.label, "axes": axes},
         "config": {"model": ft_conf["model"], "editor": None, "recipe": base_run["recipe"],
                    "edited_layers": (base_run.get("plan") or {}).get("edited_layers"), "requests": None,
-                   "finetune_data": ft_conf["data"], "task": ft_conf["task"], "downstream": ft_conf["downstream"],
+                   "finetune_data": ft_conf["data"], "task": ft_conf["task"],
+                   **({"chatterbot": ft_conf["chatterbot"]} if ft_conf.get("chatterbot") is not None else {}),
+                   "downstream": ft_conf["downstream"],
                    "downstream_limit": ft_conf.get("downstream_limit"), "eval_every": ft_conf["eval_every"]},
         "stages": {role: _stage_info(ctx.store, sid) for role, sid in roles.items()},
         "model": base_run["model"], "data": None,

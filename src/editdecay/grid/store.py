@@ -363,7 +363,8 @@ def result_row(result: dict) -> dict:
     row.update({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in axes.items()})
     for stage in ("M0", "M_e", "M_f", "M_ef"):
         m = result["metrics"].get(stage) or {}
-        for key in ("efficacy", "paraphrase", "neighborhood", "harmonic_mean", "task_accuracy", "n", "n_task"):
+        for key in ("efficacy", "paraphrase", "neighborhood", "harmonic_mean", "task_accuracy", "task_token_accuracy",
+                    "task_nll", "n", "n_task"):
             row[f"{stage}_{key}"] = m.get(key)
         if m.get("downstream") is not None:
             row[f"{stage}_downstream_score"] = m.get("downstream_score")

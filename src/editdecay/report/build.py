@@ -9,8 +9,9 @@ Output layout (REPORT_DIR):
     figures/<key>.png    one file per figure
 
 Nothing here loads a model unless `activation_shift` is asked for: the tables and
-figures come from the result files (and, for target frequencies, from the
-tokenizer and the regenerated fine-tuning data / cached statistics corpus).
+figures come from the result files (and, for target frequencies, from wordfreq's English word
+lists or, with the corpus method, the tokenizer and the regenerated fine-tuning data / cached
+statistics corpus).
 """
 
 from __future__ import annotations
@@ -73,12 +74,18 @@ def _version() -> str:
 
 
 def build_report(results_dir: str | Path, out_dir: str | Path, *, frequencies: bool = True,
-                 activation_shift: bool = False, activation_cells: int | None = None,
+                 frequency_method: str = "wordfreq", activation_shift: bool = False, activation_cells: int | None = None,
                  cache_dir: str | Path | None = None, device: str = "cpu", progress: bool = True) -> Report:
-    """Read `results_dir`, write the report into `out_dir` (created), return what was written."""
-    from editdecay.core.cache import atomic_write_bytes
-    from editdecay.report.frequency import TargetFrequencies
+    """Read `results_dir`, write the report into `out_dir` (created), return what was written.
 
+    `frequency_method`: wordfreq (English Zipf frequency, the default) | corpus (counts in the cell's fine-tuning
+    data and statistics corpus); see report/frequency.py. ConfigError for another value."""
+    from editdecay.core.cache import atomic_write_bytes
+    from editdecay.core.errors import ConfigError
+    from editdecay.report.frequency import METHODS, TargetFrequencies, method_description
+
+    if frequency_method not in METHODS:       # before anything is written
+        raise ConfigError(f"frequency method {frequency_method!r} is not valid; use one of {', '.join(METHODS)}")
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     (out / "tables").mkdir(parents=True, exist_ok=True)
@@ -89,7 +96,8 @@ def build_report(results_dir: str | Path, out_dir: str | Path, *, frequencies: b
     steps = tqdm(total=5 + activation_shift, desc="report", disable=not progress, leave=False)
     tables = all_tables(a)
     steps.update()
-    freq = TargetFrequencies(results.root, cache_dir or results.runtime.get("cache_dir")) if frequencies else None
+    freq = TargetFrequencies(results.root, cache_dir or results.runtime.get("cache_dir"),
+                             method=frequency_method) if frequencies else None
     frame = request_frame(a, freq)
     tables += [survival_requests(frame, freq), survival_summary(frame, freq)]
     steps.update()
@@ -109,7 +117,8 @@ def build_report(results_dir: str | Path, out_dir: str | Path, *, frequencies: b
         tables.append(activation_shift_table(shifts))
         figures.append(activation_figure(shifts, fig_dir / "activation_shift.png"))
         steps.update()
-    report = Report(a, tuple(tables), tuple(figures), missing_table(a), _summary(a, frame),
+    summary = _summary(a, frame) + ((method_description(freq.method),) if freq is not None else ())
+    report = Report(a, tuple(tables), tuple(figures), missing_table(a), summary,
                     _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), _version())
     files = {}
     for t in (report.missing, *report.tables):

@@ -1,8 +1,12 @@
 """Downstream scores of one model stage, in one shape whatever produced them.
 
 A cell result can hold two kinds of downstream numbers per model (M0, M_e, M_f, M_ef):
-- the embedded task's exact match: `task_accuracy`, `task_prefix_accuracy`, `n_task`
-  (finetune/task.py), reported here as task "embedded" with metrics accuracy / prefix_accuracy;
+- the held-out task's scores: `task_accuracy`, `task_prefix_accuracy`, `task_token_accuracy`, `task_nll`,
+  `n_task` (measure/task.py), reported here under the task's name (`task_name`: "embedded", "chatterbot";
+  results written before the name was recorded are "embedded") with metrics accuracy / prefix_accuracy /
+  token_accuracy / nll. Its headline metric (`HEADLINE`) is exact match for the embedded task (one- or
+  two-token answers) and token accuracy for chatterbot (free text written by people, which exact match
+  almost never reproduces);
 - lm-eval tasks (optional): `downstream = {task: {metric: value, ..., "n": int}}`.
 Both become `{task: {metric: value}, ...}` plus `n` per task, so tables and figures
 treat them alike and show whatever tasks and metrics are present.
@@ -18,10 +22,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+from editdecay.measure.downstream.score import mean_accuracy, metric_base
+
 EMBEDDED = "embedded"
+HELD_OUT = ("embedded", "chatterbot")              # held-out tasks scored in the decay curve (not lm-eval)
+# The held-out tasks' headline metric: its name among the task's metrics, and its key in stored metrics.
+HEADLINE = {"embedded": ("accuracy", "task_accuracy"), "chatterbot": ("token_accuracy", "task_token_accuracy")}
 # Preferred metric per task in summary tables, in order; lm-eval may spell them "acc,none".
 PRIMARY = ("acc", "accuracy", "acc_norm", "exact_match", "em", "f1", "mcc")
-FRACTIONS = PRIMARY + ("prefix_accuracy",)        # metrics in [0, 1], shown in percent
+FRACTIONS = PRIMARY + ("prefix_accuracy", "token_accuracy")        # metrics in [0, 1], shown in percent
 COUNTS = ("n", "n_tokens")                         # sizes, not scores
 
 
@@ -30,10 +39,6 @@ class TaskScores:
     task: str
     metrics: Mapping[str, float]       # metric -> value (numbers only; "n" is kept apart)
     n: int | None
-
-
-def _base_name(metric: str) -> str:
-    return metric.split(",", 1)[0]
 
 
 def is_error_metric(metric: str) -> bool:
@@ -45,10 +50,12 @@ def downstream_scores(metrics: Mapping | None) -> dict[str, TaskScores]:
     m = metrics or {}
     out: dict[str, TaskScores] = {}
     if m.get("task_accuracy") is not None:
+        name = held_out_name(m)
         vals = {"accuracy": m["task_accuracy"]}
-        if m.get("task_prefix_accuracy") is not None:
-            vals["prefix_accuracy"] = m["task_prefix_accuracy"]
-        out[EMBEDDED] = TaskScores(EMBEDDED, vals, m.get("n_task"))
+        for key in ("prefix_accuracy", "token_accuracy", "nll"):
+            if m.get(f"task_{key}") is not None:
+                vals[key] = m[f"task_{key}"]
+        out[name] = TaskScores(name, vals, m.get("n_task"))
     for task, scores in sorted((m.get("downstream") or {}).items()):
         if not isinstance(scores, Mapping):
             continue
@@ -59,31 +66,41 @@ def downstream_scores(metrics: Mapping | None) -> dict[str, TaskScores]:
     return out
 
 
+def held_out_name(m: Mapping | None) -> str:
+    """The held-out task of stored metrics or a curve point (`task_name`; "embedded" when not recorded)."""
+    return (m or {}).get("task_name") or EMBEDDED
+
+
+def headline_key(m: Mapping | None) -> str:
+    """The stored key of the held-out task's headline score (`HEADLINE`), e.g. task_token_accuracy."""
+    return HEADLINE.get(held_out_name(m), HEADLINE[EMBEDDED])[1]
+
+
+def headline_label(key: str) -> str:
+    return {"task_accuracy": "exact match", "task_token_accuracy": "token accuracy"}.get(key, key)
+
+
 def is_fraction(metric: str) -> bool:
-    return _base_name(metric) in FRACTIONS
+    return metric_base(metric) in FRACTIONS
 
 
 def downstream_score(tasks: Mapping[str, TaskScores]) -> tuple[float | None, int]:
-    """The study's downstream score: mean `acc` over the lm-eval tasks that report it, and how many do."""
-    accs = []
-    for name, t in tasks.items():
-        if name == EMBEDDED:
-            continue
-        acc = next((v for k, v in t.metrics.items() if _base_name(k) == "acc"), None)
-        if acc is not None:
-            accs.append(acc)
-    return (sum(accs) / len(accs) if accs else None), len(accs)
+    """The study's downstream score: mean `acc` over the lm-eval tasks that report it, and how many do
+    (measure.downstream.score.mean_accuracy; held-out tasks are not lm-eval tasks and stay out)."""
+    return mean_accuracy({name: t.metrics for name, t in tasks.items() if name not in HELD_OUT})
 
 
 def primary_metric(scores: TaskScores) -> str | None:
     """The metric a task shows in summary tables: accuracy-like first, else its first score (e.g. perplexity)."""
     names = [k for k in scores.metrics if not is_error_metric(k)]
+    if scores.task in HEADLINE and HEADLINE[scores.task][0] in names:
+        return HEADLINE[scores.task][0]
     for want in PRIMARY:
         for k in names:
-            if _base_name(k) == want:
+            if metric_base(k) == want:
                 return k
     return names[0] if names else None
 
 
-__all__ = ["EMBEDDED", "TaskScores", "downstream_score", "downstream_scores", "is_error_metric", "is_fraction",
+__all__ = ["EMBEDDED", "HEADLINE", "HELD_OUT", "TaskScores", "headline_key", "headline_label", "held_out_name", "downstream_score", "downstream_scores", "is_error_metric", "is_fraction",
            "primary_metric"]

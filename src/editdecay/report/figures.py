@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from editdecay.report.analysis import Analysis, axis
-from editdecay.report.downstream import EMBEDDED, downstream_score, downstream_scores
+from editdecay.report.downstream import (HEADLINE, HELD_OUT, downstream_score, downstream_scores, headline_key,
+                                         headline_label)
 from editdecay.report.records import MODELS, SCORE_ABBR, SCORES, CellRecord
 
 DPI = 110
@@ -94,7 +95,9 @@ def decay_curves(a: Analysis, path: Path) -> FigureRecord:
     colors = dict(zip(recipes, _palette(len(recipes))))
     styles = dict(zip(editors, ["-", "--", ":", "-."] * 4))
     markers = dict(zip(editors, ["o", "s", "^", "D", "v"] * 4))
-    keys = [*SCORES, "task_accuracy"]
+    task_key = next((headline_key(p) for c in cells for p in c.result["curve"] if p.get("task_accuracy") is not None),
+                    "task_accuracy")
+    keys = [*SCORES, task_key]
     for ax, key in zip(axes, keys):
         for label, editor, recipe, curve, base, _ in series:
             pts = [(p["step"], p.get(key)) for p in curve if p.get(key) is not None]
@@ -102,12 +105,13 @@ def decay_curves(a: Analysis, path: Path) -> FigureRecord:
                 xs, ys = zip(*pts)
                 ax.plot(xs, [100 * y for y in ys], styles[editor], marker=markers[editor], color=colors[recipe],
                         label=label, alpha=0.85, markersize=4)
-            if key == "task_accuracy":
+            if key == task_key:
                 bp = [(p["step"], p.get(key)) for p in base if p.get(key) is not None]
                 if bp:
                     xs, ys = zip(*bp)
                     ax.plot(xs, [100 * y for y in ys], ":", color=colors[recipe], alpha=0.5, linewidth=1)
-        title = f"{SCORE_ABBR[key]} of M_ef" if key in SCORES else "task accuracy (M_ef; M_f dotted)"
+        title = f"{SCORE_ABBR[key]} of M_ef" if key in SCORES else \
+            f"task {headline_label(key)} (M_ef; M_f dotted)"
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("fine-tuning step (0 = M_e)")
         ax.set_ylabel("%")
@@ -124,8 +128,8 @@ def decay_curves(a: Analysis, path: Path) -> FigureRecord:
     _save(fig, path)
     return FigureRecord("decay_curves", "Decay curves over fine-tuning steps",
                         "Scores of the edited model during fine-tuning (step 0 = M_e, the last step = M_ef), in "
-                        "percent of the cell's requests; the last panel shows the downstream task's accuracy of "
-                        "M_ef and, dotted, of M_f (the base model fine-tuned with the same recipe).", path)
+                        "percent of the cell's requests; the last panel shows the held-out task's headline score "
+                        "(embedded: exact match; chatterbot: token accuracy) of M_ef and, dotted, of M_f (the base model fine-tuned with the same recipe).", path)
 
 
 def _mean_curve(curves: list[list[dict]]) -> list[dict]:
@@ -133,9 +137,10 @@ def _mean_curve(curves: list[list[dict]]) -> list[dict]:
     out = []
     for s in steps:
         row = {"step": s}
-        for key in (*SCORES, "task_accuracy"):
+        for key in (*SCORES, "task_accuracy", "task_token_accuracy"):
             vals = [p.get(key) for c in curves for p in c if p["step"] == s and p.get(key) is not None]
             row[key] = mean(vals) if vals else None
+        row["task_name"] = next((p.get("task_name") for c in curves for p in c if p.get("task_name")), None)
         out.append(row)
     return out
 
@@ -267,18 +272,29 @@ def request_survival(frame: pd.DataFrame, path: Path) -> FigureRecord:
         ax1.set_title("margin NLL(true) - NLL(new) per (cell, request)", fontsize=10)
         ax1.legend(fontsize=7)
         ax1.grid(alpha=0.3)
-        per_req = frame[frame["edited"]].groupby(["model_label", "edit_data_label", "case_id"], dropna=False).agg(
+        if "zipf" not in frame:
+            frame = frame.assign(zipf=None)
+        edited = frame[frame["edited"]]
+        per_req = edited.groupby(["model_label", "edit_data_label", "case_id"], dropna=False).agg(
             survival=("survived", "mean"), n=("survived", "size"), ft=("finetune_per_million", "first"),
-            corpus=("corpus_per_million", "first"))
-        for ax, col, what in ((ax2, "ft", "fine-tuning data"), (ax3, "corpus", "statistics corpus")):
+            corpus=("corpus_per_million", "first"), zipf=("zipf", "first"))
+        if per_req["zipf"].notna().any():      # wordfreq method: survival per request and the Zipf of each group
+            panels = ((ax2, "zipf", "English, wordfreq Zipf", False), (ax3, "zipf", "English, wordfreq Zipf", True))
+        else:
+            panels = ((ax2, "ft", "fine-tuning data", False), (ax3, "corpus", "statistics corpus", False))
+        for ax, col, what, boxes in panels:
             sub = per_req[per_req[col].notna()]
             if sub.empty:
                 _empty(ax, f"target frequency in the {what}\nunavailable")
                 ax.set_title(f"survival vs target frequency ({what})", fontsize=10)
                 continue
-            ax.scatter(np.log10(1 + sub[col].astype(float)), 100 * sub["survival"], s=18 + 6 * sub["n"], alpha=0.7,
-                       color="tab:blue")
-            ax.set_xlabel(f"log10(1 + target per million tokens), {what}")
+            if boxes:
+                _zipf_boxes(ax, edited)
+                continue
+            xs = sub[col].astype(float) if col == "zipf" else np.log10(1 + sub[col].astype(float))
+            ax.scatter(xs, 100 * sub["survival"], s=18 + 6 * sub["n"], alpha=0.7, color="tab:blue")
+            ax.set_xlabel("target Zipf frequency (English, wordfreq)" if col == "zipf" else
+                          f"log10(1 + target per million tokens), {what}")
             ax.set_ylabel("survival (% of cells)")
             ax.set_ylim(-5, 105)
             ax.set_title(f"survival vs target frequency ({what}); n={len(sub)} requests", fontsize=9)
@@ -287,9 +303,28 @@ def request_survival(frame: pd.DataFrame, path: Path) -> FigureRecord:
     return FigureRecord("request_survival", "Which edits survive",
                         "Left: each (cell, request) that was edited, margin after editing against margin after "
                         "fine-tuning (above 0: the new target is preferred); green survived, red erased, grey failed "
-                        "already after editing. Middle and right: per request, the share of cells where it "
-                        "survived against how often its target occurs in the fine-tuning data and in the E1 "
-                        "statistics corpus (marker size: cells).", path)
+                        "already after editing. Middle and right, with the wordfreq method: per request, the share "
+                        "of cells where it survived against its target's Zipf frequency in English (marker size: "
+                        "cells), and the Zipf frequencies of survived vs erased (cell, request) pairs; with the "
+                        "corpus method: survival against how often the target occurs in the fine-tuning data and "
+                        "in the E1 statistics corpus.", path)
+
+
+def _zipf_boxes(ax, edited: pd.DataFrame) -> None:
+    """Zipf frequency of the targets of survived vs erased (cell, request) pairs, with each group's n."""
+    groups = [("survived", edited[edited["survived"]]), ("erased", edited[edited["flipped"]])]
+    data = [[float(v) for v in g["zipf"] if v is not None and not pd.isna(v)] for _, g in groups]
+    labels = [f"{name}\nn={len(d)}" for (name, _), d in zip(groups, data)]
+    if not any(data):
+        _empty(ax, "no edited request with a Zipf frequency")
+        return
+    ax.boxplot([d if d else [np.nan] for d in data], tick_labels=labels, widths=0.5)
+    for i, d in enumerate(data):
+        ax.scatter(np.full(len(d), i + 1) + np.linspace(-0.12, 0.12, len(d)) if d else [], d, s=8, alpha=0.5,
+                   color=("tab:green", "tab:red")[i])
+    ax.set_ylabel("target Zipf frequency (English, wordfreq)")
+    ax.set_title("target frequency: survived vs erased (cell, request) pairs", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
 
 
 # --------------------------------------------------------------------------- downstream
@@ -304,8 +339,9 @@ def downstream_bars(a: Analysis, path: Path) -> FigureRecord:
     for c in cells:
         for m in MODELS:
             tasks += [t for t in downstream_scores(c.metrics(m)) if t not in tasks]
-    panels = [EMBEDDED] if EMBEDDED in tasks else []
-    if any(t != EMBEDDED for t in tasks):
+    held = next((t for t in tasks if t in HELD_OUT), None)
+    panels = [held] if held else []
+    if any(t not in HELD_OUT for t in tasks):
         panels.append("downstream score (mean acc of lm-eval tasks)")
     fig = _figure(max(6, 0.9 * len(cells) + 3), 3.4 * max(1, len(panels)))
     axes = fig.subplots(max(1, len(panels)), 1, squeeze=False)[:, 0]
@@ -319,9 +355,9 @@ def downstream_bars(a: Analysis, path: Path) -> FigureRecord:
             vals = []
             for c in cells:
                 ds = downstream_scores(c.metrics(model))
-                if panel == EMBEDDED:
-                    ts = ds.get(EMBEDDED)
-                    vals.append(ts.metrics.get("accuracy") if ts else None)
+                if panel in HELD_OUT:
+                    ts = ds.get(panel)
+                    vals.append(ts.metrics.get(HEADLINE[panel][0]) if ts else None)
                 else:
                     vals.append(downstream_score(ds)[0])
             xs = [i + (k - 1.5) * width for i, v in enumerate(vals) if v is not None]
@@ -329,14 +365,15 @@ def downstream_bars(a: Analysis, path: Path) -> FigureRecord:
         ax.set_xticks(range(len(cells)), [_short_label(c, names) for c in cells], rotation=25, ha="right",
                       fontsize=7)
         ax.set_ylabel("%")
-        ax.set_title(f"downstream: {panel}", fontsize=10)
+        title = f"{panel} ({HEADLINE[panel][0].replace('_', ' ')})" if panel in HELD_OUT else panel
+        ax.set_title(f"downstream: {title}", fontsize=10)
         ax.legend(fontsize=7, ncols=4)
         ax.grid(alpha=0.3, axis="y")
     _save(fig, path)
     return FigureRecord("downstream", "Downstream scores",
                         "Per cell, the downstream score of the base model (M0), the edited model (M_e), the "
-                        "fine-tuned base (M_f) and the edited, fine-tuned model (M_ef): the embedded task's exact "
-                        "match and, when present, the downstream score (mean acc over the lm-eval tasks).", path)
+                        "fine-tuned base (M_f) and the edited, fine-tuned model (M_ef): the held-out task's headline "
+                        "score (embedded: exact match; chatterbot: token accuracy) and, when present, the downstream score (mean acc over the lm-eval tasks).", path)
 
 
 __all__ = ["FigureRecord", "decay_curves", "downstream_bars", "editor_decay_by_n", "request_survival",

@@ -1,8 +1,18 @@
-"""How often an edit's target appears in the fine-tuning data and in the E1 statistics corpus.
+"""How frequent an edit's target is: in English at large (wordfreq), or in the cell's own token streams.
 
 The study found that edits with frequent target words tend to survive fine-tuning
-and edits with rare targets are erased (PROTOCOL.md). To look for that here, each
-target is counted as a token sequence in two token streams:
+and edits with rare targets are erased (PROTOCOL.md). Two methods (`METHODS`), chosen per report
+(`editdecay report --frequency-method`), and the report names the one used:
+
+`wordfreq` (the default): the target's Zipf frequency in English from the `wordfreq` package
+(large multi-source word lists: Wikipedia, subtitles, news, books, web text, ...; offline, shipped
+with the package). Zipf = log10(occurrences per billion words): 3 is once per million words, 6 once
+per thousand; a multi-word target ("New Zealand dollar") is combined by wordfreq as the frequency
+of the phrase assuming independent words; 0 is a word not in the list. This is the notion of a
+"frequent word" the study's observation is about, and it spreads the targets out even when the
+small embedded corpora contain none of them.
+
+`corpus`: each target is counted as a token sequence in two token streams:
 - the fine-tuning data: regenerated from the cell's config (the embedded task is
   deterministic given its settings; files are read again) and tokenised exactly as
   training tokenises it (recipe template and cutoff); the whole training split is
@@ -37,6 +47,30 @@ from editdecay.report.records import CellRecord
 log = logging.getLogger(__name__)
 
 MAX_STREAM_TOKENS = 20_000_000     # a larger corpus is cut here (counting stays a few seconds)
+METHODS = ("wordfreq", "corpus")
+WORDFREQ_LANG, WORDFREQ_LIST = "en", "best"
+
+
+def zipf_frequency(target: str | None) -> float | None:
+    """wordfreq's Zipf frequency of `target` in English ('best' word list); None without a target."""
+    if target is None or not str(target).strip():
+        return None
+    from wordfreq import zipf_frequency as zf
+
+    return float(zf(str(target).strip(), WORDFREQ_LANG, wordlist=WORDFREQ_LIST))
+
+
+def method_description(method: str) -> str:
+    """One line for the report: which frequency method was used and what its numbers mean."""
+    if method == "wordfreq":
+        from importlib.metadata import version
+
+        return (f"target frequency: wordfreq {version('wordfreq')} Zipf frequency in English (word list "
+                f"'{WORDFREQ_LIST}'; log10 occurrences per billion words: 3 = once per million words, 6 = once per "
+                f"thousand; 0 = not in the list); the corpus-count method is `editdecay report "
+                f"--frequency-method corpus`")
+    return ("target frequency: occurrences of the target's tokens in the cell's fine-tuning data and E1 statistics "
+            "corpus (per million tokens); `--frequency-method wordfreq` (the default) uses English word frequencies")
 
 
 @dataclass(frozen=True)
@@ -89,14 +123,20 @@ class TargetCount:
     finetune_per_million: float | None
     corpus_count: int | None
     corpus_per_million: float | None
+    zipf: float | None = None          # wordfreq method: Zipf frequency in English
 
 
 class TargetFrequencies:
-    """Counts of edit targets per cell; sources that cannot be read are reported, not raised."""
+    """Frequencies of edit targets per cell (`method`: wordfreq | corpus, see the module docstring); sources
+    that cannot be read are reported, not raised. ConfigError for an unknown method."""
 
-    def __init__(self, results_root: Path, cache_dir: str | Path | None = None):
+    def __init__(self, results_root: Path, cache_dir: str | Path | None = None, method: str = "wordfreq"):
         from editdecay.core.cache import Cache
+        from editdecay.core.errors import ConfigError
 
+        if method not in METHODS:
+            raise ConfigError(f"frequency method {method!r} is not valid; use one of {', '.join(METHODS)}")
+        self.method = method
         self.root = Path(results_root)
         self.cache = Cache(Path(cache_dir)) if cache_dir else Cache.default()
         self._tokenizers: dict[str, object] = {}
@@ -150,16 +190,17 @@ class TargetFrequencies:
     def finetune_stream(self, cell: CellRecord, tok) -> TokenStream:
         cfg = (cell.result or {}).get("config") or {}
         recipe = cfg.get("recipe") or {}
-        spec, task = cfg.get("finetune_data"), cfg.get("task")
-        key = json.dumps(["ft", spec, task, recipe.get("template"), recipe.get("cutoff_len"),
+        spec, task, chatter = cfg.get("finetune_data"), cfg.get("task"), cfg.get("chatterbot")
+        key = json.dumps(["ft", spec, task, chatter, recipe.get("template"), recipe.get("cutoff_len"),
                           recipe.get("train_on_prompt"), getattr(tok, "name_or_path", None)], sort_keys=True)
         if key not in self._streams:
             name = f"fine-tuning data {spec}"
             try:
                 from editdecay.data.instructions import load_source, tokenize
-                from editdecay.data.embedded_task import EmbeddedTask
+                from editdecay.grid.plan import task_objects
 
-                source = load_source(spec, task=EmbeddedTask(**task) if task else None)
+                source_task = task_objects({"data": spec, "task": task, "chatterbot": chatter})[0]
+                source = load_source(spec, task=source_task)
                 ts = tokenize(source, tok, cutoff_len=recipe["cutoff_len"], template=recipe.get("template", "alpaca"),
                               train_on_prompt=recipe.get("train_on_prompt", False))
                 self._streams[key] = _stream(name, (e.input_ids for e in ts.examples))
@@ -227,10 +268,13 @@ class TargetFrequencies:
     # ------------------------------------------------------------------ counts
 
     def counts(self, cell: CellRecord) -> dict[str, TargetCount]:
-        """case_id -> counts of its target in the cell's fine-tuning data and statistics corpus."""
+        """case_id -> its target's frequency: Zipf (wordfreq method) or counts in the cell's fine-tuning data and
+        statistics corpus (corpus method)."""
         from editdecay.core.tokens import encode_target
 
         targets = self.targets(cell)
+        if self.method == "wordfreq":
+            return {cid: TargetCount(t, None, None, None, None, zipf_frequency(t)) for cid, t in targets.items()}
         tok = self.tokenizer(cell) if targets else None
         out: dict[str, TargetCount] = {}
         if tok is None:
@@ -249,4 +293,5 @@ class TargetFrequencies:
         return out
 
 
-__all__ = ["MAX_STREAM_TOKENS", "TargetCount", "TargetFrequencies", "TokenStream"]
+__all__ = ["MAX_STREAM_TOKENS", "METHODS", "TargetCount", "TargetFrequencies", "TokenStream", "method_description",
+           "zipf_frequency"]

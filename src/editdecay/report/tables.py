@@ -21,8 +21,8 @@ from statistics import mean
 from typing import Callable
 
 from editdecay.report.analysis import AXIS_TITLES, EDIT_AXES, Analysis, axis, key_of
-from editdecay.report.downstream import EMBEDDED, downstream_score, downstream_scores, is_error_metric, is_fraction, \
-    primary_metric
+from editdecay.report.downstream import HELD_OUT, downstream_score, downstream_scores, headline_key, is_error_metric, \
+    is_fraction, primary_metric
 from editdecay.report.records import MODELS, SCORE_ABBR, SCORES, CellRecord
 from editdecay.report.table import Column, Missing, Table, make_table
 
@@ -92,7 +92,8 @@ def cells_table(a: Analysis) -> Table:
             rows.append([c.label, c.state] + [_missing(c)] * (len(cols) - 2))
             continue
         m = a.m(c)
-        task = [c.metrics("M_f").get("task_accuracy"), c.metrics("M_ef").get("task_accuracy")]
+        key = headline_key(c.metrics("M_ef") or c.metrics("M_f"))
+        task = [c.metrics("M_f").get(key), c.metrics("M_ef").get(key)]
         if m is None:       # a fine-tune-only cell: no edits, only downstream
             rows.append([c.label, c.state, 0] + [None] * (len(cols) - 5) + task)
             continue
@@ -106,7 +107,8 @@ def cells_table(a: Analysis) -> Table:
         "cells", "Every cell of the grid",
         "One row per planned cell. Scores in percent over the cell's requests (n = requests); relative decrease "
         "(S(M_e) - S(M_ef)) / S(M_e) (E7, negative when fine-tuning raised the score); EFR = flipped / succeeded "
-        "after editing (E7); task accuracy: embedded task exact match of M_f and M_ef.", cols, rows)
+        "after editing (E7); task acc.: the held-out task's headline score of M_f and M_ef (embedded task: exact "
+        "match; chatterbot: token accuracy).", cols, rows)
 
 
 # --------------------------------------------------------------------------- relative decrease
@@ -183,13 +185,13 @@ def _task_metrics(a: Analysis) -> list[tuple[str, str]]:
                 metric = primary_metric(ts)
                 if metric and task not in seen:
                     seen[task] = metric
-    return sorted(seen.items(), key=lambda kv: (kv[0] != EMBEDDED, kv[0]))
+    return sorted(seen.items(), key=lambda kv: (kv[0] not in HELD_OUT, kv[0]))
 
 
 def selective_layers(a: Analysis) -> Table:
     names = ("model_label", "editor", "edit_data_label", "n_edits", "method", "layers")
     tasks = _task_metrics(a)
-    lm_eval = [t for t, _ in tasks if t != EMBEDDED]
+    lm_eval = [t for t, _ in tasks if t not in HELD_OUT]
     cols = _axis_columns(names) + [Column("requests", "int"), Column("ES M_e", "pct"), Column("ES M_ef", "pct"),
                                    Column("PS M_ef", "pct"), Column("NS M_ef", "pct"), Column("EFR", "pct")]
     cols += [Column(f"{task} {metric} M_ef", "pct" if is_fraction(metric) else "stat") for task, metric in tasks]
@@ -215,7 +217,8 @@ def selective_layers(a: Analysis) -> Table:
         "Which layers the recipe trained (all, the edited layers only, the non-edited layers only, or a list) "
         "against efficacy after editing and after fine-tuning, and the downstream scores of M_ef (each task's "
         "accuracy-like metric, else its first score; the downstream score is the mean `acc` over the lm-eval tasks "
-        "that have one, as the study's). The embedded task is the fine-tuning task's held-out split.", cols, rows)
+        "that have one, as the study's). The embedded and chatterbot tasks are held-out splits of fine-tuning data "
+        "(exact match, resp. token accuracy).", cols, rows)
 
 
 def downstream_table(a: Analysis) -> Table:
@@ -227,7 +230,7 @@ def downstream_table(a: Analysis) -> Table:
             rows.append([c.label, _missing(c), _missing(c)] + [_missing(c)] * (len(MODELS) + 1))
             continue
         per_model = {m: downstream_scores(c.metrics(m)) for m in MODELS}
-        tasks = sorted({t for d in per_model.values() for t in d}, key=lambda t: (t != EMBEDDED, t))
+        tasks = sorted({t for d in per_model.values() for t in d}, key=lambda t: (t not in HELD_OUT, t))
         for task in tasks:
             metrics = list(dict.fromkeys(k for d in per_model.values() if task in d for k in d[task].metrics))
             metrics.sort(key=is_error_metric)

@@ -45,12 +45,12 @@ from typing import Sequence
 from editdecay.core.devices import input_device
 from editdecay.core.config import did_you_mean
 from editdecay.core.errors import ConfigError, DataError
+from editdecay.measure.downstream.score import mean_accuracy
 from editdecay.measure.downstream import everyday, perplexity
 from editdecay.measure.downstream.spec import EVERYDAY, DownstreamSpec, lm_eval_name, task_digest
 
 log = logging.getLogger(__name__)
 
-SUMMARY_METRIC = "acc"        # the study's downstream score DS is the mean accuracy over its tasks
 
 
 @dataclass
@@ -80,8 +80,7 @@ class DownstreamResult:
 
     @property
     def score(self) -> float | None:
-        accs = [m[SUMMARY_METRIC] for m in self.tasks.values() if m.get(SUMMARY_METRIC) is not None]
-        return sum(accs) / len(accs) if accs else None
+        return mean_accuracy(self.tasks)[0]
 
     def to_dict(self) -> dict:
         return {"tasks": self.tasks, "score": self.score, "provenance": self.provenance,
