@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from editdecay.cli import _register, app
 
 _register()
-runner = CliRunner()
+runner = CliRunner(env={"COLUMNS": "1000"})    # no wrapping inside paths in messages
 
 
 def _text(res) -> str:
@@ -143,3 +143,50 @@ def test_model_flagged_as_quantised_is_refused_by_name(tmp_path, tokenizer):
     assert res.exit_code == 2, res.output
     assert "quantization_config" in _text(res) and "'gguf'" in _text(res) and str(tmp_path / "m") in _text(res)
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- 8: model names and weight files
+
+
+@pytest.mark.parametrize("command", [["eval-edits"], ["edit", "--out", "{tmp}/edit-out"],
+                                     ["finetune", "--steps", "1", "--task-train", "8", "--task-test", "4",
+                                      "--out", "{tmp}/ft-out"]])
+def test_missing_local_model_path_is_named_not_a_traceback(tmp_path, command):
+    missing = tmp_path / "models" / "no-such-model"
+    res = runner.invoke(app, [c.format(tmp=tmp_path) for c in command] + ["--model", str(missing)])
+    assert res.exit_code == 2, res.output
+    text = _text(res)
+    assert str(missing) in text and "no such directory" in text and "hub id" in text
+    assert "Traceback" not in res.output and not (tmp_path / "edit-out").exists() and not (tmp_path / "ft-out").exists()
+
+
+def test_unreachable_hub_id_names_both_readings(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)   # no network: fail at once
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["eval-edits", "--model", "no-such-org-xyz/model"])
+    assert res.exit_code == 2, res.output
+    text = _text(res)
+    assert "the hub id 'no-such-org-xyz/model'" in text and "no local directory" in text
+    assert str(tmp_path / "no-such-org-xyz" / "model") in text and "Traceback" not in res.output
+
+
+def test_pickled_weights_load_only_with_allow_pickle(tmp_path, tokenizer):
+    from conftest import make_tiny
+
+    lm = make_tiny("gpt2", tokenizer)
+    lm.model.config.save_pretrained(tmp_path / "m")       # transformers 5 saves safetensors only: pickle by hand
+    torch.save(lm.model.state_dict(), tmp_path / "m" / "pytorch_model.bin")
+    tokenizer.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "pytorch_model.bin").exists() and not list((tmp_path / "m").glob("*.safetensors"))
+    out = tmp_path / "r.json"
+    args = ["eval-edits", "--model", str(tmp_path / "m"), "--limit", "1", "--out", str(out)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    text = _text(res)
+    assert "pytorch_model.bin" in text and "--allow-pickle" in text and str(tmp_path / "m") in text
+    assert not out.exists()
+    res = runner.invoke(app, args + ["--allow-pickle"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["config"]["allow_pickle"] is True

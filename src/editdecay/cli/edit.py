@@ -28,8 +28,11 @@ def edit(
     v_lr: Optional[float] = typer.Option(None, help="E3 learning rate"),
     v_num_grad_steps: Optional[int] = typer.Option(None, help="E3 steps"),
     clamp_norm_factor: Optional[float] = typer.Option(None, help="E3 clamp"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="also load pickled weights (.bin/.pt), which "
+                                      "can run code when unpickled (default: safetensors only)"),
     zsre_target: str = typer.Option("answers", help="zsRE edit target: 'answers' (MEMIT/AlphaEdit) or 'alt' (EasyEdit)"),
-    strict: bool = typer.Option(False, help="fail on any rejected record"),
+    strict: bool = typer.Option(False, help="fail on any rejected record, and on a subject that does not end on a "
+                                "token boundary of its prompt (otherwise a warning)"),
     dtype: str = typer.Option("float32", help="model dtype: float32 | bfloat16 | float16"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ... or auto: spread the model over the visible GPUs (accelerate device map)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
@@ -50,8 +53,11 @@ def edit(
                  "mom2_update_weight": mom2_update_weight, "nullspace_threshold": nullspace_threshold,
                  "v_lr": v_lr, "v_num_grad_steps": v_num_grad_steps, "clamp_norm_factor": clamp_norm_factor}
     result = run_edit(model=model, editor=editor, data=data, n=n, seed=seed, out=out, overrides=overrides,
-                      batch_size=batch_size, zsre_target=zsre_target, strict=strict, dtype=dtype, device=device)
+                      batch_size=batch_size, zsre_target=zsre_target, strict=strict, dtype=dtype, device=device,
+                      allow_pickle=allow_pickle)
     console.print(metrics_table(f"{editor} on {result['model']['name']}, {result['data']['name']}", result["metrics"]))
     t = result["timings"]
     console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    for w in result.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
     console.print(f"patch and result written to {out}")

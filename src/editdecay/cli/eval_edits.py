@@ -25,6 +25,8 @@ def eval_edits(
     allow_foreign_patch: bool = typer.Option(False, "--allow-foreign-patch",
                                              help="apply a patch computed on other weights than --model's "
                                                   "(refused by default; both fingerprints are recorded)"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="also load pickled weights (.bin/.pt), which "
+                                      "can run code when unpickled (default: safetensors only)"),
     zsre_target: str = typer.Option("answers", help="zsRE edit target: 'answers' (MEMIT/AlphaEdit) or 'alt' (EasyEdit)"),
     strict: bool = typer.Option(False, help="fail on any rejected record instead of reporting it"),
     batch_size: Optional[int] = typer.Option(None, help="prompts per forward pass (default: from the device's free memory; 32 on the CPU)"),
@@ -40,7 +42,7 @@ def eval_edits(
     result = evaluate_stage_result(
         model=model, data=data, limit=limit, seed=seed, patch_dir=patch, zsre_target=zsre_target, strict=strict,
         batch_size=batch_size, dtype=dtype, device=device,
-        allow_foreign_patch=allow_foreign_patch,
+        allow_foreign_patch=allow_foreign_patch, allow_pickle=allow_pickle,
     )
     console.print(metrics_table(f"{result['model']['name']} on {result['data']['name']}", result["metrics"]))
     if out:

@@ -100,6 +100,30 @@ def resolve_source(name: str, cache: Cache | None = None) -> str:
     return name
 
 
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name no hub id can be: starts with /, ., ~ or a drive/backslash, or has more than one '/'."""
+    return name.startswith(("/", ".", "~", "\\")) or name.count("/") > 1 or "\\" in name or ":" in name
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _check_weight_files(name: str, local: Path, allow_pickle: bool) -> None:
+    """A local directory whose weights are pickled only is refused unless `allow_pickle` (names the files)."""
+    if any(local.glob("*.safetensors")) or allow_pickle:
+        return
+    pickled = sorted(p.name for p in local.iterdir() if p.suffix in PICKLED_SUFFIXES)
+    if pickled:
+        raise ConfigError(f"model {name!r}: {local} holds pickled weights only ({', '.join(pickled[:3])}); "
+                          f"unpickling can run code, so editdecay loads safetensors by default: convert the "
+                          f"checkpoint (model.save_pretrained(dir, safe_serialization=True)) or pass "
+                          f"--allow-pickle if you trust these files")
+
+
 def load_model(
     name: str = EMBEDDED_NAME,
     *,
@@ -108,13 +132,19 @@ def load_model(
     cache: Cache | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
     `name`: "smollm2-135m" (embedded; no network), a local directory with a
     Hugging Face model, or a hub id (needs network or a populated HF cache).
-    Weights load through safetensors where the checkpoint has them; remote code
-    runs only with `trust_remote_code=True`.
+    A name that exists on disk, or looks like a path (starts with /, ., ~ or has
+    more than one /), is a local directory; any other name is read as a hub id.
+    Weights load from safetensors only; pickled weights (.bin/.pt, which can run
+    code when unpickled) load only with `allow_pickle=True` (CLI --allow-pickle).
+    Remote code runs only with `trust_remote_code=True`.
+    Raises ConfigError naming the path/id and what was tried (missing directory,
+    unknown hub id, pickled weights not allowed, quantised config).
     `device`: "cpu", "cuda", "cuda:1", ... puts the whole model on one device;
     "auto" spreads it over the visible GPUs (then CPU) with accelerate's device map;
     a dict {module name: device} is an explicit accelerate device map. With a map,
@@ -129,8 +159,19 @@ def load_model(
         raise ConfigError(f"model {name!r}: {local} is a file; give a directory holding config.json and weights")
     if local.is_dir() and not (local / "config.json").exists():
         raise ConfigError(f"model {name!r}: {local} has no config.json; is it a Hugging Face model directory?")
+    if not local.exists() and _looks_like_path(source):
+        raise ConfigError(f"model {name!r}: no such directory {local.resolve()}; as a local Hugging Face directory "
+                          f"it does not exist, and a path is not a hub id (hub ids are NAME or ORG/NAME)")
+    if local.is_dir():
+        _check_weight_files(name, local, allow_pickle)
+    reading = (f"the local directory {local}" if local.is_dir() else
+               f"the hub id {source!r} (there is no local directory {local.resolve()})")
     kw = dict(trust_remote_code=trust_remote_code, revision=revision)
-    config = AutoConfig.from_pretrained(source, **kw)
+    try:
+        config = AutoConfig.from_pretrained(source, **kw)
+    except OSError as e:
+        raise ConfigError(f"model {name!r}: cannot load {reading}: {_first_line(e)}; give an existing local "
+                          f"directory or a hub id that is reachable or in the Hugging Face cache") from None
     quant = getattr(config, "quantization_config", None)
     if quant is not None:
         # Editing adds float deltas in place and fine-tuning casts and saves weights: a model transformers
@@ -144,10 +185,16 @@ def load_model(
     from editdecay.core.arch import arch_for_model_type
 
     arch_for_model_type(arch_for_type)  # fail before loading weights
-    tokenizer = AutoTokenizer.from_pretrained(source, **kw)
     device_map = device if isinstance(device, dict) or device == "auto" else None
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=None,
-                                                 device_map=device_map, **kw)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
+                                                     use_safetensors=None if allow_pickle else True,
+                                                     device_map=device_map, **kw)
+    except OSError as e:
+        hint = "" if allow_pickle else ("; only safetensors weights load unless pickled weights are allowed "
+                                        "(--allow-pickle)")
+        raise ConfigError(f"model {name!r}: cannot load {reading}: {_first_line(e)}{hint}") from None
     if device_map is None:
         model.to(device)
     model.eval()
