@@ -40,6 +40,7 @@ from editdecay.core.cache import Cache, atomic_write_bytes, sha256_file, stable_
 from editdecay.core.config import Config, check_choice
 from editdecay.core.errors import ConfigError, DataError
 from editdecay.core.models import LoadedModel
+from editdecay.data.documents import BadLine, json_lines, read_text, split_documents
 from editdecay.core.tokens import pad_id
 
 log = logging.getLogger(__name__)
@@ -259,30 +260,13 @@ def _file_documents(spec: CorpusSpec) -> Iterator[tuple[int, str | list[int]]]:
     path = spec.path()
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"corpus file {str(path)!r} is not UTF-8 text: {e}") from None
-        # Documents are separated by blank lines (lines holding only whitespace count as blank).
-        doc: list[str] = []
-        index = 0
-        for line in text.splitlines():
-            if line.strip():
-                doc.append(line)
-            elif doc:
-                yield index, "\n".join(doc)
-                index, doc = index + 1, []
-        if doc:
-            yield index, "\n".join(doc)
+        # Documents are separated by blank lines (data.documents rules).
+        yield from enumerate(split_documents(read_text(path, "corpus file")))
     elif suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"corpus file {str(path)!r} line {lineno}: not JSON ({e})") from None
+        with open(path, encoding="utf-8-sig") as f:
+            for lineno, record in json_lines(f):
+                if isinstance(record, BadLine):
+                    raise DataError(f"corpus file {str(path)!r} line {lineno}: not JSON ({record.error})")
                 yield lineno, _record_document(record, spec.text_field, f"{path} line {lineno}")
     else:  # .parquet
         import pyarrow.parquet as pq

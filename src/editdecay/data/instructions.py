@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from editdecay.core.errors import ConfigError, DataError
+from editdecay.data.documents import read_records, read_text, split_documents, strict_rows
 from editdecay.data.embedded_task import EmbeddedTask
 from editdecay.data.prompts import TEMPLATES, InstructionRecord, render_prompt
 
@@ -78,8 +79,7 @@ def load_source(spec: str, *, task=None) -> Source:
                               identity={"spec": spec, "path": str(path), "sha256": _sha256(path)}))
     if kind == "text":
         path = _existing(spec, rest)
-        raw = path.read_text(encoding="utf-8")
-        texts = tuple(d.strip() for d in raw.split("\n\n") if d.strip())
+        texts = tuple(split_documents(read_text(path, "text file")))
         return _finish(Source(spec, "text", texts=texts,
                               identity={"spec": spec, "path": str(path), "sha256": _sha256(path)}))
     if kind == "hf":
@@ -111,24 +111,8 @@ def _sha256(path: Path) -> str:
 
 
 def _read_instruction_file(path: Path) -> tuple[InstructionRecord, ...]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(text.splitlines()):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {i + 1} is not valid JSON: {e}") from None
-    else:
-        try:
-            rows = json.loads(text) if text.strip() else []
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e}); give a list of records or a .jsonl file") from None
-        if not isinstance(rows, list):
-            raise DataError(f"{path}: expected a JSON list of {{instruction, input, output}} records, "
-                            f"got {type(rows).__name__}")
-    return records_from_rows(rows, str(path))
+    """Records of a .json list or .jsonl file (data.documents rules); a line that does not parse is an error."""
+    return records_from_rows(strict_rows(read_records(path, "instruction file"), path), str(path))
 
 
 def records_from_rows(rows: Sequence, where: str) -> tuple[InstructionRecord, ...]:

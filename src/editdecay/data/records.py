@@ -6,71 +6,8 @@ naming the record and the field instead of raising.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-
-from editdecay.core.errors import DataError
 from editdecay.data.common import Rejection
-
-
-@dataclass(frozen=True)
-class BadLine:
-    """A JSON Lines line that does not parse; the loader rejects it as a record."""
-
-    line: int      # 1-based line number in the file
-    error: str
-
-
-def read_records(path: str | Path) -> list:
-    """The raw records of a JSON list file or a JSON Lines file.
-
-    JSON Lines is recognised by a `.jsonl` suffix, or by content: a file whose
-    first value parses but is followed by more values. In JSON Lines, blank lines
-    are skipped and a line that does not parse becomes a `BadLine` (so it is
-    rejected under its record index instead of failing the whole file).
-    Raises DataError naming the path if the file is missing, not UTF-8, not JSON,
-    or not a list.
-    """
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8-sig")   # a BOM is tolerated
-    except FileNotFoundError:
-        raise DataError(f"{p}: no such file; give a JSON list of records or a JSONL file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{p}: cannot be read as UTF-8 text ({e})") from None
-    if p.suffix.lower() != ".jsonl":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            if e.msg != "Extra data":   # "Extra data": one value parsed and more follow -> JSON Lines
-                raise DataError(f"{p}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
-                                "expected a JSON list of records or JSON Lines (one record per line)") from None
-        else:
-            if not isinstance(data, list):
-                raise DataError(f"{p}: expected a JSON list of records, got a JSON {_kind(data)}; "
-                                "a file with one record per line must be JSON Lines (.jsonl)")
-            return data
-    return _json_lines(p, text)
-
-
-def _json_lines(p: Path, text: str) -> list:
-    out: list = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            out.append(BadLine(n, f"{e.msg} at column {e.colno}"))
-    if out and all(isinstance(r, BadLine) for r in out):
-        raise DataError(f"{p}: not valid JSON Lines: no line parses as JSON (line {out[0].line}: {out[0].error})")
-    return out
-
-
-def _kind(v) -> str:
-    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(v), "number" if isinstance(v, (int, float)) else type(v).__name__)
+from editdecay.data.documents import BadLine, json_kind as _kind, read_records
 
 
 def _show(v) -> str:

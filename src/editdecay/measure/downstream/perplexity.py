@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 
 from editdecay.core.errors import DataError
+from editdecay.data.documents import BadLine, json_lines, read_text, split_documents
 
 METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 
@@ -32,13 +33,16 @@ def read_corpus(path: Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"perplexity corpus {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "perplexity corpus")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        docs = re.split(r"\n\s*\n", text)
+        docs = split_documents(text)
     elif suffix == ".jsonl":
-        docs = [_text_of(_json(line, f"{path}:{i}"), f"{path}:{i}")
-                for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+        docs = []
+        for i, value in json_lines(text.splitlines()):
+            if isinstance(value, BadLine):
+                raise DataError(f"{path}:{i}: not valid JSON ({value.error})")
+            docs.append(_text_of(value, f"{path}:{i}"))
     elif suffix == ".json":
         data = _json(text, str(path))
         if not isinstance(data, list):
