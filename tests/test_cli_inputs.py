@@ -190,3 +190,57 @@ def test_pickled_weights_load_only_with_allow_pickle(tmp_path, tokenizer):
     res = runner.invoke(app, args + ["--allow-pickle"])
     assert res.exit_code == 0, res.output
     assert json.loads(out.read_text())["config"]["allow_pickle"] is True
+
+
+# --------------------------------------------------------------------------- 5, 6: rejected records
+
+
+def _cf_record(case_id, prompt="The mother tongue of {} is", subject="Danielle Darrieux", new="English",
+               true="French", **over):
+    rec = {"case_id": case_id,
+           "requested_rewrite": {"prompt": prompt, "subject": subject, "target_new": {"str": new},
+                                 "target_true": {"str": true}, "relation_id": "P103"},
+           "paraphrase_prompts": ["Danielle Darrieux speaks"], "neighborhood_prompts": ["Léon Blum speaks"]}
+    rec.update(over)
+    return rec
+
+
+def test_all_records_rejected_lists_every_record_without_strict(tmp_path):
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps([
+        _cf_record(0, subject=""),                                            # one problem
+        _cf_record(1, neighborhood_prompts=[4], paraphrase_prompts=[3]),                  # two problems, one record
+        _cf_record(2, prompt="{} and {} share the tongue"),                   # 6: two slots
+    ]))
+    out = tmp_path / "r.json"
+    res = runner.invoke(app, ["eval-edits", "--data", f"counterfact:{path}", "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    text = _text(res)
+    assert "no usable records out of 3" in text and "3 record(s) rejected (4 problems)" in text
+    for line in ("record 0: field 'requested_rewrite.subject'", "record 1: field 'neighborhood_prompts[0]'",
+                 "record 1: field 'paraphrase_prompts[0]'", "record 2: field 'requested_rewrite.prompt'"):
+        assert line in text, line                     # 'paraphrase_prompts[0]' survives the console (no markup)
+    assert "has 2 '{}' slots" in text and "is not in the prompt" not in text    # 6: the real reason
+    assert "Traceback" not in res.output and not out.exists()
+
+
+def test_counts_are_records_kept_plus_rejected_is_total(tmp_path, embedded):
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps([_cf_record(0), _cf_record(1, neighborhood_prompts=[4], paraphrase_prompts=[3]),
+                                _cf_record(2, prompt="The tongue of Danielle Darrieux is")]))
+    out = tmp_path / "r.json"
+    res = runner.invoke(app, ["eval-edits", "--data", f"counterfact:{path}", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    d = json.loads(out.read_text())["data"]
+    assert (d["n_records"], d["n_usable"], d["n_rejected"], d["n_kept"]) == (3, 1, 2, 1)
+    assert len(d["rejected"]) == 3                     # problems are all listed, but counted per record
+    reason = next(r["reason"] for r in d["rejected"] if r["index"] == 2)
+    assert "writes the subject 'Danielle Darrieux' out" in reason
+
+
+def test_error_messages_quote_user_text_verbatim(tmp_path):
+    """User text in a message (here a path with brackets) is printed as is, never read as console markup."""
+    path = tmp_path / "[bold]facts[/x].json"
+    res = runner.invoke(app, ["eval-edits", "--data", f"counterfact:{path}"])
+    assert res.exit_code == 2, res.output
+    assert str(path) in _text(res) and "no such file" in _text(res)

@@ -71,7 +71,7 @@ def test_strict_raises_naming_every_rejection():
     with pytest.raises(DataError) as e:
         load_counterfact(FIXTURE, strict=True)
     msg = str(e.value)
-    assert str(FIXTURE) in msg and "8 record(s) rejected" in msg
+    assert str(FIXTURE) in msg and "6 record(s) rejected (8 problems)" in msg   # records, not problems
     for i, f in EXPECTED_REJECTIONS:
         assert f"record {i}: field {f!r}" in msg
 

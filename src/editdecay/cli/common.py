@@ -15,7 +15,10 @@ console = Console()
 
 def fail(err: Exception) -> None:
     """Print a user-actionable error without a traceback and exit with status 2."""
-    console.print(f"[bold red]error:[/] {err}", highlight=False)
+    from rich.markup import escape
+
+    # The message quotes user data (prompts, paths, field names like 'prompts[0]'): never rich markup.
+    console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
     raise typer.Exit(2)
 
 

@@ -14,6 +14,24 @@ def fill(template: str, subject: str) -> str:
     return template.replace("{}", subject)
 
 
+def slot_problem(template: str, subject: str) -> str | None:
+    """Why `template` is not a prompt template for `subject` (exactly one `{}` slot), or None.
+
+    Names the real reason: no slot (and whether the subject is written out instead), or several
+    slots (the subject would be filled into each, and the edit read at the last one).
+    """
+    n = template.count("{}")
+    if n == 1:
+        return None
+    if n == 0:
+        if subject.strip() and subject in template:
+            return (f"the prompt {template!r} writes the subject {subject!r} out instead of a '{{}}' slot; "
+                    f"replace the subject with '{{}}'")
+        return f"the prompt {template!r} has no '{{}}' slot for the subject {subject!r}"
+    return (f"the prompt {template!r} has {n} '{{}}' slots; a template has exactly one, where the subject "
+            f"{subject!r} goes")
+
+
 @dataclass(frozen=True)
 class EditRequest:
     """One fact to write into the model (ALGORITHMS.md E2-E3) plus what to measure (E6).

@@ -52,7 +52,7 @@ def subset(ds: EditDataset, limit: int | None, seed: int | None) -> EditDataset:
     else:
         reqs = reqs[:limit]
     opts = dict(ds.options, limit=limit, seed=seed)
-    return EditDataset(ds.name, tuple(reqs), ds.n_records, ds.rejected, opts)
+    return EditDataset(ds.name, tuple(reqs), ds.n_records, ds.rejected, opts, ds.rejected_records)
 
 
 __all__ = ["EditDataset", "Rejection", "load_edit_data", "subset", "validate_request", "SOURCES"]

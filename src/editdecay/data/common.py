@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from editdecay.core.errors import DataError
-from editdecay.core.request import EditRequest
+from editdecay.core.request import EditRequest, slot_problem
 
 
 @dataclass(frozen=True)
@@ -20,23 +20,47 @@ class Rejection:
 
 @dataclass(frozen=True)
 class EditDataset:
-    """Requests that passed validation plus an account of every record that did not."""
+    """Requests that passed validation plus an account of every record that did not.
+
+    Counts are of records, not of problems: one record can have several rejections (one per bad
+    field), and `n_usable + n_rejected == n_records`. `requests` may be a `--limit` sample of the
+    usable records (then `len(requests) <= n_usable`).
+    """
 
     name: str                          # e.g. "worldfacts", "zsre:/path/file.json"
     requests: tuple[EditRequest, ...]
     n_records: int                     # records in the source
-    rejected: tuple[Rejection, ...] = ()
+    rejected: tuple[Rejection, ...] = ()          # every problem found, several per record possible
     options: dict = field(default_factory=dict)   # loader choices (e.g. zsre_target) recorded in results
+    n_rejected: int | None = None      # records rejected; None: the distinct indices of `rejected`
+
+    @property
+    def rejected_records(self) -> int:
+        return self.n_rejected if self.n_rejected is not None else len({r.index for r in self.rejected})
+
+    @property
+    def n_usable(self) -> int:
+        return self.n_records - self.rejected_records
 
     def summary(self) -> str:
-        s = f"{self.name}: kept {len(self.requests)} of {self.n_records} records"
+        s = f"{self.name}: {self.n_usable} of {self.n_records} records usable"
+        if len(self.requests) != self.n_usable:
+            s += f" ({len(self.requests)} used)"
         if self.rejected:
-            s += f", rejected {len(self.rejected)}:\n" + "\n".join(f"  - {r}" for r in self.rejected)
+            s += f", {rejection_lines(self.rejected, self.rejected_records)}"
         return s
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "n_records": self.n_records, "n_kept": len(self.requests),
+        return {"name": self.name, "n_records": self.n_records, "n_usable": self.n_usable,
+                "n_rejected": self.rejected_records, "n_kept": len(self.requests),
                 "rejected": [vars(r) for r in self.rejected], "options": dict(self.options)}
+
+
+def rejection_lines(rejected, n_records_rejected: int) -> str:
+    """'3 record(s) rejected (4 problems):' and one '  - record I: field F: reason' line per problem."""
+    problems = f" ({len(rejected)} problems)" if len(rejected) != n_records_rejected else ""
+    return (f"{n_records_rejected} record(s) rejected{problems}:\n"
+            + "\n".join(f"  - {r}" for r in rejected))
 
 
 def _norm(s: str) -> str:
@@ -53,11 +77,9 @@ def validate_request(index: int, r: EditRequest, field_names: dict[str, str] | N
         out.append(Rejection(index, f["subject"], "empty subject"))
     if not r.target_new.strip():
         out.append(Rejection(index, f["target_new"], "empty target"))
-    if r.prompt.count("{}") != 1:
-        if r.subject.strip() and r.subject not in r.prompt:
-            out.append(Rejection(index, f["prompt"], f"subject {r.subject!r} is not in the prompt {r.prompt!r}"))
-        else:
-            out.append(Rejection(index, f["prompt"], f"prompt template must contain exactly one '{{}}': {r.prompt!r}"))
+    slots = slot_problem(r.prompt, r.subject)
+    if slots is not None:
+        out.append(Rejection(index, f["prompt"], slots))
     if r.target_true is not None and r.target_new.strip() and _norm(r.target_new) == _norm(r.target_true):
         out.append(Rejection(index, f["target_new"], f"target {r.target_new!r} equals the true answer"))
     return out
@@ -65,10 +87,18 @@ def validate_request(index: int, r: EditRequest, field_names: dict[str, str] | N
 
 def finish(name: str, n_records: int, kept: list[EditRequest], rejected: list[Rejection], *,
            strict: bool, options: dict | None = None) -> EditDataset:
-    """Build the dataset; with `strict`, any rejection is an error naming every record."""
+    """Build the dataset; with `strict`, any rejection is an error naming every record.
+
+    Every record is kept or rejected: `n_records - len(kept)` records are rejected (DataError if a loader's
+    counts disagree). When no record is usable, the error lists every rejection, with or without `strict`.
+    """
+    n_rejected = n_records - len(kept)
+    if n_rejected < 0 or (n_rejected and not rejected):
+        raise DataError(f"{name}: {len(kept)} records kept of {n_records} with {len(rejected)} rejections: "
+                        f"the loader's counts do not add up")
     if strict and rejected:
-        lines = "\n".join(f"  - {r}" for r in rejected)
-        raise DataError(f"{name}: {len(rejected)} record(s) rejected (--strict):\n{lines}")
+        raise DataError(f"{name}: {rejection_lines(rejected, n_rejected)}\n(--strict: any rejection is an error)")
     if not kept:
-        raise DataError(f"{name}: no usable records out of {n_records}")
-    return EditDataset(name, tuple(kept), n_records, tuple(rejected), dict(options or {}))
+        detail = f": {rejection_lines(rejected, n_rejected)}" if rejected else ""
+        raise DataError(f"{name}: no usable records out of {n_records}{detail}")
+    return EditDataset(name, tuple(kept), n_records, tuple(rejected), dict(options or {}), n_rejected)

@@ -26,7 +26,7 @@ from editdecay.edit.context import ContextTemplates, context_templates
 from editdecay.core.errors import DataError
 from editdecay.edit.keys import block_outputs_at_subject, compute_keys
 from editdecay.edit.patch import EditPatch
-from editdecay.core.request import EditRequest
+from editdecay.core.request import EditRequest, slot_problem
 from editdecay.core.results import Timer
 from editdecay.edit.targets import TargetSettings, compute_targets
 from editdecay.core.tokens import encode_subject_prompt, encode_target
@@ -53,8 +53,9 @@ def validate_requests(tokenizer, requests: list[EditRequest], templates: Context
     rendered = templates.flat if templates is not None else ("{}",)
     for i, r in enumerate(requests):
         where = f"request {i} ({r.case_id})"
-        if r.prompt.count("{}") != 1:
-            raise DataError(f"{where}: field 'prompt' must contain exactly one '{{}}' for the subject: {r.prompt!r}")
+        slots = slot_problem(r.prompt, r.subject)
+        if slots is not None:
+            raise DataError(f"{where}: field 'prompt': {slots}")
         if not r.subject.strip():
             raise DataError(f"{where}: field 'subject' is empty")
         try:
