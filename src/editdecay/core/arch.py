@@ -82,6 +82,14 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
 )
 
 
+def unwrap_peft(model):
+    """The transformers model inside a peft PeftModel (its adapter layers included), or the model itself.
+
+    Module paths of the architecture table are relative to this model; every caller unwraps through here.
+    """
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def arch_for_model_type(model_type: str) -> ArchSpec:
     for spec in ARCHITECTURES:
         if model_type in spec.model_types:

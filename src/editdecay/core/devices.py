@@ -11,6 +11,7 @@ answers the question; no other module reads `next(model.parameters()).device`
 from __future__ import annotations
 
 import torch
+from editdecay.core.arch import unwrap_peft
 from torch import nn
 
 
@@ -40,7 +41,7 @@ def module_device(module: nn.Module) -> torch.device:
 
 def input_device(model: nn.Module) -> torch.device:
     """The device input ids must be on: that of the input embedding (works for peft models too)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     return module_device(base.get_input_embeddings())
 
 

@@ -17,18 +17,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from editdecay.core.arch import unembed_module
-
-
-def plain(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PeftModel (adapters included), or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+from editdecay.core.arch import unembed_module, unwrap_peft
 
 
 def logits_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               select: torch.Tensor) -> torch.Tensor:
     """Logits at the positions where `select` (B, T) is True, in row-major order: (N, V)."""
-    lm = plain(model)
+    lm = unwrap_peft(model)
     hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
                            use_cache=False).last_hidden_state                 # (B, T, d)
     unembed = unembed_module(lm)                       # table name with alternatives, resolved in arch.py

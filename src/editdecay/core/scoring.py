@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from editdecay.core.arch import unembed_module
+from editdecay.core.arch import unembed_module, unwrap_peft
 from editdecay.core.devices import input_device
 from editdecay.core.memory import ModelShape, plan_batch_size, run_batched
 from editdecay.core.tokens import encode_prompt, encode_target, pad_batch, pad_id
@@ -55,8 +55,7 @@ def score_continuations(
         p, t = encode_prompt(tokenizer, prompt), encode_target(tokenizer, target)
         encoded[(prompt, target)] = (p, t)
     order = sorted(unique, key=lambda k: len(encoded[k][0]) + len(encoded[k][1]))
-    if hasattr(model, "get_base_model"):       # a peft model: its adapters live inside the base model
-        model = model.get_base_model()
+    model = unwrap_peft(model)       # a peft model: its adapters live inside the base model
     device = input_device(model)
     # Unembed only the scored positions: the full (B, T, V) logits would cost ~20% of the
     # forward pass of a small model for nothing.

@@ -21,6 +21,7 @@ from editdecay.measure.metrics import RequestOutcome, aggregate, evaluate_reques
 from editdecay.core.request import EditRequest
 from editdecay.data.instructions import InstructionRecord
 from editdecay.measure.task import TaskScore, exact_match
+from editdecay.core.arch import unwrap_peft
 
 CURVE_KEYS = ("step", "efficacy", "paraphrase", "neighborhood", "task_accuracy")
 
@@ -79,8 +80,7 @@ def measure(model, tokenizer, requests: Sequence[EditRequest], task_records: Seq
     A PeftModel is measured through its base model: peft injects the adapter layers into that module tree, so
     its forward pass includes them, and it has the plain module names the architecture table describes.
     """
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
+    model = unwrap_peft(model)
     was_training = model.training
     model.eval()
     try:

@@ -33,6 +33,7 @@ from editdecay.data.instructions import IGNORE_INDEX, Example, TrainingSet
 from editdecay.core.forward import logits_at
 from editdecay.finetune.recipe import Recipe
 from editdecay.finetune.trainable import TrainingPlan, prepare_model, trainable_parameter_names
+from editdecay.core.arch import unwrap_peft
 
 
 class DivergedError(EditDecayError):
@@ -132,7 +133,7 @@ def train(
 
     model = prepare_model(model, recipe, plan)
     if recipe.gradient_checkpointing:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrap_peft(model)
         # Non-reentrant checkpointing needs no requires_grad on the (frozen) embedding output.
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]

@@ -39,6 +39,7 @@ from editdecay.report.analysis import Analysis
 from editdecay.report.figures import FigureRecord, _empty, _figure, _save
 from editdecay.report.records import CellRecord
 from editdecay.report.table import Column, Table, make_table
+from editdecay.core.arch import unwrap_peft
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def last_token_states(model, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
     """(P, L, d) hidden states at each prompt's last token after every block (float32, CPU)."""
     from editdecay.core.tokens import encode_prompt
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     was_training = base.training
     base.eval()
     device = input_device(base)
