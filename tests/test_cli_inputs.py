@@ -244,3 +244,60 @@ def test_error_messages_quote_user_text_verbatim(tmp_path):
     res = runner.invoke(app, ["eval-edits", "--data", f"counterfact:{path}"])
     assert res.exit_code == 2, res.output
     assert str(path) in _text(res) and "no such file" in _text(res)
+
+
+# --------------------------------------------------------------------------- 9: results directories are not trusted
+
+
+def test_report_never_takes_trust_remote_code_from_a_results_directory(tmp_path):
+    """A results directory that names a model with its own code and trust_remote_code: true must not make
+    `report --activation-shift` run that code; the cell is listed as not measured, naming the flag."""
+    from test_report_tables import build_results_dir
+
+    from editdecay.edit.patch import EditPatch
+    from editdecay.grid.store import GridStore
+
+    evil = tmp_path / "evil-model"
+    evil.mkdir()
+    sentinel = tmp_path / "code-ran"
+    (evil / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {
+        "AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "configuration_evil.EvilConfig"}}))
+    (evil / "configuration_evil.py").write_text(
+        f"from pathlib import Path\nPath({str(sentinel)!r}).write_text('ran')\n"
+        "from transformers import PretrainedConfig\nclass EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n")
+    root = tmp_path / "results"
+    cells = build_results_dir(root)
+    store = GridStore(root)
+    path = store.result_path(cells["A"].id)
+    r = json.loads(path.read_text())
+    r["config"]["model"] = {"name": str(evil), "trust_remote_code": True, "dtype": "float32"}
+    r["config"]["recipe"].update(max_steps=1)          # a valid recipe: nothing else stops the loading first
+    r["stages"] = {"patch": {"id": "patch-evil"}, "finetune_base": {"id": "finetune-base-lora-all"}}
+    path.write_text(json.dumps(r))
+    EditPatch({"w": torch.zeros(1, 1)}, (0,), "memit", {"layers": [0]}, (), {"fingerprint": "0"}).save(
+        root / "stages" / "patch-evil" / "patch")
+
+    out = tmp_path / "report"
+    res = runner.invoke(app, ["report", str(root), "--out", str(out), "--activation-shift", "--activation-cells", "1",
+                              "--no-frequencies"])
+    assert res.exit_code == 0, res.output
+    assert not sentinel.exists(), "the results directory's trust_remote_code ran the model's code"
+    md = " ".join((out / "report.md").read_text().split())
+    assert "not measured" in md and "--trust-remote-code" in md and str(evil) in md
+
+
+def test_results_directory_copy_of_the_grid_never_supplies_shell_lines(tmp_path):
+    """slurm.setup (shell) and ray.runtime_env (code installs) are rejected from a plan read back from a
+    results directory; `grid status` on such a directory still works."""
+    from editdecay.grid.plan import Plan
+    from editdecay.grid.store import GridStore
+
+    runtime = {"slurm": {"setup": [f"touch {tmp_path / 'pwned'}"], "timeout_min": 5},
+               "ray": {"address": None, "runtime_env": {"pip": ["evil"]}}, "device": "cpu"}
+    store = GridStore(tmp_path / "results")
+    store.write_plan(Plan("copied", (), {}, runtime))
+    got = store.read_plan().runtime
+    assert got["slurm"]["setup"] == [] and got["ray"]["runtime_env"] == {}
+    assert got["rejected"]["slurm.setup"] == runtime["slurm"]["setup"] and got["slurm"]["timeout_min"] == 5
+    res = runner.invoke(app, ["grid", "status", str(tmp_path / "results"), "--json"])
+    assert res.exit_code == 0, res.output

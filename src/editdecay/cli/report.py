@@ -30,6 +30,9 @@ def report_cmd(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir",
                                              help="editdecay cache (default: the grid's, else $EDITDECAY_CACHE)"),
     device: str = typer.Option("cpu", "--device", help="device for --activation-shift"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="let --activation-shift run the models' own Python code (never "
+                                                "taken from the results directory)"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads"),
 ) -> None:
     """Report a grid's results: the study's tables, paired tests, figures and per-request survival.
@@ -41,7 +44,8 @@ def report_cmd(
     set_threads(threads)
     report = build_report(results_dir, out, frequencies=frequencies, frequency_method=frequency_method,
                           activation_shift=activation_shift,
-                          activation_cells=activation_cells, cache_dir=cache_dir, device=device)
+                          activation_cells=activation_cells, cache_dir=cache_dir, device=device,
+                          trust_remote_code=trust_remote_code)
     counts = report.analysis.results.counts()
     console.print(f"[bold]{report.analysis.results.grid}[/]: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
                   + " cells", highlight=False)

@@ -320,7 +320,9 @@ class SlurmSettings(_Strict):
     array_parallelism: int = Field(64, ge=1, description="array tasks running at once")
     constraint: str | None = None
     additional_parameters: dict[str, Any] = Field(default_factory=dict, description="extra #SBATCH settings")
-    setup: list[str] = Field(default_factory=list, description="shell lines run before each job (module load ...)")
+    setup: list[str] = Field(default_factory=list, description="shell lines run before each job (module load ...); "
+                             "they run as shell: a grid file is trusted input (a results directory's copy of it "
+                             "never supplies them)")
 
 
 class RaySettings(_Strict):

@@ -96,6 +96,25 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def _without_code(plan: Plan, path: Path) -> Plan:
+    """`plan` with no shell lines (slurm.setup) or code installs (ray.runtime_env) left in its runtime."""
+    import dataclasses
+
+    runtime = json.loads(json.dumps(plan.runtime))
+    rejected = {}
+    for section, key in (("slurm", "setup"), ("ray", "runtime_env")):
+        value = (runtime.get(section) or {}).get(key)
+        if value:
+            rejected[f"{section}.{key}"] = value
+            runtime[section][key] = type(value)()
+    if not rejected:
+        return plan
+    log.warning("%s: %s from the results directory's copy of the grid rejected (not run); the grid file given to "
+                "`grid run` is the only source of them", path, ", ".join(rejected))
+    runtime["rejected"] = rejected
+    return dataclasses.replace(plan, runtime=runtime)
+
+
 class GridStore:
     """One grid output directory. Holds no state besides its path: every answer is read from disk."""
 
@@ -129,12 +148,17 @@ class GridStore:
         return plan_id
 
     def read_plan(self, plan_id: str | None = None) -> Plan:
-        """The plan with this id, or the latest one (plan.json)."""
+        """The plan with this id, or the latest one (plan.json).
+
+        A results directory is data, not a grid file: whatever runs as shell or installs code (Slurm
+        `setup` lines, Ray `runtime_env`) is rejected from its copy -- dropped from `runtime` and kept under
+        `runtime["rejected"]` for display -- so only a grid file the user gives to `grid run` can run them.
+        """
         path = self.plan_path if plan_id is None else self.root / "plans" / f"{plan_id}.json"
         if not path.is_file():
             raise ConfigError(f"{self.root} is not a grid output directory (no {path.name}); run "
                               f"`editdecay grid run GRID.yaml --out {self.root}` first")
-        return Plan.from_dict(json.loads(path.read_text()))
+        return _without_code(Plan.from_dict(json.loads(path.read_text())), path)
 
     # ------------------------------------------------------------------ stages
 

@@ -119,9 +119,15 @@ def _task_prompts(result: dict) -> list[str]:
 
 
 def cell_shift(a: Analysis, cell: CellRecord, *, cache_dir=None, device: str = "cpu",
-               progress: bool = False) -> CellShift:
-    """Rebuild the four models of one cell and measure their hidden-state shifts (see module docstring)."""
+               progress: bool = False, trust_remote_code: bool = False) -> CellShift:
+    """Rebuild the four models of one cell and measure their hidden-state shifts (see module docstring).
+
+    `trust_remote_code` comes from the report's command line only, never from the results directory: a
+    report on someone else's results must not run their code. A cell whose model needs remote code
+    raises ConfigError naming the model (listed as not measured).
+    """
     from editdecay.core.cache import Cache
+    from editdecay.core.errors import ConfigError
     from editdecay.finetune import Recipe, load_source, run_finetune
     from editdecay.data.embedded_task import EmbeddedTask
     from editdecay.grid.stages import apply_finetuned, seed_everything    # the loader the grid's evaluate stage uses
@@ -132,6 +138,9 @@ def cell_shift(a: Analysis, cell: CellRecord, *, cache_dir=None, device: str = "
     root = a.results.root
     cfg = result["config"]
     ref = cfg["model"]
+    if ref.get("trust_remote_code") and not trust_remote_code:
+        raise ConfigError(f"model {ref['name']!r} ran with trust_remote_code in this grid; the report does not run "
+                          f"code because a results directory says so: pass --trust-remote-code if you trust it")
     cache = Cache(Path(cache_dir)) if cache_dir else Cache.default()
     stage_dir = root / "stages"
     patch = EditPatch.load(stage_dir / result["stages"]["patch"]["id"] / "patch")
@@ -139,7 +148,7 @@ def cell_shift(a: Analysis, cell: CellRecord, *, cache_dir=None, device: str = "
 
     def load():
         return load_model(ref["name"], dtype=ref.get("dtype", "float32"), device=device, cache=cache,
-                          trust_remote_code=ref.get("trust_remote_code", False), revision=ref.get("revision"))
+                          trust_remote_code=trust_remote_code, revision=ref.get("revision"))
 
     lm = load()
     patch.check_model(lm.identity, where=f"patch of {cell.label}")     # the model directory may have changed
@@ -179,14 +188,14 @@ def cell_shift(a: Analysis, cell: CellRecord, *, cache_dir=None, device: str = "
 
 
 def measure_activation_shift(a: Analysis, *, cache_dir=None, device: str = "cpu", max_cells: int | None = None,
-                             progress: bool = True) -> list[CellShift]:
+                             progress: bool = True, trust_remote_code: bool = False) -> list[CellShift]:
     cells = [c for c in a.results.edited_done if (c.result or {}).get("stages", {}).get("patch")]
     if max_cells is not None:
         cells = cells[:max_cells]
     out = []
     for c in tqdm(cells, desc="activation shift", disable=not progress, leave=False):
         try:
-            out.append(cell_shift(a, c, cache_dir=cache_dir, device=device))
+            out.append(cell_shift(a, c, cache_dir=cache_dir, device=device, trust_remote_code=trust_remote_code))
         except Exception as e:       # one cell whose stages are gone must not stop the report
             log.warning("activation shift of %s failed: %s", c.label, e)
             out.append(CellShift(c.label, (), f"not measured: {e}"))

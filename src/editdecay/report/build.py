@@ -75,11 +75,14 @@ def _version() -> str:
 
 def build_report(results_dir: str | Path, out_dir: str | Path, *, frequencies: bool = True,
                  frequency_method: str = "wordfreq", activation_shift: bool = False, activation_cells: int | None = None,
-                 cache_dir: str | Path | None = None, device: str = "cpu", progress: bool = True) -> Report:
+                 cache_dir: str | Path | None = None, device: str = "cpu", progress: bool = True,
+                 trust_remote_code: bool = False) -> Report:
     """Read `results_dir`, write the report into `out_dir` (created), return what was written.
 
     `frequency_method`: wordfreq (English Zipf frequency, the default) | corpus (counts in the cell's fine-tuning
-    data and statistics corpus); see report/frequency.py. ConfigError for another value."""
+    data and statistics corpus); see report/frequency.py. ConfigError for another value.
+    `trust_remote_code` (for `activation_shift`): the caller's decision only; the results directory's
+    `trust_remote_code` is never followed."""
     from editdecay.core.cache import atomic_write_bytes
     from editdecay.core.errors import ConfigError
     from editdecay.report.frequency import METHODS, TargetFrequencies, method_description
@@ -113,7 +116,8 @@ def build_report(results_dir: str | Path, out_dir: str | Path, *, frequencies: b
         from editdecay.report.activation import activation_figure, activation_shift_table, measure_activation_shift
 
         shifts = measure_activation_shift(a, cache_dir=cache_dir or results.runtime.get("cache_dir"),
-                                          device=device, max_cells=activation_cells, progress=progress)
+                                          device=device, max_cells=activation_cells, progress=progress,
+                                          trust_remote_code=trust_remote_code)
         tables.append(activation_shift_table(shifts))
         figures.append(activation_figure(shifts, fig_dir / "activation_shift.png"))
         steps.update()
