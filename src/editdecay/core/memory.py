@@ -18,8 +18,8 @@ generous. When a batch still runs out of memory, `run_batched` halves it and red
 that batch; at batch size 1 (or with halving not allowed) it raises
 `DeviceMemoryError`, which names the stage, the batch size and the memory asked for.
 
-`record_batches()` records the largest batch each stage built inside a `with` block
-(tests check that 10x more edits do not build larger batches).
+`record_batches()` records the largest batch each stage built inside a `with` block and
+its estimated memory (tests check that 10x more edits do not build larger batches).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from editdecay.core.errors import EditDecayError
+from editdecay.core.arch import unwrap_peft
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +124,23 @@ def plan_batch_size(stage: str, *, n_items: int, bytes_per_item: int, device, ex
 
 # --------------------------------------------------------------------------- running in batches
 
-_LARGEST: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar("editdecay_batches", default=None)
+@dataclass
+class BatchRecord:
+    """The largest batch a stage built: items and estimated bytes (items x bytes per item); batches run."""
+
+    items: int = 0
+    bytes: int = 0
+    batches: int = 0
+
+
+_LARGEST: contextvars.ContextVar[dict[str, BatchRecord] | None] = contextvars.ContextVar("editdecay_batches",
+                                                                                         default=None)
 
 
 @contextlib.contextmanager
-def record_batches() -> Iterator[dict[str, int]]:
-    """Record {stage: largest batch built (items)} for the work done inside the block."""
-    seen: dict[str, int] = {}
+def record_batches() -> Iterator[dict[str, BatchRecord]]:
+    """Record {stage: BatchRecord} (the largest batch built) for the work done inside the block."""
+    seen: dict[str, BatchRecord] = {}
     token = _LARGEST.set(seen)
     try:
         yield seen
@@ -137,11 +148,14 @@ def record_batches() -> Iterator[dict[str, int]]:
         _LARGEST.reset(token)
 
 
-def note_batch(stage: str, size: int) -> None:
+def note_batch(stage: str, size: int, bytes_per_item: int | None = None) -> None:
     """Report one batch of `size` items of `stage` to an active `record_batches()` block (if any)."""
     seen = _LARGEST.get()
     if seen is not None:
-        seen[stage] = max(seen.get(stage, 0), int(size))
+        rec = seen.setdefault(stage, BatchRecord())
+        rec.items = max(rec.items, int(size))
+        rec.bytes = max(rec.bytes, int(size) * int(bytes_per_item or 0))
+        rec.batches += 1
 
 
 def run_batched(stage: str, items: Sequence[T], fn: Callable[[Sequence[T]], R], *, batch_size: int,
@@ -159,7 +173,7 @@ def run_batched(stage: str, items: Sequence[T], fn: Callable[[Sequence[T]], R], 
         part = items[start:start + size]
         detail = None
         try:
-            note_batch(stage, len(part))
+            note_batch(stage, len(part), bytes_per_item)
             out.append(fn(part))
         except Exception as e:          # noqa: BLE001 -- only allocator failures are handled, the rest re-raised
             if not is_out_of_memory(e):
@@ -209,7 +223,7 @@ class ModelShape:
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelShape":
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrap_peft(model)
         c = base.config
         d = int(_first(c, "hidden_size", "n_embd"))
         d_ff = _first(c, "intermediate_size", "n_inner") or 4 * d
@@ -247,5 +261,5 @@ def _first(config, *names):
     return None
 
 
-__all__ = ["DeviceMemoryError", "MEMORY_FRACTION", "ModelShape", "OOM_ERRORS", "fmt_bytes", "free_bytes",
+__all__ = ["BatchRecord", "DeviceMemoryError", "MEMORY_FRACTION", "ModelShape", "OOM_ERRORS", "fmt_bytes", "free_bytes",
            "is_out_of_memory", "memory_guard", "note_batch", "plan_batch_size", "record_batches", "run_batched"]

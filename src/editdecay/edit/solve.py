@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from editdecay.core.memory import memory_guard, plan_batch_size
+from editdecay.core.memory import memory_guard, note_batch, plan_batch_size
 
 SOLVE_CPU_BLOCK = 4096      # key columns per block on the CPU (no memory query there)
 
@@ -42,7 +42,10 @@ def _blocks(stage: str, K: torch.Tensor, d: int, dtype, device, block_size: int 
     per_col = 3 * d_k * _elt(dtype) + d * 4 + extra_per_col
     size = plan_batch_size(stage, n_items=n, bytes_per_item=per_col, device=device, explicit=block_size,
                            cpu_default=SOLVE_CPU_BLOCK)
-    return [slice(s, min(s + size, n)) for s in range(0, n, size)], size, per_col
+    blocks = [slice(s, min(s + size, n)) for s in range(0, n, size)]
+    for cols in blocks:
+        note_batch(stage, cols.stop - cols.start, per_col)
+    return blocks, size, per_col
 
 
 def key_gram(K: torch.Tensor, *, dtype=torch.float64, device=None, block_size: int | None = None,
