@@ -1,4 +1,4 @@
-"""`editdecay grid plan|run|status|gather`: the whole study from one grid file (see editdecay.grid)."""
+"""`editdecay grid plan|run|status|unlock|gather`: the whole study from one grid file (see editdecay.grid)."""
 
 from __future__ import annotations
 
@@ -158,20 +158,24 @@ def _print_results(out: Path, plan, limit: int = 40) -> None:
 @guard
 def status_cmd(
     out: Path = typer.Argument(..., help="grid output directory (the --out of `grid run`)"),
-    as_json: bool = typer.Option(False, "--json", help='print {"cells": [{"id", "state", ...}]}'),
+    as_json: bool = typer.Option(False, "--json", help='print {"cells": [{"id", "state", ...}], "locks": [...]}'),
     errors: bool = typer.Option(False, "--errors", help="print the traceback of each failed cell"),
+    stale_after: Optional[float] = typer.Option(None, help="seconds without a heartbeat after which a held lock "
+                                                           "is shown as stale (its holder hangs); default 900"),
 ) -> None:
-    """Done / running / failed / pending, per cell."""
+    """Done / running / failed / pending, per cell; held locks with their holder, stale ones marked."""
     from rich.table import Table
 
-    from editdecay.grid.store import GridStore
+    from editdecay.grid.store import STALE_AFTER_S, GridStore
 
     store = GridStore(out)
     plan = store.read_plan()
-    cells = store.cell_states(plan)
+    stale_after = STALE_AFTER_S if stale_after is None else stale_after
+    cells = store.cell_states(plan, stale_after=stale_after)
+    locks = store.locks(stale_after)
     counts = {s: sum(1 for c in cells if c["state"] == s) for s in ("done", "running", "failed", "pending")}
     if as_json:
-        _print_json({"grid": plan.name, "counts": counts, "cells": cells})
+        _print_json({"grid": plan.name, "counts": counts, "cells": cells, "locks": locks})
         return
     colour = {"done": "green", "running": "yellow", "failed": "red", "pending": "dim"}
     con = _wide()
@@ -185,14 +189,64 @@ def status_cmd(
         elif c["state"] == "running":
             r = c["running"][0]
             detail = f"{r['kind']} on {r.get('host', '?')} pid {r.get('pid', '?')} since {r.get('started', '?')}"
+            if r.get("stale"):
+                detail += f" [red]STALE[/]: {r['why']}"
         t.add_row(c["id"], f"[{colour[c['state']]}]{c['state']}[/]", detail)
     con.print(t)
     con.print(", ".join(f"{v} {k}" for k, v in counts.items()))
+    stale = [k for k in locks if k["stale"]]
+    for k in stale:
+        con.print(f"[red]stale lock[/] {k['stage']}: held by pid {k.get('pid', '?')} on {k.get('host', '?')} since "
+                  f"{k.get('started', '?')}; {k['why']}", highlight=False)
+    if stale:
+        con.print(f"`editdecay grid unlock {out}` clears stale locks (kill their holders if they still run)",
+                  highlight=False, markup=False)
     if errors:
         for c in cells:
             if c["state"] == "failed":
                 con.rule(c["id"])
                 con.print(c["traceback"], highlight=False, markup=False)
+
+
+@grid_app.command("unlock")
+@guard
+def unlock_cmd(
+    out: Path = typer.Argument(..., help="grid output directory (the --out of `grid run`)"),
+    stage: Optional[List[str]] = typer.Option(None, help="only this stage id (repeatable; default: every stale lock)"),
+    stale_after: Optional[float] = typer.Option(None, help="seconds without a heartbeat after which a lock is "
+                                                           "stale; default 900"),
+    force: bool = typer.Option(False, "--force", help="also clear the named --stage locks that are not stale"),
+) -> None:
+    """Clear stale stage locks: held by a process that is gone or shows no heartbeat (it hangs), which would
+    block every other runner of the stage forever. The holder (pid, host) is printed: kill it if it still runs."""
+    from editdecay.core.errors import ConfigError
+    from editdecay.grid.store import STALE_AFTER_S, GridStore
+
+    store = GridStore(out)
+    plan = store.read_plan()
+    stale_after = STALE_AFTER_S if stale_after is None else stale_after
+    held = {k["stage"]: k for k in store.locks(stale_after)}
+    for sid in stage or []:
+        if sid not in plan.stages:
+            raise ConfigError(f"--stage {sid!r} is not a stage of grid {plan.name!r} in {out}")
+        if sid not in held:
+            raise ConfigError(f"--stage {sid}: its lock is not held by anyone; nothing to clear")
+        if not held[sid]["stale"] and not force:
+            k = held[sid]
+            raise ConfigError(f"--stage {sid}: its lock is held by pid {k.get('pid')} on {k.get('host')}, which "
+                              f"showed a heartbeat {k.get('heartbeat_age_s')} s ago (not stale: less than "
+                              f"--stale-after {stale_after:g} s); pass --force to clear it anyway")
+    chosen = [held[s] for s in stage] if stage else [k for k in held.values() if k["stale"]]
+    if not chosen:
+        console.print(f"no stale lock in {out} ({len(held)} held, with a heartbeat in the last {stale_after:g} s)")
+        return
+    for k in chosen:
+        if store.unlock(k["stage"], k):
+            console.print(f"unlocked {k['stage']} ({plan.stages[k['stage']].kind}): it was held by pid "
+                          f"{k.get('pid', '?')} on {k.get('host', '?')} since {k.get('started', '?')}; "
+                          f"{k['why'] or 'cleared with --force'}", highlight=False)
+        else:
+            console.print(f"left {k['stage']}: it changed hands while being cleared", highlight=False)
 
 
 @grid_app.command("gather")

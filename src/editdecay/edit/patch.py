@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -118,7 +119,14 @@ class EditPatch:
         return {k: float(v.float().norm()) for k, v in self.deltas.items()}
 
     def save(self, directory: Path) -> Path:
-        """Write `patch.safetensors` + `patch.json` atomically into `directory` (must not exist or be a patch dir)."""
+        """Write `patch.safetensors` + `patch.json` atomically into `directory` (must not exist or be a patch dir).
+
+        Safe against concurrent saves into one directory (two `edit --out DIR` at once): the tensors go to a
+        temporary file of a unique name, and the pair is published under the directory's lock (`.patch.lock`),
+        so the directory always holds the tensors and metadata of one and the same save (the last one).
+        """
+        from filelock import FileLock
+
         directory = Path(directory)
         meta = {
             "format": PATCH_FORMAT, "editor": self.editor, "layers": list(self.layers), "config": self.config,
@@ -127,12 +135,18 @@ class EditPatch:
         }
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.deltas.items()}
-        tmp = directory / f".{PATCH_FILE}.tmp"
-        save_file(tensors, str(tmp), metadata={"editor": self.editor, "format": str(PATCH_FORMAT)})
-        meta["tensors_sha256"] = sha256_file(tmp)
-        os.replace(tmp, directory / PATCH_FILE)
-        # The metadata goes last: a patch directory is complete only when both match (checked on load).
-        atomic_write_json(directory / META_FILE, meta)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{PATCH_FILE}.", suffix=".tmp")   # unique per save
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"editor": self.editor, "format": str(PATCH_FORMAT)})
+            meta["tensors_sha256"] = sha256_file(tmp)
+            with FileLock(str(directory / ".patch.lock")):
+                os.replace(tmp, directory / PATCH_FILE)
+                # The metadata goes last: a patch directory is complete only when both match (checked on load).
+                atomic_write_json(directory / META_FILE, meta)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         return directory
 
     @classmethod

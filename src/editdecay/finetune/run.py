@@ -19,6 +19,8 @@ Files in the output directory:
   curve.jsonl          one line per evaluation, flushed as it goes
   adapter/             LoRA/DoRA adapter (peft format, safetensors)
   weights.safetensors  merged / fine-tuned tensors (only the ones fine-tuning can change), by model name
+Both are written under unique temporary names and renamed into place when complete; with overwrite, every
+output of the previous run (adapter/ included) is removed first.
 
 The model object is changed in place (edit applied, weights trained or adapters merged); the returned
 `FinetuneRun.model` is the model to use afterwards.
@@ -27,6 +29,9 @@ The model object is changed in place (edit applied, weights trained or adapters 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -186,13 +191,18 @@ class _Downstream:
 
 
 def _prepare_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a directory holding a run (unless overwrite); with overwrite remove every output of the old run,
+    `adapter/` included, so nothing of it can be mistaken for this run's, and leftovers of killed saves."""
     out.mkdir(parents=True, exist_ok=True)
-    stale = [out / n for n in (RESULT_FILE, LOG_FILE, CURVE_FILE, WEIGHTS_FILE) if (out / n).exists()]
+    stale = [out / n for n in (RESULT_FILE, LOG_FILE, CURVE_FILE, WEIGHTS_FILE, ADAPTER_DIR) if (out / n).exists()]
     if stale and not overwrite:
         raise ConfigError(f"out={out} already holds a fine-tuning run ({stale[0].name}); choose another directory "
                           f"or pass overwrite=True (--overwrite)")
-    for p in stale:
-        p.unlink()
+    for p in stale + [p for n in (ADAPTER_DIR, WEIGHTS_FILE) for p in out.glob(f".{n}.*.tmp")]:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def _training_summary(o: TrainOutcome) -> dict:
@@ -209,15 +219,42 @@ def _save(o: TrainOutcome, save: str, out: Path, timer: Timer) -> tuple[nn.Modul
     model, merge_check = o.model, None
     with timer("save"):
         if save in ("adapter", "both"):
-            model.save_pretrained(out / ADAPTER_DIR)
+            _publish(out / ADAPTER_DIR, lambda tmp: model.save_pretrained(tmp), directory=True)
             outputs["adapter"] = ADAPTER_DIR
         if save in ("merged", "both"):
             if o.plan.method != "full":
                 model, merge_check = _merge_checked(model)
-            save_file(changed_tensors(model, o.plan), str(out / WEIGHTS_FILE),
-                      metadata={"method": o.plan.method, "content": "tensors changed by fine-tuning"})
+            tensors = changed_tensors(model, o.plan)
+            _publish(out / WEIGHTS_FILE, lambda tmp: save_file(
+                tensors, str(tmp), metadata={"method": o.plan.method, "content": "tensors changed by fine-tuning"}))
             outputs["weights"] = WEIGHTS_FILE
     return model, outputs, merge_check
+
+
+def _publish(target: Path, write: Callable[[Path], object], directory: bool = False) -> None:
+    """Write an output under a unique temporary name beside `target`, then rename it into place (replacing an
+    older one). A save that fails or is killed leaves no half-written `adapter/` or weights file behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    else:
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        write(tmp)
+        if directory and target.exists():     # a directory cannot be renamed over: move the old one aside first
+            aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+            os.replace(target, aside / target.name)
+            os.rename(tmp, target)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
 
 
 @torch.no_grad()

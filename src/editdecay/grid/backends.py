@@ -197,8 +197,8 @@ def _lost(store: GridStore, plan: Plan, sid: str, error: BaseException) -> Stage
 
     kind = plan.stages[sid].kind
     msg = f"{type(error).__name__}: {error}"
-    if not store.is_done(sid):
-        store.record_failure(sid, kind, msg, "".join(traceback.format_exception(error)))
+    # Under the stage's lock (the dead worker's lock is free): never over a stage another runner finished.
+    if store.record_failure(sid, kind, msg, "".join(traceback.format_exception(error))):
         return StageOutcome(sid, kind, "failed", error=msg)
     return StageOutcome(sid, kind, "computed")
 

@@ -3,15 +3,20 @@
 `execute_stage` is the one way any backend computes a stage, in whatever process:
 
     finished already?            -> "reused"   (nothing is read or computed)
-    take the stage's file lock   (busy and wait=False -> "busy": the caller tries again later)
+    take the stage's file lock   (busy and wait=False -> "busy": the caller tries again later);
+                                 write the holder record (host, pid, since, heartbeat)
     finished meanwhile?          -> "reused"   (another runner computed it while we waited)
     a dependency not finished?   -> "blocked"
-    remove half-written output of killed attempts, compute into a temporary directory, publish it atomically
+    started max_attempts times already, each time killed before it ended?
+                                 -> "failed", recorded (out of memory: the OOM killer's SIGKILL leaves no error)
+    count this start on disk, remove half-written output of killed attempts, compute into a temporary
+    directory (heartbeat refreshed meanwhile), publish it atomically, clear the count
                                  -> "computed", or "failed" with error and traceback recorded beside the stage
 
 So killing a runner at any moment (kill -9 included) loses at most the stage it was
-computing, which the next runner detects (no manifest) and computes again; and two
-runners on one grid never compute the same stage twice.
+computing, which the next runner detects (no manifest) and computes again, up to
+`max_attempts` starts; and two runners on one grid never compute the same stage twice.
+Every record beside a stage is written with its lock held.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from editdecay.grid.plan import Plan
-from editdecay.grid.store import GridStore
+from editdecay.grid.store import MAX_ATTEMPTS, GridStore
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +69,12 @@ def execute_stage(root: str | Path, stage_id: str, *, plan_id: str | None = None
     Never raises for a failure of the stage itself: the error is recorded and returned. Only
     KeyboardInterrupt/SystemExit propagate (the lock is released and nothing is published).
     """
-    from filelock import Timeout
-
     store = GridStore(root)
     plan = store.read_plan(plan_id)
     stage = plan.stages[stage_id]
     if store.is_done(stage_id):
         return StageOutcome(stage_id, stage.kind, "reused")
-    lock = store.lock(stage_id, timeout=-1 if wait else 0)
-    try:
-        lock.acquire()
-    except Timeout:
+    if not store.acquire(stage_id, wait=wait):
         return StageOutcome(stage_id, stage.kind, "busy")
     try:
         if store.is_done(stage_id):
@@ -83,14 +83,42 @@ def execute_stage(root: str | Path, stage_id: str, *, plan_id: str | None = None
         missing = [d for d in stage.deps if not store.is_done(d)]
         if missing:
             return StageOutcome(stage_id, stage.kind, "blocked", error=f"dependency {missing[0]} is not finished")
+        killed = store.attempts(stage_id)
+        limit = int(plan.runtime.get("max_attempts") or MAX_ATTEMPTS)
+        if len(killed) >= limit:
+            return _killed_too_often(store, plan, stage_id, killed, limit)
         store.discard_broken(stage_id)
         store.clean_temporaries(stage_id)
         store.clear_failure(stage_id)
+        store.start_attempt(stage_id)
         if on_start is not None:
             on_start()
-        return _compute(store, plan, stage_id, progress, threads)
+        try:
+            with store.heartbeat(stage_id):
+                outcome = _compute(store, plan, stage_id, progress, threads)
+        except (KeyboardInterrupt, SystemExit):
+            store.drop_attempt(stage_id)        # stopped on purpose, not a crash of the stage
+            raise
+        store.clear_attempts(stage_id)          # the attempt ended: computed, or failed with its error recorded
+        return outcome
     finally:
-        lock.release()
+        store.release(stage_id)
+
+
+def _killed_too_often(store: GridStore, plan: Plan, stage_id: str, killed: list[dict], limit: int) -> StageOutcome:
+    """Record a stage whose process died `limit` times before its attempt ended as failed (not started again)."""
+    kind = plan.stages[stage_id].kind
+    resources = (plan.runtime.get("resources") or {}).get(kind) or {}
+    error = (f"KilledRepeatedly: stage {kind} was started {len(killed)} times and its process died each time "
+             f"before the attempt ended, with no error recorded (killed: out of memory -- the OOM killer's "
+             f"SIGKILL --, a time limit or a lost node); max_attempts is {limit}. Give it more memory "
+             f"(resources.{kind}.memory_gb, now {resources.get('memory_gb')}) or a smaller batch, then rerun "
+             f"with --retry-failed")
+    starts = "\n".join(f"  start {i + 1}: pid {a.get('pid')} on {a.get('host')} at {a.get('started')}"
+                       for i, a in enumerate(killed))
+    store.record_failure(stage_id, kind, error, f"{error}\nstarts that died:\n{starts}\n")
+    store.event(event="failed", stage=stage_id, kind=kind, seconds=0.0, error=error, attempts=len(killed))
+    return StageOutcome(stage_id, kind, "failed", 0.0, error)
 
 
 def _compute(store: GridStore, plan: Plan, stage_id: str, progress: bool, threads: int | None) -> StageOutcome:
@@ -100,7 +128,6 @@ def _compute(store: GridStore, plan: Plan, stage_id: str, progress: bool, thread
     set_threads(threads or plan.runtime.get("threads"))
     if not progress:
         _quiet_libraries()
-    store.mark_running(stage_id)
     store.event(event="started", stage=stage_id, kind=stage.kind)
     t0 = time.perf_counter()
     error = None
@@ -111,8 +138,6 @@ def _compute(store: GridStore, plan: Plan, stage_id: str, progress: bool, thread
     except Exception as e:  # noqa: BLE001 -- every failure of a stage is recorded, the grid goes on
         error = f"{type(e).__name__}: {e}"
         store.record_failure(stage_id, stage.kind, error, traceback.format_exc())
-    finally:
-        store.clear_running(stage_id)
     seconds = round(time.perf_counter() - t0, 3)
     if error is not None:
         # Outside the except block: the traceback no longer pins the failed stage's model and tensors.

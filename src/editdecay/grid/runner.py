@@ -51,7 +51,7 @@ def select(plan: Plan, store: GridStore, *, retry_failed: bool = False, cells: l
         chosen = failed
         for c in chosen:
             for sid in plan.closure(c.stages.values()):
-                store.clear_failure(sid)
+                store.clear_failure(sid, attempts=True)     # a fresh start: killed starts are not counted either
         skipped: list[str] = []
     else:
         chosen = [c for c in wanted if states[c.id]["state"] != "failed"]
@@ -158,14 +158,17 @@ def preflight(plan: Plan, store: GridStore, stage_ids: list[str]) -> list[StageO
             tb = traceback.format_exc()
             for sid in sids:
                 kind = plan.stages[sid].kind
-                store.record_failure(sid, kind, error, tb)
+                if not store.record_failure(sid, kind, error, tb, wait=False):
+                    continue        # finished, or being computed by another runner right now: its outcome counts
                 store.event(event="failed", stage=sid, kind=kind, seconds=0.0, error=error, preflight=True)
                 out.append(StageOutcome(sid, kind, "failed", 0.0, error))
     return out
 
 
 def _check_same_grid(store: GridStore, plan: Plan) -> None:
-    """A directory may be re-used with a changed grid (finished stages are content-addressed), but say so."""
+    """A directory may be re-used with a changed version of its grid (finished stages are content-addressed), but
+    say so. Another grid (another name) is refused, before anything is written (`GridStore.check_same_grid`)."""
+    store.check_same_grid(plan)
     try:
         old = json.loads(store.plan_path.read_text())
     except (OSError, ValueError):

@@ -260,6 +260,8 @@ class SharedSettings(_Strict):
     chatterbot: ChatterbotSettings = Field(default_factory=ChatterbotSettings)
     device: str = Field("auto", description="auto (cuda when available) | cpu | cuda | cuda:N")
     threads: int | None = Field(None, ge=1, description="torch CPU threads per stage (default: torch's)")
+    max_attempts: int = Field(3, ge=1, description="starts of a stage whose process dies before it ends (killed "
+                                                   "for memory, a time limit) before it is recorded as failed")
     cache_dir: str | None = Field(None, description="editdecay cache (converted models, E1 statistics); default "
                                                     "$EDITDECAY_CACHE or the user cache directory")
 

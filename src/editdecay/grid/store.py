@@ -7,7 +7,10 @@ Layout (DIR is `editdecay grid run --out DIR`)::
     DIR/grid.yaml                     the grid file as given
     DIR/stages/<stage-id>/            a FINISHED stage: its outputs and `stage.json` (manifest, written last)
     DIR/stages/<stage-id>.lock        file lock, held while the stage is computed (fcntl/flock via `filelock`)
-    DIR/stages/<stage-id>.running.json  host, pid, start time of the process computing it (informational)
+    DIR/stages/<stage-id>.running.json  the lock's holder: host, pid, since when, last heartbeat (written when the
+                                      lock is taken, refreshed every HEARTBEAT_S while it computes)
+    DIR/stages/<stage-id>.attempts.json  starts of the stage whose process died before it ended (killed: out of
+                                      memory, time limit, node lost); at `max_attempts` it is recorded as failed
     DIR/stages/<stage-id>.failed.json   error and traceback of the last failed attempt
     DIR/stages/.<stage-id>.*.tmp/     a stage being written (or left by a killed process; removed before redoing)
     DIR/results/<cell-id>.json        one result per cell (schema below), written atomically
@@ -24,7 +27,20 @@ Why two runners never compute one stage twice: a runner takes the stage's lock a
 re-checks whether it is finished before computing. The lock is an OS file lock,
 released by the kernel when its process dies (kill -9 included); it works on local
 disks and on shared filesystems with working POSIX/flock locks (NFSv4, Lustre and
-GPFS mounted with locking).
+GPFS mounted with locking). Every record of a stage (`.failed.json`, `.attempts.json`,
+`.running.json`) is written and removed only with the stage's lock held.
+
+What the kernel cannot release is the lock of a process that is alive but hangs (or
+of a client that lost its shared filesystem). Its holder record says who holds it and
+its heartbeat when it last made progress; `editdecay grid status` shows such a lock as
+stale and `editdecay grid unlock` breaks it (removes the lock file: the hung process
+keeps a lock on a file nobody else opens).
+
+Why a stage killed again and again is not retried forever: every start is counted on
+disk before the stage computes and the count is cleared when it ends (computed, or
+failed with its error recorded). A count that reaches the grid's `max_attempts` means
+its process died that many times without ending (the OOM killer's SIGKILL, a time
+limit): the stage is recorded as failed instead of started once more.
 
 Cell result schema (`results/<cell-id>.json`, `kind: grid-cell`, `cell_schema_version` 1)::
 
@@ -78,6 +94,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import threading
+
 from filelock import FileLock, Timeout
 
 from editdecay.core.cache import atomic_dir, atomic_write_json
@@ -90,10 +108,27 @@ CELL_SCHEMA_VERSION = 1
 MANIFEST = "stage.json"
 MANIFEST_FORMAT = 1
 STATES = ("done", "running", "failed", "pending")
+MAX_ATTEMPTS = 3            # starts whose process died before a stage is recorded as failed (grid: max_attempts)
+HEARTBEAT_S = 30.0          # how often a stage's holder record is refreshed while it computes
+STALE_AFTER_S = 900.0       # a lock whose holder shows no heartbeat for this long is stale (grid status/unlock)
+WAIT_REPORT_S = 60.0        # a runner waiting for a lock says who holds it this often
+
+_HELD: dict[str, FileLock] = {}     # stage locks this process holds, by lock path (nested takes are no-ops)
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host (signal 0 checks without sending anything)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:         # exists, another user's
+        return True
+    return True
 
 
 def _without_code(plan: Plan, path: Path) -> Plan:
@@ -130,22 +165,47 @@ class GridStore:
     def write_plan(self, plan: Plan, grid_text: str | None = None) -> str:
         """Write the plan as plans/<plan-id>.json (never changed afterwards) and as plan.json (the latest).
 
-        Stages are run against a plan id, so a runner keeps its own plan even if another grid is started
-        in the same directory meanwhile. Returns the plan id.
+        Stages are run against a plan id, so a runner keeps its own plan even if the grid file is changed and
+        run again in the same directory meanwhile. Returns the plan id.
+
+        One directory holds one grid: if plan.json names another grid, ConfigError (nothing is written). The
+        check and the write happen under the directory's lock (`.grid.lock`), so two grids started at once
+        cannot both pass it.
         """
         from editdecay.core.cache import atomic_write_bytes, stable_hash
 
         self.root.mkdir(parents=True, exist_ok=True)
-        for sub in ("stages", "results", "logs", "plans"):
-            (self.root / sub).mkdir(exist_ok=True)
-        data = plan.to_dict()
-        plan_id = stable_hash(data, 16)
-        if not (self.root / "plans" / f"{plan_id}.json").is_file():
-            atomic_write_json(self.root / "plans" / f"{plan_id}.json", data)
-        atomic_write_json(self.plan_path, data)
-        if grid_text is not None:
-            atomic_write_bytes(self.root / "grid.yaml", grid_text.encode())
+        with FileLock(str(self.root / ".grid.lock")):
+            self.check_same_grid(plan)
+            for sub in ("stages", "results", "logs", "plans"):
+                (self.root / sub).mkdir(exist_ok=True)
+            data = plan.to_dict()
+            plan_id = stable_hash(data, 16)
+            if not (self.root / "plans" / f"{plan_id}.json").is_file():
+                atomic_write_json(self.root / "plans" / f"{plan_id}.json", data)
+            atomic_write_json(self.plan_path, data)
+            if grid_text is not None:
+                atomic_write_bytes(self.root / "grid.yaml", grid_text.encode())
         return plan_id
+
+    def check_same_grid(self, plan: Plan) -> None:
+        """Raise ConfigError if this directory holds the results of a grid with another name than `plan`'s.
+
+        A changed grid of the same name is fine (finished stages are content-addressed and reused); another
+        grid would overwrite plan.json and grid.yaml, and `grid status`, `gather` and the results table would
+        then describe only one of the two.
+        """
+        if not self.plan_path.is_file():
+            return
+        try:
+            old = json.loads(self.plan_path.read_text()).get("name")
+        except (OSError, ValueError):
+            return
+        if old is not None and old != plan.name:
+            raise ConfigError(
+                f"--out {self.root} holds the results of grid {old!r}; this grid is named {plan.name!r}. One "
+                f"results directory holds one grid (its plan.json, grid.yaml, status and results table): give "
+                f"this grid another --out, or name it {old!r} if it is the same study")
 
     def read_plan(self, plan_id: str | None = None) -> Plan:
         """The plan with this id, or the latest one (plan.json).
@@ -230,6 +290,143 @@ class GridStore:
         self.stage_dir(sid).parent.mkdir(parents=True, exist_ok=True)
         return FileLock(str(self._side(sid, ".lock")), timeout=timeout)
 
+    def acquire(self, sid: str, wait: bool = True) -> bool:
+        """Take the stage's lock until `release`, and write the holder record (`.running.json`).
+
+        wait=False: returns False at once if another process holds it. wait=True: blocks until it is free,
+        logging every WAIT_REPORT_S who holds it; a holder that hangs is cleared by `editdecay grid unlock`,
+        after which this waiter takes a fresh lock file.
+        """
+        path = str(self._side(sid, ".lock"))
+        if path in _HELD:
+            raise RuntimeError(f"stage {sid}: this process holds its lock already")
+        lock = self.lock(sid)
+        while True:
+            try:
+                lock.acquire(timeout=WAIT_REPORT_S if wait else 0)
+                break
+            except Timeout:
+                if not wait:
+                    return False
+                h = self.holder(sid)
+                log.warning("stage %s: waiting for its lock, held by pid %s on %s since %s (heartbeat %s s ago); "
+                            "if that process hangs, `editdecay grid unlock %s` clears it", sid, h.get("pid"),
+                            h.get("host"), h.get("started"), h.get("heartbeat_age_s"), self.root)
+        _HELD[path] = lock
+        now = time.time()
+        atomic_write_json(self._side(sid, ".running.json"), {
+            "host": socket.gethostname(), "pid": os.getpid(), "started": _now(), "started_unix": now,
+            "heartbeat": _now(), "heartbeat_unix": now})
+        return True
+
+    def release(self, sid: str) -> None:
+        """Remove this process's holder record and release the stage's lock (taken by `acquire`)."""
+        lock = _HELD.pop(str(self._side(sid, ".lock")), None)
+        try:
+            if self._mine(self.running_info(sid)):
+                self.clear_running(sid)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    @staticmethod
+    def _mine(record: dict | None) -> bool:
+        return bool(record) and record.get("pid") == os.getpid() and record.get("host") == socket.gethostname()
+
+    @contextlib.contextmanager
+    def holding(self, sid: str, wait: bool = True) -> Iterator[bool]:
+        """The stage's lock around a short change of its records. Re-entrant: a no-op where this process holds
+        it already (inside `execute_stage`). Yields False, and the body must change nothing, when wait=False
+        and another process holds it."""
+        path = str(self._side(sid, ".lock"))
+        if path in _HELD:
+            yield True
+            return
+        lock = self.lock(sid)
+        try:
+            lock.acquire(timeout=-1 if wait else 0)
+        except Timeout:
+            yield False
+            return
+        _HELD[path] = lock
+        try:
+            yield True
+        finally:
+            _HELD.pop(path, None)
+            lock.release()
+
+    @contextlib.contextmanager
+    def heartbeat(self, sid: str, every: float | None = None) -> Iterator[None]:
+        """Refresh the holder record's heartbeat every `every` (HEARTBEAT_S) seconds while the body runs."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(every or HEARTBEAT_S):
+                rec = self.running_info(sid)
+                if not self._mine(rec):        # the lock was broken (grid unlock): the record is not ours
+                    return
+                with contextlib.suppress(OSError):
+                    atomic_write_json(self._side(sid, ".running.json"),
+                                      {**rec, "heartbeat": _now(), "heartbeat_unix": time.time()})
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{sid}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def holder(self, sid: str, stale_after: float = STALE_AFTER_S) -> dict:
+        """Who holds the stage's lock, from its holder record: {stage, host, pid, started, heartbeat_age_s,
+        held_s, alive (None: another host), stale, why}. Call only for a lock that is held."""
+        rec = self.running_info(sid) or {}
+        now = time.time()
+        out = {"stage": sid, **{k: rec.get(k) for k in ("host", "pid", "started", "heartbeat")}}
+        if rec:
+            out["held_s"] = round(now - rec.get("started_unix", now), 1)
+            out["heartbeat_age_s"] = round(now - rec.get("heartbeat_unix", rec.get("started_unix", now)), 1)
+        else:       # lock taken by a process that wrote no record (yet): age of the lock file
+            with contextlib.suppress(OSError):
+                out["heartbeat_age_s"] = round(now - self._side(sid, ".lock").stat().st_mtime, 1)
+        here = rec.get("host") == socket.gethostname()
+        out["alive"] = pid_alive(rec["pid"]) if here and rec.get("pid") else None
+        age = out.get("heartbeat_age_s")
+        if out["alive"] is False:
+            out.update(stale=True, why=f"its holder, pid {rec['pid']} on this host, no longer exists")
+        elif age is not None and age > stale_after:
+            out.update(stale=True, why=f"no heartbeat for {age:.0f} s (more than {stale_after:.0f} s): its holder "
+                                       f"hangs or lost this filesystem")
+        else:
+            out.update(stale=False, why=None)
+        return out
+
+    def locks(self, stale_after: float = STALE_AFTER_S) -> list[dict]:
+        """Every stage lock held now, with its holder (`holder`)."""
+        out = []
+        for path in sorted((self.root / "stages").glob("*.lock")):
+            sid = path.name[:-len(".lock")]
+            if self.is_locked(sid):
+                out.append(self.holder(sid, stale_after))
+        return out
+
+    def unlock(self, sid: str, holder: dict | None = None) -> bool:
+        """Break a stage's lock: remove its lock file and holder record. Runners then take a fresh lock file;
+        the process that held it keeps a lock on the removed file, which excludes nobody (kill it: if it
+        wakes up it may compute the stage a second time, though it cannot publish over a finished one).
+
+        `holder`: what `holder(sid)` said when the lock was judged stale; if the record changed since (the
+        stage changed hands meanwhile) nothing is removed and False is returned.
+        """
+        rec = self.running_info(sid)
+        if holder is not None and (rec or {}).get("pid") != holder.get("pid"):
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            self._side(sid, ".lock").unlink()
+        self.clear_running(sid)
+        self.event(event="unlocked", stage=sid, holder=rec)
+        return True
+
     def is_locked(self, sid: str) -> bool:
         """True while some process holds the stage's lock (it is being computed)."""
         path = self._side(sid, ".lock")
@@ -243,10 +440,6 @@ class GridStore:
         lock.release()
         return False
 
-    def mark_running(self, sid: str) -> None:
-        atomic_write_json(self._side(sid, ".running.json"),
-                          {"host": socket.gethostname(), "pid": os.getpid(), "started": _now()})
-
     def clear_running(self, sid: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._side(sid, ".running.json").unlink()
@@ -259,10 +452,16 @@ class GridStore:
 
     # ------------------------------------------------------------------ failures
 
-    def record_failure(self, sid: str, kind: str, error: str, traceback: str) -> None:
-        atomic_write_json(self._side(sid, ".failed.json"), {
-            "id": sid, "kind": kind, "error": error, "traceback": traceback, "time": _now(),
-            "host": socket.gethostname(), "pid": os.getpid()})
+    def record_failure(self, sid: str, kind: str, error: str, traceback: str, wait: bool = True) -> bool:
+        """Record a failed attempt, with the stage's lock held; never for a finished stage. Returns whether it
+        was recorded (False: the stage is finished, or busy with wait=False: another runner computes it)."""
+        with self.holding(sid, wait) as held:
+            if not held or self.is_done(sid):
+                return False
+            atomic_write_json(self._side(sid, ".failed.json"), {
+                "id": sid, "kind": kind, "error": error, "traceback": traceback, "time": _now(),
+                "host": socket.gethostname(), "pid": os.getpid(), "attempts": len(self.attempts(sid))})
+            return True
 
     def failure(self, sid: str) -> dict | None:
         try:
@@ -270,9 +469,38 @@ class GridStore:
         except (OSError, ValueError):
             return None
 
-    def clear_failure(self, sid: str) -> None:
+    def clear_failure(self, sid: str, attempts: bool = False) -> None:
+        """Remove the failure record (and with attempts=True the count of killed starts: a fresh retry), with the
+        stage's lock held."""
+        with self.holding(sid):
+            with contextlib.suppress(FileNotFoundError):
+                self._side(sid, ".failed.json").unlink()
+            if attempts:
+                self.clear_attempts(sid)
+
+    def attempts(self, sid: str) -> list[dict]:
+        """Starts of the stage whose process died before the attempt ended ({host, pid, started} each)."""
+        try:
+            return list(json.loads(self._side(sid, ".attempts.json").read_text())["attempts"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+
+    def start_attempt(self, sid: str) -> int:
+        """Count a start on disk before computing (call with the lock held); returns the starts now counted."""
+        runs = [*self.attempts(sid), {"host": socket.gethostname(), "pid": os.getpid(), "started": _now()}]
+        atomic_write_json(self._side(sid, ".attempts.json"), {"id": sid, "attempts": runs})
+        return len(runs)
+
+    def drop_attempt(self, sid: str) -> None:
+        """Uncount this process's last start (interrupted on purpose: Ctrl-C, not a crash of the stage)."""
+        runs = self.attempts(sid)
+        if runs and runs[-1].get("pid") == os.getpid():
+            runs.pop()
+            atomic_write_json(self._side(sid, ".attempts.json"), {"id": sid, "attempts": runs})
+
+    def clear_attempts(self, sid: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self._side(sid, ".failed.json").unlink()
+            self._side(sid, ".attempts.json").unlink()
 
     # ------------------------------------------------------------------ results and events
 
@@ -316,11 +544,12 @@ class GridStore:
 
     # ------------------------------------------------------------------ status
 
-    def cell_states(self, plan: Plan) -> list[dict]:
+    def cell_states(self, plan: Plan, stale_after: float = STALE_AFTER_S) -> list[dict]:
         """One entry per cell: {id, label, state, stages: {role: state}, ...}; state in STATES.
 
         done: its result exists. failed: one of the stages it needs failed (error and traceback included).
-        running: one of its stages is locked by a live process. pending: otherwise.
+        running: one of its stages is locked (`running`: the holders, `holder`, with `stale` where the holder
+        is gone or shows no heartbeat for `stale_after` seconds). pending: otherwise.
         """
         stage_state: dict[str, str] = {}
 
@@ -347,7 +576,7 @@ class GridStore:
                 entry["result"] = str(self.result_path(cell.id))
             elif any(s == "running" for s in states.values()):
                 entry["state"] = "running"
-                entry["running"] = [{"stage": sid, "kind": plan.stages[sid].kind, **(self.running_info(sid) or {})}
+                entry["running"] = [{"kind": plan.stages[sid].kind, **self.holder(sid, stale_after)}
                                     for sid, s in states.items() if s == "running"]
             elif any(s == "failed" for s in states.values()):
                 sid = next(sid for sid, s in states.items() if s == "failed")
@@ -371,9 +600,16 @@ class GridStore:
 
         atomic_write_bytes(self.root / "results.csv", df.to_csv(index=False).encode())
         path = self.root / "results.parquet"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.name}.", suffix=".tmp")   # unique per writer
+        os.close(fd)
+        try:
+            df.to_parquet(tmp, index=False)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         return path
 
 
