@@ -39,6 +39,7 @@ from editdecay.core.cache import Cache, atomic_write_bytes, stable_hash
 from editdecay.data.corpus import CorpusSpec, iter_token_chunks
 from editdecay.core.errors import ConfigError, DataError
 from editdecay.core.hooks import capture_inputs, run_until_stop
+from editdecay.core.memory import memory_guard
 from editdecay.core.models import LoadedModel
 from editdecay.core.tokens import pad_batch, pad_id
 
@@ -175,15 +176,17 @@ def accumulate_second_moments(lm: LoadedModel, layers: tuple[int, ...], chunks: 
         # corpus runs the same model (generate) lazily, and must not meet the stop hook.
         for seqs in _batched(chunks, batch_size):
             batch = pad_batch(seqs, pad, side="right").to(device)
-            with capture_inputs(model, names, stop_after=names[-1]) as store:
-                run_until_stop(model, **batch.model_inputs())
-            mask = batch.attention_mask.bool()                       # (B, T)
-            for layer, name in zip(layers, names):
-                x = store[name]                                      # on the device of W_out(layer)
-                k = x[mask.to(x.device)].to(dtype)                   # (n_b, d_k): keys of real tokens
-                if layer not in sums:
-                    sums[layer] = torch.zeros(k.shape[1], k.shape[1], dtype=dtype, device=k.device)
-                sums[layer].addmm_(k.T, k)                           # += K^T K, (d_k, d_k)
+            # A batch that does not fit raises DeviceMemoryError naming the stage and the batch (core.memory).
+            with memory_guard("E1 statistics", len(seqs), None, device):
+                with capture_inputs(model, names, stop_after=names[-1]) as store:
+                    run_until_stop(model, **batch.model_inputs())
+                mask = batch.attention_mask.bool()                   # (B, T)
+                for layer, name in zip(layers, names):
+                    x = store[name]                                  # on the device of W_out(layer)
+                    k = x[mask.to(x.device)].to(dtype)               # (n_b, d_k): keys of real tokens
+                    if layer not in sums:
+                        sums[layer] = torch.zeros(k.shape[1], k.shape[1], dtype=dtype, device=k.device)
+                    sums[layer].addmm_(k.T, k)                       # += K^T K, (d_k, d_k)
             n_b = int(mask.sum())
             n += n_b
             bar.update(n_b)
