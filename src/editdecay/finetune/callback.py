@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from editdecay.core.cache import dumps_json
 from editdecay.core.errors import ConfigError
 from editdecay.measure.metrics import RequestOutcome, aggregate, evaluate_requests
 from editdecay.core.request import EditRequest
@@ -63,7 +64,7 @@ class DecayCallback:
         self.outcomes[step] = outcomes
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(point) + "\n")
+                f.write(dumps_json(point) + "\n")       # NaN -> null + status, never bare NaN
                 f.flush()
         return point
 

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from editdecay.core.devices import input_device
+from editdecay.core.cache import dumps_json
 from editdecay.core.errors import EditDecayError
 from editdecay.finetune.callback import DecayCallback
 from editdecay.data.instructions import IGNORE_INDEX, Example, TrainingSet
@@ -202,5 +203,5 @@ def train(
 
 def _write(log, record: dict) -> None:
     if log is not None:
-        log.write(json.dumps(record) + "\n")
+        log.write(dumps_json(record) + "\n")           # a NaN loss -> null + status, never bare NaN
         log.flush()

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from editdecay.core.cache import dumps_json
 from editdecay.core.errors import EditDecayError
 from editdecay.grid.plan import Plan, Stage
 from editdecay.grid.spec import DOWNSTREAM_TASKS
@@ -87,7 +88,7 @@ class StageContext:
                           trust_remote_code=ref["trust_remote_code"], revision=ref["revision"])
 
     def write_json(self, name: str, obj) -> None:
-        (self.out / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        (self.out / name).write_text(dumps_json(obj, indent=2) + "\n")     # strict JSON: NaN -> null + status
 
 
 def seed_everything(seed: int) -> None:

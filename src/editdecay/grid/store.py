@@ -98,7 +98,7 @@ import threading
 
 from filelock import FileLock, Timeout
 
-from editdecay.core.cache import atomic_dir, atomic_write_json
+from editdecay.core.cache import atomic_dir, atomic_write_json, dumps_json
 from editdecay.core.errors import ConfigError
 from editdecay.grid.plan import Plan
 
@@ -531,7 +531,7 @@ class GridStore:
         path = self.root / "logs" / f"events-{socket.gethostname()}-{os.getpid()}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"time": _now(), "pid": os.getpid(), **record}) + "\n")
+            f.write(dumps_json({"time": _now(), "pid": os.getpid(), **record}) + "\n")
             f.flush()
 
     def events(self) -> list[dict]:

@@ -17,6 +17,7 @@ import base64
 import html
 import json
 
+from editdecay.core.cache import dumps_json
 from editdecay.report.document import Report
 from editdecay.report.table import Missing, Table, format_value
 
@@ -193,11 +194,11 @@ def report_json(report: Report) -> str:
                       "rows": [[enc(v) for v in r] for r in t.rows], "notes": list(t.notes)}
               for t in [report.missing, *report.tables]}
     rs = report.analysis.results
-    return json.dumps({"kind": "editdecay-report", "grid": rs.grid, "results_dir": str(rs.root),
+    return dumps_json({"kind": "editdecay-report", "grid": rs.grid, "results_dir": str(rs.root),
                        "created": report.created, "version": report.version, "cell_states": rs.counts(),
                        "warnings": list(report.analysis.warnings), "notes": list(rs.notes),
                        "figures": {f.key: f.path.name for f in report.figures}, "tables": tables},
-                      indent=1, default=str) + "\n"
+                      indent=1) + "\n"
 
 
 __all__ = ["html_table", "md_table", "render_html", "render_markdown", "report_json"]
