@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 from editdecay.core.cache import atomic_write_json
+from editdecay.core.schema import SCHEMA_VERSION, validate_result
 
-RESULT_SCHEMA_VERSION = 1
+RESULT_SCHEMA_VERSION = SCHEMA_VERSION     # the name older code imports
 _PACKAGES = ("editdecay", "torch", "transformers", "peft", "accelerate", "safetensors", "numpy", "gguf", "pydantic",
              "lm_eval", "datasets")
 
@@ -74,7 +75,9 @@ class Timer:
 
 
 def write_result(path: Path, result: dict) -> Path:
-    """Write a result JSON atomically, with schema version first."""
-    payload = {"schema_version": RESULT_SCHEMA_VERSION, **result}
+    """Write a result JSON atomically, schema version first, after validating it against its kind's schema
+    (core.schema: ResultSchemaError names the field a writer got wrong, and nothing is written)."""
+    payload = {"schema_version": SCHEMA_VERSION, **{k: v for k, v in result.items() if k != "schema_version"}}
+    validate_result(payload, where=str(path))
     atomic_write_json(Path(path), payload)
     return Path(path)

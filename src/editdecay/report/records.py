@@ -1,7 +1,7 @@
 """A grid results directory read into typed records: every planned cell, with its result or why it has none.
 
 The report never re-runs a model for its tables: everything comes from the cell
-result files (schema in `grid/store.py`) and their per-request rows. This module
+result files (schema: `core/schema.py`, fields described in `grid/store.py`) and their per-request rows. This module
 is the one place that reads and validates them, so the rest of the report can
 assume a `CellRecord` in state "done" has well-formed request rows.
 
@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Mapping
 
 from editdecay.core.errors import ConfigError
+from editdecay.core.schema import MODELS, CellRequestRow, ResultSchemaError, read_result
 
 log = logging.getLogger(__name__)
 
-MODELS = ("M0", "M_e", "M_f", "M_ef")          # E7: base, edited, fine-tuned base, edited then fine-tuned
 EDITED_MODELS = ("M_e", "M_ef")
 SCORES = ("efficacy", "paraphrase", "neighborhood")
 SCORE_ABBR = {"efficacy": "ES", "paraphrase": "PS", "neighborhood": "NS"}
-SUPPORTED_CELL_SCHEMA = 1
 STATES = ("done", "failed", "running", "pending", "invalid")   # grid states + "invalid" (result unusable)
 
 
@@ -167,47 +166,21 @@ def _from_file(cell_id: str, path: Path, *, label: str | None = None, axes: Mapp
         return CellRecord(cell_id, label or cell_id, axes or {}, "invalid", error=why, path=str(path))
 
     try:
-        result = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        return invalid(f"result file {path} is unreadable: {e}")
-    if not isinstance(result, dict) or result.get("kind") != "grid-cell":
-        return invalid(f"{path}: kind is {result.get('kind') if isinstance(result, dict) else None!r}, "
-                       f"expected 'grid-cell'")
-    version = result.get("cell_schema_version")
-    if not isinstance(version, int) or version > SUPPORTED_CELL_SCHEMA:
-        return invalid(f"{path}: cell_schema_version={version!r}; this report reads version "
-                       f"<= {SUPPORTED_CELL_SCHEMA} (update editdecay)")
-    cell = result.get("cell") or {}
-    axes = axes or cell.get("axes")
-    if not isinstance(axes, dict) or not isinstance(result.get("metrics"), dict):
-        return invalid(f"{path}: missing 'cell.axes' or 'metrics'")
-    try:
-        requests = tuple(_request(i, row) for i, row in enumerate(result.get("requests") or []))
-    except ValueError as e:
-        return invalid(f"{path}: {e}")
-    if int(axes.get("n_edits") or 0) > 0 and not requests:
-        return invalid(f"{path}: n_edits={axes.get('n_edits')} but 'requests' is empty")
-    return CellRecord(cell.get("id", cell_id), label or cell.get("label", cell_id), axes, "done", result, requests,
-                      path=str(path))
+        typed = read_result(path, kind="grid-cell")
+    except ResultSchemaError as e:
+        return invalid(str(e))
+    result = typed.model_dump(mode="json")
+    requests = tuple(_request(row) for row in typed.requests)
+    return CellRecord(typed.cell.id or cell_id, label or typed.cell.label, axes or typed.cell.axes, "done", result,
+                      requests, path=str(path))
 
 
-def _request(i: int, row) -> RequestRecord:
-    if not isinstance(row, dict):
-        raise ValueError(f"requests[{i}] is a {type(row).__name__}, expected an object")
-    for key in ("case_id", "success", "margin"):
-        if key not in row:
-            raise ValueError(f"requests[{i}] has no field {key!r}")
-    success, margin = row["success"], row["margin"]
-    missing = [m for m in MODELS if m not in success or m not in row]
-    if missing:
-        raise ValueError(f"requests[{i}] ({row['case_id']}) has no outcome for model {missing[0]!r}; "
-                         f"expected {', '.join(MODELS)}")
-    scores = {m: {s: row[m].get(s) for s in SCORES} for m in MODELS}
-    flipped = row.get("flipped")
-    if flipped is None:
-        flipped = bool(success["M_e"] and not success["M_ef"])
-    return RequestRecord(str(row["case_id"]), {m: bool(success[m]) for m in MODELS},
-                         {m: margin.get(m) for m in MODELS}, scores, bool(flipped))
+def _request(row: CellRequestRow) -> RequestRecord:
+    outcomes = {m: row.outcome(m) for m in MODELS}
+    scores = {m: {s: (outcomes[m] or {}).get(s) for s in SCORES} for m in MODELS}
+    flipped = row.flipped if row.flipped is not None else bool(row.success["M_e"] and not row.success["M_ef"])
+    return RequestRecord(row.case_id, {m: bool(row.success[m]) for m in MODELS},
+                         {m: row.margin.get(m) for m in MODELS}, scores, bool(flipped))
 
 
 __all__ = ["CellRecord", "EDITED_MODELS", "MODELS", "RequestRecord", "ResultsSet", "SCORES", "SCORE_ABBR",
