@@ -463,8 +463,30 @@ def main(argv=None) -> dict:
             if p.device.startswith("cuda"):
                 torch.cuda.empty_cache()
         write()
-    print(json.dumps({k: report[k] for k in ("device", "wall_seconds", "skipped", "errors")}, indent=1))
+    report["goals"] = goals(report["results"])
+    report["model_gib"] = _gib(sum(t.numel() * t.element_size() for t in model.parameters()))
+    report["notes"] = {"peak_gib": "torch.cuda.max_memory_allocated over the section, model weights included "
+                                   "(model_gib); null on the CPU"}
+    write()
+    print(json.dumps({k: report[k] for k in ("device", "wall_seconds", "skipped", "errors", "goals")}, indent=1))
     return report
+
+
+def goals(results: dict) -> dict:
+    """Issue 13's targets (for the GPU presets) next to the measured values; None where not measured."""
+    stats, memit, scale = results.get("stats", {}), results.get("memit", {}), results.get("scale", {})
+    ex = scale.get("extrapolated", {})
+
+    def goal(value, limit, better):
+        met = None if value is None else (value >= limit if better == "higher" else value <= limit)
+        return {"value": value, "goal": f"{'>=' if better == 'higher' else '<='} {limit}", "met": met}
+
+    return {
+        "stats_tokens_per_s_5_layers": goal(stats.get("tokens_per_s"), 60_000, "higher"),
+        "memit_1000_edits_seconds_statistics_cached": goal(memit.get("seconds"), 60, "lower"),
+        "memit_10000_edits_seconds": goal(ex.get("total_seconds"), 600, "lower"),
+        "memit_10000_edits_peak_gib": goal(scale.get("peak_gib"), 80, "lower"),
+    }
 
 
 if __name__ == "__main__":

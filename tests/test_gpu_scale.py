@@ -70,6 +70,13 @@ def test_tiny_preset_runs_every_section(gpu_scale, tiny_report):
     assert ex["n"] == p.n_scale and ex["targets_seconds"] > 0 and "basis" in ex
     assert ex["total_seconds"] >= ex["targets_seconds"] + ex["keys_seconds"]
 
+    goals = r["goals"]
+    assert set(goals) == {"stats_tokens_per_s_5_layers", "memit_1000_edits_seconds_statistics_cached",
+                          "memit_10000_edits_seconds", "memit_10000_edits_peak_gib"}
+    assert goals["stats_tokens_per_s_5_layers"]["value"] == stats["tokens_per_s"]
+    assert goals["memit_10000_edits_peak_gib"]["met"] is None          # not measurable on the CPU
+    assert r["model_gib"] > 0
+
 
 def test_out_of_time_sections_are_skipped_or_shrunk(gpu_scale, tmp_path):
     """With no time left, alphaedit is skipped with a reason and scale falls back to a stated extrapolation."""

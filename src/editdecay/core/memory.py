@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import gc
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence, TypeVar
@@ -90,7 +91,9 @@ def free_bytes(device) -> int | None:
 
 
 def empty_cache(device) -> None:
+    """After an out-of-memory error: free what the failed batch held (frames in reference cycles included)."""
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()
 
 
