@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from editdecay.cli import app
+from editdecay.finetune.recipe import LAYER_CHOICES, METHODS
 from editdecay.cli.common import console, guard, metrics_table, pct, set_threads
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,8 @@ def finetune(
                                                   "(refused by default; both fingerprints are recorded)"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="also load pickled weights (.bin/.pt), which "
                                       "can run code when unpickled (default: safetensors only)"),
-    method: str = typer.Option("lora", help="lora | dora | full"),
-    layers: str = typer.Option("all", help="all | edited | non-edited | 4,5,6 | 4-8"),
+    method: str = typer.Option("lora", help=" | ".join(METHODS)),
+    layers: str = typer.Option("all", help=" | ".join(LAYER_CHOICES) + " | 4,5,6 | 4-8"),
     targets: Optional[str] = typer.Option(None, help="attention | mlp | all-linear | all (full only) | comma list of "
                                                      "block-relative names (mlp.down_proj,...); default all-linear "
                                                      "(the study preset's full fine-tuning: all)"),
@@ -83,7 +84,7 @@ def finetune(
     set_threads(threads)
     # Recipe and data first: both fail in milliseconds, before a model is loaded.
     overrides = {k: v for k, v in {
-        "layers": layers if layers in ("all", "edited", "non-edited") else parse_layers(layers),
+        "layers": layers if layers in LAYER_CHOICES else parse_layers(layers),
         "targets": _targets(targets), "max_steps": steps, "epochs": epochs, "learning_rate": lr,
         "lr_scheduler": scheduler, "warmup_steps": warmup_steps, "batch_size": batch_size, "grad_accum": grad_accum,
         "cutoff_len": cutoff, "template": template, "lora_r": rank, "lora_alpha": alpha, "lora_dropout": dropout,

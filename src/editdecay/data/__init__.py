@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import random
 
+from editdecay.core.config import did_you_mean
 from editdecay.core.errors import ConfigError
 from editdecay.data.common import EditDataset, Rejection, validate_request
 
 SOURCES = ("worldfacts", "counterfact", "zsre")
+EDIT_SOURCES = SOURCES + ("mcf", "multicounterfact")     # with the aliases of counterfact
 
 
 def load_edit_data(spec: str, *, zsre_target: str = "answers", strict: bool = False,
@@ -31,7 +33,8 @@ def load_edit_data(spec: str, *, zsre_target: str = "answers", strict: bool = Fa
 
         ds = load_zsre(_need_path(spec, path), target=zsre_target, strict=strict)
     else:
-        raise ConfigError(f"data {spec!r}: unknown source {kind!r}; use one of: worldfacts, counterfact:PATH, zsre:PATH")
+        raise ConfigError(f"data {spec!r}: unknown source {kind!r}{did_you_mean(kind, EDIT_SOURCES)}; use one of: "
+                          f"worldfacts, counterfact:PATH, zsre:PATH")
     return subset(ds, limit, seed)
 
 

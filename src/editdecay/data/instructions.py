@@ -26,12 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from editdecay.core.config import did_you_mean
 from editdecay.core.errors import ConfigError, DataError
 from editdecay.data.documents import read_records, read_text, split_documents, strict_rows
 from editdecay.data.embedded_task import EmbeddedTask
 from editdecay.data.prompts import TEMPLATES, InstructionRecord, render_prompt
 
 log = logging.getLogger(__name__)
+
+SOURCES = ("embedded", "chatterbot", "instructions", "text", "hf")   # the prefixes `load_source` reads
+HELD_OUT_TASKS = ("embedded", "chatterbot")    # sources with a held-out split scored during fine-tuning (measure/task)
 
 IGNORE_INDEX = -100   # label of tokens that do not count in the loss (torch cross_entropy's ignore_index)
 
@@ -85,7 +89,7 @@ def load_source(spec: str, *, task=None) -> Source:
     if kind == "hf":
         name, _, split = rest.partition(":")
         return _finish(_load_hub(spec, name, split or "train"))
-    raise ConfigError(f"data {spec!r}: unknown source {kind!r}; use embedded, chatterbot[:DIR], instructions:PATH, "
+    raise ConfigError(f"data {spec!r}: unknown source {kind!r}{did_you_mean(kind, SOURCES)}; use embedded, chatterbot[:DIR], instructions:PATH, "
                       f"text:PATH or hf:NAME[:SPLIT]")
 
 

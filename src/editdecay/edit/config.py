@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
-from editdecay.core.config import Config
+from editdecay.core.config import Config, check_choice
 
 
 class EditorConfig(Config):
@@ -75,3 +75,14 @@ class AlphaEditConfig(EditorConfig):
 
     nullspace_threshold: float = Field(2e-2, gt=0, description="eigenvalues of C below this span the null space P")
     L2: float = Field(10.0, gt=0, description="ridge term of the projected solve")
+
+
+# The editors by name, with their config classes. Pure (no torch), so a grid file is validated without
+# importing the editors; `edit.editor_class` maps the same names to the solvers.
+CONFIGS: dict[str, type[EditorConfig]] = {"memit": MemitConfig, "alphaedit": AlphaEditConfig}
+EDITOR_NAMES = tuple(CONFIGS)
+
+
+def make_config(name: str, **fields) -> EditorConfig:
+    """Build a validated config; an unknown editor or invalid field raises ConfigError naming it (core.config)."""
+    return CONFIGS[check_choice("editor", name.lower(), CONFIGS)](**fields)

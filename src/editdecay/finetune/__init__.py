@@ -1,29 +1,41 @@
-"""Fine-tuning an (edited) model and watching its edits decay (ALGORITHMS.md E7).
+"""The fine-tuning step: recipe -> trainable parameters -> training loop -> result with the decay curve (E7).
 
-- `recipe`     the typed recipe and presets (what trains, how)
+- `recipe`     the typed recipe and presets (what trains, how); pure, no torch
 - `trainable`  recipe + model -> plan; LoRA/DoRA wrapping through peft, freezing for full fine-tuning
-- `data`       instruction / text sources, prompt templates, tokenisation with prompt masking
-- `task`       the embedded generated task and its exact-match scoring
-- `callback`   edit metrics and task accuracy every k steps (the decay curve)
-- `forward`    body + unembedding of the scored positions only
 - `train`      the training loop
-- `decay`      Edit Flip Ratio and relative decrease
+- `callback`   edit metrics and task scores every k steps (the decay curve)
 - `run`        one experiment end to end, writing result.json
+
+Names are imported lazily, so reading `editdecay.finetune.recipe` (e.g. to validate a grid file) does not
+import torch.
 """
 
-from editdecay.finetune.callback import DecayCallback
-from editdecay.data.instructions import InstructionRecord, Source, TrainingSet, load_source, tokenize
-from editdecay.measure.decay import edit_flip_ratio, relative_decrease
-from editdecay.finetune.recipe import PRESETS, Recipe, preset
-from editdecay.finetune.run import FinetuneRun, run_finetune
-from editdecay.data.embedded_task import EmbeddedTask
-from editdecay.measure.task import exact_match
-from editdecay.finetune.train import DivergedError, TrainOutcome, train
-from editdecay.finetune.trainable import TrainingPlan, merge, prepare_model, resolve_plan, trainable_parameter_names
+from __future__ import annotations
 
-__all__ = [
-    "DecayCallback", "DivergedError", "EmbeddedTask", "FinetuneRun", "InstructionRecord", "PRESETS", "Recipe",
-    "Source", "TrainOutcome", "TrainingPlan", "TrainingSet", "edit_flip_ratio", "exact_match", "load_source",
-    "merge", "prepare_model", "preset", "relative_decrease", "resolve_plan", "run_finetune", "tokenize", "train",
-    "trainable_parameter_names",
-]
+import importlib
+
+_LAZY = {
+    "DecayCallback": "editdecay.finetune.callback",
+    "PRESETS": "editdecay.finetune.recipe", "Recipe": "editdecay.finetune.recipe", "preset": "editdecay.finetune.recipe",
+    "FinetuneRun": "editdecay.finetune.run", "run_finetune": "editdecay.finetune.run",
+    "DivergedError": "editdecay.finetune.train", "TrainOutcome": "editdecay.finetune.train",
+    "train": "editdecay.finetune.train",
+    "TrainingPlan": "editdecay.finetune.trainable", "merge": "editdecay.finetune.trainable",
+    "prepare_model": "editdecay.finetune.trainable", "resolve_plan": "editdecay.finetune.trainable",
+    "trainable_parameter_names": "editdecay.finetune.trainable",
+    # the data and measures a fine-tuning run uses, for convenience
+    "InstructionRecord": "editdecay.data.prompts", "Source": "editdecay.data.instructions",
+    "TrainingSet": "editdecay.data.instructions", "load_source": "editdecay.data.instructions",
+    "tokenize": "editdecay.data.instructions", "EmbeddedTask": "editdecay.data.embedded_task",
+    "edit_flip_ratio": "editdecay.measure.decay", "relative_decrease": "editdecay.measure.decay",
+    "exact_match": "editdecay.measure.task",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'editdecay.finetune' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

@@ -25,6 +25,7 @@ import math
 import time
 from pathlib import Path
 
+from editdecay.core.config import check_choice
 from editdecay.core.errors import ConfigError
 from editdecay.grid.plan import Plan
 from editdecay.grid.execute import Progress, StageOutcome, execute_stage
@@ -37,12 +38,7 @@ DRIVER_KINDS = ("cell",)
 
 
 def make_backend(name: str, **options):
-    if name not in BACKENDS:
-        import difflib
-
-        close = difflib.get_close_matches(name, BACKENDS, n=1)
-        raise ConfigError(f"backend {name!r} is not known; use one of {', '.join(BACKENDS)}"
-                          + (f" (did you mean {close[0]!r}?)" if close else ""))
+    check_choice("backend", name, BACKENDS)
     cls = {"local": LocalBackend, "ray": RayBackend, "slurm": SlurmBackend}[name]
     return cls(**options)
 

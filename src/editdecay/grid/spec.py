@@ -18,26 +18,22 @@ file, ``local:DIR`` / ``ppl:FILE`` downstream tasks) are relative to the directo
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from editdecay.core.config import did_you_mean
 from editdecay.core.errors import ConfigError
+from editdecay.data import EDIT_SOURCES
+from editdecay.data.instructions import HELD_OUT_TASKS, SOURCES as FINETUNE_SOURCES
+from editdecay.edit.config import EDITOR_NAMES
+from editdecay.finetune.recipe import LAYER_CHOICES, METHODS, PRESETS, TARGET_CHOICES
 
-# Mirrors of the choices in editdecay.edit / editdecay.finetune.recipe, kept here so that validating a grid
-# file imports no torch. `plan.build_plan` checks every entry against the real classes as well.
-EDITOR_NAMES = ("memit", "alphaedit")
-METHODS = ("full", "lora", "dora")
-LAYER_CHOICES = ("all", "edited", "non-edited")
-TARGET_CHOICES = ("attention", "mlp", "all-linear", "all")
-PRESET_NAMES = ("embedded", "study")
-DOWNSTREAM_TASKS = ("embedded", "chatterbot")   # held-out splits scored in the decay curve (measure/task.py): the
-                                                 # embedded generated task, the chatterbot corpus; every other entry
-                                                 # is an lm-eval task spec (measure/downstream/spec.py)
-EDIT_SOURCES = ("worldfacts", "counterfact", "mcf", "multicounterfact", "zsre")
-FINETUNE_SOURCES = ("embedded", "chatterbot", "instructions", "text", "hf")
+# The valid choices come from the modules that own them (pure modules: validating a grid file imports no torch).
+PRESET_NAMES = tuple(PRESETS)
+DOWNSTREAM_TASKS = HELD_OUT_TASKS     # held-out splits scored in the decay curve (measure/task.py); every other
+                                      # downstream entry is an lm-eval task spec (measure/downstream/spec.py)
 STAGE_KINDS = ("stats", "patch", "finetune", "evaluate", "cell")
 
 LayerChoice = Union[str, tuple[int, ...]]
@@ -65,14 +61,9 @@ def _as_list(v):
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
-def _suggest(value, options) -> str:
-    close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _choice(value, options, what: str):
     if value not in options:
-        raise ValueError(f"{value!r} is not a valid {what}; use one of {', '.join(options)}{_suggest(value, options)}")
+        raise ValueError(f"{value!r} is not a valid {what}; use one of {', '.join(options)}{did_you_mean(value, options)}")
     return value
 
 
@@ -157,7 +148,7 @@ class RecipeEntry(_Strict):
                 out.append(_layers_value(c))
             else:
                 raise ValueError(f"{c!r} is not a layer choice; use one of {', '.join(LAYER_CHOICES)}, "
-                                 f"a list of layer indices or a range such as '4-8'{_suggest(c, LAYER_CHOICES)}")
+                                 f"a list of layer indices or a range such as '4-8'{did_you_mean(c, LAYER_CHOICES)}")
         return out
 
     @field_validator("targets", mode="before")
@@ -278,9 +269,9 @@ class SharedSettings(_Strict):
             try:
                 parse_task(t)          # syntax only; paths resolve against the grid file in plan.build_plan
             except ConfigError as e:
-                if isinstance(t, str) and _suggest(t, DOWNSTREAM_TASKS):
+                if isinstance(t, str) and did_you_mean(t, DOWNSTREAM_TASKS):
                     raise ValueError(f"{t!r} is not a valid downstream task; use embedded, chatterbot or one of "
-                                     f"{VALID_TEXT}{_suggest(t, DOWNSTREAM_TASKS)}") from None
+                                     f"{VALID_TEXT}{did_you_mean(t, DOWNSTREAM_TASKS)}") from None
                 raise ValueError(str(e).replace("downstream task ", "", 1)) from None
             out.append(t.strip())
         if len(set(out)) != len(out):
@@ -450,7 +441,7 @@ def _messages(e: ValidationError) -> list[str]:
         where = _loc(err["loc"])
         if err["type"] == "extra_forbidden":
             key = str(err["loc"][-1])
-            msg = f"{where}: unknown key{_suggest(key, _known_fields())}"
+            msg = f"{where}: unknown key{did_you_mean(key, _known_fields())}"
         elif err["type"] == "missing":
             msg = f"{where}: required key is missing"
         else:

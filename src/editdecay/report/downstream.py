@@ -22,10 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+from editdecay.data.instructions import HELD_OUT_TASKS
 from editdecay.measure.downstream.score import mean_accuracy, metric_base
 
 EMBEDDED = "embedded"
-HELD_OUT = ("embedded", "chatterbot")              # held-out tasks scored in the decay curve (not lm-eval)
+HELD_OUT = HELD_OUT_TASKS                           # held-out tasks scored in the decay curve (not lm-eval)
 # The held-out tasks' headline metric: its name among the task's metrics, and its key in stored metrics.
 HEADLINE = {"embedded": ("accuracy", "task_accuracy"), "chatterbot": ("token_accuracy", "task_token_accuracy")}
 # Preferred metric per task in summary tables, in order; lm-eval may spell them "acc,none".
