@@ -27,4 +27,4 @@ def logits_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
                            use_cache=False).last_hidden_state                 # (B, T, d)
     unembed = unembed_module(lm)                       # table name with alternatives, resolved in arch.py
-    return unembed(hidden[select])                                            # (N, V)
+    return unembed(hidden[select.to(hidden.device)])                          # (N, V), on the unembedding's device

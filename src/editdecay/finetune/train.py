@@ -108,7 +108,8 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     select = torch.zeros_like(batch["labels"], dtype=torch.bool)      # (B, T)
     select[:, :-1] = scored
     logits = logits_at(model, batch["input_ids"], batch["attention_mask"], select).float()   # (N, V)
-    return nn.functional.cross_entropy(logits, target[scored], reduction="sum")
+    # labels sit on the input device; the logits on the unembedding's (a model spread over devices)
+    return nn.functional.cross_entropy(logits, target[scored].to(logits.device), reduction="sum")
 
 
 def train(
