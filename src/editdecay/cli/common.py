@@ -23,10 +23,10 @@ def fail(err: Exception) -> None:
 
 
 def set_threads(threads: int | None) -> None:
-    import torch
+    """core.devices.set_threads, imported when a command runs (so `editdecay --help` does not load torch)."""
+    from editdecay.core.devices import set_threads as pin
 
-    if threads:
-        torch.set_num_threads(threads)
+    pin(threads)
 
 
 def pct(x) -> str:

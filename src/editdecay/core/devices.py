@@ -10,9 +10,12 @@ answers the question; no other module reads `next(model.parameters()).device`
 
 from __future__ import annotations
 
+import os
+
 import torch
-from editdecay.core.arch import unwrap_peft
 from torch import nn
+
+from editdecay.core.arch import unwrap_peft
 
 
 def _hook_device(module: nn.Module) -> torch.device | None:
@@ -45,4 +48,14 @@ def input_device(model: nn.Module) -> torch.device:
     return module_device(base.get_input_embeddings())
 
 
-__all__ = ["input_device", "module_device"]
+__all__ = ["input_device", "module_device", "set_threads"]
+
+
+def set_threads(threads: int | None) -> None:
+    """Pin torch (and the BLAS libraries it starts afterwards) to `threads` CPU threads in this process;
+    None or 0 leaves torch's choice. Used by every command and by grid workers."""
+    if not threads:
+        return
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    torch.set_num_threads(threads)

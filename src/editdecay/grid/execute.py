@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from editdecay.core.devices import set_threads
 from editdecay.grid.plan import Plan
 from editdecay.grid.store import MAX_ATTEMPTS, GridStore
 
@@ -48,17 +48,6 @@ class StageOutcome:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def set_threads(threads: int | None) -> None:
-    """Pin torch (and the BLAS libraries it starts afterwards) to `threads` CPU threads in this process."""
-    if not threads:
-        return
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    import torch
-
-    torch.set_num_threads(threads)
 
 
 def execute_stage(root: str | Path, stage_id: str, *, plan_id: str | None = None, wait: bool = True,
@@ -204,4 +193,4 @@ class Progress:
         return {"stages": dict(self.counts), "seconds": round(time.perf_counter() - self.t0, 2)}
 
 
-__all__ = ["OUTCOMES", "Progress", "StageOutcome", "execute_stage", "set_threads"]
+__all__ = ["OUTCOMES", "Progress", "StageOutcome", "execute_stage"]
