@@ -56,9 +56,9 @@ def key_gram(K: torch.Tensor, *, dtype=torch.float64, device=None, block_size: i
     Raises DeviceMemoryError naming the stage when a block does not fit.
     """
     device = torch.device(device) if device is not None else K.device
-    d_k = K.shape[0]
+    d_k, n = K.shape
     if out is None:
-        with memory_guard(stage, d_k, d_k * d_k * _elt(dtype), device):
+        with memory_guard(stage, n, d_k * d_k * _elt(dtype), device):
             out = torch.zeros(d_k, d_k, dtype=dtype, device=device)
     blocks, size, per_col = _blocks(stage, K, 0, dtype, device, block_size)
     for cols in blocks:
@@ -77,9 +77,9 @@ def memit_delta(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float, d
     Raises DeviceMemoryError (stage 'E4 solve') when the system or a block does not fit.
     """
     device = torch.device(device) if device is not None else K.device
-    d_k, d = K.shape[0], R.shape[0]
-    sys_bytes = 3 * d_k * d_k * _elt(dtype)
-    with memory_guard("E4 solve", d_k, sys_bytes, device):
+    d_k, n = K.shape
+    sys_bytes = 3 * d_k * d_k * _elt(dtype)                                   # A, its LU factor, C's copy
+    with memory_guard("E4 solve", n, sys_bytes, device):
         A = C.to(device=device, dtype=dtype, copy=True).mul_(lam)                  # (d_k, d_k)
         key_gram(K, dtype=dtype, device=device, block_size=block_size, out=A, stage="E4 solve")
         LU, pivots = torch.linalg.lu_factor(A)
@@ -98,9 +98,9 @@ def alphaedit_delta(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, C_p: torc
     Raises DeviceMemoryError (stage 'E5 solve') when the system or a block does not fit.
     """
     device = torch.device(device) if device is not None else K.device
-    d_k = K.shape[0]
-    sys_bytes = 4 * d_k * d_k * _elt(dtype)
-    with memory_guard("E5 solve", d_k, sys_bytes, device):
+    d_k, n = K.shape
+    sys_bytes = 4 * d_k * d_k * _elt(dtype)                                   # P, K K^T + C_p, A, its LU factor
+    with memory_guard("E5 solve", n, sys_bytes, device):
         P = P.to(device=device, dtype=dtype)                                       # (d_k, d_k)
         M = C_p.to(device=device, dtype=dtype, copy=True)
         key_gram(K, dtype=dtype, device=device, block_size=block_size, out=M, stage="E5 solve")
@@ -116,7 +116,7 @@ def _apply_solve(LU, pivots, K, R, P, dtype, device, block_size, stage) -> torch
     """sum over column blocks j of R_j (A^-1 [P] K_j)^T, in `output_dtype` on `device`."""
     d_k, d = K.shape[0], R.shape[0]
     out_dtype = output_dtype(device, dtype)
-    with memory_guard(stage, d, d * d_k * _elt(out_dtype), device):
+    with memory_guard(stage, K.shape[1], d * d_k * _elt(out_dtype), device):
         delta = torch.zeros(d, d_k, dtype=out_dtype, device=device)
     blocks, size, per_col = _blocks(stage, K, d, dtype, device, block_size)
     for cols in blocks:
