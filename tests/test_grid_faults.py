@@ -380,3 +380,47 @@ def test_finetune_publishes_outputs_atomically_and_removes_a_stale_adapter(tmp_p
                 run(method, save, overwrite=True)
         left = sorted(p.name for p in (tmp_path / "out").iterdir())
         assert target not in left and not [n for n in left if n.endswith(".tmp")], (method, left)
+
+
+CACHE_HOLD = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from editdecay.core.cache import Cache
+    with Cache(Path(sys.argv[1])).lock("stats", "item"):
+        print("holding", flush=True)
+        time.sleep(600)
+""")
+
+
+def test_a_hung_cache_lock_holder_is_named_and_removing_its_lock_frees_waiters(tmp_path, monkeypatch, caplog):
+    """The same kind in the cache (E1 statistics, the embedded model's conversion): a waiter names the holder
+    and the way out instead of waiting silently forever."""
+    import logging
+
+    from editdecay.core import cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "LOCK_REPORT_S", 0.2)
+    p = subprocess.Popen([sys.executable, "-c", CACHE_HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                         env=ENV)
+    try:
+        assert p.stdout.readline().strip() == "holding"
+        os.kill(p.pid, signal.SIGSTOP)
+        waiter = cache_mod.Cache(tmp_path).lock("stats", "item")
+        got = []
+        t = threading.Thread(target=lambda: got.append(waiter.__enter__()))
+        with caplog.at_level(logging.WARNING, logger="editdecay.core.cache"):
+            t.start()
+            t.join(0.8)
+            assert t.is_alive() and not got
+            lock_file = tmp_path / "stats" / "item.lock"
+            said = " ".join(r.getMessage() for r in caplog.records)
+            assert f"pid {p.pid}" in said and str(lock_file) in said and "remove" in said
+            lock_file.unlink()                                  # what the message says to do
+            t.join(30)
+        assert not t.is_alive() and got == [None]
+        holder = json.loads((tmp_path / "stats" / "item.lock.holder.json").read_text())
+        assert holder["pid"] == os.getpid()                     # the waiter holds it now
+        waiter.__exit__(None, None, None)
+        assert not (tmp_path / "stats" / "item.lock.holder.json").exists()
+    finally:
+        stop(p)

@@ -51,11 +51,55 @@ class Cache:
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
-    def lock(self, *parts: str, timeout: float = -1) -> FileLock:
-        """A lock file beside the cached item; blocks other processes (and other machines on
-        filesystems with working fcntl/flock locks) from computing the same item at once."""
+    def lock(self, *parts: str) -> contextlib.AbstractContextManager:
+        """A lock file beside the cached item (a context manager, `held_lock`); blocks other processes (and
+        other machines on filesystems with working fcntl/flock locks) from computing the same item at once."""
         p = self.path(*parts)
-        return FileLock(str(p) + ".lock", timeout=timeout)
+        return held_lock(Path(str(p) + ".lock"))
+
+
+LOCK_REPORT_S = 60.0      # a process waiting for a lock says who holds it this often
+
+
+@contextlib.contextmanager
+def held_lock(path: Path, report_every: float | None = None) -> Iterator[None]:
+    """Hold the file lock `path`, recording the holder beside it (`<path>.holder.json`: host, pid, since).
+
+    The kernel releases the lock of a process that dies; it cannot release the lock of one that hangs.
+    So a process that waits says every `report_every` (LOCK_REPORT_S) seconds who holds the lock, since
+    when, and that removing the lock file frees it if that process hangs (the waiter then takes a fresh
+    lock file; the hung process keeps a lock on a file nobody opens).
+    """
+    import logging
+    import socket
+    import time
+
+    from filelock import Timeout
+
+    lock = FileLock(str(path))
+    holder = Path(str(path) + ".holder.json")
+    while True:
+        try:
+            lock.acquire(timeout=report_every or LOCK_REPORT_S)
+            break
+        except Timeout:
+            try:
+                h = json.loads(holder.read_text())
+            except (OSError, ValueError):
+                h = {}
+            logging.getLogger(__name__).warning(
+                "waiting for lock %s, held by pid %s on %s since %s; if that process hangs, kill it or remove "
+                "%s to go on", path, h.get("pid", "?"), h.get("host", "?"), h.get("since", "?"), path)
+    try:
+        with contextlib.suppress(OSError):
+            atomic_write_json(holder, {"host": socket.gethostname(), "pid": os.getpid(),
+                                       "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(holder.read_text()).get("pid") == os.getpid():
+                holder.unlink()
+        lock.release()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
