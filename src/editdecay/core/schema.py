@@ -34,6 +34,12 @@ class ResultSchemaError(EditDecayError):
     """A result does not follow the schema: the message names the file (if any), the field and the problem."""
 
 
+def _not_newer(name: str, v: int, latest: int) -> int:
+    if v > latest:
+        raise ValueError(f"{name} {v} is newer than this editdecay reads (<= {latest}); update editdecay")
+    return v
+
+
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -66,10 +72,7 @@ class _Result(_Open):
     @field_validator("schema_version")
     @classmethod
     def _known_version(cls, v: int) -> int:
-        if v > SCHEMA_VERSION:
-            raise ValueError(f"schema_version {v} is newer than this editdecay reads (<= {SCHEMA_VERSION}); "
-                             f"update editdecay")
-        return v
+        return _not_newer("schema_version", v, SCHEMA_VERSION)
 
 
 class EditRequestRow(_Open):
@@ -158,10 +161,7 @@ class CellResult(_Result):
     @field_validator("cell_schema_version")
     @classmethod
     def _known_cell_version(cls, v: int) -> int:
-        if v > CELL_SCHEMA_VERSION:
-            raise ValueError(f"cell_schema_version {v} is newer than this editdecay reads (<= {CELL_SCHEMA_VERSION}); "
-                             f"update editdecay")
-        return v
+        return _not_newer("cell_schema_version", v, CELL_SCHEMA_VERSION)
 
     @model_validator(mode="after")
     def _rows_for_edits(self):
