@@ -24,9 +24,11 @@ is done (a run cut short keeps what it measured):
   train      (d) training tokens/s (steps after warm-up) of full, LoRA r=32 and DoRA r=32
              fine-tuning at a 1B Llama shape, batch 8 x 512, bfloat16 autocast
              (`finetune.train.train`).
-  alphaedit  (b) the same for AlphaEdit; the null-space projector of the first edited
-             layer is computed (timed separately: a real run reads it from the cache)
-             and reused for the other layers (the solve's cost does not depend on P).
+  alphaedit  (b) the same for AlphaEdit. A real run reads the null-space projectors from
+             the statistics cache; here one projector serves every edited layer (the
+             solve's cost does not depend on P's values): on the GPU presets a random
+             rank-d_k/2 projector (`--projector eigh` computes the real one of the first
+             layer, about a minute in float64 at d_k = 14336), on `tiny` the real one.
   scale      (c) MEMIT on `n_scale` requests with one E3 optimisation step, so context,
              keys, solves and peak memory at that n are measured; the E3 time at the full
              step count is extrapolated from the memit section's E3 seconds per request
@@ -107,6 +109,7 @@ class Preset:
     train_warmup_steps: int
     train_steps: int                 # timed steps after warm-up
     budget_s: float
+    projector: str = "eigh"          # E5 projector: "eigh" of C (null_space_projector) | "random" rank-d_k/2
     extra: dict = field(default_factory=dict)
 
 
@@ -115,7 +118,7 @@ PRESETS = {
                    stats_tokens=2 ** 18, stats_seq_len=1024, stats_batch=16, n_requests=1000, n_scale=10_000,
                    v_num_grad_steps=25, n_context_templates=5, context_length=10, train_shape=LLAMA32_1B,
                    train_batch=8, train_seq_len=512, train_warmup_steps=2, train_steps=8, budget_s=420.0,
-                   extra={"train_estimate_s": 60.0}),
+                   projector="random", extra={"train_estimate_s": 60.0}),
     "tiny": Preset(device="cpu", dtype="float32",
                    edit_shape=Shape(64, 128, 6, 4, 2, 2000, 256), edit_layers=(1, 2, 3, 4, 5),
                    stats_tokens=2048, stats_seq_len=64, stats_batch=4, n_requests=12, n_scale=120,
@@ -289,18 +292,28 @@ def section_memit(p: Preset, ctx: dict) -> dict:
 def section_alphaedit(p: Preset, ctx: dict) -> dict:
     from editdecay.edit.stats import null_space_projector
 
+    import torch
+
     clock = ctx["clock"]
     first = p.edit_layers[0]
     t0 = clock.now()
     C = ctx["moments"][first].to(p.device)
-    P = null_space_projector(C, 2e-2).cpu()
+    if p.projector == "eigh":
+        P = null_space_projector(C, 2e-2).cpu()
+        how = f"the E5 projector of layer {first}'s statistics (eigh, threshold 2e-2)"
+    else:   # a float64 eigh of a 14336 x 14336 matrix takes about a minute; P comes from the cache in real runs
+        gen = torch.Generator(device="cpu").manual_seed(4)
+        basis = torch.randn(C.shape[0], C.shape[0] // 2, generator=gen, dtype=torch.float64).to(p.device)
+        Q = torch.linalg.qr(basis).Q
+        P = (Q @ Q.T).float().cpu()
+        how = "a random orthogonal projector of rank d_k/2 (not timed as E5's eigh)"
     proj_s = clock.now() - t0
     ctx["projectors"] = {l: P for l in p.edit_layers}
     out = _edit(p, ctx, "alphaedit", ctx["requests"][:p.n_requests], p.v_num_grad_steps)
-    out["projector"] = {"seconds_one_layer": round(proj_s, 3), "rank": int(round(float(P.diagonal().sum()))),
-                        "d_k": int(P.shape[0]), "note": f"layer {first}'s projector reused for layers "
-                        f"{list(p.edit_layers[1:])}: the solve's cost does not depend on P; real runs read P from "
-                        f"the statistics cache"}
+    out["projector"] = {"kind": p.projector, "seconds_one_layer": round(proj_s, 3),
+                        "rank": int(round(float(P.diagonal().sum()))), "d_k": int(P.shape[0]),
+                        "note": f"{how}, used for layers {list(p.edit_layers)}: the solve's cost does not depend on "
+                                f"P's values; real runs read P from the statistics cache"}
     return out
 
 
@@ -404,6 +417,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--budget-s", type=float, default=None, help="skip sections projected to end later than this")
     ap.add_argument("--n-requests", type=int, default=None, help="override (b)'s request count")
     ap.add_argument("--n-scale", type=int, default=None, help="override (c)'s request count")
+    ap.add_argument("--projector", choices=("eigh", "random"), default=None,
+                    help="AlphaEdit's projector: eigh of C (about a minute at d_k=14336) or a random one (default "
+                         "on the GPU presets: the solve's cost does not depend on P)")
     args = ap.parse_args(argv)
     _check_imports()
     import tempfile
@@ -414,7 +430,7 @@ def main(argv=None) -> dict:
 
     p = PRESETS[args.preset]
     p = replace(p, n_requests=args.n_requests or p.n_requests, n_scale=args.n_scale or p.n_scale,
-                budget_s=args.budget_s or p.budget_s)
+                budget_s=args.budget_s or p.budget_s, projector=args.projector or p.projector)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in sections if s not in SECTIONS]
     if bad:

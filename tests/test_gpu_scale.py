@@ -55,7 +55,7 @@ def test_tiny_preset_runs_every_section(gpu_scale, tiny_report):
         assert e["peak_gib"] is None                                   # no GPU memory on the CPU
     assert "E5 C_p (K K^T)" in r["results"]["alphaedit"]["batches"]
     proj = r["results"]["alphaedit"]["projector"]
-    assert proj["d_k"] == p.edit_shape.intermediate and 0 <= proj["rank"] <= proj["d_k"]
+    assert proj["d_k"] == p.edit_shape.intermediate and 0 <= proj["rank"] <= proj["d_k"] and proj["kind"] == "eigh"
 
     train = r["results"]["train"]
     assert train["batch"] == p.train_batch and train["seq_len"] == p.train_seq_len
