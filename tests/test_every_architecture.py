@@ -65,7 +65,7 @@ def with_decoys(spec: arch.ArchSpec) -> arch.ArchSpec:
 def corpus(tmp_path_factory):
     rng = random.Random(0)
     path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(40)) + "." for _ in range(30)))
+    path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(40)) + "." for _ in range(100)))
     return path
 
 
@@ -89,7 +89,7 @@ def test_every_stage_on_every_architecture_row(family, names, tokenizer, corpus,
     patches = {}
     for editor in ("memit", "alphaedit"):
         fields = dict(layers=LAYERS, v_num_grad_steps=4, n_context_templates=1, context_length=4,
-                      stats_corpus=str(corpus), stats_tokens=300)
+                      stats_corpus=str(corpus), stats_tokens=1400)   # > 10 d_k
         if editor == "memit":
             fields["mom2_update_weight"] = 100.0
         patch, run = edit_model(lm, editor, make_config(editor, **fields), REQUESTS, cache=cache, progress=False)
