@@ -11,3 +11,15 @@ class ConfigError(EditDecayError):
 
 class DataError(EditDecayError):
     """An edit or training record is unusable."""
+
+
+class NonFiniteError(EditDecayError):
+    """A computed value (statistics, keys, targets, deltas, metrics) is NaN or infinite."""
+
+
+class StatisticsError(ConfigError):
+    """The E1 key statistics cannot support an edit: too few tokens, or C numerically rank-deficient."""
+
+
+class TokenBoundaryError(DataError):
+    """A request's subject does not end on a token boundary of its full prompt (E2 keys vs E6 evaluation)."""

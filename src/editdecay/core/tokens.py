@@ -6,6 +6,11 @@ the target is encoded as " " + target. SentencePiece tokenizers that insert a
 dummy prefix themselves (Llama-2) must not get a second space. Prompt and target
 are encoded separately and concatenated, so the target tokens are identical for
 every prompt (no merges across the boundary).
+
+Subject boundary: the edit position is the token of the whole prompt (encoded as
+evaluation encodes it) that holds the subject's last character
+(`encode_subject_prompt`); a subject that does not end on a token boundary gets a
+warning, or is refused in strict mode (`edit.run.validate_requests`).
 """
 
 from __future__ import annotations
@@ -89,13 +94,16 @@ def pad_batch(seqs: list[list[int]], pad: int, side: str = "right") -> Batch:
 class SubjectPrompt:
     """A prompt split at the subject's last token (ALGORITHMS.md E2: the key/edit position).
 
-    ids = prefix + [subject_last] + rest; the subject's last token is at index len(prefix).
-    Encoded in two pieces (up to the subject's end, then the rest) so the position is exact.
+    ids = prefix + [subject_last] + rest = the whole prompt's tokens exactly as `encode_prompt`
+    gives them (so editing and evaluation see the same tokens); the subject's last token is at
+    index len(prefix). `on_boundary` is False when that token also covers text after the
+    subject (see `encode_subject_prompt`).
     """
 
     prefix: tuple[int, ...]
     subject_last: int
     rest: tuple[int, ...]
+    on_boundary: bool = True
 
     @property
     def ids(self) -> list[int]:
@@ -106,11 +114,52 @@ class SubjectPrompt:
         return len(self.prefix)
 
 
+def _token_at_char(tokenizer, text: str, ids: list[int], char: int) -> int:
+    """Index of the token of `ids` (= encode_prompt(text)) whose text covers character `char` of `text`."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        if list(enc["input_ids"]) == list(ids):
+            for j, (start, end) in enumerate(enc["offset_mapping"]):
+                if start <= char < end:
+                    return j
+    for j in range(1, len(ids) + 1):               # slow tokenizers: grow the decoded prefix
+        if len(tokenizer.decode(ids[:j], skip_special_tokens=True)) > char:
+            return j - 1
+    return len(ids) - 1
+
+
 def encode_subject_prompt(tokenizer, template: str, subject: str) -> SubjectPrompt:
-    """Encode `template` (one "{}" slot) with `subject` filled in, locating the subject's last token."""
+    """Encode `template` (one "{}" slot) with `subject` filled in, locating the subject's last token.
+
+    The tokens are those of the whole prompt (`encode_prompt`), so the key (E2), the target
+    optimisation (E3) and evaluation (E6) all see the same sequence. Token-boundary rule: the
+    edit position is the token of the whole prompt that holds the subject's last character.
+    Normally the subject ends on a token boundary and that token is the subject's own last
+    token. If it does not (template "{}ese cuisine is famous for" with subject "Japan"
+    tokenizes as "Japanese"; zsRE's "... (APA-56)?" ends in the token ")?"), the edit keys on
+    that spanning token, as the original MEMIT code does when it indexes the whole prompt, and
+    `on_boundary` is False: `edit.run.validate_requests` warns (or, strict, refuses).
+    """
     if template.count("{}") != 1:
         raise DataError(f"prompt template must contain exactly one '{{}}': {template!r}")
     before, after = template.split("{}")
     head = encode_prompt(tokenizer, before + subject)
-    rest = tokenizer.encode(after.rstrip(" "), add_special_tokens=False) if after.strip() else []
-    return SubjectPrompt(tuple(head[:-1]), head[-1], tuple(rest))
+    text = before + subject + after
+    full = encode_prompt(tokenizer, text)
+    if full[:len(head)] == head:
+        i, on_boundary = len(head) - 1, True
+    else:
+        i = _token_at_char(tokenizer, text.rstrip(" "), full, len((before + subject).rstrip(" ")) - 1)
+        on_boundary = False
+    return SubjectPrompt(tuple(full[:i]), full[i], tuple(full[i + 1:]), on_boundary)
+
+
+def boundary_problem(tokenizer, template: str, subject: str) -> str | None:
+    """None if `subject` ends on a token boundary of the filled-in `template`; else why not (one sentence)."""
+    sp = encode_subject_prompt(tokenizer, template, subject)
+    if sp.on_boundary:
+        return None
+    head = encode_prompt(tokenizer, template.split("{}")[0] + subject)
+    return (f"subject {subject!r} does not end on a token boundary of the prompt {template.replace('{}', subject)!r}: "
+            f"its last token {tokenizer.decode(head[-1:])!r} does not occur there; the prompt's token "
+            f"{tokenizer.decode([sp.subject_last])!r} spans the subject's end, so the edit keys on that token")

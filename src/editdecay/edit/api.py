@@ -6,12 +6,14 @@ import logging
 
 from editdecay.core.arch import check_layers
 from editdecay.core.cache import Cache
+from editdecay.core.checks import check_finite
 from editdecay.data.corpus import parse_corpus
 from editdecay.edit import EditingRun, editor_class, validate_requests
 from editdecay.edit.config import EditorConfig
 from editdecay.edit.patch import EditPatch
 from editdecay.core.request import EditRequest
 from editdecay.core.results import Timer
+from editdecay.edit.safety import check_statistics
 from editdecay.edit.stats import cached_projector, second_moments
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,12 @@ def _max_positions(model) -> int | None:
 
 def build_run(lm, editor: str, cfg: EditorConfig, *, cache: Cache | None = None, progress: bool = True,
               stats_batch_size: int = 16) -> EditingRun:
-    """Compute (or read from the cache) the statistics the editor needs and return a fresh run."""
+    """Compute (or read from the cache) the statistics the editor needs and return a fresh run.
+
+    Raises NonFiniteError if a C_l or projector holds NaN/inf, StatisticsError if a C_l rests on
+    fewer than d_k tokens or is numerically rank-deficient (`edit.safety.check_statistics`);
+    fewer than 10 x d_k tokens is a warning kept in `run.warnings` (and the patch).
+    """
     check_layers(lm.model, list(cfg.layers), field="layers")
     cls = editor_class(editor)
     timer = Timer()
@@ -38,28 +45,39 @@ def build_run(lm, editor: str, cfg: EditorConfig, *, cache: Cache | None = None,
             corpus = parse_corpus(cfg.stats_corpus, seq_len=max_pos)     # short-context models
         stats = second_moments(lm, cfg.layers, corpus=corpus, n_tokens=cfg.stats_tokens,
                                dtype=cfg.stats_dtype, cache=cache, batch_size=stats_batch_size, progress=progress)
+        check_finite("E1 statistics", {f"layer {l}": stats[l] for l in cfg.layers})
+        warnings = check_statistics(stats, cfg.layers, modules={l: k.module for l, k in stats.keys.items()})
         if cls.name == "alphaedit":
             solver = cls(cfg, {l: cached_projector(stats, l, cfg.nullspace_threshold, cache) for l in cfg.layers})
+            check_finite("E5 null-space projectors", {f"layer {l}": P for l, P in solver.P.items()})
         else:
             solver = cls(cfg, {l: stats[l] for l in cfg.layers})
     run = EditingRun(lm, solver, progress=progress)
+    run.warnings.extend(warnings)
     run.timer.seconds.update(timer.seconds)
     run.stats_provenance = stats.provenance
     return run
 
 
 def edit_model(lm, editor: str, cfg: EditorConfig, requests: list[EditRequest], *, batch_size: int | None = None,
-               cache: Cache | None = None, progress: bool = True) -> tuple[EditPatch, EditingRun]:
+               cache: Cache | None = None, progress: bool = True, strict: bool = False) -> tuple[EditPatch, EditingRun]:
     """Edit `lm.model` in place with `requests`, in one batch or sequential batches of `batch_size`.
 
     Returns the total patch (relative to the model as it was) and the run (call `run.restore()`
-    to undo). Requests are validated before statistics or any other heavy work.
+    to undo). Requests are validated before statistics or any other heavy work (`strict`: a subject
+    that does not end on a token boundary is refused, TokenBoundaryError). If the edit fails
+    (StatisticsError, NonFiniteError, ...), the model is restored before the error propagates:
+    no partial edit is left behind. Warnings (judgement calls) are in `run.warnings` and the patch.
     """
-    validate_requests(lm.tokenizer, requests)
+    validate_requests(lm.tokenizer, requests, strict=strict)
     check_layers(lm.model, list(cfg.layers), field="layers")
     run = build_run(lm, editor, cfg, cache=cache, progress=progress)
     size = batch_size or len(requests)
-    for start in range(0, len(requests), size):
-        run.edit_batch(requests[start:start + size])
+    try:
+        for start in range(0, len(requests), size):
+            run.edit_batch(requests[start:start + size])
+    except BaseException:
+        run.restore()
+        raise
     extra = {"stats": run.stats_provenance, "batch_size": size, "n_batches": -(-len(requests) // size)}
     return run.patch(extra=extra), run

@@ -23,13 +23,13 @@ from editdecay.core.arch import arch_for, as_out_in, check_layers, get_module, r
 from editdecay.core.checks import check_finite
 from editdecay.core.devices import module_device
 from editdecay.edit.context import ContextTemplates, context_templates
-from editdecay.core.errors import DataError
+from editdecay.core.errors import DataError, TokenBoundaryError
 from editdecay.edit.keys import block_outputs_at_subject, compute_keys
 from editdecay.edit.patch import EditPatch
 from editdecay.core.request import EditRequest, slot_problem
 from editdecay.core.results import Timer
 from editdecay.edit.targets import TargetSettings, compute_targets
-from editdecay.core.tokens import encode_subject_prompt, encode_target
+from editdecay.core.tokens import boundary_problem, encode_target
 from editdecay.edit.config import EditorConfig
 
 log = logging.getLogger(__name__)
@@ -43,14 +43,20 @@ class Solver(Protocol):
     def after_batch(self, keys_after: dict[int, torch.Tensor], devices: dict | None = None) -> None: ...
 
 
-def validate_requests(tokenizer, requests: list[EditRequest], templates: ContextTemplates | None = None) -> None:
-    """Cheap checks before any heavy work: subject in prompt, targets that tokenize, and the subject
-    ending on a token boundary of the full prompt (`core.tokens.encode_subject_prompt`), for the bare
-    prompt and, when given, every context template. Raises DataError (TokenBoundaryError for the
-    boundary rule) naming the request's index and case_id."""
+def validate_requests(tokenizer, requests: list[EditRequest], templates: ContextTemplates | None = None, *,
+                      strict: bool = False) -> list[str]:
+    """Cheap checks before any heavy work: subject in prompt, targets that tokenize, and the token-boundary
+    rule (`core.tokens.encode_subject_prompt`) for the bare prompt and, when given, every context template.
+
+    A subject that does not end on a token boundary of its prompt (e.g. "{}ese cuisine" with "Japan")
+    is edited at the prompt's token that spans the subject's end, the token evaluation sees (as the
+    original MEMIT code does); that is returned as a warning, or with `strict` raised as
+    TokenBoundaryError. Raises DataError naming the request's index and case_id.
+    """
     if not requests:
         raise DataError("no edit requests given")
     rendered = templates.flat if templates is not None else ("{}",)
+    warnings = []
     for i, r in enumerate(requests):
         where = f"request {i} ({r.case_id})"
         slots = slot_problem(r.prompt, r.subject)
@@ -60,10 +66,18 @@ def validate_requests(tokenizer, requests: list[EditRequest], templates: Context
             raise DataError(f"{where}: field 'subject' is empty")
         try:
             encode_target(tokenizer, r.target_new)
-            for t in rendered:
-                encode_subject_prompt(tokenizer, t.replace("{}", r.prompt), r.subject)
+            problems = [p for t in rendered if (p := boundary_problem(tokenizer, t.replace("{}", r.prompt), r.subject))]
         except DataError as e:
             raise type(e)(f"{where}: {e}") from None
+        if problems:
+            text = f"{where}: {problems[0]}" + (f" (in {len(problems)} of {len(rendered)} context templates)"
+                                                 if len(rendered) > 1 else "")
+            if strict:
+                raise TokenBoundaryError(f"{text}. Refused (strict): write the template so that the subject is a "
+                                         f"whole word followed by a space or punctuation, e.g. "
+                                         f"'The cuisine of {{}} is famous for'")
+            warnings.append(text)
+    return warnings
 
 
 class EditingRun:
@@ -98,7 +112,10 @@ class EditingRun:
         does so itself). Raises DataError for requests that `validate_requests` rejects.
         """
         model, tok, cfg = self.lm.model, self.lm.tokenizer, self.cfg
-        validate_requests(tok, requests, self.templates)
+        for w in validate_requests(tok, requests, self.templates):
+            if w not in self.warnings:
+                log.warning(w)
+                self.warnings.append(w)
         ids = [r.case_id for r in requests]
         top = self.layers[-1]
         with self.timer("targets"):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +34,14 @@ from editdecay.core.errors import EditDecayError
 from editdecay.grid.plan import Plan, Stage
 from editdecay.grid.spec import DOWNSTREAM_TASKS
 from editdecay.grid.store import CELL_SCHEMA_VERSION, GridStore
+from editdecay.core.checks import check_finite
+from editdecay.core.errors import NonFiniteError  # noqa: F401  (re-exported: grid callers catch it from here)
 
 log = logging.getLogger(__name__)
 
-
-class NonFiniteError(EditDecayError):
-    """A stage produced NaN or infinite numbers (weights, statistics or metrics); it is recorded as failed."""
+# A stage that produced NaN or infinite numbers (weights, statistics or metrics) is recorded as failed;
+# the check and its error are shared with `editdecay edit` and the Python API (core.checks).
+_check_finite = check_finite
 
 
 @dataclass(frozen=True)
@@ -108,27 +109,6 @@ def stage_seed(stage: Stage) -> int:
         if isinstance(value, int):
             return value
     return 0
-
-
-def _check_finite(what: str, values) -> None:
-    """Raise NonFiniteError if any number in a (nested) dict/list, or any tensor element, is NaN or infinite."""
-    import torch
-
-    def walk(x, path):
-        if isinstance(x, torch.Tensor):
-            if not bool(torch.isfinite(x).all()):
-                raise NonFiniteError(f"{what}: {path or 'tensor'} contains NaN or infinite values")
-        elif isinstance(x, float):
-            if not math.isfinite(x):
-                raise NonFiniteError(f"{what}: {path} is {x}")
-        elif isinstance(x, dict):
-            for k, v in x.items():
-                walk(v, f"{path}.{k}" if path else str(k))
-        elif isinstance(x, (list, tuple)):
-            for i, v in enumerate(x):
-                walk(v, f"{path}[{i}]")
-
-    walk(values, "")
 
 
 def _check_model(lm, recorded: dict | None, what: str) -> None:
