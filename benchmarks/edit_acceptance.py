@@ -69,7 +69,8 @@ def main() -> None:
             delta = as_out_in(patch.deltas[name], spec).double()        # (d, d_k)
             P = run.solver.P[layer].double()
             ratios[layer] = float((delta - delta @ P).norm() / delta.norm())
-        out["alphaedit"] = {"post": scores(lm, reqs), "seconds": time.time() - t, "timings": run.timer.seconds, "nullspace_ratio": ratios,
+        out["alphaedit"] = {"post": scores(lm, reqs), "seconds": time.time() - t, "timings": run.timer.seconds,
+                            "nullspace_ratio": ratios,
                             "projector_rank": {l: float(run.solver.P[l].trace()) for l in patch.layers},
                             "config": cfg.model_dump(mode="json")}
         run.restore()
