@@ -52,4 +52,8 @@ def report_cmd(
     for w in report.analysis.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
     console.print(f"{len(report.tables) + 1} tables, {len(report.figures)} figures -> {out}", highlight=False)
-    console.print(f"open {out / 'report.html'}", highlight=False)
+    from editdecay.report.headline import headline_lines
+
+    for line in headline_lines(report.analysis):     # the three numbers a reader wants first, with n
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    console.print(f"open {out / 'report.html'}", highlight=False, soft_wrap=True)     # a path stays one line
