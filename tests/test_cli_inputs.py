@@ -301,3 +301,76 @@ def test_results_directory_copy_of_the_grid_never_supplies_shell_lines(tmp_path)
     assert got["rejected"]["slurm.setup"] == runtime["slurm"]["setup"] and got["slurm"]["timeout_min"] == 5
     res = runner.invoke(app, ["grid", "status", str(tmp_path / "results"), "--json"])
     assert res.exit_code == 0, res.output
+
+
+# --------------------------------------------------------------------------- 4: merged weights of a bf16 run
+
+
+def _bf16_model_dir(tmp_path, tokenizer) -> Path:
+    """A tiny Llama whose linear weights are large (x64), saved in bfloat16: a bf16 step of W is then larger
+    than a few LoRA steps' update, so a merge rounded to bfloat16 loses the update."""
+    from conftest import make_tiny
+
+    lm = make_tiny("llama", tokenizer)
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if "proj" in name:
+                p.mul_(64.0)
+    lm.model.to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def _probe_logits(model, tokenizer) -> torch.Tensor:
+    from editdecay.core.tokens import encode_prompt
+    from editdecay.finetune.run import MERGE_PROBE
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([encode_prompt(tokenizer, MERGE_PROBE)])).logits.float()
+
+
+def test_bf16_lora_merged_weights_reproduce_the_trained_model(tmp_path, tokenizer):
+    """`finetune --dtype bfloat16 --save both`: weights.safetensors, loaded onto the base, computes what the
+    trained model (base + adapter/) computes; the result says which object the metrics belong to."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model_dir = _bf16_model_dir(tmp_path, tokenizer)
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["finetune", "--model", str(model_dir), "--dtype", "bfloat16", "--method", "lora",
+                              "--save", "both", "--steps", "4", "--lr", "1e-3", "--task-train", "16", "--task-test", "4",
+                              "--batch-size", "4", "--rank", "4", "--no-progress", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "result.json").read_text())
+    check = r["merge_check"]
+    assert check["within_tolerance"] and check["merged_dtype"] == "float32" and check["model_dtype"] == "bfloat16"
+    assert "unmerged lora adapters" in r["measured_model"] and r["outputs"]["weights_dtype"] == "float32"
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    trained = _probe_logits(PeftModel.from_pretrained(base(), out / "adapter").eval(), tokenizer)
+    merged = base()
+    params = dict(merged.named_parameters())
+    with torch.no_grad():
+        for name, t in load_file(out / "weights.safetensors").items():
+            params[name].copy_(t)
+    diff = float((_probe_logits(merged, tokenizer) - trained).abs().max())
+    assert diff <= 1e-4 * max(1.0, float(trained.abs().max())), diff
+
+
+def test_merge_check_above_tolerance_warns_and_is_recorded(tmp_path, tokenizer, monkeypatch, caplog):
+    import editdecay.finetune.run as ft_run
+
+    monkeypatch.setattr(ft_run, "MERGE_RTOL", -1.0)          # every merge is now "above tolerance"
+    model_dir = _bf16_model_dir(tmp_path, tokenizer)
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["finetune", "--model", str(model_dir), "--method", "lora", "--save", "merged",
+                              "--steps", "2", "--task-train", "8", "--task-test", "4", "--batch-size", "4",
+                              "--rank", "4", "--no-progress", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    check = json.loads((out / "result.json").read_text())["merge_check"]
+    assert check["within_tolerance"] is False and "does not reproduce" in check["warning"]
+    assert "does not reproduce the reported metrics" in _text(res)
+    assert any("does not reproduce" in rec.getMessage() for rec in caplog.records)

@@ -169,6 +169,8 @@ def _score(values: dict) -> str:
 
 
 def _report(result: dict, out: Path) -> None:
+    from rich.markup import escape
+
     stages = {{"pre": "before edit", "post": "after edit", "finetuned": "after fine-tuning"}.get(k, k): v
               for k, v in result["metrics"].items()}
     if any(m["n"] for m in stages.values()):
@@ -194,4 +196,7 @@ def _report(result: dict, out: Path) -> None:
     t = result["training"]
     console.print(f"{t['steps']} steps, {t['train_seconds']:.1f} s training, {t['tokens_per_second']:.0f} tokens/s, "
                   f"final loss {t['final_loss']:.4f}; {result['n_trainable_parameters']:,} trainable parameters")
+    check = result.get("merge_check") or {}
+    if check.get("warning"):
+        console.print(f"[yellow]warning:[/] {escape(check['warning'])}", highlight=False)
     console.print(f"result written to {out / 'result.json'}")

@@ -142,14 +142,14 @@ def run_finetune(
     if scorer is not None:
         for stage in metrics:
             metrics[stage].update(scorer.stage(stage))
-    final_model, outputs, merge_check = _save(outcome, save, out, timer)
+    final_model, outputs, merge_check = _save(outcome, save, out, timer, tok)
     result.update(
         status="done", trainable_parameters=outcome.trainable_parameters,
         n_trainable_parameters=outcome.n_trainable, training=_training_summary(outcome), metrics=metrics,
         decay=_decay(callback, metrics, last) if requests else None,
         curve=[{k: p[k] for k in p if k != "eval_seconds"} for p in callback.points],
         requests=_per_request(requests, pre_outcomes, callback.outcomes[0], callback.outcomes[last]),
-        outputs=outputs, merge_check=merge_check, timings=timer.seconds,
+        outputs=outputs, merge_check=merge_check, measured_model=_measured_model(outcome, lm), timings=timer.seconds,
         environment=environment(device=str(device)),
     )
     write_result(out / RESULT_FILE, result)
@@ -211,7 +211,7 @@ def _training_summary(o: TrainOutcome) -> dict:
             "tokens_per_second": round(o.tokens_per_second, 2), "final_loss": o.final_loss}
 
 
-def _save(o: TrainOutcome, save: str, out: Path, timer: Timer) -> tuple[nn.Module, dict, dict | None]:
+def _save(o: TrainOutcome, save: str, out: Path, timer: Timer, tokenizer=None) -> tuple[nn.Module, dict, dict | None]:
     """Write the adapter and/or the merged weights; returns the model to use afterwards."""
     from safetensors.torch import save_file
 
@@ -223,11 +223,15 @@ def _save(o: TrainOutcome, save: str, out: Path, timer: Timer) -> tuple[nn.Modul
             outputs["adapter"] = ADAPTER_DIR
         if save in ("merged", "both"):
             if o.plan.method != "full":
-                model, merge_check = _merge_checked(model)
-            tensors = changed_tensors(model, o.plan)
+                model, merge_check, tensors = _merge_checked(model, o.plan, tokenizer)
+            else:
+                tensors = changed_tensors(model, o.plan)
+            dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
             _publish(out / WEIGHTS_FILE, lambda tmp: save_file(
-                tensors, str(tmp), metadata={"method": o.plan.method, "content": "tensors changed by fine-tuning"}))
+                tensors, str(tmp), metadata={"method": o.plan.method, "content": "tensors changed by fine-tuning",
+                                             "dtype": ",".join(dtypes)}))
             outputs["weights"] = WEIGHTS_FILE
+            outputs["weights_dtype"] = ",".join(dtypes)
     return model, outputs, merge_check
 
 
@@ -257,17 +261,68 @@ def _publish(target: Path, write: Callable[[Path], object], directory: bool = Fa
             tmp.unlink()
 
 
+MERGE_RTOL = 1e-4          # of max(1, max |logit|): the float32 merge against the float32 unmerged model
+MERGE_PROBE = "The capital of France is Paris, and the capital of Italy is Rome. Water boils at 100 degrees"
+
+
 @torch.no_grad()
-def _merge_checked(model: nn.Module) -> tuple[nn.Module, dict]:
-    """Merge adapters and record how far the merged logits are from the unmerged ones on a probe input."""
+def _merge_checked(model: nn.Module, plan, tokenizer=None) -> tuple[nn.Module, dict, dict[str, torch.Tensor]]:
+    """Merge the adapters in float32, check the merge, and return the float32 tensors to save.
+
+    The run's metrics are measured on the trained model: the base in the model's dtype plus the unmerged
+    adapters (float32). In bfloat16, W + dW rounded back to bfloat16 loses every part of the update smaller
+    than half a bfloat16 step of W, so the merge is computed in float32: the model is cast to float32 (the
+    base values are exact in float32), the logits of a fixed probe (MERGE_PROBE, plain text; token ids
+    0..15 without a tokenizer) are taken unmerged and merged, and a difference above
+    MERGE_RTOL * max(1, max |logit|) logs a warning and is recorded (`within_tolerance: false`).
+    `weights.safetensors` stores these float32 merged tensors. The returned in-memory model is cast back
+    to the model's dtype; how far *it* is from the trained model is recorded as
+    `in_memory_max_abs_logit_diff` (in bfloat16 it can be large: that model is not what was measured).
+    Returns (merged model, merge_check record, tensors to save).
+    """
     model.eval()
     device = input_device(model)
-    vocab = model.get_input_embeddings().weight.shape[0]
-    probe = torch.arange(16, device=device).remainder(vocab)[None]   # (1, 16) fixed token ids
-    before = model(input_ids=probe, use_cache=False).logits.float()
+    base_dtype = next(model.get_base_model().parameters()).dtype
+    if tokenizer is not None:
+        from editdecay.core.tokens import encode_prompt
+
+        probe = torch.tensor([encode_prompt(tokenizer, MERGE_PROBE)], device=device)           # (1, T)
+    else:
+        vocab = model.get_input_embeddings().weight.shape[0]
+        probe = torch.arange(16, device=device).remainder(vocab)[None]   # (1, 16) fixed token ids
+    trained = model(input_ids=probe, use_cache=False).logits.float()      # what was measured
+    model.to(torch.float32)
+    before = model(input_ids=probe, use_cache=False).logits.float() if base_dtype != torch.float32 else trained
     merged = merge(model)
     after = merged(input_ids=probe, use_cache=False).logits.float()
-    return merged, {"max_abs_logit_diff": float((before - after).abs().max()), "probe_tokens": 16}
+    tensors = changed_tensors(merged, plan)                             # float32: the saved merged weights
+    merged.to(base_dtype)
+    in_memory = merged(input_ids=probe, use_cache=False).logits.float() if base_dtype != torch.float32 else after
+    diff = float((before - after).abs().max())
+    tol = MERGE_RTOL * max(1.0, float(before.abs().max()))
+    check = {"max_abs_logit_diff": diff, "tolerance": tol, "within_tolerance": diff <= tol,
+             "probe_tokens": int(probe.shape[1]), "probe": MERGE_PROBE if tokenizer is not None else "token ids 0..15",
+             "merged_dtype": "float32", "model_dtype": str(base_dtype).removeprefix("torch."),
+             "in_memory_max_abs_logit_diff": float((trained - in_memory).abs().max()),
+             # the same trained weights in float32 vs the model's dtype: the arithmetic's share of any difference
+             "float32_vs_trained_max_abs_logit_diff": float((trained - before).abs().max())}
+    if not check["within_tolerance"]:
+        check["warning"] = (f"the merged weights differ from the trained model by up to {diff:.3g} in logits on the "
+                            f"probe (tolerance {tol:.3g}): weights.safetensors does not reproduce the reported "
+                            f"metrics, which belong to the unmerged adapters (use adapter/)")
+        log.warning("%s", check["warning"])
+    return merged, check, tensors
+
+
+def _measured_model(o: TrainOutcome, lm: LoadedModel) -> str:
+    """Which object `metrics.finetuned`, the curve and downstream scores were measured on (and which output
+    reproduces it)."""
+    if o.plan.method == "full":
+        return (f"the fine-tuned model in memory ({lm.identity.dtype}); weights.safetensors holds its changed "
+                f"tensors as they were")
+    return (f"the base model ({lm.identity.dtype}) with the unmerged {o.plan.method} adapters (float32) as trained; "
+            f"adapter/ reproduces it; weights.safetensors holds the merge computed and stored in float32, checked "
+            f"against it in merge_check")
 
 
 def _decay(callback: DecayCallback, metrics: dict, last: int) -> dict:

@@ -189,7 +189,11 @@ def trainable_parameter_names(model: nn.Module) -> list[str]:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold LoRA/DoRA adapters into the base weights and return the plain model (no-op for full)."""
+    """Fold LoRA/DoRA adapters into the base weights and return the plain model (no-op for full).
+
+    The merge W + dW is computed in the base weights' dtype: in bfloat16, the part of dW smaller than
+    half a bfloat16 step of W is lost. `finetune.run` casts the model to float32 before merging.
+    """
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
