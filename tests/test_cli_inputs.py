@@ -64,6 +64,15 @@ def test_eval_edits_patch_without_data_uses_the_patch_requests(tmp_path, embedde
     assert [x["case_id"] for x in r2["requests"]] == [q.case_id for q in patch.requests[:2]]
 
 
+@pytest.mark.parametrize("args", [["eval-edits", "--seed", "3"], ["edit", "--seed", "3", "--out", "x"]])
+def test_seed_without_a_sample_size_is_refused(args):
+    """--seed only draws a sample of --limit/--n requests: alone it would silently do nothing."""
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert "--seed 3" in _text(res) and ("--limit" in _text(res) or "--n" in _text(res))
+    assert not Path("x").exists()
+
+
 def test_editor_setting_of_the_other_editor_is_refused():
     """An option documented for one editor is not silently dropped for the other (fails before any model)."""
     res = runner.invoke(app, ["edit", "--editor", "alphaedit", "--mom2-update-weight", "100", "--out", "x"])

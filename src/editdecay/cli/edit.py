@@ -44,6 +44,9 @@ def edit(
     from editdecay.core.errors import ConfigError
 
     set_threads(threads)
+    if seed is not None and n is None:
+        raise ConfigError(f"--seed {seed} draws a sample of --n requests; without --n every request is edited and "
+                          f"the seed would do nothing: give --n N, or drop --seed")
     # An editor's setting given to the other editor is an error, not silently dropped.
     for flag, value, owner in (("--mom2-update-weight", mom2_update_weight, "memit"),
                                ("--nullspace-threshold", nullspace_threshold, "alphaedit")):

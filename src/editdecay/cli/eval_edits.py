@@ -39,6 +39,11 @@ def eval_edits(
     from editdecay.edit.workflow import evaluate_stage_result
 
     set_threads(threads)
+    if seed is not None and limit is None:
+        from editdecay.core.errors import ConfigError
+
+        raise ConfigError(f"--seed {seed} draws a sample of --limit requests; without --limit every request is "
+                          f"evaluated and the seed would do nothing: give --limit N, or drop --seed")
     result = evaluate_stage_result(
         model=model, data=data, limit=limit, seed=seed, patch_dir=patch, zsre_target=zsre_target, strict=strict,
         batch_size=batch_size, dtype=dtype, device=device,
