@@ -299,3 +299,34 @@ def test_load_model_with_a_device_map(tokenizer, tmp_path, device, monkeypatch):
         deltas.append(run.patch().deltas)
     for name in deltas[0]:
         torch.testing.assert_close(deltas[0][name], deltas[1][name], rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- the command line
+
+def test_cli_device_auto_and_out_of_memory_message(tmp_path, embedded, monkeypatch):
+    """`eval-edits --device auto` gives the same metrics as --device cpu; a device that never has room
+    ends with exit 2 and a message naming the stage and the batch size (no traceback)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from editdecay.cli import _register, app
+
+    _register()
+    runner = CliRunner()
+    outs = {}
+    for device in ("cpu", "auto"):
+        outs[device] = tmp_path / f"{device}.json"
+        res = runner.invoke(app, ["eval-edits", "--limit", "3", "--device", device, "--out", str(outs[device])])
+        assert res.exit_code == 0, res.output
+    a, b = (json.loads(outs[d].read_text()) for d in ("cpu", "auto"))
+    assert a["metrics"] == b["metrics"] and b["config"]["device"] == "auto"
+
+    def full(self, *args, **kwargs):
+        raise oom()
+
+    monkeypatch.setattr(torch.nn.Embedding, "forward", full)
+    res = runner.invoke(app, ["eval-edits", "--limit", "3"])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2, res.output
+    assert "'E6 scoring'" in text and "batch size 1" in text and "Traceback" not in res.output
