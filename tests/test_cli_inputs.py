@@ -383,3 +383,20 @@ def test_merge_check_above_tolerance_warns_and_is_recorded(tmp_path, tokenizer, 
     assert check["within_tolerance"] is False and "does not reproduce" in check["warning"]
     assert "does not reproduce the reported metrics" in _text(res)
     assert any("does not reproduce" in rec.getMessage() for rec in caplog.records)
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"model_type": "nonsense-type"}, ["cannot be read", "nonsense-type"]),
+    ({"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}},
+     ["needs its own Python code", "--trust-remote-code"]),
+])
+def test_unreadable_or_remote_code_config_is_named(tmp_path, config, words):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "configuration_evil.py").write_text("raise SystemExit('remote code ran')\n")
+    res = runner.invoke(app, ["eval-edits", "--model", str(d), "--limit", "1"])
+    assert res.exit_code == 2, res.output
+    for w in words + [str(d)]:
+        assert w in _text(res), w
+    assert "Traceback" not in res.output

@@ -30,6 +30,8 @@ def edit(
     clamp_norm_factor: Optional[float] = typer.Option(None, help="E3 clamp"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="also load pickled weights (.bin/.pt), which "
                                       "can run code when unpickled (default: safetensors only)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run the checkpoint's own Python "
+                                           "code (auto_map models); only for checkpoints you trust"),
     zsre_target: str = typer.Option("answers", help="zsRE edit target: 'answers' (MEMIT/AlphaEdit) or 'alt' (EasyEdit)"),
     strict: bool = typer.Option(False, help="fail on any rejected record, and on a subject that does not end on a "
                                 "token boundary of its prompt (otherwise a warning)"),
@@ -57,7 +59,7 @@ def edit(
                  "v_lr": v_lr, "v_num_grad_steps": v_num_grad_steps, "clamp_norm_factor": clamp_norm_factor}
     result = run_edit(model=model, editor=editor, data=data, n=n, seed=seed, out=out, overrides=overrides,
                       batch_size=batch_size, zsre_target=zsre_target, strict=strict, dtype=dtype, device=device,
-                      allow_pickle=allow_pickle)
+                      allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     console.print(metrics_table(f"{editor} on {result['model']['name']}, {result['data']['name']}", result["metrics"]))
     t = result["timings"]
     console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))

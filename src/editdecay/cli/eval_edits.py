@@ -27,6 +27,8 @@ def eval_edits(
                                                   "(refused by default; both fingerprints are recorded)"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="also load pickled weights (.bin/.pt), which "
                                       "can run code when unpickled (default: safetensors only)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run the checkpoint's own Python "
+                                           "code (auto_map models); only for checkpoints you trust"),
     zsre_target: str = typer.Option("answers", help="zsRE edit target: 'answers' (MEMIT/AlphaEdit) or 'alt' (EasyEdit)"),
     strict: bool = typer.Option(False, help="fail on any rejected record instead of reporting it"),
     batch_size: Optional[int] = typer.Option(None, help="prompts per forward pass (default: from the device's free memory; 32 on the CPU)"),
@@ -47,7 +49,7 @@ def eval_edits(
     result = evaluate_stage_result(
         model=model, data=data, limit=limit, seed=seed, patch_dir=patch, zsre_target=zsre_target, strict=strict,
         batch_size=batch_size, dtype=dtype, device=device,
-        allow_foreign_patch=allow_foreign_patch, allow_pickle=allow_pickle,
+        allow_foreign_patch=allow_foreign_patch, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
     )
     console.print(metrics_table(f"{result['model']['name']} on {result['data']['name']}", result["metrics"]))
     if out:

@@ -25,6 +25,8 @@ def finetune(
     allow_foreign_patch: bool = typer.Option(False, "--allow-foreign-patch",
                                              help="apply a patch computed on other weights than --model's "
                                                   "(refused by default; both fingerprints are recorded)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run the checkpoint's own Python "
+                                           "code (auto_map models); only for checkpoints you trust"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="also load pickled weights (.bin/.pt), which "
                                       "can run code when unpickled (default: safetensors only)"),
     method: str = typer.Option("lora", help=" | ".join(METHODS)),
@@ -104,7 +106,8 @@ def finetune(
 
     from editdecay.core.models import load_model
 
-    lm = load_model(model, dtype=dtype, device=device, allow_pickle=allow_pickle)
+    lm = load_model(model, dtype=dtype, device=device, allow_pickle=allow_pickle,
+                    trust_remote_code=trust_remote_code)
     extra = {}
     if patch_obj is not None:
         # The rule every entry point shares: a patch made on other weights is refused unless allowed.

@@ -172,6 +172,12 @@ def load_model(
     except OSError as e:
         raise ConfigError(f"model {name!r}: cannot load {reading}: {_first_line(e)}; give an existing local "
                           f"directory or a hub id that is reachable or in the Hugging Face cache") from None
+    except (ValueError, KeyError) as e:       # transformers' words for remote code and unknown model types
+        if "trust_remote_code" in str(e):
+            raise ConfigError(f"model {name!r}: {reading} needs its own Python code (auto_map in its config); "
+                              f"editdecay runs a checkpoint's code only when asked: --trust-remote-code "
+                              f"(grid files: trust_remote_code: true), if you trust it") from None
+        raise ConfigError(f"model {name!r}: the config of {reading} cannot be read: {_first_line(e)}") from None
     quant = getattr(config, "quantization_config", None)
     if quant is not None:
         # Editing adds float deltas in place and fine-tuning casts and saves weights: a model transformers

@@ -111,6 +111,8 @@ class EditPatch:
                        f"but model {identity.name!r} ({identity.dtype}) holds weights {got}")
                 if mine.get("dtype") and mine.get("dtype") != identity.dtype:
                     why += f"; the dtypes differ: load the model with --dtype {mine['dtype']}"
+                if mine.get("name") and mine["name"] != identity.name:
+                    why += f"; the patch was made on model {mine['name']!r}: give --model {mine['name']}"
             raise ConfigError(f"{where} {why}. Applying it to other weights gives meaningless results; pass "
                               f"--allow-foreign-patch to apply it anyway (both fingerprints are then recorded)")
         return record

@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 def evaluate_stage_result(*, model: str, data: str | None, limit: int | None, seed: int | None,
                           patch_dir: Path | None, zsre_target: str = "answers", strict: bool = False,
                           batch_size: int | None = None, dtype: str = "float32", device: str = "cpu",
-                          allow_foreign_patch: bool = False, allow_pickle: bool = False) -> dict:
+                          allow_foreign_patch: bool = False, allow_pickle: bool = False,
+                          trust_remote_code: bool = False) -> dict:
     """Evaluate edit metrics of one model stage: `pre` (no patch) or `post` (patch applied).
 
     A patch computed on other weights than the loaded model's is refused (ConfigError) unless
@@ -46,7 +47,8 @@ def evaluate_stage_result(*, model: str, data: str | None, limit: int | None, se
             requests = list(ds.requests)
             data_info = ds.to_dict()
     with timer("load_model"):
-        lm = load_model(model, dtype=dtype, device=device, allow_pickle=allow_pickle)
+        lm = load_model(model, dtype=dtype, device=device, allow_pickle=allow_pickle,
+                        trust_remote_code=trust_remote_code)
     stage = "pre"
     handle = None
     patch_info = None
@@ -63,7 +65,8 @@ def evaluate_stage_result(*, model: str, data: str | None, limit: int | None, se
         "kind": "eval-edits",
         "config": {"model": model, "data": data, "limit": limit, "seed": seed, "patch": str(patch_dir) if patch_dir else None,
                    "zsre_target": zsre_target, "strict": strict, "batch_size": batch_size, "dtype": dtype, "device": device,
-                   "allow_foreign_patch": allow_foreign_patch, "allow_pickle": allow_pickle},
+                   "allow_foreign_patch": allow_foreign_patch, "allow_pickle": allow_pickle,
+                   "trust_remote_code": trust_remote_code},
         "model": lm.identity.to_dict(),
         **({"patch": patch_info} if patch_info is not None else {}),
         "data": data_info,
@@ -101,7 +104,7 @@ def edit_config(editor: str, lm, overrides: dict) -> "object":
 def run_edit(*, model: str, editor: str, data: str, n: int | None, seed: int | None, out: Path | None,
              overrides: dict, batch_size: int | None = None, zsre_target: str = "answers", strict: bool = False,
              dtype: str = "float32", device: str = "cpu", eval_batch_size: int | None = None, progress: bool = True,
-             cache=None, allow_pickle: bool = False) -> dict:
+             cache=None, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
     """Load data, then the model; evaluate (pre), edit, evaluate (post); save patch + result.json."""
     from editdecay.core.arch import check_layers
     from editdecay.core.cache import Cache
@@ -116,7 +119,8 @@ def run_edit(*, model: str, editor: str, data: str, n: int | None, seed: int | N
             log.warning(ds.summary())
         requests = list(ds.requests)
     with timer("load_model"):
-        lm = load_model(model, dtype=dtype, device=device, cache=cache, allow_pickle=allow_pickle)
+        lm = load_model(model, dtype=dtype, device=device, cache=cache, allow_pickle=allow_pickle,
+                        trust_remote_code=trust_remote_code)
     cfg = edit_config(editor, lm, overrides)
     check_layers(lm.model, list(cfg.layers), field="layers")
     validate_requests(lm.tokenizer, requests, strict=strict)          # strict: token-boundary problems refused
@@ -131,7 +135,7 @@ def run_edit(*, model: str, editor: str, data: str, n: int | None, seed: int | N
         "kind": "edit",
         "config": {"model": model, "editor": editor, "data": data, "n": n, "seed": seed, "batch_size": batch_size,
                    "zsre_target": zsre_target, "strict": strict, "dtype": dtype, "device": device,
-                   "allow_pickle": allow_pickle, "editor_config": cfg.model_dump(mode="json")},
+                   "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "editor_config": cfg.model_dump(mode="json")},
         "model": lm.identity.to_dict(),
         "data": ds.to_dict(),
         "metrics": {"pre": aggregate(pre), "post": aggregate(post)},
