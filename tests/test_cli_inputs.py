@@ -400,3 +400,12 @@ def test_unreadable_or_remote_code_config_is_named(tmp_path, config, words):
     for w in words + [str(d)]:
         assert w in _text(res), w
     assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("damage", ["not json", "[]", '{"format": 1}'])
+def test_damaged_patch_directory_is_named(tmp_path, embedded, damage):
+    make_patch(tmp_path / "p", embedded, n=1)
+    (tmp_path / "p" / "patch.json").write_text(damage)
+    res = runner.invoke(app, ["eval-edits", "--patch", str(tmp_path / "p")])
+    assert res.exit_code == 2, res.output
+    assert str(tmp_path / "p") in _text(res) and "patch.json" in _text(res) and "Traceback" not in res.output

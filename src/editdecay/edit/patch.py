@@ -157,18 +157,33 @@ class EditPatch:
         if not (directory / META_FILE).exists() or not (directory / PATCH_FILE).exists():
             raise ConfigError(f"patch {directory}: missing {META_FILE} or {PATCH_FILE}; is this a directory "
                               f"written by `editdecay edit --out`?")
-        meta = json.loads((directory / META_FILE).read_text())
+        try:
+            meta = json.loads((directory / META_FILE).read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ConfigError(f"patch {directory}: {META_FILE} cannot be read as JSON ({e}); recompute the patch") from None
+        if not isinstance(meta, dict):
+            raise ConfigError(f"patch {directory}: {META_FILE} holds a JSON {type(meta).__name__}, not an object")
         if meta.get("tensors_sha256") and sha256_file(directory / PATCH_FILE) != meta["tensors_sha256"]:
             raise ConfigError(f"patch {directory}: {PATCH_FILE} does not match {META_FILE} (interrupted save?); "
                               f"recompute the patch")
         if meta.get("format") != PATCH_FORMAT:
             raise ConfigError(f"patch {directory}: format {meta.get('format')} is not supported (expected {PATCH_FORMAT})")
-        deltas = load_file(str(directory / PATCH_FILE))
+        absent = [k for k in ("modules", "layers", "editor", "config", "requests") if k not in meta]
+        if absent:
+            raise ConfigError(f"patch {directory}: {META_FILE} lacks {', '.join(absent)}; recompute the patch")
+        try:
+            deltas = load_file(str(directory / PATCH_FILE))
+        except Exception as e:       # safetensors raises its own error types for a damaged file
+            raise ConfigError(f"patch {directory}: {PATCH_FILE} cannot be read ({e}); recompute the patch") from None
         missing = [m for m in meta["modules"] if m not in deltas]
         if missing:
             raise ConfigError(f"patch {directory}: tensors missing for {missing}")
+        try:
+            requests = tuple(EditRequest.from_dict(r) for r in meta["requests"])
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise ConfigError(f"patch {directory}: a request in {META_FILE} is malformed ({e})") from None
         return cls(
             deltas={m: deltas[m] for m in meta["modules"]}, layers=tuple(meta["layers"]), editor=meta["editor"],
-            config=meta["config"], requests=tuple(EditRequest.from_dict(r) for r in meta["requests"]),
+            config=meta["config"], requests=requests,
             model_identity=meta.get("model_identity", {}), extra=meta.get("extra", {}),
         )
