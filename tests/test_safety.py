@@ -249,3 +249,10 @@ def test_cli_issue_case_embedded_1000_statistics_tokens(tmp_path, embedded):
     text = _text(res)
     assert "layer 3" in text and "d_k = 1,536" in text and "at least 1,536" in text and "15,360" in text, text
     assert "Traceback" not in res.output and not out.exists()
+    # 1,600 tokens > d_k, but tokens of one text are correlated: C has rank ~1,150 (before this check the
+    # edit wrote delta norms of 56-96 per layer, against 11-17 with 3,000 tokens).
+    res = _edit("smollm2-135m", tmp_path / "cf.json", out, "--stats-tokens", "1600")
+    assert res.exit_code == 2, res.output
+    text = _text(res)
+    assert "numerically rank-deficient" in text and "of d_k = 1,536 from 1,600 non-padding tokens" in text, text
+    assert "at least 3,200" in text and not out.exists()
