@@ -18,7 +18,7 @@ from torch import nn
 from editdecay.core.arch import arch_for, num_layers
 from editdecay.core.cache import Cache
 from editdecay.core.devices import input_device
-from editdecay.core.errors import ConfigError
+from editdecay.core.errors import ConfigError, EditDecayError
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,15 @@ def identity_of(model: nn.Module, name: str, source: str) -> ModelIdentity:
         n_layers=num_layers(model), fingerprint=weights_fingerprint(model),
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
     )
+
+
+def check_same_weights(identity: ModelIdentity, recorded: dict | None, what: str) -> None:
+    """Raise EditDecayError if `recorded` (a stored ModelIdentity dict) names other weights than `identity`:
+    `what` (a statistics stage, a fine-tuning run, ...) was computed on another model."""
+    want = (recorded or {}).get("fingerprint")
+    if want and want != identity.fingerprint:
+        raise EditDecayError(f"{what} was computed on model weights {want}, but {identity.source} now holds "
+                             f"weights {identity.fingerprint}; the model changed: use a new output directory")
 
 
 def wrap(model: nn.Module, tokenizer, name: str = "in-memory", source: str = "in-memory") -> LoadedModel:

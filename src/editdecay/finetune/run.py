@@ -28,6 +28,8 @@ The model object is changed in place (edit applied, weights trained or adapters 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import shutil
@@ -41,8 +43,8 @@ from torch import nn
 
 from editdecay.core.devices import input_device
 from editdecay.measure.downstream import DownstreamSpec
-from editdecay.core.errors import ConfigError
-from editdecay.core.models import LoadedModel
+from editdecay.core.errors import ConfigError, EditDecayError
+from editdecay.core.models import LoadedModel, check_same_weights
 from editdecay.core.request import EditRequest
 from editdecay.core.results import Timer, environment, write_result
 from editdecay.finetune.callback import DecayCallback, measure, stage_from
@@ -188,6 +190,30 @@ class _Downstream:
     def stage(self, stage: str) -> dict:
         res = self.results[stage]
         return {"downstream": res.tasks, "downstream_score": res.score}
+
+
+def load_finetuned(lm: LoadedModel, run_dir: Path) -> nn.Module:
+    """Base model + the fine-tuned weights of a finished run directory (`run_finetune(out=run_dir)`): the adapter
+    (LoRA/DoRA, unmerged, as it was measured during training) or the saved tensors (full fine-tuning).
+    Returns the model to measure. Raises EditDecayError if the run was made on other weights."""
+    result = json.loads((run_dir / "result.json").read_text())
+    check_same_weights(lm.identity, result.get("model"), f"fine-tuning run {run_dir}")
+    outputs = result.get("outputs", {})
+    if "adapter" in outputs:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(lm.model, str(run_dir / outputs["adapter"]))
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(run_dir / outputs["weights"]))
+    params = dict(lm.model.named_parameters())
+    unknown = [n for n in tensors if n not in params]
+    if unknown:
+        raise EditDecayError(f"fine-tuned weights in {run_dir} name {unknown[0]!r}, which this model does not have")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            params[name].copy_(t.to(device=params[name].device, dtype=params[name].dtype))
+    return lm.model
 
 
 def _prepare_dir(out: Path, overwrite: bool) -> None:

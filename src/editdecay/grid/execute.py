@@ -111,7 +111,8 @@ def _killed_too_often(store: GridStore, plan: Plan, stage_id: str, killed: list[
 
 
 def _compute(store: GridStore, plan: Plan, stage_id: str, progress: bool, threads: int | None) -> StageOutcome:
-    from editdecay.grid.stages import EXECUTORS, StageContext, seed_everything, stage_seed
+    from editdecay.core.seeding import seed_everything
+    from editdecay.grid.stages import EXECUTORS, StageContext, stage_seed
 
     stage = plan.stages[stage_id]
     set_threads(threads or plan.runtime.get("threads"))

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from editdecay.core.cache import dumps_json
 from editdecay.core.errors import EditDecayError
+from editdecay.core.models import check_same_weights
 from editdecay.grid.plan import Plan, Stage
 from editdecay.grid.spec import DOWNSTREAM_TASKS
 from editdecay.grid.store import CELL_SCHEMA_VERSION, GridStore
@@ -92,16 +92,6 @@ class StageContext:
         (self.out / name).write_text(dumps_json(obj, indent=2) + "\n")     # strict JSON: NaN -> null + status
 
 
-def seed_everything(seed: int) -> None:
-    """Python, NumPy and torch (CPU and CUDA) generators, at the start of every stage."""
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def stage_seed(stage: Stage) -> int:
     c = stage.config
     for value in (c.get("requests", {}).get("seed") if isinstance(c.get("requests"), dict) else None,
@@ -109,15 +99,6 @@ def stage_seed(stage: Stage) -> int:
         if isinstance(value, int):
             return value
     return 0
-
-
-def _check_model(lm, recorded: dict | None, what: str) -> None:
-    """The weights loaded now must be those a dependency was computed on (a local directory may have changed)."""
-    got = lm.identity.fingerprint
-    want = (recorded or {}).get("fingerprint")
-    if want and want != got:
-        raise EditDecayError(f"{what} was computed on model weights {want}, but {lm.identity.source} now holds "
-                             f"weights {got}; the model changed under the grid: use a new --out directory")
 
 
 def _editor_config(editor: str, concrete: dict | None, fields: dict | None, lm):
@@ -179,7 +160,7 @@ def run_patch(ctx: StageContext) -> None:
         ds = _requests(c["requests"])
     with timer("load_model"):
         lm = ctx.load_model(c["model"])
-    _check_model(lm, stats_out["model"], f"statistics stage {ctx.stage.deps[0]}")
+    check_same_weights(lm.identity, stats_out["model"], f"statistics stage {ctx.stage.deps[0]}")
     cfg = _editor_config(c["editor"], c["editor_config"], c["editor_fields"], lm)
     patch, run = edit_model(lm, c["editor"], cfg, list(ds.requests), batch_size=c["batch_size"], cache=ctx.cache(),
                             progress=ctx.progress)
@@ -197,31 +178,6 @@ def run_patch(ctx: StageContext) -> None:
 # --------------------------------------------------------------------------- evaluate
 
 
-def apply_finetuned(lm, run_dir: Path):
-    """Base model + the fine-tuned weights of an M_f stage: the adapter (LoRA/DoRA, unmerged, as it was measured
-    during training) or the saved tensors (full fine-tuning). Returns the model to measure."""
-    import torch
-
-    result = json.loads((run_dir / "result.json").read_text())
-    _check_model(lm, result.get("model"), f"fine-tuning run {run_dir}")
-    outputs = result.get("outputs", {})
-    if "adapter" in outputs:
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(lm.model, str(run_dir / outputs["adapter"]))
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(run_dir / outputs["weights"]))
-    params = dict(lm.model.named_parameters())
-    unknown = [n for n in tensors if n not in params]
-    if unknown:
-        raise EditDecayError(f"fine-tuned weights in {run_dir} name {unknown[0]!r}, which this model does not have")
-    with torch.no_grad():
-        for name, t in tensors.items():
-            params[name].copy_(t.to(device=params[name].device, dtype=params[name].dtype))
-    return lm.model
-
-
 def run_evaluate(ctx: StageContext) -> None:
     """E6 outcomes of the cell's requests under M0 (config.finetune is None) or M_f (the base + its weights)."""
     from editdecay.finetune.callback import measure
@@ -232,7 +188,9 @@ def run_evaluate(ctx: StageContext) -> None:
     lm = ctx.load_model(c["model"])
     model = lm.model
     if c["finetune"] is not None:
-        model = apply_finetuned(lm, ctx.dep_dir(c["finetune"]) / "run")
+        from editdecay.finetune.run import load_finetuned
+
+        model = load_finetuned(lm, ctx.dep_dir(c["finetune"]) / "run")
     outcomes, _ = measure(model, lm.tokenizer, list(ds.requests), (),
                           batch_size=ctx.runtime.get("eval_batch_size", 32))
     metrics = aggregate(outcomes)
@@ -281,7 +239,7 @@ def run_finetune_stage(ctx: StageContext) -> None:
     extra = {"grid_stage": ctx.stage.id}
     if c["patch"] is not None:
         patch = EditPatch.load(ctx.dep_dir(c["patch"]) / "patch")
-        _check_model(lm, patch.model_identity, f"patch stage {c['patch']}")
+        check_same_weights(lm.identity, patch.model_identity, f"patch stage {c['patch']}")
         patch.apply(lm.model)
         requests, edited = patch.requests, patch.layers
         extra["patch"] = {"stage": c["patch"], "editor": patch.editor, "layers": list(patch.layers),
@@ -444,4 +402,4 @@ EXECUTORS: dict[str, Callable[[StageContext], None]] = {
     "cell": run_cell,
 }
 
-__all__ = ["EXECUTORS", "NonFiniteError", "StageContext", "seed_everything", "stage_seed"]
+__all__ = ["EXECUTORS", "NonFiniteError", "StageContext", "stage_seed"]

@@ -44,7 +44,7 @@ limit): the stage is recorded as failed instead of started once more.
 
 Cell result schema (`results/<cell-id>.json`, `kind: grid-cell`, `cell_schema_version` 1)::
 
-    schema_version        editdecay result schema (results.RESULT_SCHEMA_VERSION)
+    schema_version        editdecay result schema (core.schema.SCHEMA_VERSION; validated by core.schema.CellResult)
     kind                  "grid-cell"
     cell_schema_version   CELL_SCHEMA_VERSION
     grid                  grid name
@@ -104,7 +104,7 @@ from editdecay.grid.plan import Plan
 
 log = logging.getLogger(__name__)
 
-CELL_SCHEMA_VERSION = 1
+from editdecay.core.schema import CELL_SCHEMA_VERSION  # noqa: E402  (the schema owns the version)
 MANIFEST = "stage.json"
 MANIFEST_FORMAT = 1
 STATES = ("done", "running", "failed", "pending")

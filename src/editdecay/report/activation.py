@@ -130,7 +130,8 @@ def cell_shift(a: Analysis, cell: CellRecord, *, cache_dir=None, device: str = "
     from editdecay.core.errors import ConfigError
     from editdecay.finetune import Recipe, load_source, run_finetune
     from editdecay.data.embedded_task import EmbeddedTask
-    from editdecay.grid.stages import apply_finetuned, seed_everything    # the loader the grid's evaluate stage uses
+    from editdecay.core.seeding import seed_everything
+    from editdecay.finetune.run import load_finetuned     # the loader the grid's evaluate stage uses
     from editdecay.core.models import load_model
     from editdecay.edit.patch import EditPatch
 
@@ -161,7 +162,7 @@ def cell_shift(a: Analysis, cell: CellRecord, *, cache_dir=None, device: str = "
             states[k]["M_e"] = last_token_states(lm.model, lm.tokenizer, prompts)
     del lm
     lm = load()
-    mf = apply_finetuned(lm, stage_dir / result["stages"]["finetune_base"]["id"] / "run")
+    mf = load_finetuned(lm, stage_dir / result["stages"]["finetune_base"]["id"] / "run")
     for k, prompts in sets.items():
         states[k]["M_f"] = last_token_states(mf, lm.tokenizer, prompts)
     del lm, mf
