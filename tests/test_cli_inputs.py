@@ -409,3 +409,21 @@ def test_damaged_patch_directory_is_named(tmp_path, embedded, damage):
     res = runner.invoke(app, ["eval-edits", "--patch", str(tmp_path / "p")])
     assert res.exit_code == 2, res.output
     assert str(tmp_path / "p") in _text(res) and "patch.json" in _text(res) and "Traceback" not in res.output
+
+
+def test_a_stored_plan_changed_after_it_was_written_is_refused(tmp_path):
+    """Grid workers run the plan the driver wrote (plans/<id>.json); a copy edited afterwards (e.g. to turn on
+    trust_remote_code) does not match its content id and is refused."""
+    from editdecay.core.errors import ConfigError
+    from editdecay.grid.plan import Plan
+    from editdecay.grid.store import GridStore
+
+    store = GridStore(tmp_path / "results")
+    plan_id = store.write_plan(Plan("g", (), {}, {"device": "cpu"}))
+    assert store.read_plan(plan_id).name == "g"
+    path = tmp_path / "results" / "plans" / f"{plan_id}.json"
+    data = json.loads(path.read_text())
+    data["runtime"]["device"] = "cuda"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=plan_id):
+        store.read_plan(plan_id)

@@ -218,7 +218,14 @@ class GridStore:
         if not path.is_file():
             raise ConfigError(f"{self.root} is not a grid output directory (no {path.name}); run "
                               f"`editdecay grid run GRID.yaml --out {self.root}` first")
-        return _without_code(Plan.from_dict(json.loads(path.read_text())), path)
+        data = json.loads(path.read_text())
+        if plan_id is not None:
+            from editdecay.core.cache import stable_hash
+
+            if stable_hash(data, len(plan_id)) != plan_id:     # workers run what the driver planned, nothing else
+                raise ConfigError(f"{path} does not match its plan id {plan_id} (changed after it was written); "
+                                  f"run `editdecay grid run GRID.yaml --out {self.root}` again")
+        return _without_code(Plan.from_dict(data), path)
 
     # ------------------------------------------------------------------ stages
 
