@@ -27,6 +27,14 @@ def _max_positions(model) -> int | None:
     return None
 
 
+def validate_inputs(lm, cfg: EditorConfig, requests: list[EditRequest], *, strict: bool = False) -> None:
+    """The checks an edit needs before any heavy work, in one place: the edited layers exist in the model
+    (ConfigError naming the depth) and every request is usable with its tokenizer (DataError naming the request;
+    `strict`: a subject that does not end on a token boundary is refused)."""
+    check_layers(lm.model, list(cfg.layers), field="layers")
+    validate_requests(lm.tokenizer, requests, strict=strict)
+
+
 def build_run(lm, editor: str, cfg: EditorConfig, *, cache: Cache | None = None, progress: bool = True,
               stats_batch_size: int = 16) -> EditingRun:
     """Compute (or read from the cache) the statistics the editor needs and return a fresh run.
@@ -34,8 +42,8 @@ def build_run(lm, editor: str, cfg: EditorConfig, *, cache: Cache | None = None,
     Raises NonFiniteError if a C_l or projector holds NaN/inf, StatisticsError if a C_l rests on
     fewer than d_k tokens or is numerically rank-deficient (`edit.safety.check_statistics`);
     fewer than 10 x d_k tokens is a warning kept in `run.warnings` (and the patch).
+    The layers must have been checked against the model (`validate_inputs`, as `edit_model` does).
     """
-    check_layers(lm.model, list(cfg.layers), field="layers")
     cls = editor_class(editor)
     timer = Timer()
     with timer("statistics"):
@@ -69,8 +77,7 @@ def edit_model(lm, editor: str, cfg: EditorConfig, requests: list[EditRequest], 
     (StatisticsError, NonFiniteError, ...), the model is restored before the error propagates:
     no partial edit is left behind. Warnings (judgement calls) are in `run.warnings` and the patch.
     """
-    validate_requests(lm.tokenizer, requests, strict=strict)
-    check_layers(lm.model, list(cfg.layers), field="layers")
+    validate_inputs(lm, cfg, requests, strict=strict)
     run = build_run(lm, editor, cfg, cache=cache, progress=progress)
     size = batch_size or len(requests)
     try:

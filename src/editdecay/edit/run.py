@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from editdecay.core.arch import arch_for, as_out_in, check_layers, get_module, resolve_name
+from editdecay.core.arch import arch_for, as_out_in, get_module, resolve_name
 from editdecay.core.checks import check_finite
 from editdecay.core.devices import module_device
 from editdecay.edit.context import ContextTemplates, context_templates
@@ -87,7 +87,8 @@ class EditingRun:
         self.lm, self.solver, self.cfg = lm, solver, solver.cfg
         model = lm.model
         self.spec = arch_for(model)
-        self.layers = check_layers(model, list(self.cfg.layers), field="layers")
+        self.layers = tuple(self.cfg.layers)       # sorted, unique (EditorConfig); checked against the model by
+                                                   # build_run before statistics
         self.names = {l: resolve_name(model, self.spec.mlp_out_name(l)) for l in self.layers}   # patch keys
         self.originals = {n: get_module(model, n).weight.detach().clone() for n in self.names.values()}
         self.devices = {l: module_device(get_module(model, n)) for l, n in self.names.items()}

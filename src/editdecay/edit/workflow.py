@@ -106,10 +106,9 @@ def run_edit(*, model: str, editor: str, data: str, n: int | None, seed: int | N
              dtype: str = "float32", device: str = "cpu", eval_batch_size: int | None = None, progress: bool = True,
              cache=None, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
     """Load data, then the model; evaluate (pre), edit, evaluate (post); save patch + result.json."""
-    from editdecay.core.arch import check_layers
     from editdecay.core.cache import Cache
-    from editdecay.edit.api import edit_model
-    from editdecay.edit import editor_class, validate_requests
+    from editdecay.edit import editor_class
+    from editdecay.edit.api import edit_model, validate_inputs
 
     editor_class(editor)                                                   # unknown editor: fail before loading
     timer = Timer()
@@ -122,8 +121,7 @@ def run_edit(*, model: str, editor: str, data: str, n: int | None, seed: int | N
         lm = load_model(model, dtype=dtype, device=device, cache=cache, allow_pickle=allow_pickle,
                         trust_remote_code=trust_remote_code)
     cfg = edit_config(editor, lm, overrides)
-    check_layers(lm.model, list(cfg.layers), field="layers")
-    validate_requests(lm.tokenizer, requests, strict=strict)          # strict: token-boundary problems refused
+    validate_inputs(lm, cfg, requests, strict=strict)                 # before the (slow) pre-edit evaluation
     with timer("evaluate_pre"):
         pre = evaluate_requests(lm.model, lm.tokenizer, requests, batch_size=eval_batch_size, progress=progress)
     patch, run = edit_model(lm, editor, cfg, requests, batch_size=batch_size, cache=cache or Cache.default(),
