@@ -299,3 +299,13 @@ def test_data_content_is_part_of_the_stage_ids(tmp_path):
                                                                                  "cell"}
     assert not any(s.kind == "finetune" and s.config["patch"] is None for s in
                    (first.stages.get(x) or second.stages[x] for x in changed))          # M_f does not read edit data
+
+
+@pytest.mark.parametrize("name", ["./models/tiny", "models/tiny/v2", "~/no-such-model-dir-for-editdecay"])
+def test_a_path_that_does_not_exist_is_a_missing_model_directory_not_a_hub_id(tmp_path, name):
+    # One rule (core.paths.looks_like_path) tells paths from hub ids, for planning as for loading.
+    from editdecay.grid.plan import missing_files
+
+    plan = build_plan(grid_from_dict(small(models=[{"name": name, "family": "llama"}], n_edits=[0]), base_dir=tmp_path))
+    warnings = missing_files(plan)
+    assert len(warnings) == 1 and warnings[0].startswith("model directory /") and "does not exist" in warnings[0]

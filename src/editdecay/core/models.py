@@ -19,6 +19,7 @@ from editdecay.core.arch import arch_for, num_layers
 from editdecay.core.cache import Cache
 from editdecay.core.devices import input_device
 from editdecay.core.errors import ConfigError, EditDecayError
+from editdecay.core.paths import looks_like_path
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +113,6 @@ def resolve_source(name: str, cache: Cache | None = None) -> str:
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def _looks_like_path(name: str) -> bool:
-    """A name no hub id can be: starts with /, ., ~ or a drive/backslash, or has more than one '/'."""
-    return name.startswith(("/", ".", "~", "\\")) or name.count("/") > 1 or "\\" in name or ":" in name
-
-
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
@@ -168,7 +164,7 @@ def load_model(
         raise ConfigError(f"model {name!r}: {local} is a file; give a directory holding config.json and weights")
     if local.is_dir() and not (local / "config.json").exists():
         raise ConfigError(f"model {name!r}: {local} has no config.json; is it a Hugging Face model directory?")
-    if not local.exists() and _looks_like_path(source):
+    if not local.exists() and looks_like_path(source):
         raise ConfigError(f"model {name!r}: no such directory {local.resolve()}; as a local Hugging Face directory "
                           f"it does not exist, and a path is not a hub id (hub ids are NAME or ORG/NAME)")
     if local.is_dir():

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from editdecay.core.cache import stable_hash
 from editdecay.core.errors import ConfigError
+from editdecay.core.paths import looks_like_path
 from editdecay.grid.spec import DOWNSTREAM_TASKS, EditorEntry, GridSpec, ModelEntry, RecipeEntry
 
 PLAN_FORMAT = 1
@@ -241,7 +242,7 @@ def _data_labels(specs: list[str]) -> dict[str, str]:
 
 
 def _is_local(name: str, base: Path) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or (base / name).exists()
+    return looks_like_path(name) or (base / name).exists()
 
 
 @dataclass(frozen=True)
