@@ -172,3 +172,30 @@ def test_edit_flip_ratio_counts_successes_lost_after_fine_tuning():
     rd = relative_decrease({"efficacy": 0.8, "paraphrase": 0.0, "neighborhood": None},
                            {"efficacy": 0.6, "paraphrase": 0.1, "neighborhood": 0.5})
     assert rd == {"efficacy": pytest.approx(0.25), "paraphrase": None, "neighborhood": None}
+
+
+def test_a_finished_run_loads_back_and_a_pickled_adapter_is_refused(tmp_path):
+    # load_finetuned (used by the grid's evaluate stage and the report) reproduces the trained model's logits, and
+    # never lets peft fall back to a pickled adapter_model.bin.
+    from editdecay.core.errors import EditDecayError
+    from editdecay.finetune.run import load_finetuned
+
+    recipe = Recipe(method="lora", layers="all", targets="mlp", max_steps=2, batch_size=4, lora_r=4,
+                    learning_rate=5e-2, template="compact", cutoff_len=64)
+    model = tiny_model("llama")
+    lm = wrap(model, tok(), name="tiny-llama", source="config")
+    ft = run_finetune(lm, recipe, load_source("embedded", task=TASK), tmp_path / "run", task=TASK, progress=False,
+                      save="adapter")
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        want = ft.model.eval()(input_ids=ids).logits                 # eval: no adapter dropout
+    fresh = wrap(tiny_model("llama"), tok(), name="tiny-llama", source="config")
+    with torch.no_grad():
+        got = load_finetuned(fresh, tmp_path / "run").eval()(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    adapter = tmp_path / "run" / "adapter"
+    st = adapter / "adapter_model.safetensors"
+    torch.save(load_file(str(st)), adapter / "adapter_model.bin")
+    st.unlink()
+    with pytest.raises(EditDecayError, match="no adapter_model.safetensors.*adapter_model.bin"):
+        load_finetuned(wrap(tiny_model("llama"), tok(), name="tiny-llama", source="config"), tmp_path / "run")

@@ -202,7 +202,13 @@ def load_finetuned(lm: LoadedModel, run_dir: Path) -> nn.Module:
     if "adapter" in outputs:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(lm.model, str(run_dir / outputs["adapter"]))
+        adapter = run_dir / outputs["adapter"]
+        if not (adapter / "adapter_model.safetensors").is_file():
+            # peft would fall back to a pickled adapter_model.bin; editdecay loads safetensors only (core.models)
+            files = sorted(p.name for p in adapter.iterdir()) if adapter.is_dir() else []
+            raise EditDecayError(f"fine-tuning run {run_dir}: {adapter} holds no adapter_model.safetensors "
+                                 f"(files: {', '.join(files) or 'none'}); editdecay loads adapters from safetensors only")
+        return PeftModel.from_pretrained(lm.model, str(adapter))
     from safetensors.torch import load_file
 
     tensors = load_file(str(run_dir / outputs["weights"]))
