@@ -162,6 +162,9 @@ class Oracle(nn.Module):
     def base_model(self):
         return self.model
 
+    def get_input_embeddings(self):
+        return self.model        # where input ids go (core.devices.input_device): the body's device
+
 
 class _PeekingBody(nn.Module):
     def __init__(self, vocab: int, blind: set[int]):
