@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# A small grid on the embedded model: 2 editors x 2 fine-tuning methods x 2 layer choices, then its report.
+# The embedded study's LoRA cells at 20 edits (examples/grids/demo.yaml), then its report, which ends with
+# ES after editing, ES after fine-tuning, the Edit Flip Ratio (with n) and where report.html is.
 demo: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/editdecay grid run examples/grids/demo.yaml --out runs/demo-grid
+	@echo "The full embedded study (100 edits, 10 cells, the same data and recipe): docs/embedded-study/README.md"
 	$(BIN)/editdecay report runs/demo-grid --out runs/demo-grid/report
 
 # One cell in detail: MEMIT edits, LoRA fine-tuning with a decay curve.

@@ -144,15 +144,19 @@ def _print_results(out: Path, plan, limit: int = 40) -> None:
     rows = [(c, r) for c in plan.cells if (r := store.read_result(c.id)) is not None][:limit]
     if not rows:
         return
-    t = Table(title="efficacy (%) before / after editing, after fine-tuning; Edit Flip Ratio; task accuracy (%)")
+    from editdecay.report.downstream import headline_key
+
+    t = Table(title="efficacy (%) before / after editing, after fine-tuning; Edit Flip Ratio; held-out task score (%): "
+                    "exact match (embedded task) or token accuracy (chatterbot)")
     for col in ("cell", "n", "ES M0", "ES M_e", "ES M_f", "ES M_ef", "EFR", "task M0", "task M_ef / M_f"):
         t.add_column(col, justify="left" if col == "cell" else "right")
     for c, r in rows:
         m = r["metrics"]
         es = [pct((m.get(k) or {}).get("efficacy")) for k in ("M0", "M_e", "M_f", "M_ef")]
         efr = ((r.get("decay") or {}).get("edit_flip_ratio") or {}).get("value")
-        after = (m.get("M_ef") or m.get("M_f") or {}).get("task_accuracy")
-        t.add_row(c.label, str(c.axes["n_edits"]), *es, pct(efr), pct(m["M0"].get("task_accuracy")), pct(after))
+        key = headline_key(m.get("M_ef") or m.get("M_f"))
+        after = (m.get("M_ef") or m.get("M_f") or {}).get(key)
+        t.add_row(c.label, str(c.axes["n_edits"]), *es, pct(efr), pct(m["M0"].get(key)), pct(after))
     _wide().print(t)
 
 
