@@ -108,19 +108,23 @@ def test_sigkill_in_every_stage_kind_then_resume_and_repeated_kills_end_as_a_fai
     plan = build_plan(load_grid(world["grid"]))
     assert sorted(st.kind for st in plan.stages.values()) == [
         "cell", "evaluate", "evaluate", "finetune", "finetune", "patch", "stats"]
-    store = GridStore(tmp_path / "out")
     rng = random.Random(SEED)
     longest = {"stats": 0.6, "patch": 1.5, "evaluate": 0.6, "finetune": 1.0}     # about a stage's duration here
-    kills = []
-    for kind in ("stats", "patch", "evaluate", "finetune"):
-        for _ in range(4):          # a kill that came after its stage finished is tried again, earlier
-            k = kill_in(world, store, plan, kind, rng, longest[kind])
-            kills.append(k)
-            if k["in_stage"]:
+    for attempt in range(4):
+        # A kill that comes after its stage finished cannot be repeated on the same results directory (a
+        # finished stage is never computed again), so the whole sequence starts over in a fresh directory,
+        # with earlier kill points.
+        store = GridStore(tmp_path / f"out{attempt}")
+        kills = []
+        for kind in ("stats", "patch", "evaluate", "finetune"):
+            kills.append(kill_in(world, store, plan, kind, rng, longest[kind]))
+            if not kills[-1]["in_stage"]:
                 break
-            longest[kind] /= 2
-        assert kills[-1]["in_stage"], f"no kill landed inside a {kind} stage: {kills[-4:]}"
-        assert not list(store.root.glob("results/*.json"))
+            assert not list(store.root.glob("results/*.json"))
+        if all(k["in_stage"] for k in kills):
+            break
+        longest = {k: v / 2 for k, v in longest.items()}
+    assert len(kills) == 4 and all(k["in_stage"] for k in kills), f"no kill sequence landed inside its stages: {kills}"
     # The same fine-tuning stage killed until its starts reach max_attempts (3): the OOM killer's pattern.
     oom = kills[-1]["stage"]
     while len(store.attempts(oom)) < 3:
