@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# The embedded study's LoRA cells at 20 edits (examples/grids/demo.yaml), then its report, which ends with
+# The embedded study's MEMIT LoRA cell at 20 edits (examples/grids/demo.yaml), then its report, which ends with
 # ES after editing, ES after fine-tuning, the Edit Flip Ratio (with n) and where report.html is.
 # One torch thread by default: on a machine whose cores other jobs share, two OpenMP threads wait for each other
 # (a LoRA step of the embedded model took 45 s with 2 threads and 4-5 s with 1 on 2 shared cores).
