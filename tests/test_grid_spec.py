@@ -203,9 +203,9 @@ def test_study_grid_lists_every_cell_and_shares_stages():
 def test_demo_grid_is_the_embedded_default():
     plan = build_plan(load_grid(DEMO))
     assert {c.axes["model"] for c in plan.cells} == {"smollm2-135m"}
-    # the embedded study's LoRA cells (examples/grids/embedded-study.yaml) at demo size, on human-written text
+    # the embedded study's MEMIT LoRA cell (examples/grids/embedded-study.yaml) at demo size, on human-written text
     assert {(c.axes["editor"], c.axes["method"], c.axes["layers"]) for c in plan.cells} == set(
-        itertools.product(["memit", "alphaedit"], ["lora"], ["all"]))
+        itertools.product(["memit"], ["lora"], ["all"]))
     assert {c.axes["finetune_data"] for c in plan.cells} == {"chatterbot"}
     assert {c.axes["n_edits"] for c in plan.cells} == {20}
 
