@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
 from editdecay.core.arch import arch_for, as_out_in, resolve_name
 from editdecay.core.cache import Cache
+from editdecay.core.models import load_model
 from editdecay.data import load_edit_data
 from editdecay.edit.api import edit_model
-from editdecay.measure.metrics import aggregate, evaluate_requests
-from editdecay.core.models import load_model
 from editdecay.edit.workflow import edit_config
-from editdecay.edit.stats import cached_projector
+from editdecay.measure.metrics import aggregate, evaluate_requests
 
 
 def scores(lm, reqs):

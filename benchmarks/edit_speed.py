@@ -123,13 +123,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from editdecay.core.arch import arch_for, as_out_in, resolve_name
     from editdecay.core.cache import Cache
-    from editdecay.data.corpus import iter_token_chunks, parse_corpus
-    from editdecay.edit.api import edit_model
-    from editdecay.edit import make_config
-    from editdecay.edit.presets import EMBEDDED
     from editdecay.core.models import load_model
+    from editdecay.data.corpus import iter_token_chunks, parse_corpus
+    from editdecay.edit import make_config
+    from editdecay.edit.api import edit_model
+    from editdecay.edit.presets import EMBEDDED
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the reference lives with the tests
     from reference import reference_memit, reference_second_moments
+
     from editdecay.core.results import environment
     from editdecay.edit.stats import accumulate_second_moments, second_moments
 

@@ -290,9 +290,9 @@ def section_memit(p: Preset, ctx: dict) -> dict:
 
 
 def section_alphaedit(p: Preset, ctx: dict) -> dict:
-    from editdecay.edit.stats import null_space_projector
-
     import torch
+
+    from editdecay.edit.stats import null_space_projector
 
     clock = ctx["clock"]
     first = p.edit_layers[0]

@@ -13,9 +13,9 @@ import time
 
 import torch
 
+from editdecay.core.models import load_model
 from editdecay.data import load_edit_data
 from editdecay.measure.metrics import _pairs_for, evaluate_requests
-from editdecay.core.models import load_model
 
 
 def main() -> None:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -67,8 +65,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from editdecay.core.cache import Cache
-    from editdecay.data.corpus import iter_token_chunks, parse_corpus
     from editdecay.core.models import load_model
+    from editdecay.data.corpus import iter_token_chunks, parse_corpus
     from editdecay.edit.stats import accumulate_second_moments
 
     layers = parse_layers(args.layers)

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from editdecay.core.cache import atomic_write_bytes
-from editdecay.data import worldfacts as wf
-from editdecay.measure.metrics import aggregate, evaluate_requests, score_continuations
 from editdecay.core.models import load_model
 from editdecay.core.results import package_versions
+from editdecay.data import worldfacts as wf
+from editdecay.measure.metrics import aggregate, evaluate_requests, score_continuations
 
 log = logging.getLogger("select_worldfacts")
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "editdecay" / "data" / wf.SELECTION_FILE

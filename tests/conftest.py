@@ -5,7 +5,6 @@ Torch uses one thread in tests: on 2 cores, several threaded torch processes slo
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

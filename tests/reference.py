@@ -29,11 +29,16 @@ from dataclasses import dataclass
 import torch
 
 from editdecay.core.arch import arch_for, as_out_in, check_layers, get_module
-from editdecay.edit.context import ContextTemplates, context_templates
 from editdecay.core.hooks import capture_inputs, capture_output, edit_output
 from editdecay.core.request import EditRequest
+from editdecay.core.tokens import (
+    encode_subject_prompt,
+    encode_target,
+    pad_batch,
+    pad_id,
+)
+from editdecay.edit.context import ContextTemplates, context_templates
 from editdecay.edit.targets import TargetSettings
-from editdecay.core.tokens import encode_subject_prompt, encode_target, pad_batch, pad_id
 
 
 @dataclass(frozen=True)

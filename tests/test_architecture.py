@@ -15,8 +15,6 @@ import importlib
 import pkgutil
 from pathlib import Path
 
-import pytest
-
 import editdecay
 
 STEPS = ("core", "data", "measure", "edit", "finetune", "grid", "report", "cli")

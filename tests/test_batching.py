@@ -19,8 +19,13 @@ from conftest import make_tiny
 import editdecay
 import editdecay.core.memory as memory
 from editdecay.core.devices import input_device, module_device
-from editdecay.core.memory import (DeviceMemoryError, MEMORY_FRACTION, plan_batch_size, record_batches,
-                                   run_batched)
+from editdecay.core.memory import (
+    MEMORY_FRACTION,
+    DeviceMemoryError,
+    plan_batch_size,
+    record_batches,
+    run_batched,
+)
 from editdecay.core.request import EditRequest
 from editdecay.edit import make_config
 from editdecay.edit.context import context_templates

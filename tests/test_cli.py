@@ -6,10 +6,8 @@ import json
 import subprocess
 import sys
 
-import pytest
-from typer.testing import CliRunner
-
 from conftest import ZSRE_SAMPLE
+from typer.testing import CliRunner
 
 from editdecay.cli import _register, app
 
@@ -34,6 +32,7 @@ def test_eval_edits_writes_result_contract(tmp_path, embedded):
     # the same seed gives the same sample
     res2 = runner.invoke(app, ["eval-edits", "--data", f"zsre:{ZSRE_SAMPLE}", "--limit", "6", "--seed", "1",
                                "--out", str(tmp_path / "again.json")])
+    assert res2.exit_code == 0, res2.output
     r2 = json.loads((tmp_path / "again.json").read_text())
     assert [x["case_id"] for x in r2["requests"]] == [x["case_id"] for x in r["requests"]]
     assert r2["metrics"] == r["metrics"]

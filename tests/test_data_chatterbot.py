@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 
 import pytest
+from test_finetune_data import Oracle
+from test_finetune_tiny import tok as load_tok
 
 from editdecay.core.errors import ConfigError, DataError
 from editdecay.data.chatterbot import LICENCE, ChatterbotCorpus, prompt_key
 from editdecay.data.instructions import InstructionRecord, load_source
 from editdecay.measure.task import exact_match
-from test_finetune_data import Oracle
-from test_finetune_tiny import tok as load_tok
 
 TRIVIA = """categories:
 - trivia

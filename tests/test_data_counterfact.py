@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from editdecay.core.errors import DataError
 from editdecay.data import load_edit_data
 from editdecay.data.counterfact import load_counterfact
-from editdecay.core.errors import DataError
 from editdecay.measure.metrics import evaluate_requests, score_continuations
 
 FIXTURE = Path(__file__).parent / "fixtures" / "counterfact_small.json"

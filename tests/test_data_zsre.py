@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from editdecay.core.errors import ConfigError, DataError
 from editdecay.data import load_edit_data
 from editdecay.data.zsre import load_zsre, locate_subject
-from editdecay.core.errors import ConfigError, DataError
 from editdecay.measure.metrics import evaluate_requests, score_continuations
 
 SAMPLE = (Path(__file__).parents[1] / "../shared/data/zsre_sample.json").resolve()

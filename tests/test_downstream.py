@@ -16,11 +16,16 @@ import re
 import numpy as np
 import pytest
 import torch
-
-from editdecay.measure.downstream import DownstreamSpec, evaluate_downstream, load_tasks, parse_tasks
-from editdecay.measure.downstream import everyday
-from editdecay.core.errors import ConfigError, DataError
 from test_finetune_tiny import tiny_model, tok
+
+from editdecay.core.errors import ConfigError, DataError
+from editdecay.measure.downstream import (
+    DownstreamSpec,
+    evaluate_downstream,
+    everyday,
+    load_tasks,
+    parse_tasks,
+)
 
 LIMIT = 24
 CORPUS = ["The cat sat on the mat and looked at the garden.",
@@ -203,9 +208,10 @@ def test_embedded_model_is_well_above_chance_on_the_authored_task(embedded):
 
 
 def test_run_finetune_records_downstream_for_pre_post_and_finetuned(tmp_path):
-    from editdecay.finetune import EmbeddedTask, Recipe, load_source, run_finetune
-    from editdecay.core.models import wrap
     from test_finetune_run import synthetic_patch
+
+    from editdecay.core.models import wrap
+    from editdecay.finetune import EmbeddedTask, Recipe, load_source, run_finetune
 
     task = EmbeddedTask(n_train=24, n_test=6)
     (tmp_path / "c.txt").write_text("\n\n".join(CORPUS))
@@ -247,11 +253,12 @@ def test_run_finetune_records_downstream_for_pre_post_and_finetuned(tmp_path):
 
 
 def test_grid_cell_holds_downstream_of_m0_and_mf_with_deltas(tmp_path):
+    from test_grid_run import make_tiny_model
+
     from editdecay.grid.plan import build_plan
     from editdecay.grid.runner import run_grid
     from editdecay.grid.spec import grid_from_dict
     from editdecay.grid.store import GridStore, result_row
-    from test_grid_run import make_tiny_model
 
     make_tiny_model(tmp_path / "model")
     grid = {"name": "ds", "models": [{"name": str(tmp_path / "model"), "label": "tiny"}], "n_edits": [0],
@@ -290,10 +297,10 @@ def test_grid_cell_holds_downstream_of_m0_and_mf_with_deltas(tmp_path):
 
 
 def test_cli_scores_downstream_tasks_and_rejects_unknown_ones_before_loading_the_model(tmp_path):
+    from test_finetune_run import synthetic_patch
     from typer.testing import CliRunner
 
     from editdecay.cli import _register, app
-    from test_finetune_run import synthetic_patch
 
     model = scaled_tiny()
     model.save_pretrained(tmp_path / "model")

@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny
+from reference import reference_alphaedit, reference_keys, reference_memit
 
 import editdecay.edit.api as editing
 from editdecay.core.arch import arch_for, arch_for_model_type, as_out_in
 from editdecay.core.cache import Cache
+from editdecay.core.errors import ConfigError, DataError
+from editdecay.core.request import EditRequest
 from editdecay.data.corpus import parse_corpus
 from editdecay.edit import make_config
 from editdecay.edit.solve import alphaedit_delta, memit_delta
-from editdecay.core.errors import ConfigError, DataError
-from reference import reference_alphaedit, reference_keys, reference_memit
-from editdecay.core.request import EditRequest
 from editdecay.edit.stats import cached_projector, second_moments
 
 torch.set_num_threads(1)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_finetune_tiny import tiny_model, tok
 
+from editdecay.data.embedded_task import EmbeddedTask
 from editdecay.data.instructions import load_source, tokenize
 from editdecay.finetune.recipe import Recipe
-from editdecay.data.embedded_task import EmbeddedTask
 from editdecay.finetune.train import train
 from editdecay.finetune.trainable import merge, resolve_plan
-from test_finetune_tiny import tiny_model, tok
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

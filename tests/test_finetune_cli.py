@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_finetune_run import synthetic_patch
+from test_finetune_tiny import tiny_model, tok
 from typer.testing import CliRunner
 
 from editdecay.cli import _register, app
 from editdecay.core.models import wrap
-from test_finetune_run import synthetic_patch
-from test_finetune_tiny import tiny_model, tok
 
 
 @pytest.fixture(scope="module")

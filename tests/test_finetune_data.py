@@ -7,14 +7,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_finetune_tiny import tok as load_tok
 from torch import nn
 
 from editdecay.core.errors import ConfigError, DataError
-from editdecay.data.instructions import (IGNORE_INDEX, InstructionRecord, load_source, min_prompt_tokens, render_prompt,
-                                     tokenize)
 from editdecay.data.embedded_task import FAMILIES, EmbeddedTask
+from editdecay.data.instructions import (
+    IGNORE_INDEX,
+    InstructionRecord,
+    load_source,
+    min_prompt_tokens,
+    render_prompt,
+    tokenize,
+)
 from editdecay.measure.task import exact_match
-from test_finetune_tiny import tok as load_tok
 
 RECORDS = [
     {"instruction": "Please answer the following question.", "input": "Is the sky blue?",

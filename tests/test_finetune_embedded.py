@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 
+from editdecay.data.embedded_task import EmbeddedTask
 from editdecay.data.instructions import load_source, tokenize
 from editdecay.finetune.recipe import preset
-from editdecay.data.embedded_task import EmbeddedTask
-from editdecay.measure.task import exact_match
 from editdecay.finetune.train import collate, token_loss_sum, train
 from editdecay.finetune.trainable import resolve_plan
+from editdecay.measure.task import exact_match
 
 TASK = EmbeddedTask(n_train=200, n_test=20)
 

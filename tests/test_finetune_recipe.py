@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_finetune_tiny import tiny_model
 from torch import nn
 
 from editdecay.core.errors import ConfigError
 from editdecay.finetune.recipe import Recipe, preset
 from editdecay.finetune.trainable import resolve_plan
-from test_finetune_tiny import tiny_model
 
 
 def steps(**kw) -> Recipe:

@@ -7,19 +7,19 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_finetune_tiny import tiny_model, tok
 
 from editdecay.core.errors import ConfigError
+from editdecay.core.models import wrap
+from editdecay.core.request import EditRequest
+from editdecay.data.embedded_task import EmbeddedTask
 from editdecay.data.instructions import load_source
-from editdecay.measure.decay import edit_flip_ratio, relative_decrease
+from editdecay.edit.patch import EditPatch
 from editdecay.finetune.recipe import Recipe
 from editdecay.finetune.run import run_finetune
-from editdecay.data.embedded_task import EmbeddedTask
 from editdecay.finetune.train import DivergedError
+from editdecay.measure.decay import edit_flip_ratio, relative_decrease
 from editdecay.measure.metrics import RequestOutcome, aggregate, evaluate_requests
-from editdecay.core.models import wrap
-from editdecay.edit.patch import EditPatch
-from editdecay.core.request import EditRequest
-from test_finetune_tiny import tiny_model, tok
 
 TASK = EmbeddedTask(n_train=24, n_test=6)
 SUBJECTS = [("Rome", "Italy", "France"), ("Berlin", "Germany", "Spain"), ("Lima", "Peru", "Chile"),

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_finetune_tiny import snapshot, tiny_model, tok
 
 from editdecay.core.arch import arch_for
+from editdecay.data.embedded_task import EmbeddedTask
 from editdecay.data.instructions import load_source, tokenize
 from editdecay.finetune.recipe import Recipe
-from editdecay.data.embedded_task import EmbeddedTask
 from editdecay.finetune.train import train
 from editdecay.finetune.trainable import adapted_modules, merge, resolve_plan
-from test_finetune_tiny import snapshot, tiny_model, tok
 
 EDITED = (1, 2)
 

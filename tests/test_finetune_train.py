@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
+from test_finetune_tiny import snapshot, tiny_model, tok
 
-from editdecay.finetune.callback import DecayCallback
-from editdecay.data.instructions import load_source, tokenize
-from editdecay.finetune.recipe import Recipe
 from editdecay.data.embedded_task import EmbeddedTask
+from editdecay.data.instructions import load_source, tokenize
+from editdecay.finetune.callback import DecayCallback
+from editdecay.finetune.recipe import Recipe
 from editdecay.finetune.train import DivergedError, total_optimizer_steps, train
 from editdecay.finetune.trainable import resolve_plan
-from test_finetune_tiny import snapshot, tiny_model, tok
 
 TASK = EmbeddedTask(n_train=24, n_test=8)
 

@@ -29,7 +29,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_grid_run import computed_counts, grid_dict, make_corpus, make_tiny_model, write_grid
+from test_grid_run import (
+    computed_counts,
+    grid_dict,
+    make_corpus,
+    make_tiny_model,
+    write_grid,
+)
 from typer.testing import CliRunner
 
 from editdecay.core.errors import ConfigError
@@ -339,12 +345,13 @@ def test_two_concurrent_patch_saves_into_one_directory_leave_one_whole_patch(tmp
 
 
 def test_finetune_publishes_outputs_atomically_and_removes_a_stale_adapter(tmp_path, monkeypatch):
+    from test_finetune_tiny import tiny_model, tok
+
     from editdecay.core.models import wrap
     from editdecay.data.embedded_task import EmbeddedTask
     from editdecay.data.instructions import load_source
     from editdecay.finetune.recipe import Recipe
     from editdecay.finetune.run import run_finetune
-    from test_finetune_tiny import tiny_model, tok
 
     task = EmbeddedTask(n_train=8, n_test=4)
     source = load_source("embedded", task=task)

@@ -13,8 +13,8 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from editdecay.grid.plan import build_plan
 from editdecay.grid.execute import execute_stage
+from editdecay.grid.plan import build_plan
 from editdecay.grid.runner import select
 from editdecay.grid.spec import grid_from_dict
 from editdecay.grid.store import GridStore

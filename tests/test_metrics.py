@@ -6,13 +6,17 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny
 from transformers import AutoTokenizer
 
-from editdecay.measure.metrics import RequestOutcome, aggregate, evaluate_requests, score_continuations
 from editdecay.core.request import EditRequest
 from editdecay.core.tokens import encode_prompt, encode_target
-
-from conftest import make_tiny
+from editdecay.measure.metrics import (
+    RequestOutcome,
+    aggregate,
+    evaluate_requests,
+    score_continuations,
+)
 
 CF = EditRequest(
     case_id="cf-1", prompt="The capital of {} is", subject="France", target_new="Tokyo", target_true="Paris",

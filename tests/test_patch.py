@@ -11,12 +11,12 @@ from safetensors.torch import load_file, save_file
 
 from editdecay.core.arch import arch_for, as_out_in, get_module
 from editdecay.core.cache import Cache
-from editdecay.edit.api import edit_model
-from editdecay.edit import make_config
 from editdecay.core.errors import ConfigError
-from editdecay.measure.metrics import evaluate_requests
-from editdecay.edit.patch import META_FILE, PATCH_FILE, EditPatch
 from editdecay.core.request import EditRequest
+from editdecay.edit import make_config
+from editdecay.edit.api import edit_model
+from editdecay.edit.patch import META_FILE, PATCH_FILE, EditPatch
+from editdecay.measure.metrics import evaluate_requests
 
 torch.set_num_threads(1)
 

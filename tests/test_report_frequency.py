@@ -11,6 +11,7 @@ import json
 from statistics import mean
 
 import pytest
+from test_report_tables import build_results_dir
 from wordfreq import zipf_frequency
 
 from editdecay.core.errors import ConfigError
@@ -19,7 +20,6 @@ from editdecay.report import build_report, load_results
 from editdecay.report.analysis import analyse
 from editdecay.report.frequency import TargetFrequencies
 from editdecay.report.survival import request_frame, survival_requests, survival_summary
-from test_report_tables import build_results_dir
 
 # English frequency order, without doubt: "the" > "Paris" > "Ulaanbaatar"; r4 a common word too.
 TARGETS = {"r1": " Paris", "r2": " Ulaanbaatar", "r3": " the", "r4": " water"}

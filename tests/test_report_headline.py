@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from test_report_tables import _label, build_results_dir
 
 from editdecay.report import load_results
 from editdecay.report.analysis import analyse
 from editdecay.report.headline import headline, headline_lines
-from test_report_tables import _label, build_results_dir
 
 
 def test_pooled_numbers_and_counts(tmp_path):

@@ -20,12 +20,12 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from test_grid_run import grid_dict, make_corpus, make_tiny_model, write_grid
 
 from editdecay.grid.plan import build_plan
 from editdecay.grid.runner import run_grid
 from editdecay.grid.spec import load_grid
 from editdecay.grid.store import GridStore
-from test_grid_run import grid_dict, make_corpus, make_tiny_model, write_grid
 
 CHROMIUM = Path("/usr/bin/chromium")
 COUNTERFACT = Path(__file__).resolve().parent / "fixtures" / "counterfact_small.json"

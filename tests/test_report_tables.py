@@ -24,11 +24,11 @@ import pytest
 from editdecay.grid.plan import Cell, Plan, Stage
 from editdecay.grid.store import GridStore
 from editdecay.report import build_report, load_results
+from editdecay.report import tables as T
 from editdecay.report.analysis import analyse
 from editdecay.report.significance import paired_comparisons, significance_table
 from editdecay.report.survival import request_frame, survival_requests, survival_summary
 from editdecay.report.table import Missing
-from editdecay.report import tables as T
 
 IDS = ("r1", "r2", "r3", "r4")
 M0 = dict(eff=[0, 0, 0, 0], para=[0, 0.5, 0, 0], nb=[1, 1, 1, 0.5], margin=[-1, -2, -3, -4])

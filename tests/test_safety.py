@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny
+from test_editors import REQUESTS, write_corpus
 from typer.testing import CliRunner
 
 import editdecay.edit.api as editing
@@ -27,7 +28,6 @@ from editdecay.core.tokens import boundary_problem, encode_prompt, encode_subjec
 from editdecay.edit import make_config, validate_requests
 from editdecay.edit.safety import check_statistics, numerical_rank
 from editdecay.edit.stats import LayerStats
-from test_editors import REQUESTS, write_corpus
 
 torch.set_num_threads(1)
 _register()

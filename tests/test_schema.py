@@ -9,8 +9,15 @@ from pathlib import Path
 import pytest
 
 from editdecay.core.results import write_result
-from editdecay.core.schema import (SCHEMA_VERSION, CellResult, EditResult, FinetuneResult, ResultSchemaError,
-                                   read_result, validate_result)
+from editdecay.core.schema import (
+    SCHEMA_VERSION,
+    CellResult,
+    EditResult,
+    FinetuneResult,
+    ResultSchemaError,
+    read_result,
+    validate_result,
+)
 from editdecay.report.analysis import analyse
 from editdecay.report.records import load_results
 from editdecay.report.tables import all_tables

@@ -18,18 +18,36 @@ import torch
 
 from editdecay.core.arch import arch_for, get_module
 from editdecay.core.cache import Cache
-from editdecay.data.corpus import CorpusSpec, iter_token_chunks, parse_corpus, sample_batch
 from editdecay.core.errors import ConfigError, DataError
 from editdecay.core.models import wrap
-from editdecay.edit.stats import LayerStats, cached_projector, null_space_projector, second_moments
+from editdecay.data.corpus import (
+    CorpusSpec,
+    iter_token_chunks,
+    parse_corpus,
+    sample_batch,
+)
+from editdecay.edit.stats import (
+    LayerStats,
+    cached_projector,
+    null_space_projector,
+    second_moments,
+)
 
 torch.set_num_threads(1)
 VOCAB = 128
 
 
 def tiny_model(family: str):
-    from transformers import (GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM, GPTNeoXConfig,
-                              GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM)
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTJConfig,
+        GPTJForCausalLM,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     torch.manual_seed({"gpt2": 0, "gptj": 1, "gpt_neox": 2, "llama": 3}[family])

@@ -14,12 +14,16 @@ from statistics import mean
 import pytest
 import torch
 from conftest import FAMILIES, make_tiny
+from reference import reference_block_outputs, reference_keys, reference_targets
 
 from editdecay.core.arch import arch_for, unembed_module
-from editdecay.edit.context import ContextTemplates, context_templates, mean_over_context_types
-from editdecay.edit.keys import block_outputs_at_subject, compute_keys
-from reference import reference_block_outputs, reference_keys, reference_targets
 from editdecay.core.request import EditRequest
+from editdecay.edit.context import (
+    ContextTemplates,
+    context_templates,
+    mean_over_context_types,
+)
+from editdecay.edit.keys import block_outputs_at_subject, compute_keys
 from editdecay.edit.targets import TargetSettings, compute_targets
 
 torch.set_num_threads(1)

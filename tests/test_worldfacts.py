@@ -9,11 +9,11 @@ import random
 
 import pytest
 
+from editdecay.core.errors import DataError
+from editdecay.core.request import fill
 from editdecay.data import load_edit_data
 from editdecay.data import worldfacts as wf
-from editdecay.core.errors import DataError
 from editdecay.measure.metrics import aggregate, evaluate_requests, score_continuations
-from editdecay.core.request import fill
 
 
 @pytest.fixture(scope="module")

@@ -45,9 +45,9 @@ def finetune_demo(console, patch_dir: Path, out: Path, *, steps: int | None = No
     """LoRA on the embedded task, starting from the edited model; prints the decay curve (E7)."""
     from rich.table import Table
 
-    from editdecay.finetune import EmbeddedTask, load_source, preset, run_finetune
     from editdecay.core.models import load_model
     from editdecay.edit.patch import EditPatch
+    from editdecay.finetune import EmbeddedTask, load_source, preset, run_finetune
 
     patch = EditPatch.load(patch_dir)
     lm = load_model("smollm2-135m")

@@ -8,7 +8,14 @@ from typing import Optional
 import typer
 
 from editdecay.cli import app
-from editdecay.cli.common import console, guard, metrics_table, set_threads
+from editdecay.cli.common import (
+    ALLOW_PICKLE,
+    TRUST_REMOTE_CODE,
+    console,
+    guard,
+    metrics_table,
+    set_threads,
+)
 
 
 @app.command("edit")
@@ -28,10 +35,8 @@ def edit(
     v_lr: Optional[float] = typer.Option(None, help="E3 learning rate"),
     v_num_grad_steps: Optional[int] = typer.Option(None, help="E3 steps"),
     clamp_norm_factor: Optional[float] = typer.Option(None, help="E3 clamp"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="also load pickled weights (.bin/.pt), which "
-                                      "can run code when unpickled (default: safetensors only)"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run the checkpoint's own Python "
-                                           "code (auto_map models); only for checkpoints you trust"),
+    allow_pickle: bool = ALLOW_PICKLE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
     zsre_target: str = typer.Option("answers", help="zsRE edit target: 'answers' (MEMIT/AlphaEdit) or 'alt' (EasyEdit)"),
     strict: bool = typer.Option(False, help="fail on any rejected record, and on a subject that does not end on a "
                                 "token boundary of its prompt (otherwise a warning)"),
@@ -41,9 +46,8 @@ def edit(
     out: Path = typer.Option(..., help="patch directory to write (patch.safetensors, patch.json, result.json)"),
 ) -> None:
     """Edit a model (ALGORITHMS.md E1-E5); print efficacy/paraphrase/neighbourhood before and after."""
-    from editdecay.edit.workflow import parse_layers, run_edit
-
     from editdecay.core.errors import ConfigError
+    from editdecay.edit.workflow import parse_layers, run_edit
 
     set_threads(threads)
     if seed is not None and n is None:

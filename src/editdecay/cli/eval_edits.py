@@ -8,7 +8,15 @@ from typing import Optional
 import typer
 
 from editdecay.cli import app
-from editdecay.cli.common import console, guard, metrics_table, set_threads
+from editdecay.cli.common import (
+    ALLOW_FOREIGN_PATCH,
+    ALLOW_PICKLE,
+    TRUST_REMOTE_CODE,
+    console,
+    guard,
+    metrics_table,
+    set_threads,
+)
 
 
 @app.command("eval-edits")
@@ -22,13 +30,9 @@ def eval_edits(
     seed: Optional[int] = typer.Option(None, help="seed for the --limit sample"),
     patch: Optional[Path] = typer.Option(None, help="evaluate with this patch (from `editdecay edit --out`) applied; "
                                                      "its own requests are used unless --data is given explicitly"),
-    allow_foreign_patch: bool = typer.Option(False, "--allow-foreign-patch",
-                                             help="apply a patch computed on other weights than --model's "
-                                                  "(refused by default; both fingerprints are recorded)"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="also load pickled weights (.bin/.pt), which "
-                                      "can run code when unpickled (default: safetensors only)"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run the checkpoint's own Python "
-                                           "code (auto_map models); only for checkpoints you trust"),
+    allow_foreign_patch: bool = ALLOW_FOREIGN_PATCH,
+    allow_pickle: bool = ALLOW_PICKLE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
     zsre_target: str = typer.Option("answers", help="zsRE edit target: 'answers' (MEMIT/AlphaEdit) or 'alt' (EasyEdit)"),
     strict: bool = typer.Option(False, help="fail on any rejected record instead of reporting it"),
     batch_size: Optional[int] = typer.Option(None, help="prompts per forward pass (default: from the device's free memory; 32 on the CPU)"),

@@ -9,8 +9,17 @@ from typing import Optional
 import typer
 
 from editdecay.cli import app
+from editdecay.cli.common import (
+    ALLOW_FOREIGN_PATCH,
+    ALLOW_PICKLE,
+    TRUST_REMOTE_CODE,
+    console,
+    guard,
+    metrics_table,
+    pct,
+    set_threads,
+)
 from editdecay.finetune.recipe import LAYER_CHOICES, METHODS
-from editdecay.cli.common import console, guard, metrics_table, pct, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -22,13 +31,9 @@ def finetune(
     patch: Optional[Path] = typer.Option(None, help="patch directory (from `editdecay edit --out`): applied before "
                                                      "fine-tuning; its requests are measured and its layers are "
                                                      "what --layers edited/non-edited refer to"),
-    allow_foreign_patch: bool = typer.Option(False, "--allow-foreign-patch",
-                                             help="apply a patch computed on other weights than --model's "
-                                                  "(refused by default; both fingerprints are recorded)"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run the checkpoint's own Python "
-                                           "code (auto_map models); only for checkpoints you trust"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="also load pickled weights (.bin/.pt), which "
-                                      "can run code when unpickled (default: safetensors only)"),
+    allow_foreign_patch: bool = ALLOW_FOREIGN_PATCH,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    allow_pickle: bool = ALLOW_PICKLE,
     method: str = typer.Option("lora", help=" | ".join(METHODS)),
     layers: str = typer.Option("all", help=" | ".join(LAYER_CHOICES) + " | 4,5,6 | 4-8"),
     targets: Optional[str] = typer.Option(None, help="attention | mlp | all-linear | all (full only) | comma list of "
@@ -80,8 +85,9 @@ def finetune(
 ) -> None:
     """Fine-tune (full, LoRA, DoRA; selective layers) and print edit metrics before/after editing and after
     fine-tuning, with a decay curve every --eval-every steps."""
-    from editdecay.finetune import EmbeddedTask, load_source, preset as make_preset, run_finetune
     from editdecay.edit.workflow import parse_layers
+    from editdecay.finetune import EmbeddedTask, load_source, run_finetune
+    from editdecay.finetune import preset as make_preset
 
     set_threads(threads)
     # Recipe and data first: both fail in milliseconds, before a model is loaded.
@@ -126,8 +132,8 @@ def finetune(
 
 
 def _downstream(text: Optional[str], limit: Optional[int]):
-    from editdecay.measure.downstream import DownstreamSpec
     from editdecay.core.errors import ConfigError
+    from editdecay.measure.downstream import DownstreamSpec
 
     if not text:
         if limit is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -137,8 +136,8 @@ def _print_results(out: Path, plan, limit: int = 40) -> None:
     """Efficacy of M0 / M_e / M_f / M_ef, Edit Flip Ratio and task accuracy, one row per finished cell."""
     from rich.table import Table
 
-    from editdecay.grid.store import GridStore
     from editdecay.cli.common import pct
+    from editdecay.grid.store import GridStore
 
     store = GridStore(out)
     rows = [(c, r) for c in plan.cells if (r := store.read_result(c.id)) is not None][:limit]

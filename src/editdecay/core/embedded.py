@@ -56,7 +56,12 @@ def _verify(target: Path) -> bool:
 
 def _convert(src: Path, out: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     log.info("converting %s into %s (once, about 20 s)", src.name, out)
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)

@@ -34,8 +34,8 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import torch
 from torch import nn
 
-from editdecay.core.errors import EditDecayError
 from editdecay.core.arch import unwrap_peft
+from editdecay.core.errors import EditDecayError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ from editdecay.core.devices import input_device
 from editdecay.core.memory import ModelShape, plan_batch_size, run_batched
 from editdecay.core.tokens import encode_prompt, encode_target, pad_batch, pad_id
 
-
 SCORING_CPU_BATCH = 32      # pairs per forward pass on the CPU (memory-aware on CUDA)
 
 

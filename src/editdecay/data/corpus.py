@@ -35,13 +35,13 @@ from typing import ClassVar, Iterable, Iterator
 import torch
 from pydantic import Field, model_validator
 
-from editdecay.core.devices import input_device
 from editdecay.core.cache import Cache, atomic_write_bytes, sha256_file, stable_hash
 from editdecay.core.config import Config, check_choice
+from editdecay.core.devices import input_device
 from editdecay.core.errors import ConfigError, DataError
 from editdecay.core.models import LoadedModel
-from editdecay.data.documents import BadLine, json_lines, read_text, split_documents
 from editdecay.core.tokens import pad_id
+from editdecay.data.documents import BadLine, json_lines, read_text, split_documents
 
 log = logging.getLogger(__name__)
 
@@ -394,8 +394,8 @@ def cached_generated_chunks(spec: CorpusSpec, fingerprint: str, cache: Cache) ->
 
 
 def _load_generated(path, expect_meta: str) -> list[list[int]] | None:
-    from safetensors.torch import load_file
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     if not path.exists():
         return None

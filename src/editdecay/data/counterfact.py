@@ -23,7 +23,8 @@ from pathlib import Path
 
 from editdecay.core.request import EditRequest
 from editdecay.data.common import EditDataset, Rejection, finish, validate_request
-from editdecay.data.records import _kind, _show, record_problem, read_records, text_field, text_list
+from editdecay.data.documents import read_records
+from editdecay.data.records import _kind, _show, record_problem, text_field, text_list
 
 
 def _sub_object(container: dict, key: str, name: str, index: int, out: list[Rejection]) -> dict | None:

@@ -28,7 +28,12 @@ from typing import Sequence
 
 from editdecay.core.config import did_you_mean
 from editdecay.core.errors import ConfigError, DataError
-from editdecay.data.documents import read_records, read_text, split_documents, strict_rows
+from editdecay.data.documents import (
+    read_records,
+    read_text,
+    split_documents,
+    strict_rows,
+)
 from editdecay.data.embedded_task import EmbeddedTask
 from editdecay.data.prompts import TEMPLATES, InstructionRecord, render_prompt
 

@@ -7,7 +7,8 @@ naming the record and the field instead of raising.
 from __future__ import annotations
 
 from editdecay.data.common import Rejection
-from editdecay.data.documents import BadLine, json_kind as _kind, read_records
+from editdecay.data.documents import BadLine
+from editdecay.data.documents import json_kind as _kind
 
 
 def _show(v) -> str:

@@ -37,8 +37,15 @@ from pathlib import Path
 
 from editdecay.core.errors import ConfigError
 from editdecay.core.request import EditRequest
-from editdecay.data.common import EditDataset, Rejection, _norm, finish, validate_request
-from editdecay.data.records import record_problem, read_records, text_field
+from editdecay.data.common import (
+    EditDataset,
+    Rejection,
+    _norm,
+    finish,
+    validate_request,
+)
+from editdecay.data.documents import read_records
+from editdecay.data.records import record_problem, text_field
 
 TARGETS = ("answers", "alt")
 

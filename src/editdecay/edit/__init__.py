@@ -12,7 +12,14 @@ from __future__ import annotations
 import importlib
 
 from editdecay.core.config import check_choice
-from editdecay.edit.config import CONFIGS, EDITOR_NAMES, AlphaEditConfig, EditorConfig, MemitConfig, make_config
+from editdecay.edit.config import (
+    CONFIGS,
+    EDITOR_NAMES,
+    AlphaEditConfig,
+    EditorConfig,
+    MemitConfig,
+    make_config,
+)
 
 _LAZY = {
     "EditingRun": "editdecay.edit.run", "validate_requests": "editdecay.edit.run",

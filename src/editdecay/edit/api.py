@@ -7,12 +7,12 @@ import logging
 from editdecay.core.arch import check_layers
 from editdecay.core.cache import Cache
 from editdecay.core.checks import check_finite
+from editdecay.core.request import EditRequest
+from editdecay.core.results import Timer
 from editdecay.data.corpus import parse_corpus
 from editdecay.edit import EditingRun, editor_class, validate_requests
 from editdecay.edit.config import EditorConfig
 from editdecay.edit.patch import EditPatch
-from editdecay.core.request import EditRequest
-from editdecay.core.results import Timer
 from editdecay.edit.safety import check_statistics
 from editdecay.edit.stats import cached_projector, second_moments
 

@@ -10,12 +10,16 @@ import torch
 
 from editdecay.core.arch import arch_for, resolve_name
 from editdecay.core.devices import input_device
+from editdecay.core.hooks import (
+    StopForward,
+    capture_inputs,
+    capture_output,
+    run_until_stop,
+)
 from editdecay.core.memory import ModelShape, plan_batch_size, run_batched
-from editdecay.core.hooks import StopForward, capture_inputs, capture_output, run_until_stop
 from editdecay.core.request import EditRequest
 from editdecay.core.tokens import encode_subject_prompt, pad_batch, pad_id
 from editdecay.edit.context import ContextTemplates, mean_over_context_types
-
 
 KEYS_CPU_ROWS = 64        # prompts per forward pass on the CPU (memory-aware on CUDA: `_rows_per_batch`)
 

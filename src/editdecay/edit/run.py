@@ -22,15 +22,15 @@ from tqdm.auto import tqdm
 from editdecay.core.arch import arch_for, as_out_in, get_module, resolve_name
 from editdecay.core.checks import check_finite
 from editdecay.core.devices import module_device
-from editdecay.edit.context import ContextTemplates, context_templates
 from editdecay.core.errors import DataError, TokenBoundaryError
-from editdecay.edit.keys import block_outputs_at_subject, compute_keys
-from editdecay.edit.patch import EditPatch
 from editdecay.core.request import EditRequest, slot_problem
 from editdecay.core.results import Timer
-from editdecay.edit.targets import TargetSettings, compute_targets
 from editdecay.core.tokens import boundary_problem, encode_target
 from editdecay.edit.config import EditorConfig
+from editdecay.edit.context import ContextTemplates, context_templates
+from editdecay.edit.keys import block_outputs_at_subject, compute_keys
+from editdecay.edit.patch import EditPatch
+from editdecay.edit.targets import TargetSettings, compute_targets
 
 log = logging.getLogger(__name__)
 

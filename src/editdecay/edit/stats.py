@@ -33,15 +33,15 @@ from typing import Iterable, Iterator
 
 import torch
 
-from editdecay.core.devices import input_device
 from editdecay.core.arch import arch_for, check_layers, resolve_name
 from editdecay.core.cache import Cache, atomic_write_bytes, stable_hash
-from editdecay.data.corpus import CorpusSpec, iter_token_chunks
+from editdecay.core.devices import input_device
 from editdecay.core.errors import ConfigError, DataError
 from editdecay.core.hooks import capture_inputs, run_until_stop
 from editdecay.core.memory import memory_guard
 from editdecay.core.models import LoadedModel
 from editdecay.core.tokens import pad_batch, pad_id
+from editdecay.data.corpus import CorpusSpec, iter_token_chunks
 
 log = logging.getLogger(__name__)
 

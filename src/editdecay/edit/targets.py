@@ -17,7 +17,6 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from editdecay.core.arch import arch_for, get_module, unembed_module

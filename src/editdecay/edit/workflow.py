@@ -8,10 +8,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from editdecay.data import load_edit_data
-from editdecay.measure.metrics import aggregate, evaluate_requests
 from editdecay.core.models import load_model
 from editdecay.core.results import Timer, environment
+from editdecay.data import load_edit_data
+from editdecay.measure.metrics import aggregate, evaluate_requests
 
 log = logging.getLogger(__name__)
 

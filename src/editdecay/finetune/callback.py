@@ -10,19 +10,18 @@ is measured, so an interrupted run still has its curve.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from editdecay.core.arch import unwrap_peft
 from editdecay.core.cache import dumps_json
 from editdecay.core.errors import ConfigError
-from editdecay.measure.metrics import RequestOutcome, aggregate, evaluate_requests
 from editdecay.core.request import EditRequest
 from editdecay.data.instructions import InstructionRecord
+from editdecay.measure.metrics import RequestOutcome, aggregate, evaluate_requests
 from editdecay.measure.task import TaskScore, exact_match
-from editdecay.core.arch import unwrap_peft
 
 CURVE_KEYS = ("step", "efficacy", "paraphrase", "neighborhood", "task_accuracy")
 

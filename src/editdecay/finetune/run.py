@@ -28,7 +28,6 @@ The model object is changed in place (edit applied, weights trained or adapters 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -42,19 +41,19 @@ import torch
 from torch import nn
 
 from editdecay.core.devices import input_device
-from editdecay.measure.downstream import DownstreamSpec
 from editdecay.core.errors import ConfigError, EditDecayError
 from editdecay.core.models import LoadedModel, check_same_weights
 from editdecay.core.request import EditRequest
 from editdecay.core.results import Timer, environment, write_result
-from editdecay.finetune.callback import DecayCallback, measure, stage_from
-from editdecay.data.instructions import Source, tokenize
-from editdecay.measure.decay import edit_flip_ratio, relative_decrease, success
-from editdecay.finetune.recipe import Recipe
 from editdecay.data.chatterbot import ChatterbotCorpus
 from editdecay.data.embedded_task import EmbeddedTask
+from editdecay.data.instructions import Source, tokenize
+from editdecay.finetune.callback import DecayCallback, measure, stage_from
+from editdecay.finetune.recipe import Recipe
 from editdecay.finetune.train import DivergedError, TrainOutcome, train
 from editdecay.finetune.trainable import changed_tensors, merge, resolve_plan
+from editdecay.measure.decay import edit_flip_ratio, relative_decrease, success
+from editdecay.measure.downstream import DownstreamSpec
 
 log = logging.getLogger(__name__)
 

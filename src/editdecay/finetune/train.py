@@ -14,7 +14,6 @@ so gradient accumulation gives the same update as one large batch.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import time
@@ -26,15 +25,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from editdecay.core.devices import input_device
-from editdecay.core.cache import dumps_json
-from editdecay.core.errors import EditDecayError
-from editdecay.finetune.callback import DecayCallback
-from editdecay.data.instructions import IGNORE_INDEX, Example, TrainingSet
-from editdecay.core.forward import logits_at
-from editdecay.finetune.recipe import Recipe
-from editdecay.finetune.trainable import TrainingPlan, prepare_model, trainable_parameter_names
 from editdecay.core.arch import unwrap_peft
+from editdecay.core.cache import dumps_json
+from editdecay.core.devices import input_device
+from editdecay.core.errors import EditDecayError
+from editdecay.core.forward import logits_at
+from editdecay.data.instructions import IGNORE_INDEX, Example, TrainingSet
+from editdecay.finetune.callback import DecayCallback
+from editdecay.finetune.recipe import Recipe
+from editdecay.finetune.trainable import (
+    TrainingPlan,
+    prepare_model,
+    trainable_parameter_names,
+)
 
 
 class DivergedError(EditDecayError):

@@ -17,8 +17,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from editdecay.core.arch import (ArchSpec, alternatives, arch_for, check_layers, get_module, num_layers,
-                                 resolve_name)
+from editdecay.core.arch import (
+    ArchSpec,
+    alternatives,
+    arch_for,
+    check_layers,
+    get_module,
+    num_layers,
+    resolve_name,
+)
 from editdecay.core.errors import ConfigError
 from editdecay.finetune.recipe import Recipe
 

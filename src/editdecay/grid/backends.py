@@ -27,8 +27,8 @@ from pathlib import Path
 
 from editdecay.core.config import check_choice
 from editdecay.core.errors import ConfigError
-from editdecay.grid.plan import Plan
 from editdecay.grid.execute import Progress, StageOutcome, execute_stage
+from editdecay.grid.plan import Plan
 from editdecay.grid.store import GridStore
 
 log = logging.getLogger(__name__)

@@ -21,11 +21,10 @@ Every record beside a stage is written with its lock held.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 

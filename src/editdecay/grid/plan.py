@@ -37,7 +37,13 @@ from pathlib import Path
 from editdecay.core.cache import stable_hash
 from editdecay.core.errors import ConfigError
 from editdecay.core.paths import looks_like_path
-from editdecay.grid.spec import DOWNSTREAM_TASKS, EditorEntry, GridSpec, ModelEntry, RecipeEntry
+from editdecay.grid.spec import (
+    DOWNSTREAM_TASKS,
+    EditorEntry,
+    GridSpec,
+    ModelEntry,
+    RecipeEntry,
+)
 
 PLAN_FORMAT = 1
 ROLE_ORDER = ("stats", "patch", "eval_base", "finetune_base", "eval_finetuned_base", "finetune_edited", "cell")
@@ -501,7 +507,7 @@ def _edited_cell(b: _Builder, model: _Model, editor_fields, data: str, n: int, s
     """A cell with edits: statistics -> patch -> M_ef, plus M0 and M_f measured on its requests."""
     editor, fields, cfg = editor_fields
     editor_label = editor.label or editor.name
-    ev, st = spec.shared.evaluation, spec.shared.statistics
+    ev = spec.shared.evaluation
     if cfg is not None:
         stats_conf = {"model": model.ref, "layers": cfg["layers"], "corpus": cfg["stats_corpus"],
                       "tokens": cfg["stats_tokens"], "dtype": cfg["stats_dtype"]}

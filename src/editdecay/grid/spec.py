@@ -21,12 +21,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from editdecay.core.config import did_you_mean
 from editdecay.core.errors import ConfigError
 from editdecay.data import EDIT_SOURCES
-from editdecay.data.instructions import HELD_OUT_TASKS, SOURCES as FINETUNE_SOURCES
+from editdecay.data.instructions import HELD_OUT_TASKS
+from editdecay.data.instructions import SOURCES as FINETUNE_SOURCES
 from editdecay.edit.config import EDITOR_NAMES
 from editdecay.finetune.recipe import LAYER_CHOICES, METHODS, PRESETS, TARGET_CHOICES
 

@@ -29,13 +29,15 @@ from pathlib import Path
 from typing import Callable
 
 from editdecay.core.cache import dumps_json
-from editdecay.core.errors import EditDecayError
+from editdecay.core.checks import check_finite
+from editdecay.core.errors import (
+    EditDecayError,
+    NonFiniteError,  # noqa: F401  (re-exported: grid callers catch it from here)
+)
 from editdecay.core.models import check_same_weights
 from editdecay.grid.plan import Plan, Stage
 from editdecay.grid.spec import DOWNSTREAM_TASKS
 from editdecay.grid.store import CELL_SCHEMA_VERSION, GridStore
-from editdecay.core.checks import check_finite
-from editdecay.core.errors import NonFiniteError  # noqa: F401  (re-exported: grid callers catch it from here)
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +152,8 @@ def run_stats(ctx: StageContext) -> None:
 
 def run_patch(ctx: StageContext) -> None:
     """E2-E5: edit the base model with the cell's requests; save the patch (the model is then discarded)."""
-    from editdecay.edit.api import edit_model
     from editdecay.core.results import Timer
+    from editdecay.edit.api import edit_model
 
     c = ctx.config
     stats_out = ctx.store.manifest(ctx.stage.deps[0])["outputs"]
@@ -224,9 +226,8 @@ def run_finetune_stage(ctx: StageContext) -> None:
     point; lm-eval downstream tasks (everything else in `downstream`) are scored on the model handed to
     fine-tuning (M0 or M_e) and on the fine-tuned one (M_f or M_ef), in memory.
     """
-    from editdecay.finetune import Recipe, load_source, run_finetune
     from editdecay.edit.patch import EditPatch
-
+    from editdecay.finetune import Recipe, load_source, run_finetune
     from editdecay.grid.plan import check_data_digest, task_objects
 
     c = ctx.config
@@ -260,8 +261,8 @@ def _downstream_spec(c: dict, runtime: dict):
     tasks = [t for t in c["downstream"] if t not in DOWNSTREAM_TASKS]
     if not tasks:
         return None
-    from editdecay.measure.downstream import DownstreamSpec, task_digest
     from editdecay.core.errors import DataError
+    from editdecay.measure.downstream import DownstreamSpec, task_digest
 
     for t in tasks:
         planned, now = (c.get("downstream_digests") or {}).get(t), task_digest(t)
@@ -291,9 +292,9 @@ def _stage_info(store: GridStore, sid: str) -> dict:
 
 def run_cell(ctx: StageContext) -> None:
     """Assemble one cell's result (schema in store.py) from its stages; computes nothing on a model."""
+    from editdecay.core.results import environment, write_result
     from editdecay.measure.decay import success
     from editdecay.measure.metrics import RequestOutcome
-    from editdecay.core.results import environment, write_result
 
     c = ctx.config
     roles, axes = c["roles"], c["axes"]

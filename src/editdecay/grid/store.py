@@ -90,11 +90,10 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
-
-import threading
 
 from filelock import FileLock, Timeout
 
@@ -105,6 +104,7 @@ from editdecay.grid.plan import Plan
 log = logging.getLogger(__name__)
 
 from editdecay.core.schema import CELL_SCHEMA_VERSION  # noqa: E402  (the schema owns the version)
+
 MANIFEST = "stage.json"
 MANIFEST_FORMAT = 1
 STATES = ("done", "running", "failed", "pending")

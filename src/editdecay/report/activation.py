@@ -34,12 +34,12 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from editdecay.core.arch import unwrap_peft
 from editdecay.core.devices import input_device
 from editdecay.report.analysis import Analysis
 from editdecay.report.figures import FigureRecord, _empty, _figure, _save
 from editdecay.report.records import CellRecord
 from editdecay.report.table import Column, Table, make_table
-from editdecay.core.arch import unwrap_peft
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,8 @@ def shifts(states: dict[str, torch.Tensor], cell: str, prompts: str) -> list[Shi
 
 
 def _task_prompts(result: dict) -> list[str]:
-    from editdecay.data.instructions import load_source, render_prompt
     from editdecay.data.embedded_task import EmbeddedTask
+    from editdecay.data.instructions import load_source, render_prompt
 
     cfg = result.get("config") or {}
     template = (cfg.get("recipe") or {}).get("template", "alpaca")
@@ -128,12 +128,14 @@ def cell_shift(a: Analysis, cell: CellRecord, *, cache_dir=None, device: str = "
     """
     from editdecay.core.cache import Cache
     from editdecay.core.errors import ConfigError
-    from editdecay.finetune import Recipe, load_source, run_finetune
-    from editdecay.data.embedded_task import EmbeddedTask
-    from editdecay.core.seeding import seed_everything
-    from editdecay.finetune.run import load_finetuned     # the loader the grid's evaluate stage uses
     from editdecay.core.models import load_model
+    from editdecay.core.seeding import seed_everything
+    from editdecay.data.embedded_task import EmbeddedTask
     from editdecay.edit.patch import EditPatch
+    from editdecay.finetune import Recipe, load_source, run_finetune
+    from editdecay.finetune.run import (
+        load_finetuned,  # the loader the grid's evaluate stage uses
+    )
 
     result = cell.result
     root = a.results.root

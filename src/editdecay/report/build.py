@@ -18,15 +18,20 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from editdecay.report.analysis import Analysis, analyse
 from editdecay.report.document import Report
-from editdecay.report.figures import FigureRecord, decay_curves, downstream_bars, editor_decay_by_n, request_survival, \
-    survival_heatmap
+from editdecay.report.figures import (
+    decay_curves,
+    downstream_bars,
+    editor_decay_by_n,
+    request_survival,
+    survival_heatmap,
+)
 from editdecay.report.records import load_results
 from editdecay.report.render import render_html, render_markdown, report_json
 from editdecay.report.significance import paired_comparisons, significance_table
@@ -85,7 +90,11 @@ def build_report(results_dir: str | Path, out_dir: str | Path, *, frequencies: b
     `trust_remote_code` is never followed."""
     from editdecay.core.cache import atomic_write_bytes
     from editdecay.core.errors import ConfigError
-    from editdecay.report.frequency import METHODS, TargetFrequencies, method_description
+    from editdecay.report.frequency import (
+        METHODS,
+        TargetFrequencies,
+        method_description,
+    )
 
     if frequency_method not in METHODS:       # before anything is written
         raise ConfigError(f"frequency method {frequency_method!r} is not valid; use one of {', '.join(METHODS)}")
@@ -113,7 +122,11 @@ def build_report(results_dir: str | Path, out_dir: str | Path, *, frequencies: b
                downstream_bars(a, fig_dir / "downstream.png")]
     steps.update()
     if activation_shift:
-        from editdecay.report.activation import activation_figure, activation_shift_table, measure_activation_shift
+        from editdecay.report.activation import (
+            activation_figure,
+            activation_shift_table,
+            measure_activation_shift,
+        )
 
         shifts = measure_activation_shift(a, cache_dir=cache_dir or results.runtime.get("cache_dir"),
                                           device=device, max_cells=activation_cells, progress=progress,

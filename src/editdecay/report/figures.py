@@ -18,8 +18,14 @@ import numpy as np
 import pandas as pd
 
 from editdecay.report.analysis import Analysis, axis
-from editdecay.report.downstream import (HEADLINE, HELD_OUT, downstream_score, downstream_scores, headline_key,
-                                         headline_label)
+from editdecay.report.downstream import (
+    HEADLINE,
+    HELD_OUT,
+    downstream_score,
+    downstream_scores,
+    headline_key,
+    headline_label,
+)
 from editdecay.report.records import MODELS, SCORE_ABBR, SCORES, CellRecord
 
 DPI = 110

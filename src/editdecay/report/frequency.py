@@ -256,11 +256,15 @@ class TargetFrequencies:
                 yield chunk
 
         if spec.kind == "generated":
-            from editdecay.data.corpus import cached_generated_chunks      # the cached batches, read without a model
+            from editdecay.data.corpus import (
+                cached_generated_chunks,  # the cached batches, read without a model
+            )
 
             return _stream(name, cut(cached_generated_chunks(spec, str(fingerprint), self.cache)))
         if spec.kind == "file":
-            from editdecay.data.corpus import document_chunks   # the same document splitting E1 used
+            from editdecay.data.corpus import (
+                document_chunks,  # the same document splitting E1 used
+            )
 
             return _stream(name, cut(document_chunks(spec, tok, len(tok))))
         return TokenStream(name, None, 0, "a hub corpus is not read by the report (it would need the network)")

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from statistics import mean
 from typing import Mapping, Sequence
 
-from editdecay.measure.decay import EditFlip, edit_flip, relative_decrease_of as relative_decrease
+from editdecay.measure.decay import EditFlip, edit_flip
+from editdecay.measure.decay import relative_decrease_of as relative_decrease
 from editdecay.report.records import MODELS, SCORES, CellRecord, RequestRecord
 
 TOLERANCE = 1e-9      # stored and recomputed means agree to float rounding

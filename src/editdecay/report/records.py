@@ -18,7 +18,6 @@ never stops the report.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 
 from editdecay.core.cache import dumps_json
 from editdecay.report.document import Report

@@ -21,8 +21,15 @@ from statistics import mean
 from typing import Callable
 
 from editdecay.report.analysis import AXIS_TITLES, EDIT_AXES, Analysis, axis, key_of
-from editdecay.report.downstream import HELD_OUT, downstream_score, downstream_scores, headline_key, is_error_metric, \
-    is_fraction, primary_metric
+from editdecay.report.downstream import (
+    HELD_OUT,
+    downstream_score,
+    downstream_scores,
+    headline_key,
+    is_error_metric,
+    is_fraction,
+    primary_metric,
+)
 from editdecay.report.records import MODELS, SCORE_ABBR, SCORES, CellRecord
 from editdecay.report.table import Column, Missing, Table, make_table
 

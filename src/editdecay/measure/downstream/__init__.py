@@ -9,8 +9,20 @@
 Importing this package imports neither torch nor lm-eval; `load_tasks` and `evaluate_downstream` do.
 """
 
-from editdecay.measure.downstream.harness import DownstreamResult, LoadedTasks, evaluate_downstream, load_tasks
-from editdecay.measure.downstream.spec import EVERYDAY, STUDY_TASKS, DownstreamSpec, parse_task, parse_tasks, task_digest
+from editdecay.measure.downstream.harness import (
+           DownstreamResult,
+           LoadedTasks,
+           evaluate_downstream,
+           load_tasks,
+)
+from editdecay.measure.downstream.spec import (
+           EVERYDAY,
+           STUDY_TASKS,
+           DownstreamSpec,
+           parse_task,
+           parse_tasks,
+           task_digest,
+)
 
 __all__ = ["DownstreamResult", "DownstreamSpec", "EVERYDAY", "LoadedTasks", "STUDY_TASKS", "evaluate_downstream",
            "load_tasks", "parse_task", "parse_tasks", "task_digest"]

@@ -42,12 +42,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from editdecay.core.devices import input_device
 from editdecay.core.config import did_you_mean
+from editdecay.core.devices import input_device
 from editdecay.core.errors import ConfigError, DataError
-from editdecay.measure.downstream.score import mean_accuracy
 from editdecay.measure.downstream import everyday, perplexity
-from editdecay.measure.downstream.spec import EVERYDAY, DownstreamSpec, lm_eval_name, task_digest
+from editdecay.measure.downstream.score import mean_accuracy
+from editdecay.measure.downstream.spec import (
+    EVERYDAY,
+    DownstreamSpec,
+    lm_eval_name,
+    task_digest,
+)
 
 log = logging.getLogger(__name__)
 
