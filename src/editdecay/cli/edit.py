@@ -8,14 +8,8 @@ from typing import Optional
 import typer
 
 from editdecay.cli import app
-from editdecay.cli.common import (
-    ALLOW_PICKLE,
-    TRUST_REMOTE_CODE,
-    console,
-    guard,
-    metrics_table,
-    set_threads,
-)
+from editdecay.cli.common import ALLOW_PICKLE, TRUST_REMOTE_CODE  # shared options
+from editdecay.cli.common import console, guard, metrics_table, set_threads
 
 
 @app.command("edit")

@@ -9,16 +9,8 @@ from typing import Optional
 import typer
 
 from editdecay.cli import app
-from editdecay.cli.common import (
-    ALLOW_FOREIGN_PATCH,
-    ALLOW_PICKLE,
-    TRUST_REMOTE_CODE,
-    console,
-    guard,
-    metrics_table,
-    pct,
-    set_threads,
-)
+from editdecay.cli.common import ALLOW_FOREIGN_PATCH, ALLOW_PICKLE, TRUST_REMOTE_CODE  # shared options
+from editdecay.cli.common import console, guard, metrics_table, pct, set_threads
 from editdecay.finetune.recipe import LAYER_CHOICES, METHODS
 
 log = logging.getLogger(__name__)
