@@ -139,3 +139,60 @@ def test_token_accuracy_and_nll_count_every_reference_token():
     # a missed token has log p = 0 - log(e + V - 1)
     expect = (n_tokens * (math.log(math.e + len(tok) - 1) - 1) + n_ram) / n_tokens
     assert blind.nll == pytest.approx(expect, rel=1e-5)
+
+
+# -- the multiple-choice format (Commonsense170K style) -------------------------------------------------------
+
+def _parse_choice(record):
+    """(message, candidate replies, index of the named answer) of a choice record."""
+    head, listed, fmt = record.instruction.split("\n\n")
+    message = head.split(": ", 1)[1]
+    n = len(fmt.split(": ", 1)[1].split("/"))
+    cands = []
+    rest = listed
+    for k in range(n, 0, -1):
+        rest, _, cand = rest.rpartition(f"Answer{k}: ")
+        cands.insert(0, cand.strip())
+    assert record.output.startswith("the correct answer is answer")
+    return message, cands, int(record.output.rsplit("answer", 1)[1]) - 1
+
+
+def test_choice_records_name_the_corpus_reply_among_replies_to_other_prompts(tmp_path):
+    root = str(corpus_dir(tmp_path))
+    reply_train, reply_test = ChatterbotCorpus(n_test=2, root=root).records()
+    corpus = ChatterbotCorpus(n_test=2, root=root, format="choice", n_choices=2)
+    train, test = corpus.records()
+    assert len(train) == len(reply_train) and len(test) == len(reply_test)    # every reply is short here
+    for split, pairs in ((train, reply_train), (test, reply_test)):
+        answers = {}
+        for r in pairs:
+            answers.setdefault(prompt_key(r.instruction), set()).add(r.output)
+        split_replies = {r.output for r in pairs}
+        for rec, pair in zip(split, pairs):
+            message, cands, right = _parse_choice(rec)
+            assert message == pair.instruction and cands[right] == pair.output
+            assert len(cands) == len(set(cands)) == 2
+            for k, c in enumerate(cands):
+                if k != right:     # a distractor: a reply of the same split, never one of this prompt's replies
+                    assert c in split_replies and c not in answers[prompt_key(message)]
+    assert corpus.name == "chatterbot-choice" and corpus.identity()["name"] == "chatterbot-choice"
+    assert corpus.identity()["n_choices"] == 2 and ChatterbotCorpus(n_test=2, root=root).identity()["format"] == "reply"
+    assert corpus.records() == ChatterbotCorpus(n_test=2, root=root, format="choice", n_choices=2).records()
+    with pytest.raises(ConfigError, match="n_choices=3 needs at least 3"):    # the 2 held-out records: 1 prompt
+        ChatterbotCorpus(n_test=2, root=root, format="choice", n_choices=3).records()
+
+
+def test_choice_positions_are_spread_and_long_replies_are_left_out(tmp_path):
+    lines = "".join(f"- - Question number {i}?\n  - Answer number {i} {'word ' * (i % 4) * 20}\n" for i in range(60))
+    root = str(corpus_dir(tmp_path, **{"many.yml": f"categories: [x]\nconversations:\n{lines}"}))
+    corpus = ChatterbotCorpus(n_test=12, root=root, format="choice", n_choices=2, max_reply_words=30)
+    train, test = corpus.records()
+    picked = [_parse_choice(r) for r in train + test]
+    assert all(len(c.split()) <= 30 for _, cands, _ in picked for c in cands)
+    assert len(train) + len(test) == 8 + 30         # the 30 replies of 43-63 words take no part
+    positions = [right for _, _, right in picked]
+    assert 0.25 < sum(positions) / len(positions) < 0.75     # the right reply is not always first or last
+    with pytest.raises(ConfigError, match="n_choices=9"):
+        ChatterbotCorpus(n_test=12, root=root, format="choice", n_choices=9).records()
+    with pytest.raises(ConfigError, match="format='choise'.*choice"):
+        ChatterbotCorpus(format="choise")

@@ -60,6 +60,9 @@ def finetune(
                                    help="score a held-out split: the chatterbot corpus' (150 records) with --data "
                                         "chatterbot, else the embedded task's"),
     task_test: int = typer.Option(100, help="held-out size of the embedded task"),
+    chatterbot_format: str = typer.Option("reply", help="with --data chatterbot: reply (the corpus' reply is the "
+                                                        "response) | choice (pick it among 3 replies; answer "
+                                                        "'the correct answer is answerK', Commonsense170K style)"),
     task_train: int = typer.Option(2000, help="training size of the embedded task"),
     downstream: Optional[str] = typer.Option(None, help="lm-eval tasks scored before and after fine-tuning, comma "
                                                         "separated: everyday (ours, offline) | boolq | piqa | siqa | "
@@ -95,7 +98,7 @@ def finetune(
     if data.partition(":")[0] == "chatterbot":
         from editdecay.data.chatterbot import ChatterbotCorpus
 
-        task = ChatterbotCorpus(root=data.partition(":")[2] or None)
+        task = ChatterbotCorpus(root=data.partition(":")[2] or None, format=chatterbot_format)
     else:
         task = EmbeddedTask(n_train=task_train, n_test=task_test) if (task_eval or data == "embedded") else None
     source = load_source(data, task=task)

@@ -42,6 +42,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from editdecay.core.config import did_you_mean
 from editdecay.core.errors import ConfigError, DataError
 from editdecay.data.prompts import InstructionRecord
 
@@ -51,6 +52,8 @@ NAME = "chatterbot"
 LICENCE = "BSD-3-Clause"
 PACKAGE = "chatterbot-corpus"
 SPLIT_VERSION = 1
+CHOICE_VERSION = 1          # bump when `choice_records` changes what it builds (it is in the identity)
+FORMATS = ("reply", "choice")
 LANGUAGE = "english"
 
 
@@ -178,10 +181,25 @@ class ChatterbotCorpus:
     seed: int = 0
     root: str | None = None
     strict: bool = False
+    format: str = "reply"
+    n_choices: int = 3
+    max_reply_words: int = 30
 
     def __post_init__(self) -> None:
         if self.n_test < 1:
             raise ConfigError(f"chatterbot: n_test={self.n_test}; must be >= 1")
+        if self.format not in FORMATS:
+            raise ConfigError(f"chatterbot: format={self.format!r}{did_you_mean(self.format, FORMATS)}; use one of "
+                              f"{', '.join(FORMATS)}")
+        if self.n_choices < 2:
+            raise ConfigError(f"chatterbot: n_choices={self.n_choices}; a choice needs >= 2 candidate replies")
+        if self.max_reply_words < 1:
+            raise ConfigError(f"chatterbot: max_reply_words={self.max_reply_words}; must be >= 1")
+
+    @property
+    def name(self) -> str:
+        """The task's name in results and reports: `chatterbot` (reply) or `chatterbot-choice`."""
+        return NAME if self.format == "reply" else f"{NAME}-{self.format}"
 
     @property
     def directory(self) -> Path:
@@ -191,7 +209,15 @@ class ChatterbotCorpus:
         return _parse(str(self.directory), self.strict, files_digest(self.directory))
 
     def records(self) -> tuple[tuple[InstructionRecord, ...], tuple[InstructionRecord, ...]]:
-        """Disjoint (train, test) splits: no normalised prompt is in both; test has exactly `n_test` records."""
+        """Disjoint (train, test) splits: no normalised prompt is in both; test has exactly `n_test` records
+        (format `reply`), or the choice records built from each split (format `choice`, see `choice_records`)."""
+        train, test = self._reply_split()
+        if self.format == "choice":
+            return (choice_records(train, self.n_choices, self.max_reply_words, f"{self.seed}-train"),
+                    choice_records(test, self.n_choices, self.max_reply_words, f"{self.seed}-test"))
+        return train, test
+
+    def _reply_split(self) -> tuple[tuple[InstructionRecord, ...], tuple[InstructionRecord, ...]]:
         records = self.parsed().records
         if self.n_test >= len(records):
             raise ConfigError(f"chatterbot: n_test={self.n_test} leaves nothing to train on ({len(records)} "
@@ -221,7 +247,9 @@ class ChatterbotCorpus:
         train, test = self.records()
         split = hashlib.sha256(json.dumps([[asdict(r) for r in train], [asdict(r) for r in test]])
                                .encode()).hexdigest()[:16]
-        return {"name": NAME, "version": SPLIT_VERSION,
+        return {"name": self.name, "version": SPLIT_VERSION, "format": self.format,
+                **({"n_choices": self.n_choices, "max_reply_words": self.max_reply_words, "choice_version":
+                    CHOICE_VERSION} if self.format == "choice" else {}),
                 "licence": LICENCE if self.root is None else None,
                 "package": PACKAGE if self.root is None else None,
                 "package_version": package_version() if self.root is None else None,
@@ -232,4 +260,48 @@ class ChatterbotCorpus:
                 "skipped": list(p.skipped), "records_sha256": p.digest, "split_sha256": split}
 
 
-__all__ = ["ChatterbotCorpus", "LICENCE", "NAME", "files_digest", "package_root", "prompt_key", "yaml_files"]
+def choice_records(pairs: tuple[InstructionRecord, ...], n_choices: int, max_reply_words: int,
+                   salt: str) -> tuple[InstructionRecord, ...]:
+    """Multiple-choice instruction records built from question/answer pairs of ONE split, Commonsense170K style.
+
+    Commonsense170K (the study's fine-tuning data, LLM-Adapters' `ft-training_set/commonsense_170k.json`) is
+    human-written multiple-choice questions (BoolQ, PIQA, SIQA, ...) put into instructions that list the
+    candidates and end with "Answer format: answer1/answer2/...", and responses "the correct answer is answerK".
+    The same is done here to chatterbot's pairs: the instruction is the message and `n_choices` replies, one of
+    them the corpus' reply to it, the others replies to other prompts of the same split (never a reply of the
+    same prompt group, which could also be right, and never the same text); the response names the right one.
+
+    Only pairs whose reply has at most `max_reply_words` words (whitespace split) take part, as answers and as
+    distractors (long replies, e.g. code listings, would not fit a short cutoff). Distractors and the position
+    of the right reply are drawn from `random.Random(salt)`: the same pairs and salt give the same records.
+    Raises ConfigError when the split has fewer than `n_choices` prompt groups with a short reply.
+    """
+    short = [r for r in pairs if len(r.output.split()) <= max_reply_words]
+    keys = [prompt_key(r.instruction) for r in short]
+    by_key: dict[str, set[str]] = {}
+    for k, r in zip(keys, short):
+        by_key.setdefault(k, set()).add(r.output)
+    everything = {r.output for r in short}
+    if len(by_key) < n_choices:
+        raise ConfigError(f"chatterbot format 'choice': only {len(by_key)} prompt group(s) with a reply of <= "
+                          f"{max_reply_words} words in a split; n_choices={n_choices} needs at least {n_choices}")
+    rng = random.Random(f"editdecay-chatterbot-choice-v{CHOICE_VERSION}-{salt}")
+    labels = [f"answer{k + 1}" for k in range(n_choices)]
+    out = []
+    for key, r in zip(keys, short):
+        # Replies that only other prompts have (a text that is also a reply of this prompt could be right).
+        pool = sorted(everything - by_key[key])
+        if len(pool) < n_choices - 1:
+            raise ConfigError(f"chatterbot format 'choice': fewer than {n_choices - 1} distinct replies to other "
+                              f"prompts for {r.instruction!r}; use a smaller n_choices")
+        distractors = rng.sample(pool, n_choices - 1)
+        right = rng.randrange(n_choices)
+        candidates = distractors[:right] + [r.output] + distractors[right:]
+        listed = " ".join(f"{label.capitalize()}: {c}" for label, c in zip(labels, candidates))
+        instruction = (f"Please choose the reply that answers the message: {r.instruction}\n\n{listed}\n\n"
+                       f"Answer format: {'/'.join(labels)}")
+        out.append(InstructionRecord(instruction, "", f"the correct answer is {labels[right]}"))
+    return tuple(out)
+
+
+__all__ = ["ChatterbotCorpus", "FORMATS", "choice_records", "LICENCE", "NAME", "files_digest", "package_root", "prompt_key", "yaml_files"]

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("embedded", "chatterbot", "instructions", "text", "hf")   # the prefixes `load_source` reads
 HELD_OUT_TASKS = ("embedded", "chatterbot")    # sources with a held-out split scored during fine-tuning (measure/task)
+# The names those held-out tasks are recorded under (`task_name`): chatterbot in its multiple-choice format is
+# "chatterbot-choice" (data/chatterbot.py, `ChatterbotCorpus.name`).
+HELD_OUT_NAMES = ("embedded", "chatterbot", "chatterbot-choice")
 
 IGNORE_INDEX = -100   # label of tokens that do not count in the loss (torch cross_entropy's ignore_index)
 

@@ -243,6 +243,11 @@ class ChatterbotSettings(_Strict):
     n_test: int = Field(150, ge=1, description="held-out records (whole prompt groups; the rest is training data)")
     seed: int = Field(0, ge=0, description="seed of the held-out split")
     strict: bool = Field(False, description="a malformed conversation fails instead of being skipped")
+    format: Literal["reply", "choice"] = Field("reply", description="reply: the corpus' reply is the response "
+                                               "(free text); choice: pick the corpus' reply among n_choices, "
+                                               "answer 'the correct answer is answerK' (Commonsense170K style)")
+    n_choices: int = Field(3, ge=2, description="candidate replies per record (format choice)")
+    max_reply_words: int = Field(30, ge=1, description="longest reply taking part, in words (format choice)")
 
 
 class SharedSettings(_Strict):

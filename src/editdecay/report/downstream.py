@@ -5,8 +5,8 @@ A cell result can hold two kinds of downstream numbers per model (M0, M_e, M_f, 
   `n_task` (measure/task.py), reported here under the task's name (`task_name`: "embedded", "chatterbot";
   results written before the name was recorded are "embedded") with metrics accuracy / prefix_accuracy /
   token_accuracy / nll. Its headline metric (`HEADLINE`) is exact match for the embedded task (one- or
-  two-token answers) and token accuracy for chatterbot (free text written by people, which exact match
-  almost never reproduces);
+  two-token answers) and for "chatterbot-choice" (the answer "the correct answer is answerK"), and token
+  accuracy for chatterbot (free text written by people, which exact match almost never reproduces);
 - lm-eval tasks (optional): `downstream = {task: {metric: value, ..., "n": int}}`.
 Both become `{task: {metric: value}, ...}` plus `n` per task, so tables and figures
 treat them alike and show whatever tasks and metrics are present.
@@ -22,13 +22,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-from editdecay.data.instructions import HELD_OUT_TASKS
+from editdecay.data.instructions import HELD_OUT_NAMES
 from editdecay.measure.downstream.score import mean_accuracy, metric_base
 
 EMBEDDED = "embedded"
-HELD_OUT = HELD_OUT_TASKS                           # held-out tasks scored in the decay curve (not lm-eval)
+HELD_OUT = HELD_OUT_NAMES                           # held-out tasks scored in the decay curve (not lm-eval)
 # The held-out tasks' headline metric: its name among the task's metrics, and its key in stored metrics.
-HEADLINE = {"embedded": ("accuracy", "task_accuracy"), "chatterbot": ("token_accuracy", "task_token_accuracy")}
+HEADLINE = {"embedded": ("accuracy", "task_accuracy"), "chatterbot": ("token_accuracy", "task_token_accuracy"),
+            "chatterbot-choice": ("accuracy", "task_accuracy")}
 # Preferred metric per task in summary tables, in order; lm-eval may spell them "acc,none".
 PRIMARY = ("acc", "accuracy", "acc_norm", "exact_match", "em", "f1", "mcc")
 FRACTIONS = PRIMARY + ("prefix_accuracy", "token_accuracy")        # metrics in [0, 1], shown in percent
