@@ -1,6 +1,7 @@
 """Headline table of a grid report, as markdown: per cell ES/PS/NS after editing (M_e) and after fine-tuning
 (M_ef), the Edit Flip Ratio with its counts, the exact McNemar test of success M_e vs M_ef on the same
-requests, and the held-out task's headline score of M_f and M_ef; then the cells without a result.
+requests, the Wilcoxon signed-rank test of the edits' margins M_e vs M_ef, and the held-out task's headline
+score of M0, M_f and M_ef; then the cells without a result.
 
     python scripts/study_summary.py runs/embedded-study/report > docs/embedded-study/summary.md
 
@@ -12,6 +13,10 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+
+# (task, metric) pairs shown as "task": the held-out tasks' headline metrics (report/downstream.py HEADLINE).
+HEADLINE_METRICS = {("embedded", "accuracy"), ("chatterbot", "token_accuracy"), ("chatterbot-choice", "accuracy")}
 
 
 def _rows(table: dict) -> list[dict]:
@@ -34,17 +39,29 @@ def summary(report_dir: Path) -> str:
     cells = [c for c in _rows(r["tables"]["cells"]) if c["state"] == "done" and c["requests"]]
     mcnemar = {s["configuration"]: s for s in _rows(r["tables"]["significance"])
                if s["comparison"] == "fine-tuning" and s["quantity"] == "success"}
+    margin = {s["configuration"]: s for s in _rows(r["tables"]["significance"])
+              if s["comparison"] == "fine-tuning" and s["quantity"] == "margin"}
+    # The held-out task's headline metric (report/downstream.py HEADLINE) of M0, M_f, M_ef, per cell.
+    task = {}
+    for d in _rows(r["tables"]["downstream"]):
+        if (d["task"], d["metric"]) in HEADLINE_METRICS:
+            task[d["cell"]] = d
     out = ["| cell (editor / recipe) | n | ES M_e → M_ef | PS M_e → M_ef | NS M_e → M_ef | EFR (flipped / "
-           "succeeded) | McNemar p (success M_e vs M_ef; b, c) | task M_f / M_ef |",
-           "|---|---|---|---|---|---|---|---|"]
+           "succeeded) | McNemar p (success M_e vs M_ef; b, c) | margin: Wilcoxon p (median drop, nats) | "
+           "task M0 → M_f / M_ef (n) |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         parts = c["cell"].split("/")
         name = f"{parts[1]} / {parts[4]}" if len(parts) > 4 else c["cell"]
         m = mcnemar.get(c["cell"], {})
+        w = margin.get(c["cell"], {})
+        t = task.get(c["cell"], {})
+        drop = w.get("detail", "").rpartition("median difference ")[2] or "-"
         out.append(f"| {name} | {c['requests']} | {_pct(c['ES M_e'])} → {_pct(c['ES M_ef'])} | {_pct(c['PS M_e'])} → "
                    f"{_pct(c['PS M_ef'])} | {_pct(c['NS M_e'])} → {_pct(c['NS M_ef'])} | {_pct(c['EFR'])}% "
                    f"({c['flipped']} / {c['succeeded after editing']}) | {_p(m.get('p'))} ({m.get('detail', '-')}) | "
-                   f"{_pct(c['task acc. M_f'])} / {_pct(c['task acc. M_ef'])} |")
+                   f"{_p(w.get('p'))} ({drop}) | {_pct(t.get('M0'))} → {_pct(t.get('M_f'))} / {_pct(t.get('M_ef'))} "
+                   f"({t.get('n', '-')}) |")
     missing = _rows(r["tables"]["missing_cells"])
     if missing:
         out += ["", "Cells without a result: " + "; ".join(f"{m['cell']} ({m['state']})" for m in missing) + "."]

@@ -55,6 +55,7 @@ def test_cli_runs_and_prints_the_three_stages(saved, tmp_path):
     (["--method", "dora", "--targets", "all"], "targets='all'"),
     (["--data", "instructions:/nonexistent.json"], "does not exist"),
     (["--template", "alpaca", "--cutoff", "20"], "cutoff_len=20 is shorter than the prompt template"),
+    (["--data", "chatterbot", "--chatterbot-format", "choise"], "format='choise' (did you mean 'choice'?)"),
 ])
 def test_bad_recipes_fail_before_training_naming_the_field(saved, tmp_path, args, message):
     result, text = invoke(["--model", str(saved / "model"), "--steps", "2", "--no-progress",
@@ -62,3 +63,16 @@ def test_bad_recipes_fail_before_training_naming_the_field(saved, tmp_path, args
     assert result.exit_code == 2, result.output
     assert message in text
     assert not (tmp_path / "bad" / "train_log.jsonl").exists()
+
+
+def test_chatterbot_choice_format_trains_and_scores_the_choice_records(saved, tmp_path):
+    out = tmp_path / "choice"
+    result, text = invoke(["--model", str(saved / "model"), "--data", "chatterbot", "--chatterbot-format", "choice",
+                           "--steps", "2", "--eval-every", "0", "--batch-size", "4", "--cutoff", "160",
+                           "--rank", "4", "--no-progress", "--save", "none", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    res = json.loads((out / "result.json").read_text())
+    assert res["data"]["name"] == "chatterbot-choice" and res["data"]["format"] == "choice"
+    assert res["data"]["n_choices"] == 3 and res["data"]["licence"] == "BSD-3-Clause"
+    end = res["curve"][-1]
+    assert end["task_name"] == "chatterbot-choice" and 0 < end["n_task"] <= 150

@@ -19,6 +19,7 @@ from editdecay.grid.spec import grid_from_dict, load_grid
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "examples" / "grids" / "study.yaml"
 DEMO = ROOT / "examples" / "grids" / "demo.yaml"
+EMBEDDED_STUDY = ROOT / "examples" / "grids" / "embedded-study.yaml"
 
 
 def small(**changes) -> dict:
@@ -208,6 +209,15 @@ def test_demo_grid_is_the_embedded_default():
         itertools.product(["memit"], ["lora"], ["all"]))
     assert {c.axes["finetune_data"] for c in plan.cells} == {"chatterbot"}
     assert {c.axes["n_edits"] for c in plan.cells} == {20}
+    # ... with the study's recipe and data format: the fine-tuning configurations differ only in the held-out size
+    study = build_plan(load_grid(EMBEDDED_STUDY))
+
+    def finetune_config(p):
+        ft = next(s for s in p.stages.values() if s.kind == "finetune" and s.config["recipe"]["method"] == "lora"
+                  and s.config["recipe"]["layers"] == "all")
+        return ft.config["recipe"], {k: v for k, v in ft.config["chatterbot"].items() if k != "n_test"}
+
+    assert finetune_config(plan) == finetune_config(study)
 
 
 PLAN_PROBE = textwrap.dedent("""
