@@ -328,3 +328,17 @@ def test_cli_scores_downstream_tasks_and_rejects_unknown_ones_before_loading_the
     scores = {s: res["metrics"][s]["downstream"][everyday.TASK_NAME] for s in ("pre", "post", "finetuned")}
     assert all(v["n"] == 8 for v in scores.values())
     assert f"downstream {everyday.TASK_NAME} (n=8): before edit acc {100 * scores['pre']['acc']:.1f}%" in text
+
+
+def test_held_out_tasks_have_their_headline_metric_and_stay_out_of_the_downstream_score():
+    from editdecay.report.downstream import TaskScores, downstream_score, headline_key, primary_metric
+
+    metrics = {"accuracy": 0.4, "prefix_accuracy": 0.4, "token_accuracy": 0.9, "nll": 0.2}
+    assert headline_key({"task_name": "chatterbot-choice"}) == "task_accuracy"       # the answer, exact
+    assert headline_key({"task_name": "chatterbot"}) == "task_token_accuracy"        # free text
+    assert headline_key({}) == "task_accuracy"                                        # older results: embedded
+    assert primary_metric(TaskScores("chatterbot-choice", metrics, 90)) == "accuracy"
+    assert primary_metric(TaskScores("chatterbot", metrics, 60)) == "token_accuracy"
+    tasks = {"chatterbot-choice": TaskScores("chatterbot-choice", metrics, 90),
+             "boolq": TaskScores("boolq", {"acc": 0.6}, 100)}
+    assert downstream_score(tasks) == (0.6, 1)

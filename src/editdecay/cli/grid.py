@@ -146,7 +146,7 @@ def _print_results(out: Path, plan, limit: int = 40) -> None:
     from editdecay.report.downstream import headline_key
 
     t = Table(title="efficacy (%) before / after editing, after fine-tuning; Edit Flip Ratio; held-out task score (%): "
-                    "exact match (embedded task) or token accuracy (chatterbot)")
+                    "exact match (embedded task, chatterbot-choice) or token accuracy (chatterbot)")
     for col in ("cell", "n", "ES M0", "ES M_e", "ES M_f", "ES M_ef", "EFR", "task M0", "task M_ef / M_f"):
         t.add_column(col, justify="left" if col == "cell" else "right")
     for c, r in rows:

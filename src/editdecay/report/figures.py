@@ -141,7 +141,7 @@ def decay_curves(a: Analysis, path: Path) -> FigureRecord:
     return FigureRecord("decay_curves", "Decay curves over fine-tuning steps",
                         "Scores of the edited model during fine-tuning (step 0 = M_e, the last step = M_ef), in "
                         "percent of the cell's requests; the last panel shows the held-out task's headline score "
-                        "(embedded: exact match; chatterbot: token accuracy) of M_ef and, dotted, of M_f (the base model fine-tuned with the same recipe).", path)
+                        "(embedded, chatterbot-choice: exact match; chatterbot: token accuracy) of M_ef and, dotted, of M_f (the base model fine-tuned with the same recipe).", path)
 
 
 def _mean_curve(curves: list[list[dict]]) -> list[dict]:
@@ -385,7 +385,7 @@ def downstream_bars(a: Analysis, path: Path) -> FigureRecord:
     return FigureRecord("downstream", "Downstream scores",
                         "Per cell, the downstream score of the base model (M0), the edited model (M_e), the "
                         "fine-tuned base (M_f) and the edited, fine-tuned model (M_ef): the held-out task's headline "
-                        "score (embedded: exact match; chatterbot: token accuracy) and, when present, the downstream score (mean acc over the lm-eval tasks).", path)
+                        "score (embedded, chatterbot-choice: exact match; chatterbot: token accuracy) and, when present, the downstream score (mean acc over the lm-eval tasks).", path)
 
 
 __all__ = ["FigureRecord", "decay_curves", "downstream_bars", "editor_decay_by_n", "request_survival",

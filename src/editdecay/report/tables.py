@@ -115,7 +115,7 @@ def cells_table(a: Analysis) -> Table:
         "One row per planned cell. Scores in percent over the cell's requests (n = requests); relative decrease "
         "(S(M_e) - S(M_ef)) / S(M_e) (E7, negative when fine-tuning raised the score); EFR = flipped / succeeded "
         "after editing (E7); task acc.: the held-out task's headline score of M_f and M_ef (embedded task: exact "
-        "match; chatterbot: token accuracy).", cols, rows)
+        "match; chatterbot-choice: exact match; chatterbot: token accuracy).", cols, rows)
 
 
 # --------------------------------------------------------------------------- relative decrease
