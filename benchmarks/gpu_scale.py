@@ -273,7 +273,7 @@ def _edit(p: Preset, ctx: dict, editor: str, requests, steps: int) -> dict:
     total = clock.now() - t0
     peak = clock.peak()
     run.restore()
-    phases = {k: round(v, 3) for k, v in run.timer.seconds.items()}
+    phases = {k: round(v, 6) for k, v in run.timer.seconds.items()}
     for phase in ("context", "targets", "keys", "solve"):
         if phase not in phases:
             raise RuntimeError(f"{editor}: phase {phase!r} did not run (timer has {sorted(phases)})")
@@ -344,8 +344,10 @@ def section_scale(p: Preset, ctx: dict) -> dict:
         measured = f"keys and solve: the memit section's seconds per request ({n1} requests) x {p.n_scale}"
     targets = per_req["targets"] * p.n_scale
     out["extrapolated"] = {
-        "n": p.n_scale, "targets_seconds": round(targets, 1), "keys_seconds": round(keys, 1),
-        "solve_seconds": round(solve, 1), "total_seconds": round(ph["context"] + targets + keys + solve, 1),
+        # 4 decimals, not 1: on the tiny preset a phase can take under 0.05 s, and a figure rounded to 0.0
+        # would read as "did not run".
+        "n": p.n_scale, "targets_seconds": round(targets, 4), "keys_seconds": round(keys, 4),
+        "solve_seconds": round(solve, 4), "total_seconds": round(ph["context"] + targets + keys + solve, 4),
         "basis": f"E3 at {p.v_num_grad_steps} steps: the memit section's E3 seconds per request "
                  f"({per_req['targets']:.4f} s over {n1} requests) x {p.n_scale} (E3 runs in batches of a size "
                  f"set by free memory, so its cost is linear in n; random weights never stop early); {measured}. "
