@@ -5,7 +5,8 @@ score of M0, M_f and M_ef; then the cells without a result.
 
     python scripts/study_summary.py runs/embedded-study/report > docs/embedded-study/summary.md
 
-Reads only REPORT_DIR/report.json (written by `editdecay report`); every number is one of its tables'.
+Reads only REPORT_DIR/report.json (written by `editdecay report`); every number is one of its tables'. The
+held-out tasks' headline metrics are the report's (`editdecay.report.downstream.HEADLINE`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import json
 import sys
 from pathlib import Path
 
+from editdecay.report.downstream import HEADLINE
 
-# (task, metric) pairs shown as "task": the held-out tasks' headline metrics (report/downstream.py HEADLINE).
-HEADLINE_METRICS = {("embedded", "accuracy"), ("chatterbot", "token_accuracy"), ("chatterbot-choice", "accuracy")}
+
+# (task, metric) pairs shown as "task": the held-out tasks' headline metrics.
+HEADLINE_METRICS = {(task, metric) for task, (metric, _) in HEADLINE.items()}
 
 
 def _rows(table: dict) -> list[dict]:

@@ -55,7 +55,7 @@ def test_cli_runs_and_prints_the_three_stages(saved, tmp_path):
     (["--method", "dora", "--targets", "all"], "targets='all'"),
     (["--data", "instructions:/nonexistent.json"], "does not exist"),
     (["--template", "alpaca", "--cutoff", "20"], "cutoff_len=20 is shorter than the prompt template"),
-    (["--data", "chatterbot", "--chatterbot-format", "choise"], "format='choise' (did you mean 'choice'?)"),
+    (["--data", "chatterbot", "--chatterbot-format", "choise"], "format='choise' is not valid (did you mean 'choice'?)"),
 ])
 def test_bad_recipes_fail_before_training_naming_the_field(saved, tmp_path, args, message):
     result, text = invoke(["--model", str(saved / "model"), "--steps", "2", "--no-progress",

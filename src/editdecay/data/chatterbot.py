@@ -42,7 +42,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from editdecay.core.config import did_you_mean
+from editdecay.core.config import check_choice
 from editdecay.core.errors import ConfigError, DataError
 from editdecay.data.prompts import InstructionRecord
 
@@ -188,9 +188,7 @@ class ChatterbotCorpus:
     def __post_init__(self) -> None:
         if self.n_test < 1:
             raise ConfigError(f"chatterbot: n_test={self.n_test}; must be >= 1")
-        if self.format not in FORMATS:
-            raise ConfigError(f"chatterbot: format={self.format!r}{did_you_mean(self.format, FORMATS)}; use one of "
-                              f"{', '.join(FORMATS)}")
+        check_choice("chatterbot: format", self.format, FORMATS)
         if self.n_choices < 2:
             raise ConfigError(f"chatterbot: n_choices={self.n_choices}; a choice needs >= 2 candidate replies")
         if self.max_reply_words < 1:
@@ -260,6 +258,7 @@ class ChatterbotCorpus:
                 "skipped": list(p.skipped), "records_sha256": p.digest, "split_sha256": split}
 
 
+@functools.lru_cache(maxsize=8)   # records(), identity() and the data source each ask for the same split
 def choice_records(pairs: tuple[InstructionRecord, ...], n_choices: int, max_reply_words: int,
                    salt: str) -> tuple[InstructionRecord, ...]:
     """Multiple-choice instruction records built from question/answer pairs of ONE split, Commonsense170K style.
