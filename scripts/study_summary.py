@@ -17,7 +17,6 @@ from pathlib import Path
 
 from editdecay.report.downstream import HEADLINE
 
-
 # (task, metric) pairs shown as "task": the held-out tasks' headline metrics.
 HEADLINE_METRICS = {(task, metric) for task, (metric, _) in HEADLINE.items()}
 
