@@ -19,11 +19,10 @@ from editdecay.core.arch import arch_for, num_layers
 from editdecay.core.cache import Cache
 from editdecay.core.devices import input_device
 from editdecay.core.errors import ConfigError, EditDecayError
+from editdecay.core.model_ref import EMBEDDED_NAME
 from editdecay.core.paths import looks_like_path
 
 log = logging.getLogger(__name__)
-
-EMBEDDED_NAME = "smollm2-135m"
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
