@@ -1,6 +1,6 @@
 """Where tensors go: the device of the module they meet, never one global device.
 
-A model loaded with a device map (`load_model(device="auto")`, accelerate) has its
+A model loaded with a device map (`load_model(device="balanced")`, accelerate) has its
 blocks on several GPUs. Every tensor that editdecay creates for a module (input
 ids, index tensors, deltas added by hooks, solves of one layer) must sit on the
 device that module computes on. These two functions are the only place that
@@ -48,7 +48,15 @@ def input_device(model: nn.Module) -> torch.device:
     return module_device(base.get_input_embeddings())
 
 
-__all__ = ["input_device", "module_device", "set_threads"]
+def resolve_device(device):
+    """The device a model is loaded to: "auto" -> "cuda" when CUDA is available, else "cpu"; any other value
+    (cpu, cuda, cuda:N, balanced, mps, an explicit device map) unchanged. The vocabulary: core.model_ref."""
+    if isinstance(device, str) and device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+__all__ = ["input_device", "module_device", "resolve_device", "set_threads"]
 
 
 def set_threads(threads: int | None) -> None:

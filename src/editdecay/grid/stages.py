@@ -270,7 +270,7 @@ def _downstream_spec(c: dict, runtime: dict):
             raise DataError(f"downstream task {t!r} changed since this grid was planned (content {planned} -> "
                             f"{now}); run `editdecay grid run` again: it plans anew")
     return DownstreamSpec(tuple(tasks), limit=c.get("downstream_limit"),
-                          batch_size=runtime.get("eval_batch_size", 32))
+                          batch_size=runtime.get("eval_batch_size") or 32)     # None: E6 sizes its own batches
 
 
 # --------------------------------------------------------------------------- cell
