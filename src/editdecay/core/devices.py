@@ -48,15 +48,7 @@ def input_device(model: nn.Module) -> torch.device:
     return module_device(base.get_input_embeddings())
 
 
-def resolve_device(device):
-    """The device a model is loaded to: "auto" -> "cuda" when CUDA is available, else "cpu"; any other value
-    (cpu, cuda, cuda:N, balanced, mps, an explicit device map) unchanged. The vocabulary: core.model_ref."""
-    if isinstance(device, str) and device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-__all__ = ["input_device", "module_device", "resolve_device", "set_threads"]
+__all__ = ["input_device", "module_device", "set_threads"]
 
 
 def set_threads(threads: int | None) -> None:

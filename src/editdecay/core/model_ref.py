@@ -9,35 +9,16 @@ stage id).
 
 from __future__ import annotations
 
-import re
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import Field, field_validator
 
-from editdecay.core.config import Config, choice_reason
+from editdecay.core.config import Config
+from editdecay.core.embedded import EMBEDDED_NAME
+from editdecay.core.placement import DEFAULT_DEVICE
 
-EMBEDDED_NAME = "smollm2-135m"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-# Where a model is put: one vocabulary and one default for the command line, grid files, `ModelRef.load` and
-# `core.models.load_model`.
-# `auto` is the default because it is right on every machine without a flag: the GPU where there is one
-# (editing and fine-tuning a 7B model on a CPU is never what was meant), the CPU where there is none.
-DEFAULT_DEVICE = "auto"
-DEVICE_WORDS = ("auto", "cpu", "cuda", "balanced", "mps")
-DEVICE_HELP = ("auto (CUDA when available, else the CPU) | cpu | cuda | cuda:N | balanced (spread the model over "
-               "the visible GPUs with accelerate's device map) | mps")
-
-
-def _device(value: str) -> str:
-    if value not in DEVICE_WORDS and not re.fullmatch(r"cuda:\d+", value):
-        raise ValueError(choice_reason(value, DEVICE_WORDS, extra="or cuda:N"))
-    return value
-
-
-# A field type: `device: Device = DEFAULT_DEVICE` validates the word and reads like every other choice error.
-Device = Annotated[str, AfterValidator(_device)]
 
 
 class ModelRef(Config):
@@ -71,7 +52,8 @@ class ModelRef(Config):
     def load(self, *, device=DEFAULT_DEVICE, cache=None):
         """Load the model and its tokenizer (`core.models.load_model`): a `LoadedModel`.
 
-        `device`: one of DEVICE_HELP's words or an explicit accelerate device map {module: device}.
+        `device`: a word of core.placement (default auto: CUDA when available, else the CPU) or an explicit
+        accelerate device map {module: device}.
         Raises ConfigError naming the path or id when it cannot be loaded."""
         from editdecay.core.models import load_model
 
@@ -80,4 +62,4 @@ class ModelRef(Config):
                           allow_pickle=self.allow_pickle)
 
 
-__all__ = ["DEFAULT_DEVICE", "DEVICE_HELP", "DTYPE_NAMES", "Device", "EMBEDDED_NAME", "ModelRef"]
+__all__ = ["DTYPE_NAMES", "EMBEDDED_NAME", "ModelRef"]

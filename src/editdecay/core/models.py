@@ -17,10 +17,11 @@ from torch import nn
 
 from editdecay.core.arch import arch_for, num_layers
 from editdecay.core.cache import Cache
-from editdecay.core.devices import input_device, resolve_device
+from editdecay.core.devices import input_device
+from editdecay.core.embedded import EMBEDDED_NAME
 from editdecay.core.errors import ConfigError, EditDecayError
-from editdecay.core.model_ref import DEFAULT_DEVICE, EMBEDDED_NAME
 from editdecay.core.paths import looks_like_path
+from editdecay.core.placement import DEFAULT_DEVICE, resolve_device
 
 log = logging.getLogger(__name__)
 

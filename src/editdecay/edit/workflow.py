@@ -77,19 +77,6 @@ def evaluate_stage_result(*, model: str, data: str | None, limit: int | None, se
     }
 
 
-def parse_layers(text: str | None) -> tuple[int, ...] | None:
-    """"4,5,6" or "4-8" -> sorted layer indices; None or "" stays None. Errors name the text."""
-    from editdecay.core.errors import ConfigError
-    from editdecay.core.layers import parse_layer_text
-
-    if text is None or text == "":
-        return None
-    try:
-        return parse_layer_text(text)
-    except ValueError as e:
-        raise ConfigError(f"layers {e}") from None
-
-
 def edit_config(editor: str, lm, overrides: dict) -> "object":
     """Preset for the model's family (or the embedded model) + explicit overrides, validated."""
     from editdecay.edit import editor_class, make_config

@@ -28,7 +28,8 @@ from pydantic import BeforeValidator, Field, PrivateAttr, StrictInt, ValidationE
 from editdecay.core.config import Config, choice_reason, did_you_mean, explain
 from editdecay.core.errors import ConfigError
 from editdecay.core.layers import Layers
-from editdecay.core.model_ref import DEFAULT_DEVICE, DEVICE_HELP, Device, ModelRef
+from editdecay.core.model_ref import ModelRef
+from editdecay.core.placement import DEFAULT_DEVICE, DEVICE_HELP, Device
 from editdecay.data import EDIT_SOURCES
 from editdecay.data.instructions import HELD_OUT_TASKS
 from editdecay.data.instructions import SOURCES as FINETUNE_SOURCES
