@@ -219,8 +219,10 @@ def test_the_cli_and_the_grid_word_an_error_alike(args, grid, cli_path, grid_pat
 ])
 def test_other_commands_validate_their_records_before_loading_anything(monkeypatch, tmp_path, args, message):
     import editdecay.core.models as models
+    import editdecay.edit.workflow as workflow     # imported before patching: it binds load_model at import
 
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    for module in (models, workflow):
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.chdir(tmp_path)
     extra = ["--out", "o"] if args[0] == "edit" else []
     res = CliRunner().invoke(app, [*args, *extra], env={"COLUMNS": "250"})

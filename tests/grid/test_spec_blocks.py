@@ -94,3 +94,13 @@ def test_model_entries_are_model_refs():
     entry = spec.models[0]
     assert isinstance(entry, ModelRef)
     assert entry.ref() == ModelRef(name="x/y", dtype="bfloat16", allow_pickle=True)
+
+
+def test_allow_pickle_reaches_the_stages_without_changing_their_ids():
+    """A permission, not a property of the weights: listed in the plan's run-time settings, outside the stage ids."""
+    from editdecay.grid.plan import build_plan
+
+    plain = build_plan(grid_from_dict(BASE))
+    allowed = build_plan(grid_from_dict({**BASE, "models": [{"name": "smollm2-135m", "allow_pickle": True}]}))
+    assert plain.runtime["allow_pickle"] == [] and allowed.runtime["allow_pickle"] == ["smollm2-135m"]
+    assert list(plain.stages) == list(allowed.stages)

@@ -425,6 +425,7 @@ def build_plan(spec: GridSpec) -> Plan:
         "threads": sh.threads, "max_attempts": sh.max_attempts, "eval_batch_size": ev.batch_size, "stats_batch_size": sh.statistics.batch_size,
         "resources": {k: spec.resources.for_kind(k).model_dump() for k in ("stats", "patch", "finetune", "evaluate")},
         "slurm": spec.slurm.model_dump(), "ray": spec.ray.model_dump(), "base_dir": str(base),
+        "allow_pickle": sorted({m.ref["name"] for m in models if m.entry.allow_pickle}),
     }
     _check_unique(cells)
     return Plan(spec.name, tuple(cells), stages, runtime, spec.model_dump(mode="json"))
