@@ -90,14 +90,6 @@ def load_requests(n: int) -> tuple[list, str]:
     return fallback_requests(n), "fallback (capitals/currencies, benchmarks/edit_speed.py)"
 
 
-def parse_layers(text: str) -> tuple[int, ...]:
-    """"3-7" -> (3, 4, 5, 6, 7); "3,5,7" -> (3, 5, 7)."""
-    if "-" in text:
-        a, b = text.split("-")
-        return tuple(range(int(a), int(b) + 1))
-    return tuple(int(x) for x in text.split(","))
-
-
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||; the absolute difference when b is zero (e.g. --steps 1: no update, no edit)."""
     diff, ref = float((a.double() - b.double()).norm()), float(b.double().norm())
@@ -131,10 +123,11 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the reference lives with the tests
     from reference import reference_memit, reference_second_moments
 
+    from editdecay.core.layers import parse_layers
     from editdecay.core.results import environment
     from editdecay.edit.stats import accumulate_second_moments, second_moments
 
-    layers = parse_layers(args.layers)
+    layers = parse_layers(args.layers, field="--layers")
     sizes = sorted(set(args.sizes))
     t_start = time.perf_counter()
     lm = load_model("smollm2-135m")

@@ -21,13 +21,6 @@ import time
 import torch
 
 
-def parse_layers(text: str) -> list[int]:
-    if "-" in text:
-        a, b = text.split("-")
-        return list(range(int(a), int(b) + 1))
-    return [int(x) for x in text.split(",")]
-
-
 @torch.no_grad()
 def per_layer_reference(lm, layers, chunks, batch_size: int) -> tuple[dict[int, torch.Tensor], int]:
     """One full forward pass over the corpus per layer (the straightforward implementation)."""
@@ -65,11 +58,12 @@ def main() -> None:
     args = ap.parse_args()
 
     from editdecay.core.cache import Cache
+    from editdecay.core.layers import parse_layers
     from editdecay.core.models import load_model
     from editdecay.data.corpus import iter_token_chunks, parse_corpus
     from editdecay.edit.stats import accumulate_second_moments
 
-    layers = parse_layers(args.layers)
+    layers = list(parse_layers(args.layers, field="--layers"))
     torch.set_num_threads(max(args.threads))
     lm = load_model("smollm2-135m")
     cache = Cache.default()

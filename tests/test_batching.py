@@ -270,9 +270,9 @@ def test_edit_and_metrics_under_accelerate_hooks_match_plain_model(tokenizer):
     assert [o.efficacy for o in m1] == [o.efficacy for o in m2]
 
 
-@pytest.mark.parametrize("device", ["auto", "map"])
+@pytest.mark.parametrize("device", ["balanced", "map"])
 def test_load_model_with_a_device_map(tokenizer, tmp_path, device, monkeypatch):
-    """load_model(device="auto" | {module: device}) loads through accelerate's device map; edits match."""
+    """load_model(device="balanced" | {module: device}) loads through accelerate's device map; edits match."""
     from transformers import AutoModelForCausalLM
 
     from editdecay.core.models import load_model
@@ -290,7 +290,7 @@ def test_load_model_with_a_device_map(tokenizer, tmp_path, device, monkeypatch):
     base.model.save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
     n_layers = base.model.config.num_hidden_layers
-    dmap = device if device == "auto" else {
+    dmap = device if device == "balanced" else {
         "model.embed_tokens": "cpu", **{f"model.layers.{i}": "cpu" for i in range(n_layers)},
         "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
     lm = load_model(str(tmp_path / "tiny"), device=dmap)

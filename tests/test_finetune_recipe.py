@@ -78,7 +78,7 @@ def test_preset_override_switches_length_setting_and_revalidates():
     assert (r.max_steps, r.epochs) == (10, None)
     with pytest.raises(ConfigError, match="lora_r"):
         preset("study", "lora", lora_r=-1)
-    with pytest.raises(ConfigError, match="no field 'lora_rank'.*lora_r"):
+    with pytest.raises(ConfigError, match="lora_rank: unknown field.*lora_r"):
         preset("study", "lora", lora_rank=8)
     with pytest.raises(ConfigError, match="did you mean 'study'"):
         preset("stdy")

@@ -371,7 +371,7 @@ def test_unusable_result_is_invalid_and_no_plan_still_reports(tmp_path):
     bad.write_text(json.dumps(r))
     a = analyse(load_results(tmp_path))
     b = next(c for c in a.cells if c.label == _label("B"))
-    assert b.state == "invalid" and "requests[2] has no field 'success'" in b.error
+    assert b.state == "invalid" and "requests[2].success: required field is missing" in b.error
     assert T.edit_flip_ratio(a).rows[1][5:] == (Missing("invalid"),) * 5
     # without plan.json: the cells with result files, and a note that others cannot be named
     store.plan_path.unlink()

@@ -59,7 +59,7 @@ def test_writers_validate_and_write_nothing_on_a_schema_fault(tmp_path):
     assert list(json.loads(out.read_text()))[0] == "schema_version"
     bad = _edit_result()
     del bad["metrics"]["post"]["n"]
-    with pytest.raises(ResultSchemaError, match=r"metrics\.post has no field 'n'"):
+    with pytest.raises(ResultSchemaError, match=r"metrics\.post\.n: required field is missing"):
         write_result(tmp_path / "bad.json", bad)
     assert not (tmp_path / "bad.json").exists()
     bad = _edit_result()
@@ -71,7 +71,7 @@ def test_writers_validate_and_write_nothing_on_a_schema_fault(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"schema_version": SCHEMA_VERSION + 1}, "newer than this editdecay reads"),
     ({"kind": "edits"}, "kind 'edits' is not a result kind"),
-    ({"requests": [{"pre": {}, "post": {}}]}, r"requests\[0\] has no field 'case_id'"),
+    ({"requests": [{"pre": {}, "post": {}}]}, r"requests\[0\]\.case_id: required field is missing"),
 ])
 def test_bad_results_are_refused_naming_the_field(change, message):
     with pytest.raises(ResultSchemaError, match=message):

@@ -13,14 +13,10 @@ from editdecay.core.errors import EditDecayError
 console = Console()
 
 
-# Options several commands share (one definition, one help text).
+# Options several commands share that belong to no configuration record (those are generated: cli/options.py).
 ALLOW_FOREIGN_PATCH = typer.Option(False, "--allow-foreign-patch",
                                    help="apply a patch computed on other weights than --model's "
                                         "(refused by default; both fingerprints are recorded)")
-ALLOW_PICKLE = typer.Option(False, "--allow-pickle", help="also load pickled weights (.bin/.pt), which can run code "
-                                                          "when unpickled (default: safetensors only)")
-TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help="run the checkpoint's own Python code "
-                                                                    "(auto_map models); only for checkpoints you trust")
 
 
 def fail(err: Exception) -> None:
@@ -67,5 +63,5 @@ def guard(fn):
     return wrapper
 
 
-__all__ = ["ALLOW_FOREIGN_PATCH", "ALLOW_PICKLE", "TRUST_REMOTE_CODE", "console", "fail", "guard", "metrics_table",
+__all__ = ["ALLOW_FOREIGN_PATCH", "console", "fail", "guard", "metrics_table",
            "pct", "set_threads", "sys"]

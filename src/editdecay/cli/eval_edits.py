@@ -8,14 +8,25 @@ from typing import Optional
 import typer
 
 from editdecay.cli import app
-from editdecay.cli.common import ALLOW_FOREIGN_PATCH, ALLOW_PICKLE, TRUST_REMOTE_CODE  # shared options
-from editdecay.cli.common import console, guard, metrics_table, set_threads
+from editdecay.cli.common import ALLOW_FOREIGN_PATCH, console, guard, metrics_table, set_threads
+from editdecay.cli.options import Fields, config_options
+from editdecay.core.model_ref import ModelRef
+from editdecay.grid.spec import EvaluationSettings, SharedSettings
+
+# `revision` is left out until the evaluation workflow takes a ModelRef (it loads by name, dtype and the flags).
+MODEL = Fields(ModelRef, into="model", names={"name": "model"}, exclude=("revision",), panel="Model (grid: models[])")
+EVALUATION = Fields(EvaluationSettings, into="evaluation", only=("batch_size", "zsre_target", "strict"),
+                    panel="Evaluation (grid: shared.evaluation)")
+RUN = Fields(SharedSettings, into="run", only=("device", "threads"), panel="Run (grid: shared)")
 
 
 @app.command("eval-edits")
 @guard
+@config_options(MODEL, EVALUATION, RUN)
 def eval_edits(
-    model: str = typer.Option("smollm2-135m", help="embedded 'smollm2-135m', a local HF model directory, or a hub id"),
+    model: dict,
+    evaluation: dict,
+    run: dict,
     data: Optional[str] = typer.Option(None, help="worldfacts | counterfact:PATH | zsre:PATH (default: the patch's own "
                                                   "requests with --patch, else worldfacts)"),
     limit: Optional[int] = typer.Option(None, help="evaluate this many requests (first N, or a seeded sample with "
@@ -24,29 +35,23 @@ def eval_edits(
     patch: Optional[Path] = typer.Option(None, help="evaluate with this patch (from `editdecay edit --out`) applied; "
                                                      "its own requests are used unless --data is given explicitly"),
     allow_foreign_patch: bool = ALLOW_FOREIGN_PATCH,
-    allow_pickle: bool = ALLOW_PICKLE,
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
-    zsre_target: str = typer.Option("answers", help="zsRE edit target: 'answers' (MEMIT/AlphaEdit) or 'alt' (EasyEdit)"),
-    strict: bool = typer.Option(False, help="fail on any rejected record instead of reporting it"),
-    batch_size: Optional[int] = typer.Option(None, help="prompts per forward pass (default: from the device's free memory; 32 on the CPU)"),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ... or auto: spread the model over the visible GPUs (accelerate device map)"),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     out: Optional[Path] = typer.Option(None, help="write the JSON result here"),
 ) -> None:
     """Measure efficacy, paraphrase and neighbourhood success (ALGORITHMS.md E6)."""
+    from editdecay.core.errors import ConfigError
     from editdecay.edit.workflow import evaluate_stage_result
 
-    set_threads(threads)
+    ref = ModelRef(**model)
+    ev = EvaluationSettings(**evaluation)
+    settings = SharedSettings(**run)
+    set_threads(settings.threads)
     if seed is not None and limit is None:
-        from editdecay.core.errors import ConfigError
-
         raise ConfigError(f"--seed {seed} draws a sample of --limit requests; without --limit every request is "
                           f"evaluated and the seed would do nothing: give --limit N, or drop --seed")
     result = evaluate_stage_result(
-        model=model, data=data, limit=limit, seed=seed, patch_dir=patch, zsre_target=zsre_target, strict=strict,
-        batch_size=batch_size, dtype=dtype, device=device,
-        allow_foreign_patch=allow_foreign_patch, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+        model=ref.name, data=data, limit=limit, seed=seed, patch_dir=patch, zsre_target=ev.zsre_target,
+        strict=ev.strict, batch_size=ev.batch_size, dtype=ref.dtype, device=settings.device,
+        allow_foreign_patch=allow_foreign_patch, allow_pickle=ref.allow_pickle, trust_remote_code=ref.trust_remote_code,
     )
     console.print(metrics_table(f"{result['model']['name']} on {result['data']['name']}", result["metrics"]))
     if out:

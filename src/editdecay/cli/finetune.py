@@ -1,4 +1,8 @@
-"""`editdecay finetune`: fine-tune a (patched) model and measure what is left of the edits (ALGORITHMS.md E7)."""
+"""`editdecay finetune`: fine-tune a (patched) model and measure what is left of the edits (ALGORITHMS.md E7).
+
+The model, recipe, evaluation, data and run settings are options generated from their records (cli/options.py),
+named like the keys of a grid file: every Recipe field has one (`--learning-rate`, `--train-on-prompt`, ...).
+"""
 
 from __future__ import annotations
 
@@ -9,106 +13,95 @@ from typing import Optional
 import typer
 
 from editdecay.cli import app
-from editdecay.cli.common import ALLOW_FOREIGN_PATCH, ALLOW_PICKLE, TRUST_REMOTE_CODE  # shared options
-from editdecay.cli.common import console, guard, metrics_table, pct, set_threads
-from editdecay.finetune.recipe import LAYER_CHOICES, METHODS
+from editdecay.cli.common import ALLOW_FOREIGN_PATCH, console, guard, metrics_table, pct, set_threads
+from editdecay.cli.options import Fields, config_options
+from editdecay.core.errors import ConfigError
+from editdecay.core.model_ref import ModelRef
+from editdecay.finetune.recipe import Recipe
+from editdecay.grid.spec import ChatterbotSettings, EvaluationSettings, SharedSettings, TaskSettings
+from editdecay.measure.downstream.spec import DownstreamSpec
 
 log = logging.getLogger(__name__)
+
+# The records `finetune` takes its settings from: one option per field, named like the grid's keys.
+MODEL = Fields(ModelRef, into="model", names={"name": "model"}, panel="Model (grid: models[])")
+RECIPE = Fields(Recipe, into="recipe", names={"dtype": "train-dtype"},
+                aliases={"max_steps": ("--steps",), "learning_rate": ("--lr",), "lr_scheduler": ("--scheduler",),
+                         "cutoff_len": ("--cutoff",), "lora_r": ("--rank",), "lora_alpha": ("--alpha",),
+                         "lora_dropout": ("--dropout",)},
+                default="from --preset", defaults={"method": "lora"},
+                panel="Recipe (grid: recipes[].method, layers, targets, overrides)")
+EVALUATION = Fields(EvaluationSettings, into="evaluation", only=("eval_every",),
+                    panel="Evaluation (grid: shared.evaluation)")
+TASK = Fields(TaskSettings, into="task", prefix="embedded-task-",
+              aliases={"n_train": ("--task-train",), "n_test": ("--task-test",)},
+              panel="Embedded task (grid: shared.embedded_task)")
+CHATTERBOT = Fields(ChatterbotSettings, into="chatterbot", prefix="chatterbot-",
+                    panel="Chatterbot corpus (grid: shared.chatterbot)")
+DOWNSTREAM = Fields(DownstreamSpec, into="downstream", prefix="downstream-", names={"tasks": "downstream"},
+                    defaults={"tasks": "none"}, panel="Downstream tasks (grid: shared.downstream, downstream_limit)")
+RUN = Fields(SharedSettings, into="run", only=("device", "threads", "cache_dir"), panel="Run (grid: shared)")
 
 
 @app.command("finetune")
 @guard
+@config_options(MODEL, RECIPE, EVALUATION, TASK, CHATTERBOT, DOWNSTREAM, RUN)
 def finetune(
-    model: str = typer.Option("smollm2-135m", help="embedded 'smollm2-135m', a local HF model directory, or a hub id"),
+    model: dict,
+    recipe: dict,
+    evaluation: dict,
+    task: dict,
+    chatterbot: dict,
+    downstream: dict,
+    run: dict,
     patch: Optional[Path] = typer.Option(None, help="patch directory (from `editdecay edit --out`): applied before "
                                                      "fine-tuning; its requests are measured and its layers are "
                                                      "what --layers edited/non-edited refer to"),
     allow_foreign_patch: bool = ALLOW_FOREIGN_PATCH,
-    trust_remote_code: bool = TRUST_REMOTE_CODE,
-    allow_pickle: bool = ALLOW_PICKLE,
-    method: str = typer.Option("lora", help=" | ".join(METHODS)),
-    layers: str = typer.Option("all", help=" | ".join(LAYER_CHOICES) + " | 4,5,6 | 4-8"),
-    targets: Optional[str] = typer.Option(None, help="attention | mlp | all-linear | all (full only) | comma list of "
-                                                     "block-relative names (mlp.down_proj,...); default all-linear "
-                                                     "(the study preset's full fine-tuning: all)"),
     data: str = typer.Option("embedded", help="embedded | chatterbot[:DIR] (human-written Q/A, BSD-3) | "
                                               "instructions:PATH (.json/.jsonl) | text:PATH | hf:NAME[:SPLIT]"),
     preset: Optional[str] = typer.Option(None, help="study | embedded (default: embedded for --data embedded, "
                                                     "else study)"),
-    steps: Optional[int] = typer.Option(None, help="optimiser steps (replaces the preset's epochs)"),
-    epochs: Optional[float] = typer.Option(None, help="epochs (replaces the preset's steps)"),
-    lr: Optional[float] = typer.Option(None, help="peak learning rate"),
-    scheduler: Optional[str] = typer.Option(None, help="linear | cosine | constant | constant_with_warmup | ..."),
-    warmup_steps: Optional[int] = typer.Option(None, help="warm-up steps"),
-    batch_size: Optional[int] = typer.Option(None, help="examples per micro-batch"),
-    grad_accum: Optional[int] = typer.Option(None, help="micro-batches per optimiser step"),
-    cutoff: Optional[int] = typer.Option(None, help="maximum tokens per example"),
-    template: Optional[str] = typer.Option(None, help="prompt template: alpaca | compact"),
-    rank: Optional[int] = typer.Option(None, help="LoRA/DoRA rank"),
-    alpha: Optional[float] = typer.Option(None, help="LoRA/DoRA alpha"),
-    dropout: Optional[float] = typer.Option(None, help="LoRA/DoRA dropout"),
-    train_dtype: Optional[str] = typer.Option(None, help="compute dtype: float32 | bfloat16"),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
-                                                          help="recompute activations in backward"),
-    seed: Optional[int] = typer.Option(None, help="training seed"),
-    eval_every: int = typer.Option(50, help="measure edits and task accuracy every K steps (0: first and last only)"),
     requests: Optional[str] = typer.Option(None, help="edit data to measure instead of the patch's requests "
                                                       "(worldfacts | counterfact:PATH | zsre:PATH), e.g. for the "
                                                       "base model fine-tuned without a patch (M_f)"),
     limit: Optional[int] = typer.Option(None, help="measure only the first N requests"),
     task_eval: bool = typer.Option(True, "--task-eval/--no-task-eval",
-                                   help="score a held-out split: the chatterbot corpus' (150 records) with --data "
-                                        "chatterbot, else the embedded task's"),
-    task_test: int = typer.Option(100, help="held-out size of the embedded task"),
-    chatterbot_format: str = typer.Option("reply", help="with --data chatterbot: reply (the corpus' reply is the "
-                                                        "response) | choice (pick it among 3 replies; answer "
-                                                        "'the correct answer is answerK', Commonsense170K style)"),
-    task_train: int = typer.Option(2000, help="training size of the embedded task"),
-    downstream: Optional[str] = typer.Option(None, help="lm-eval tasks scored before and after fine-tuning, comma "
-                                                        "separated: everyday (ours, offline) | boolq | piqa | siqa | "
-                                                        "hellaswag | winogrande | arc-e | arc-c | obqa | "
-                                                        "lm-eval:NAME | local:DIR | ppl:FILE"),
-    downstream_limit: Optional[int] = typer.Option(None, help="documents per downstream task (default: all)"),
+                                   help="score a held-out split: the chatterbot corpus' with --data chatterbot, "
+                                        "else the embedded task's"),
     save: str = typer.Option("auto", help="auto | adapter | merged | both | none (auto: adapter for lora/dora, "
                                           "merged weights for full)"),
-    dtype: str = typer.Option("float32", help="model dtype: float32 | bfloat16"),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ... or auto: spread the model over the visible GPUs (accelerate device map)"),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     overwrite: bool = typer.Option(False, help="replace a previous run in --out"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
     out: Path = typer.Option(..., help="output directory (result.json, train_log.jsonl, curve.jsonl, adapter/ ...)"),
 ) -> None:
     """Fine-tune (full, LoRA, DoRA; selective layers) and print edit metrics before/after editing and after
     fine-tuning, with a decay curve every --eval-every steps."""
-    from editdecay.edit.workflow import parse_layers
+    from editdecay.core.cache import Cache
     from editdecay.finetune import EmbeddedTask, load_source, run_finetune
     from editdecay.finetune import preset as make_preset
 
-    set_threads(threads)
-    # Recipe and data first: both fail in milliseconds, before a model is loaded.
-    overrides = {k: v for k, v in {
-        "layers": layers if layers in LAYER_CHOICES else parse_layers(layers),
-        "targets": _targets(targets), "max_steps": steps, "epochs": epochs, "learning_rate": lr,
-        "lr_scheduler": scheduler, "warmup_steps": warmup_steps, "batch_size": batch_size, "grad_accum": grad_accum,
-        "cutoff_len": cutoff, "template": template, "lora_r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
-        "dtype": train_dtype, "gradient_checkpointing": gradient_checkpointing, "seed": seed,
-    }.items() if v is not None}
-    recipe = make_preset(preset or ("embedded" if data == "embedded" else "study"), method, **overrides)
-    ds_spec = _downstream(downstream, downstream_limit)
+    # Every setting is validated before a model is loaded or --out is touched: each fails in milliseconds.
+    ref = ModelRef(**model)
+    method = recipe.pop("method", "lora")
+    recipe = make_preset(preset or ("embedded" if data == "embedded" else "study"), method, **recipe)
+    ev = EvaluationSettings(**evaluation)
+    settings = SharedSettings(**run)
+    ds_spec = _downstream(downstream)
+    set_threads(settings.threads)
     if data.partition(":")[0] == "chatterbot":
         from editdecay.data.chatterbot import ChatterbotCorpus
 
-        task = ChatterbotCorpus(root=data.partition(":")[2] or None, format=chatterbot_format)
+        held_out = ChatterbotCorpus(root=data.partition(":")[2] or None,
+                                    **ChatterbotSettings(**chatterbot).model_dump())
     else:
-        task = EmbeddedTask(n_train=task_train, n_test=task_test) if (task_eval or data == "embedded") else None
-    source = load_source(data, task=task)
+        embedded = TaskSettings(**task)
+        held_out = EmbeddedTask(**embedded.model_dump()) if (task_eval or data == "embedded") else None
+    source = load_source(data, task=held_out)
     patch_obj = _load_patch(patch) if patch else None
     reqs = _requests(requests, patch_obj, limit)
 
-    from editdecay.core.models import load_model
-
-    lm = load_model(model, dtype=dtype, device=device, allow_pickle=allow_pickle,
-                    trust_remote_code=trust_remote_code)
+    lm = ref.load(device=settings.device, cache=Cache(Path(settings.cache_dir)) if settings.cache_dir else None)
     extra = {}
     if patch_obj is not None:
         # The rule every entry point shares: a patch made on other weights is refused unless allowed.
@@ -118,32 +111,25 @@ def finetune(
                           "n_requests": len(patch_obj.requests), **check}
     if requests:
         extra["requests_source"] = requests
-    run = run_finetune(
+    run_ = run_finetune(
         lm, recipe, source, out, requests=reqs, edited_layers=patch_obj.layers if patch_obj else None,
-        apply_edit=patch_obj.apply if patch_obj else None, task=task if task_eval else None,
-        eval_every=eval_every, save=save, overwrite=overwrite, progress=progress, extra=extra, downstream=ds_spec,
+        apply_edit=patch_obj.apply if patch_obj else None, task=held_out if task_eval else None,
+        eval_every=ev.eval_every, save=save, overwrite=overwrite, progress=progress, extra=extra, downstream=ds_spec,
     )
-    _report(run.result, out)
+    _report(run_.result, out)
 
 
-def _downstream(text: Optional[str], limit: Optional[int]):
-    from editdecay.core.errors import ConfigError
-    from editdecay.measure.downstream import DownstreamSpec
-
-    if not text:
-        if limit is not None:
-            raise ConfigError(f"--downstream-limit {limit} needs --downstream TASK[,TASK]")
+def _downstream(given: dict):
+    """The lm-eval tasks scored before and after fine-tuning (a DownstreamSpec), or None."""
+    if "tasks" not in given:
+        if given:
+            first = next(iter(given))
+            raise ConfigError(f"{DOWNSTREAM.option(first)} {given[first]} needs --downstream TASK[,TASK]")
         return None
-    if "embedded" in [t.strip() for t in text.split(",")]:
+    if "embedded" in given["tasks"]:
         raise ConfigError("--downstream: the embedded task is scored by --task-eval (on by default); list lm-eval "
                           "tasks here, e.g. --downstream everyday")
-    return DownstreamSpec.parse(text, limit=limit)
-
-
-def _targets(text: Optional[str]):
-    if text is None or text in ("attention", "mlp", "all-linear", "all"):
-        return text
-    return tuple(t.strip() for t in text.split(",") if t.strip())
+    return DownstreamSpec(**given)
 
 
 def _load_patch(path: Path):

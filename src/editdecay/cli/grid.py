@@ -10,6 +10,11 @@ import typer
 
 from editdecay.cli import app
 from editdecay.cli.common import console, guard
+from editdecay.cli.options import Fields, config_options
+from editdecay.grid.spec import SharedSettings
+
+RUN = Fields(SharedSettings, into="run", only=("threads",), default="the grid file's shared.threads",
+             panel="Run (grid: shared)")
 
 grid_app = typer.Typer(name="grid", no_args_is_help=True, add_completion=False,
                        help="Plan, run and follow a grid of experiments (models x editors x data x edits x recipes).")
@@ -78,7 +83,9 @@ def plan_cmd(
 
 @grid_app.command("run")
 @guard
+@config_options(RUN)
 def run_cmd(
+    run: dict,
     grid_file: Path = typer.Argument(..., help="grid YAML file"),
     out: Path = typer.Option(..., help="output directory (created; re-run with the same --out to resume)"),
     backend: str = typer.Option("local", help="local (in-process) | ray | slurm"),
@@ -87,13 +94,13 @@ def run_cmd(
     slurm_cluster: str = typer.Option("auto", help="submitit executor: auto | slurm | local"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="run only the cells that failed before"),
     cell: Optional[List[str]] = typer.Option(None, help="run only this cell id (repeatable)"),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads per stage"),
     progress: bool = typer.Option(False, "--progress/--no-progress", help="progress bars inside stages"),
     as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
 ) -> None:
     """Run (or resume) a grid. Finished stages are reused; failed cells are recorded and the rest goes on."""
     from editdecay.grid.runner import run_grid
 
+    threads = SharedSettings(**run).threads
     plan = _load(grid_file)
     options = {}
     if backend == "ray":

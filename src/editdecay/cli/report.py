@@ -9,11 +9,22 @@ import typer
 
 from editdecay.cli import app
 from editdecay.cli.common import console, guard, set_threads
+from editdecay.cli.options import Fields, config_options
+from editdecay.core.model_ref import ModelRef
+from editdecay.grid.spec import SharedSettings
+
+# Settings of --activation-shift, which loads the grid's models again (never trusting code the results name).
+MODEL = Fields(ModelRef, into="model", only=("trust_remote_code",), panel="Models of --activation-shift")
+RUN = Fields(SharedSettings, into="run", only=("device", "threads", "cache_dir"),
+             defaults={"cache_dir": "the grid's, else $EDITDECAY_CACHE"}, panel="Run (grid: shared)")
 
 
 @app.command("report")
 @guard
+@config_options(MODEL, RUN)
 def report_cmd(
+    model: dict,
+    run: dict,
     results_dir: Path = typer.Argument(..., help="a grid output directory (`editdecay grid run --out DIR`)"),
     out: Path = typer.Option(..., "--out", "-o", help="directory for report.md, report.html, tables/, figures/"),
     activation_shift: bool = typer.Option(False, "--activation-shift",
@@ -27,13 +38,6 @@ def report_cmd(
                                          help="wordfreq: the target's Zipf frequency in English (wordfreq word "
                                               "lists; default) | corpus: counts in the cell's fine-tuning data and "
                                               "E1 statistics corpus"),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir",
-                                             help="editdecay cache (default: the grid's, else $EDITDECAY_CACHE)"),
-    device: str = typer.Option("cpu", "--device", help="device for --activation-shift"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
-                                           help="let --activation-shift run the models' own Python code (never "
-                                                "taken from the results directory)"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads"),
 ) -> None:
     """Report a grid's results: the study's tables, paired tests, figures and per-request survival.
 
@@ -41,11 +45,13 @@ def report_cmd(
     """
     from editdecay.report import build_report
 
-    set_threads(threads)
+    ref = ModelRef(**model)
+    settings = SharedSettings(**run)
+    set_threads(settings.threads)
     report = build_report(results_dir, out, frequencies=frequencies, frequency_method=frequency_method,
                           activation_shift=activation_shift,
-                          activation_cells=activation_cells, cache_dir=cache_dir, device=device,
-                          trust_remote_code=trust_remote_code)
+                          activation_cells=activation_cells, cache_dir=settings.cache_dir, device=settings.device,
+                          trust_remote_code=ref.trust_remote_code)
     counts = report.analysis.results.counts()
     console.print(f"[bold]{report.analysis.results.grid}[/]: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
                   + " cells", highlight=False)

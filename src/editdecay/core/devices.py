@@ -1,6 +1,6 @@
 """Where tensors go: the device of the module they meet, never one global device.
 
-A model loaded with a device map (`load_model(device="auto")`, accelerate) has its
+A model loaded with a device map (`load_model(device="balanced")`, accelerate) has its
 blocks on several GPUs. Every tensor that editdecay creates for a module (input
 ids, index tensors, deltas added by hooks, solves of one layer) must sit on the
 device that module computes on. These two functions are the only place that

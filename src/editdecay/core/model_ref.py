@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from editdecay.core.config import Config
+from editdecay.core.embedded import EMBEDDED_NAME
+from editdecay.core.placement import DEFAULT_DEVICE
 
-EMBEDDED_NAME = "smollm2-135m"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -34,20 +35,25 @@ class ModelRef(Config):
                                                         "you trust)")
     allow_pickle: bool = Field(False, description="allow pickled .bin/.pt weights (unpickling can run code)")
 
-    def __init__(self, **fields) -> None:
-        dtype = fields.get("dtype")
-        if isinstance(dtype, str):
-            fields["dtype"] = DTYPE_ALIASES.get(dtype, dtype)
-        super().__init__(**fields)
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, v):
+        # Also when the record is a nested block (a grid's model entry), which never runs __init__.
+        return DTYPE_ALIASES.get(v, v) if isinstance(v, str) else v
 
     @property
     def embedded(self) -> bool:
         return self.name == EMBEDDED_NAME
 
-    def load(self, *, device="cpu", cache=None):
+    def ref(self) -> "ModelRef":
+        """The reference alone (a record deriving from ModelRef, such as a grid's model entry, adds fields)."""
+        return ModelRef(**{k: getattr(self, k) for k in ModelRef.model_fields})
+
+    def load(self, *, device=DEFAULT_DEVICE, cache=None):
         """Load the model and its tokenizer (`core.models.load_model`): a `LoadedModel`.
 
-        `device`: "cpu", "cuda", "cuda:1", "auto" (accelerate device map) or an explicit map.
+        `device`: a word of core.placement (default auto: CUDA when available, else the CPU) or an explicit
+        accelerate device map {module: device}.
         Raises ConfigError naming the path or id when it cannot be loaded."""
         from editdecay.core.models import load_model
 

@@ -18,9 +18,10 @@ from torch import nn
 from editdecay.core.arch import arch_for, num_layers
 from editdecay.core.cache import Cache
 from editdecay.core.devices import input_device
+from editdecay.core.embedded import EMBEDDED_NAME
 from editdecay.core.errors import ConfigError, EditDecayError
-from editdecay.core.model_ref import EMBEDDED_NAME
 from editdecay.core.paths import looks_like_path
+from editdecay.core.placement import DEFAULT_DEVICE, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def load_model(
     name: str = EMBEDDED_NAME,
     *,
     dtype: str | torch.dtype = "float32",
-    device: str | torch.device | dict = "cpu",
+    device: str | torch.device | dict = DEFAULT_DEVICE,
     cache: Cache | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
@@ -149,9 +150,9 @@ def load_model(
     Remote code runs only with `trust_remote_code=True`.
     Raises ConfigError naming the path/id and what was tried (missing directory,
     unknown hub id, pickled weights not allowed, quantised config).
-    `device`: "cpu", "cuda", "cuda:1", ... puts the whole model on one device;
-    "auto" spreads it over the visible GPUs (then CPU) with accelerate's device map;
-    a dict {module name: device} is an explicit accelerate device map. With a map,
+    `device`: "auto" (default: CUDA when available, else the CPU), "cpu", "cuda", "cuda:1", ... puts the
+    whole model on one device; "balanced" spreads it over the visible GPUs (then CPU) with accelerate's
+    device map; a dict {module name: device} is an explicit accelerate device map. With a map,
     editdecay sends every tensor to the device of the module it meets (core.devices).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -195,7 +196,8 @@ def load_model(
     from editdecay.core.arch import arch_for_model_type
 
     arch_for_model_type(arch_for_type)  # fail before loading weights
-    device_map = device if isinstance(device, dict) or device == "auto" else None
+    device = resolve_device(device)
+    device_map = device if isinstance(device, dict) or device == "balanced" else None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kw)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,

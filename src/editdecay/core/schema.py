@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from editdecay.core.config import explain
 from editdecay.core.errors import EditDecayError
 
 SCHEMA_VERSION = 2
@@ -63,7 +64,7 @@ class Scores(_Open):
     @classmethod
     def _fraction(cls, v):
         if v is not None and not (0.0 <= v <= 1.0):
-            raise ValueError(f"{v!r} is not a fraction in [0, 1]")
+            raise ValueError("is not a fraction in [0, 1]")
         return v
 
 
@@ -182,30 +183,6 @@ Result = Union[EditResult, EvaluationResult, FinetuneResult, CellResult]
 _BY_KIND = {"edit": EditResult, "eval-edits": EvaluationResult, "finetune": FinetuneResult, "grid-cell": CellResult}
 
 
-def _loc(parts) -> str:
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out
-
-
-def _explain(e: ValidationError, where: str) -> str:
-    """One clause per problem, e.g. "requests[2] has no field 'success'"; at most five."""
-    parts = []
-    for err in e.errors()[:5]:
-        loc = list(err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "missing" and loc:
-            parent = _loc(loc[:-1])
-            parts.append(f"{parent + ' has' if parent else 'has'} no field {str(loc[-1])!r}")
-        elif loc:
-            parts.append(f"{_loc(loc)}: {msg}")
-        else:
-            parts.append(msg)
-    more = f" (+{len(e.errors()) - 5} more)" if len(e.errors()) > 5 else ""
-    return f"{where}: " + "; ".join(parts) + more
-
-
 def validate_result(result: dict, *, where: str = "result", kind: str | None = None) -> Result:
     """The typed record of a result dict. Raises ResultSchemaError naming `where`, the field and the problem.
 
@@ -223,7 +200,7 @@ def validate_result(result: dict, *, where: str = "result", kind: str | None = N
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise ResultSchemaError(_explain(e, where)) from None
+        raise ResultSchemaError(f"{where}: {explain(e, cls, limit=5)}") from None
 
 
 def read_result(path: str | Path, *, kind: str | None = None) -> Result:

@@ -8,6 +8,7 @@ from typing import ClassVar
 from pydantic import Field, field_validator, model_validator
 
 from editdecay.core.config import Config, check_choice
+from editdecay.core.layers import Layers
 
 
 class EditorConfig(Config):
@@ -15,7 +16,8 @@ class EditorConfig(Config):
 
     config_name: ClassVar[str] = "editor config"
 
-    layers: tuple[int, ...] = Field(description="edited layers l_1 < ... < l_m; targets live at l_m (E3/E4)")
+    layers: Layers = Field(description="edited layers l_1 < ... < l_m, e.g. 4-8 or 4,5,6; targets live at l_m "
+                                       "(E3/E4)")
     v_lr: float = Field(0.5, gt=0, description="Adam learning rate of the E3 target optimisation")
     v_num_grad_steps: int = Field(25, ge=1, description="maximum E3 optimisation steps per request")
     kl_factor: float = Field(0.0625, ge=0, description="weight of the essence-drift KL term (E3)")
@@ -32,22 +34,11 @@ class EditorConfig(Config):
     stats_dtype: str = Field("float32", description="dtype in which E1 statistics are accumulated")
     solve_dtype: str = Field("float64", description="dtype of the linear solves (E4/E5); never an explicit inverse")
 
-    @field_validator("layers")
-    @classmethod
-    def _sorted_unique(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if not v:
-            raise ValueError("layers: give at least one layer index")
-        if any(l < 0 for l in v):
-            raise ValueError(f"layers: negative layer index in {list(v)}")
-        if len(set(v)) != len(v):
-            raise ValueError(f"layers: duplicate index in {list(v)}")
-        return tuple(sorted(v))
-
     @field_validator("stats_dtype", "solve_dtype")
     @classmethod
     def _float_dtype(cls, v: str) -> str:
         if v not in ("float32", "float64"):
-            raise ValueError(f"{v!r} is not allowed: statistics and solves run in float32 or float64")
+            raise ValueError("is not valid: statistics and solves run in float32 or float64")
         return v
 
     @model_validator(mode="after")

@@ -23,6 +23,7 @@ from torch import nn
 from editdecay.core.arch import get_module
 from editdecay.core.cache import atomic_write_json, sha256_file
 from editdecay.core.errors import ConfigError
+from editdecay.core.layers import parse_layers
 from editdecay.core.request import EditRequest
 
 PATCH_FILE = "patch.safetensors"
@@ -183,7 +184,8 @@ class EditPatch:
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise ConfigError(f"patch {directory}: a request in {META_FILE} is malformed ({e})") from None
         return cls(
-            deltas={m: deltas[m] for m in meta["modules"]}, layers=tuple(meta["layers"]), editor=meta["editor"],
+            deltas={m: deltas[m] for m in meta["modules"]}, editor=meta["editor"],
+            layers=parse_layers(meta["layers"], field=f"patch {directory}: {META_FILE} layers"),
             config=meta["config"], requests=requests,
             model_identity=meta.get("model_identity", {}), extra=meta.get("extra", {}),
         )

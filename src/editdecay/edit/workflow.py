@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from editdecay.core.models import load_model
+from editdecay.core.placement import DEFAULT_DEVICE
 from editdecay.core.results import Timer, environment
 from editdecay.data import load_edit_data
 from editdecay.measure.metrics import aggregate, evaluate_requests
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def evaluate_stage_result(*, model: str, data: str | None, limit: int | None, seed: int | None,
                           patch_dir: Path | None, zsre_target: str = "answers", strict: bool = False,
-                          batch_size: int | None = None, dtype: str = "float32", device: str = "cpu",
+                          batch_size: int | None = None, dtype: str = "float32", device: str = DEFAULT_DEVICE,
                           allow_foreign_patch: bool = False, allow_pickle: bool = False,
                           trust_remote_code: bool = False) -> dict:
     """Evaluate edit metrics of one model stage: `pre` (no patch) or `post` (patch applied).
@@ -77,19 +78,6 @@ def evaluate_stage_result(*, model: str, data: str | None, limit: int | None, se
     }
 
 
-def parse_layers(text: str | None) -> tuple[int, ...] | None:
-    """"4,5,6" or "4-8" -> sorted layer indices; None or "" stays None. Errors name the text."""
-    from editdecay.core.errors import ConfigError
-    from editdecay.core.layers import parse_layer_text
-
-    if text is None or text == "":
-        return None
-    try:
-        return parse_layer_text(text)
-    except ValueError as e:
-        raise ConfigError(f"layers {e}") from None
-
-
 def edit_config(editor: str, lm, overrides: dict) -> "object":
     """Preset for the model's family (or the embedded model) + explicit overrides, validated."""
     from editdecay.edit import editor_class, make_config
@@ -103,7 +91,7 @@ def edit_config(editor: str, lm, overrides: dict) -> "object":
 
 def run_edit(*, model: str, editor: str, data: str, n: int | None, seed: int | None, out: Path | None,
              overrides: dict, batch_size: int | None = None, zsre_target: str = "answers", strict: bool = False,
-             dtype: str = "float32", device: str = "cpu", eval_batch_size: int | None = None, progress: bool = True,
+             dtype: str = "float32", device: str = DEFAULT_DEVICE, eval_batch_size: int | None = None, progress: bool = True,
              cache=None, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
     """Load data, then the model; evaluate (pre), edit, evaluate (post); save patch + result.json."""
     from editdecay.core.cache import Cache

@@ -17,12 +17,13 @@ explicit, recorded choice, and `attention` reproduces the study's setting.
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Union
+from typing import Annotated, ClassVar, Union
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
-from editdecay.core.config import Config, check_choice, did_you_mean
+from editdecay.core.config import Config, check_choice, choice_reason, did_you_mean
 from editdecay.core.errors import ConfigError
+from editdecay.core.layers import layer_choice
 from editdecay.data.prompts import TEMPLATES
 
 METHODS = ("full", "lora", "dora")
@@ -32,8 +33,26 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_wi
               "inverse_sqrt")
 TRAIN_DTYPES = ("float32", "bfloat16")
 
-LayerSpec = Union[str, tuple[int, ...]]
-TargetSpec = Union[str, tuple[str, ...]]
+
+def target_choice(value) -> Union[str, tuple[str, ...]]:
+    """One of TARGET_CHOICES, or block-relative module names: a sequence, or text with commas or dots
+    ("mlp.down_proj,mlp.up_proj", as the command line and grid files write them). ValueError(reason) otherwise."""
+    if isinstance(value, str) and value in TARGET_CHOICES:
+        return value
+    if isinstance(value, str) and ("," in value or "." in value):
+        value = value.split(",")
+    if isinstance(value, (list, tuple)) and value and all(isinstance(t, str) and t.strip() for t in value):
+        return tuple(t.strip() for t in value)
+    if isinstance(value, str):
+        raise ValueError(choice_reason(value, TARGET_CHOICES, extra="or block-relative module names such as "
+                                                                     "mlp.down_proj"))
+    raise ValueError(f"is not valid: give one of {', '.join(TARGET_CHOICES)} or a non-empty list of "
+                     f"block-relative module names such as [mlp.down_proj]")
+
+
+# Field types: the layer and target choices as every entry point writes them (core.layers for layer lists).
+LayerSpec = Annotated[Union[str, tuple[int, ...]], BeforeValidator(lambda v: layer_choice(v, LAYER_CHOICES))]
+TargetSpec = Annotated[Union[str, tuple[str, ...]], BeforeValidator(target_choice)]
 
 
 def _field(text: str, default):
@@ -49,12 +68,12 @@ class Recipe(Config):
     method: str = _field("full: train the selected parameters themselves; lora: low-rank adapters (peft); "
                            "dora: weight-decomposed low-rank adapters (peft, use_dora=True).", "lora")
     layers: LayerSpec = _field("Which transformer blocks train: all | edited (the layers of the patch under test) | "
-                              "non-edited | a tuple of layer indices.", "all")
+                              "non-edited | layer indices (4-8, 4,5,6 or a list).", "all")
     targets: TargetSpec = _field("Which modules of those blocks train, resolved through editdecay.core.arch: attention | "
                                 "mlp | all-linear (default; includes the edited MLP output projection) | all "
                                 "(method=full only: every parameter of the blocks, and with layers=all also "
                                 "embeddings, final norm and unembedding, as the study's full fine-tuning) | a "
-                                "tuple of block-relative module names such as ('mlp.down_proj',).", "all-linear")
+                                "list of block-relative module names such as mlp.down_proj,mlp.up_proj.", "all-linear")
     lora_r: int = _field("LoRA/DoRA rank r.", 32)
     lora_alpha: float = _field("LoRA/DoRA scaling numerator: the update is scaled by alpha / r.", 64.0)
     lora_dropout: float = _field("Dropout on the adapter input during training, in [0, 1).", 0.05)
@@ -84,8 +103,9 @@ class Recipe(Config):
     @model_validator(mode="after")
     def _validate(self) -> "Recipe":
         _choice("method", self.method, METHODS)
-        self._check_layers()
-        self._check_targets()
+        if self.targets == "all" and self.method != "full":
+            raise ConfigError(f"targets='all' (every parameter, norms included) needs method='full'; "
+                              f"method={self.method!r} wraps linear modules only: use targets='all-linear'")
         if self.method in ("lora", "dora"):
             _check(self.lora_r >= 1, "lora_r", self.lora_r, "an integer >= 1")
             _check(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "a number > 0")
@@ -122,29 +142,6 @@ class Recipe(Config):
             _check(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "a number > 0 or None")
         _check(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
         return self
-
-    def _check_layers(self) -> None:
-        if isinstance(self.layers, str):
-            _choice("layers", self.layers, LAYER_CHOICES, extra="or a tuple of layer indices")
-            return
-        if not self.layers:
-            raise ConfigError("layers: empty tuple; give layer indices, or one of all | edited | non-edited")
-        bad = [l for l in self.layers if isinstance(l, bool) or not isinstance(l, int) or l < 0]
-        if bad:
-            raise ConfigError(f"layers: {bad[0]!r} is not a layer index (an integer >= 0)")
-        if len(set(self.layers)) != len(self.layers):
-            raise ConfigError(f"layers: {self.layers} lists a layer twice")
-
-    def _check_targets(self) -> None:
-        if isinstance(self.targets, str):
-            _choice("targets", self.targets, TARGET_CHOICES, extra="or a tuple of block-relative module names")
-            if self.targets == "all" and self.method != "full":
-                raise ConfigError(f"targets='all' (every parameter, norms included) needs method='full'; "
-                                  f"method={self.method!r} wraps linear modules only: use targets='all-linear'")
-            return
-        if not self.targets or any(not isinstance(t, str) or not t.strip() for t in self.targets):
-            raise ConfigError(f"targets: {self.targets!r} must be a non-empty tuple of module names such as "
-                              f"('mlp.down_proj',), or one of {', '.join(TARGET_CHOICES)}")
 
     # -- convenience -----------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from editdecay.core.cache import stable_hash
 from editdecay.core.errors import ConfigError
+from editdecay.core.layers import parse_layers
 from editdecay.core.paths import looks_like_path
 from editdecay.grid.spec import (
     DOWNSTREAM_TASKS,
@@ -292,10 +293,8 @@ def _editor_fields(model: _Model, editor: EditorEntry, seed: int, spec: GridSpec
     fields = {**model.entry.editor_overrides, **editor.overrides}
     if model.entry.edit_layers is not None and "layers" not in editor.overrides:
         fields["layers"] = list(model.entry.edit_layers)
-    if isinstance(fields.get("layers"), str):
-        from editdecay.grid.spec import parse_layer_text
-
-        fields["layers"] = list(parse_layer_text(fields["layers"]))
+    if "layers" in fields:
+        fields["layers"] = list(parse_layers(fields["layers"], field=f"editor {editor.label or editor.name}: layers"))
     for key, value in (("stats_corpus", st.corpus), ("stats_tokens", st.tokens), ("stats_dtype", st.dtype)):
         if value is not None:
             fields[key] = value
@@ -426,6 +425,7 @@ def build_plan(spec: GridSpec) -> Plan:
         "threads": sh.threads, "max_attempts": sh.max_attempts, "eval_batch_size": ev.batch_size, "stats_batch_size": sh.statistics.batch_size,
         "resources": {k: spec.resources.for_kind(k).model_dump() for k in ("stats", "patch", "finetune", "evaluate")},
         "slurm": spec.slurm.model_dump(), "ray": spec.ray.model_dump(), "base_dir": str(base),
+        "allow_pickle": sorted({m.ref["name"] for m in models if m.entry.allow_pickle}),
     }
     _check_unique(cells)
     return Plan(spec.name, tuple(cells), stages, runtime, spec.model_dump(mode="json"))

@@ -5,118 +5,105 @@ A grid is a product of axes -- models, editors, edit data sets, numbers of edits
 fine-tuning data and seeds -- plus settings shared by every cell (statistics
 corpus, evaluation, downstream tasks) and how to run it (resources, Slurm, Ray).
 
-Validation is pure: this module reads YAML and checks it with pydantic, and never
-imports torch, loads a model, reads a data set or touches the network, so a typo
-fails in milliseconds. Errors name the key path, the value and what is valid, e.g.
-``recipes[0].method: 'lorra' is not valid; use one of full, lora, dora (did you mean 'lora'?)``.
-Checks that need the editor or recipe classes (field names of `overrides`) run in
-`plan.build_plan`; checks that need the data or the model run in the stage that uses them.
+Every block is a `core.config.Config` (frozen, unknown keys refused with the closest field of
+that block suggested), and errors become text in `core.config.explain`, as for every other
+record: ``recipes[0].method[1]='lorra' is not valid (did you mean 'lora'?); use one of full,
+lora, dora``. Model entries are `core.model_ref.ModelRef`s; layer lists are `core.layers`'.
+Validation is pure: this module never imports torch, loads a model, reads a data set or
+touches the network, so a typo fails in milliseconds. Checks that need the editor or recipe
+classes (field names of `overrides`) run in `plan.build_plan`; checks that need the data or
+the model run in the stage that uses them.
 
-Relative paths (local model directories, ``counterfact:PATH``-style data, a corpus
-file, ``local:DIR`` / ``ppl:FILE`` downstream tasks) are relative to the directory of the grid file.
+Relative paths (local model directories, ``counterfact:PATH``-style data, a corpus file,
+``local:DIR`` / ``ppl:FILE`` downstream tasks) are relative to the directory of the grid file.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BeforeValidator, Field, PrivateAttr, StrictInt, ValidationError, field_validator, model_validator
 
-from editdecay.core.config import did_you_mean
+from editdecay.core.config import Config, choice_reason, did_you_mean, explain
 from editdecay.core.errors import ConfigError
+from editdecay.core.layers import Layers
+from editdecay.core.model_ref import ModelRef
+from editdecay.core.placement import DEFAULT_DEVICE, DEVICE_HELP, Device
 from editdecay.data import EDIT_SOURCES
 from editdecay.data.instructions import HELD_OUT_TASKS
 from editdecay.data.instructions import SOURCES as FINETUNE_SOURCES
 from editdecay.edit.config import EDITOR_NAMES
-from editdecay.finetune.recipe import LAYER_CHOICES, METHODS, PRESETS, TARGET_CHOICES
+from editdecay.finetune.recipe import LAYER_CHOICES, METHODS, PRESETS, TARGET_CHOICES, LayerSpec, TargetSpec
 
 # The valid choices come from the modules that own them (pure modules: validating a grid file imports no torch).
 PRESET_NAMES = tuple(PRESETS)
 DOWNSTREAM_TASKS = HELD_OUT_TASKS     # held-out splits scored in the decay curve (measure/task.py); every other
                                       # downstream entry is an lm-eval task spec (measure/downstream/spec.py)
-STAGE_KINDS = ("stats", "patch", "finetune", "evaluate", "cell")
-
-LayerChoice = Union[str, tuple[int, ...]]
-TargetChoice = Union[str, tuple[str, ...]]
-
-
-from editdecay.core.layers import parse_layer_text  # noqa: E402  (shared with the CLI)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _layers_value(v) -> tuple[int, ...]:
-    if isinstance(v, str):
-        return parse_layer_text(v)
-    if isinstance(v, (list, tuple)) and v and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-        if any(x < 0 for x in v):
-            raise ValueError(f"{list(v)}: layer indices must be integers >= 0")
-        return tuple(sorted(set(v)))
-    raise ValueError(f"{v!r} is not a layer list; give integers, e.g. [4, 5, 6], or a range such as '4-8'")
+FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama")
 
 
 def _as_list(v):
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
-def _choice(value, options, what: str):
-    if value not in options:
-        raise ValueError(f"{value!r} is not a valid {what}; use one of {', '.join(options)}{did_you_mean(value, options)}")
-    return value
+def _data_spec(sources: tuple[str, ...]):
+    """A validator of one data spec `KIND[:REST]` against `sources` (the data modules' own lists)."""
+    def check(v):
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError(f"is not a data spec; use one of {', '.join(sources)}")
+        kind, _, rest = v.partition(":")
+        if kind not in sources:
+            raise ValueError(choice_reason(kind, sources))
+        if kind in ("counterfact", "mcf", "multicounterfact", "zsre", "instructions", "text") and not rest:
+            raise ValueError(f"is not valid: give a file, e.g. {kind}:path/to/file.json")
+        return v
+    return check
+
+
+# Axis values: integers >= 0 written as integers (a YAML `true` or `"3"` is a mistake, not a count).
+Count = Annotated[StrictInt, Field(ge=0)]
+EditData = Annotated[str, BeforeValidator(_data_spec(EDIT_SOURCES))]
+FinetuneData = Annotated[str, BeforeValidator(_data_spec(FINETUNE_SOURCES))]
 
 
 # --------------------------------------------------------------------------- axes
 
 
-class ModelEntry(_Strict):
-    """One base model. `family` lets the plan resolve editor presets (edited layers) without reading the
+class ModelEntry(ModelRef):
+    """One base model: a `ModelRef` (name, revision, dtype, trust_remote_code, allow_pickle) plus how the grid
+    names and edits it. `family` lets the plan resolve editor presets (edited layers) without reading the
     model's config: give it for hub ids; the embedded model and local directories are recognised."""
 
-    name: str = Field(description="'smollm2-135m' (embedded), a local Hugging Face directory, or a hub id")
-    label: str | None = Field(None, description="short name used in cell ids (default: derived from name)")
-    family: str | None = Field(None, description="architecture family: gpt2 | gptj | gpt_neox | llama")
-    revision: str | None = Field(None, description="hub revision (commit, tag or branch)")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype the weights load in")
-    edit_layers: tuple[int, ...] | None = Field(None, description="edited layers for every editor on this model "
-                                                                   "(default: the editor preset's)")
+    config_name = "model entry"
+
+    name: str = Field(min_length=1, description="'smollm2-135m' (embedded), a local Hugging Face directory, "
+                                                "or a hub id")
+    label: Optional[str] = Field(None, description="short name used in cell ids (default: derived from name)")
+    family: Optional[Literal[FAMILIES]] = Field(None, description=f"architecture family: {' | '.join(FAMILIES)}")
+    edit_layers: Optional[Layers] = Field(None, description="edited layers for every editor on this model, e.g. "
+                                                            "4-8 (default: the editor preset's)")
     editor_overrides: dict[str, Any] = Field(default_factory=dict,
                                              description="editor config fields for this model, e.g. {v_lr: 0.1}")
-    trust_remote_code: bool = Field(False, description="allow the checkpoint's own Python code")
 
-    @field_validator("family")
+
+class EditorEntry(Config):
+    """One editor of the `editors` axis, with editor-config fields that override its preset."""
+
+    config_name = "editor entry"
+
+    name: Literal[EDITOR_NAMES] = Field(description=" | ".join(EDITOR_NAMES))
+    label: Optional[str] = Field(None, description="name of the editor in cell ids (default: name)")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="editor config fields (edit/config.py), "
+                                                                        "e.g. {layers: 4-8}")
+
+    @field_validator("name", mode="before")
     @classmethod
-    def _family(cls, v):
-        return None if v is None else _choice(v, ("gpt2", "gptj", "gpt_neox", "llama"), "family")
-
-    @field_validator("edit_layers", mode="before")
-    @classmethod
-    def _edit_layers(cls, v):
-        return None if v is None else _layers_value(v)
+    def _lower(cls, v):
+        return v.lower() if isinstance(v, str) else v
 
 
-class EditorEntry(_Strict):
-    name: str = Field(description="memit | alphaedit")
-    label: str | None = None
-    overrides: dict[str, Any] = Field(default_factory=dict, description="editor config fields (editors/config.py)")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v):
-        return _choice(v.lower(), EDITOR_NAMES, "editor")
-
-
-class RecipeEntry(_Strict):
+class RecipeEntry(Config):
     """Fine-tuning recipes: the product method x layers x targets, each a value or a list of values.
 
     A layer choice is all | edited | non-edited | explicit layers ([4, 5, 6] or '4-8'); several choices
@@ -124,62 +111,42 @@ class RecipeEntry(_Strict):
     A target choice is attention | mlp | all-linear | all, or a nested list of block-relative module names.
     """
 
-    method: list[str] = Field(description="full | lora | dora, or a list of them")
-    layers: list[LayerChoice] = Field(default_factory=lambda: ["all"], description="layer choice(s)")
-    targets: list[TargetChoice] | None = Field(None, description="target choice(s); default: the preset's "
-                                                                  "(all-linear; study full: all)")
-    preset: str | None = Field(None, description="embedded | study (default: embedded for the embedded model, "
-                                                 "else study)")
+    config_name = "recipe entry"
+
+    method: list[Literal[METHODS]] = Field(description=" | ".join(METHODS) + ", or a list of them")
+    layers: list[LayerSpec] = Field(default_factory=lambda: ["all"],
+                                    description=" | ".join(LAYER_CHOICES) + " | layer indices, or a list of them")
+    targets: Optional[list[TargetSpec]] = Field(None, description=" | ".join(TARGET_CHOICES) + " | module names, or "
+                                                "a list of them; default: the preset's (all-linear; study full: all)")
+    preset: Optional[Literal[PRESET_NAMES]] = Field(None, description="embedded | study (default: embedded for the "
+                                                                      "embedded model, else study)")
     overrides: dict[str, Any] = Field(default_factory=dict,
                                       description="Recipe fields (finetune/recipe.py), e.g. {max_steps: 5}")
-    label: str | None = Field(None, description="name of the recipe in cell ids; only for a single recipe")
+    label: Optional[str] = Field(None, description="name of the recipe in cell ids; only for a single recipe")
 
     @field_validator("method", mode="before")
     @classmethod
-    def _method(cls, v):
-        out = [_choice(m, METHODS, "method") for m in _as_list(v)]
-        if len(set(out)) != len(out):
-            raise ValueError(f"{out} lists a method twice")
-        return out
+    def _methods(cls, v):
+        return _as_list(v)
+
+    @field_validator("method")
+    @classmethod
+    def _distinct(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError("names a method twice")
+        return v
 
     @field_validator("layers", mode="before")
     @classmethod
-    def _layers(cls, v):
-        if isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(x, int) for x in v)):
-            v = [v]          # one choice; a list of integers is one explicit layer set (an int is no choice)
-        out = []
-        for c in _as_list(v):
-            if isinstance(c, str) and c in LAYER_CHOICES:
-                out.append(c)
-            elif isinstance(c, str) and c and c[0].isdigit():
-                out.append(parse_layer_text(c))
-            elif isinstance(c, (list, tuple)):
-                out.append(_layers_value(c))
-            else:
-                raise ValueError(f"{c!r} is not a layer choice; use one of {', '.join(LAYER_CHOICES)}, "
-                                 f"a list of layer indices or a range such as '4-8'{did_you_mean(c, LAYER_CHOICES)}")
-        return out
+    def _layer_choices(cls, v):
+        if isinstance(v, (str, int)) or (isinstance(v, list) and v and all(isinstance(x, int) for x in v)):
+            return [v]          # one choice; a list of integers is one explicit layer set (an int is no choice)
+        return _as_list(v)
 
     @field_validator("targets", mode="before")
     @classmethod
-    def _targets(cls, v):
-        if v is None:
-            return None
-        out = []
-        for c in ([v] if isinstance(v, str) else _as_list(v)):
-            if isinstance(c, str):
-                out.append(_choice(c, TARGET_CHOICES, "target choice (or a nested list of module names)"))
-            elif isinstance(c, (list, tuple)) and c and all(isinstance(x, str) and x.strip() for x in c):
-                out.append(tuple(c))
-            else:
-                raise ValueError(f"{c!r} is not a target choice; use one of {', '.join(TARGET_CHOICES)} or a list "
-                                 f"of block-relative module names such as [mlp.down_proj]")
-        return out
-
-    @field_validator("preset")
-    @classmethod
-    def _preset(cls, v):
-        return None if v is None else _choice(v, PRESET_NAMES, "preset")
+    def _target_choices(cls, v):
+        return None if v is None else [v] if isinstance(v, str) else _as_list(v)
 
     @field_validator("overrides")
     @classmethod
@@ -198,47 +165,50 @@ class RecipeEntry(_Strict):
         return self
 
 
-def _data_spec(v: str, sources: tuple[str, ...], what: str) -> str:
-    if not isinstance(v, str) or not v.strip():
-        raise ValueError(f"{v!r} is not a {what} spec")
-    kind, sep, rest = v.partition(":")
-    _choice(kind, sources, f"{what} source")
-    if kind in ("counterfact", "mcf", "multicounterfact", "zsre", "instructions", "text") and not rest:
-        raise ValueError(f"{v!r}: give a file, e.g. {kind}:path/to/file.json")
-    return v
-
-
 # --------------------------------------------------------------------------- shared settings
 
 
-class StatisticsSettings(_Strict):
+class StatisticsSettings(Config):
     """E1 key statistics, shared by every editor: unset fields keep the editor preset's values."""
 
-    corpus: str | None = Field(None, description="generated | PATH (.txt/.jsonl/.parquet) | hf:NAME[:CONFIG]")
-    tokens: int | None = Field(None, ge=1, description="corpus tokens used (the study: 100k Wikipedia samples)")
-    dtype: Literal["float32", "float64"] | None = Field(None, description="accumulation dtype")
+    config_name = "statistics"
+
+    corpus: Optional[str] = Field(None, description="generated | PATH (.txt/.jsonl/.parquet) | hf:NAME[:CONFIG]")
+    tokens: Optional[int] = Field(None, ge=1, description="corpus tokens used (the study: 100k Wikipedia samples)")
+    dtype: Optional[Literal["float32", "float64"]] = Field(None, description="accumulation dtype")
     batch_size: int = Field(16, ge=1, description="sequences per forward pass of the statistics run")
 
 
-class EvaluationSettings(_Strict):
-    batch_size: int = Field(32, ge=1, description="prompts per scoring batch (E6)")
-    eval_every: int = Field(25, ge=0, description="decay curve: measure M_ef every K fine-tuning steps "
-                                                  "(0: only first and last)")
-    zsre_target: Literal["answers", "alt"] = Field("answers", description="zsRE edit target (ALGORITHMS.md E6)")
-    strict: bool = Field(False, description="a rejected edit record fails the stage instead of being skipped")
-    edit_batch_size: int | None = Field(None, ge=1, description="edits per sequential batch (None: one batch)")
+class EvaluationSettings(Config):
+    """How edits are measured (E6) and how often the decay curve is (E7)."""
+
+    config_name = "evaluation"
+
+    batch_size: Optional[int] = Field(None, ge=1, description="prompts per scoring batch (E6); default: sized from "
+                                                              "the device's free memory (32 on the CPU)")
+    eval_every: int = Field(25, ge=0, description="decay curve: measure the edits (and the held-out task) every K "
+                                                  "fine-tuning steps (0: only first and last)")
+    zsre_target: Literal["answers", "alt"] = Field("answers", description="zsRE edit target: answers "
+                                                   "(MEMIT/AlphaEdit) or alt (EasyEdit), ALGORITHMS.md E6")
+    strict: bool = Field(False, description="a rejected edit record, or a subject that does not end on a token "
+                                            "boundary of its prompt, is an error instead of a warning")
+    edit_batch_size: Optional[int] = Field(None, ge=1, description="edits per sequential batch (default: one batch)")
 
 
-class TaskSettings(_Strict):
-    """The embedded generated task (finetune.task): fine-tuning data `embedded` and downstream `embedded`."""
+class TaskSettings(Config):
+    """The embedded generated task (data/embedded_task.py): fine-tuning data `embedded` and downstream `embedded`."""
 
-    n_train: int = Field(2000, ge=1)
-    n_test: int = Field(100, ge=1)
-    seed: int = Field(0, ge=0)
+    config_name = "embedded_task"
+
+    n_train: int = Field(2000, ge=1, description="training records of the embedded task")
+    n_test: int = Field(100, ge=1, description="held-out records of the embedded task (scored by exact match)")
+    seed: int = Field(0, ge=0, description="seed of the embedded task's record generator")
 
 
-class ChatterbotSettings(_Strict):
+class ChatterbotSettings(Config):
     """The chatterbot corpus (data/chatterbot.py): fine-tuning data `chatterbot` and downstream `chatterbot`."""
+
+    config_name = "chatterbot"
 
     n_test: int = Field(150, ge=1, description="held-out records (whole prompt groups; the rest is training data)")
     seed: int = Field(0, ge=0, description="seed of the held-out split")
@@ -250,156 +220,147 @@ class ChatterbotSettings(_Strict):
     max_reply_words: int = Field(30, ge=1, description="longest reply taking part, in words (format choice)")
 
 
-class SharedSettings(_Strict):
+def _downstream_task(t):
+    from editdecay.measure.downstream.spec import VALID_TEXT, parse_task
+
+    if t in DOWNSTREAM_TASKS:
+        return t
+    try:
+        parse_task(t)          # syntax only; paths resolve against the grid file in plan.build_plan
+    except ConfigError as e:
+        if isinstance(t, str) and did_you_mean(t, DOWNSTREAM_TASKS):
+            raise ValueError(choice_reason(t, DOWNSTREAM_TASKS, extra=f"or {VALID_TEXT}")) from None
+        reason = str(e).removeprefix(f"downstream task {t!r}").lstrip(": ")
+        raise ValueError(reason if reason.startswith("is ") else f"is not valid: {reason}") from None
+    return t.strip()
+
+
+class SharedSettings(Config):
+    """Settings every cell shares."""
+
+    config_name = "shared"
+
     statistics: StatisticsSettings = Field(default_factory=StatisticsSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
-    downstream: list[str] = Field(default_factory=lambda: ["embedded"],
-                                  description="downstream tasks scored for M0, M_e, M_f, M_ef: embedded (the "
-                                              "generated task's held-out split) or chatterbot (the chatterbot "
-                                              "corpus' held-out split) and lm-eval tasks: everyday, boolq, "
-                                              "piqa, siqa, hellaswag, winogrande, arc-e, arc-c, obqa, "
-                                              "lm-eval:NAME, local:DIR, ppl:FILE")
-    downstream_limit: int | None = Field(None, ge=1, description="documents per lm-eval task (None: all); the "
-                                                                 "first N, the same for every model")
+    downstream: list[Annotated[str, BeforeValidator(_downstream_task)]] = Field(
+        default_factory=lambda: ["embedded"],
+        description="downstream tasks scored for M0, M_e, M_f, M_ef: embedded (the generated task's held-out "
+                    "split) or chatterbot (the chatterbot corpus' held-out split) and lm-eval tasks: everyday, "
+                    "boolq, piqa, siqa, hellaswag, winogrande, arc-e, arc-c, obqa, lm-eval:NAME, local:DIR, "
+                    "ppl:FILE")
+    downstream_limit: Optional[int] = Field(None, ge=1, description="documents per lm-eval task (default: all); "
+                                                                    "the first N, the same for every model")
     embedded_task: TaskSettings = Field(default_factory=TaskSettings)
     chatterbot: ChatterbotSettings = Field(default_factory=ChatterbotSettings)
-    device: str = Field("auto", description="auto (cuda when available) | cpu | cuda | cuda:N")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads per stage (default: torch's)")
+    device: Device = Field(DEFAULT_DEVICE, description=DEVICE_HELP)
+    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: torch's)")
     max_attempts: int = Field(3, ge=1, description="starts of a stage whose process dies before it ends (killed "
                                                    "for memory, a time limit) before it is recorded as failed")
-    cache_dir: str | None = Field(None, description="editdecay cache (converted models, E1 statistics); default "
-                                                    "$EDITDECAY_CACHE or the user cache directory")
+    cache_dir: Optional[str] = Field(None, description="editdecay cache (converted models, E1 statistics); default "
+                                                       "$EDITDECAY_CACHE or the user cache directory")
 
     @field_validator("downstream")
     @classmethod
     def _downstream(cls, v):
-        from editdecay.measure.downstream.spec import VALID_TEXT, parse_task
-
-        out = []
-        for t in v:
-            if t in DOWNSTREAM_TASKS:
-                out.append(t)
-                continue
-            try:
-                parse_task(t)          # syntax only; paths resolve against the grid file in plan.build_plan
-            except ConfigError as e:
-                if isinstance(t, str) and did_you_mean(t, DOWNSTREAM_TASKS):
-                    raise ValueError(f"{t!r} is not a valid downstream task; use embedded, chatterbot or one of "
-                                     f"{VALID_TEXT}{did_you_mean(t, DOWNSTREAM_TASKS)}") from None
-                raise ValueError(str(e).replace("downstream task ", "", 1)) from None
-            out.append(t.strip())
-        if len(set(out)) != len(out):
-            raise ValueError(f"{out}: a downstream task is listed twice")
-        held_out = [t for t in out if t in DOWNSTREAM_TASKS]
+        dup = sorted({t for t in v if v.count(t) > 1})
+        if dup:
+            raise ValueError(f"names {dup[0]!r} twice")
+        held_out = [t for t in v if t in DOWNSTREAM_TASKS]
         if len(held_out) > 1:
-            raise ValueError(f"{held_out}: one held-out task per grid (the decay curve scores one); keep one of "
-                             f"{' or '.join(held_out)}")
-        return out
+            raise ValueError(f"has {len(held_out)} held-out tasks; one per grid (the decay curve scores one): keep "
+                             f"one of {' or '.join(held_out)}")
+        return v
 
 
 # --------------------------------------------------------------------------- how to run
 
 
-class Resources(_Strict):
+class Resources(Config):
+    """What one stage asks of a Ray or Slurm worker."""
+
+    config_name = "resources"
+
     cpus: float = Field(1, gt=0, description="CPU cores per stage (Ray num_cpus, Slurm cpus_per_task)")
     gpus: float = Field(0, ge=0, description="GPUs per stage (Ray num_gpus, Slurm gpus_per_node)")
-    memory_gb: float | None = Field(None, gt=0, description="memory per stage (Ray memory, Slurm mem_gb)")
+    memory_gb: Optional[float] = Field(None, gt=0, description="memory per stage (Ray memory, Slurm mem_gb)")
 
 
-class ResourceSettings(_Strict):
-    default: Resources = Field(default_factory=Resources)
-    stats: Resources | None = None
-    patch: Resources | None = None
-    finetune: Resources | None = None
-    evaluate: Resources | None = None
+class ResourceSettings(Config):
+    """Resources per stage kind; a kind without its own entry takes `default`'s."""
+
+    config_name = "resources"
+
+    default: Resources = Field(default_factory=Resources, description="every stage kind without its own entry")
+    stats: Optional[Resources] = Field(None, description="E1 statistics stages")
+    patch: Optional[Resources] = Field(None, description="edit stages")
+    finetune: Optional[Resources] = Field(None, description="fine-tuning stages")
+    evaluate: Optional[Resources] = Field(None, description="evaluation stages")
 
     def for_kind(self, kind: str) -> Resources:
         return getattr(self, kind, None) or self.default
 
 
-class SlurmSettings(_Strict):
+class SlurmSettings(Config):
     """Parameters of the submitit Slurm executor (one job array per wave of independent stages)."""
 
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    timeout_min: int = Field(24 * 60, ge=1)
+    config_name = "slurm"
+
+    partition: Optional[str] = Field(None, description="Slurm partition")
+    account: Optional[str] = Field(None, description="Slurm account")
+    qos: Optional[str] = Field(None, description="Slurm quality of service")
+    timeout_min: int = Field(24 * 60, ge=1, description="time limit per job, in minutes")
     array_parallelism: int = Field(64, ge=1, description="array tasks running at once")
-    constraint: str | None = None
+    constraint: Optional[str] = Field(None, description="Slurm node constraint")
     additional_parameters: dict[str, Any] = Field(default_factory=dict, description="extra #SBATCH settings")
     setup: list[str] = Field(default_factory=list, description="shell lines run before each job (module load ...); "
                              "they run as shell: a grid file is trusted input (a results directory's copy of it "
                              "never supplies them)")
 
 
-class RaySettings(_Strict):
-    address: str | None = Field(None, description="cluster address (None: start a local cluster; 'auto': join)")
-    runtime_env: dict[str, Any] = Field(default_factory=dict)
+class RaySettings(Config):
+    """Where the Ray backend runs."""
+
+    config_name = "ray"
+
+    address: Optional[str] = Field(None, description="cluster address (None: start a local cluster; 'auto': join)")
+    runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime environment of the workers")
 
 
 # --------------------------------------------------------------------------- the grid
 
 
-class GridSpec(_Strict):
+class GridSpec(Config):
     """A whole grid. `load_grid` builds it from YAML; `plan.build_plan` expands it into cells and stages."""
 
-    name: str = "grid"
-    description: str = ""
-    models: list[ModelEntry] = Field(min_length=1)
-    editors: list[EditorEntry] = Field(default_factory=list)
-    edit_data: list[str] = Field(default_factory=list, description="worldfacts | counterfact:PATH | zsre:PATH")
-    n_edits: list[int] = Field(description="numbers of edits, one batch each; 0 means fine-tune only")
-    recipes: list[RecipeEntry] = Field(min_length=1)
-    finetune_data: list[str] = Field(default_factory=lambda: ["embedded"],
-                                     description="embedded | chatterbot[:DIR] | instructions:PATH | text:PATH | "
-                                                 "hf:NAME[:SPLIT]")
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    shared: SharedSettings = Field(default_factory=SharedSettings)
-    resources: ResourceSettings = Field(default_factory=ResourceSettings)
-    slurm: SlurmSettings = Field(default_factory=SlurmSettings)
-    ray: RaySettings = Field(default_factory=RaySettings)
+    config_name = "grid"
+
+    name: str = Field("grid", description="the grid's name (results directory, report title)")
+    description: str = Field("", description="what the grid asks")
+    models: list[ModelEntry] = Field(min_length=1, description="base models: names or {name, label, family, ...}")
+    editors: list[EditorEntry] = Field(default_factory=list, description="editors: names or {name, overrides}")
+    edit_data: list[EditData] = Field(default_factory=list, description="worldfacts | counterfact:PATH | zsre:PATH")
+    n_edits: list[Count] = Field(min_length=1, description="numbers of edits, one batch each; 0 means fine-tune only")
+    recipes: list[RecipeEntry] = Field(min_length=1, description="fine-tuning recipes")
+    finetune_data: list[FinetuneData] = Field(default_factory=lambda: ["embedded"],
+                                              description="embedded | chatterbot[:DIR] | instructions:PATH | "
+                                                          "text:PATH | hf:NAME[:SPLIT]")
+    seeds: list[Count] = Field(default_factory=lambda: [0], min_length=1, description="seeds (one cell each)")
+    shared: SharedSettings = Field(default_factory=SharedSettings, description="settings every cell shares")
+    resources: ResourceSettings = Field(default_factory=ResourceSettings, description="resources per stage kind")
+    slurm: SlurmSettings = Field(default_factory=SlurmSettings, description="the Slurm backend's settings")
+    ray: RaySettings = Field(default_factory=RaySettings, description="the Ray backend's settings")
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
-    @field_validator("models", mode="before")
+    @field_validator("models", "editors", mode="before")
     @classmethod
-    def _models(cls, v):
+    def _entries(cls, v):
         return [{"name": m} if isinstance(m, str) else m for m in _as_list(v)]
 
-    @field_validator("editors", mode="before")
+    @field_validator("edit_data", "finetune_data", "n_edits", "seeds", mode="before")
     @classmethod
-    def _editors(cls, v):
-        return [{"name": e} if isinstance(e, str) else e for e in _as_list(v)]
-
-    @field_validator("edit_data", mode="before")
-    @classmethod
-    def _edit_data(cls, v):
-        return [_data_spec(d, EDIT_SOURCES, "edit data") for d in _as_list(v)]
-
-    @field_validator("finetune_data", mode="before")
-    @classmethod
-    def _ft_data(cls, v):
-        return [_data_spec(d, FINETUNE_SOURCES, "fine-tuning data") for d in _as_list(v)]
-
-    @field_validator("n_edits", mode="before")
-    @classmethod
-    def _n_edits(cls, v):
-        v = _as_list(v)
-        bad = [n for n in v if isinstance(n, bool) or not isinstance(n, int) or n < 0]
-        if bad:
-            raise ValueError(f"{bad[0]!r} is not a number of edits; give integers >= 0 (0: fine-tune only)")
-        if not v:
-            raise ValueError("give at least one number of edits")
-        return v
-
-    @field_validator("seeds", mode="before")
-    @classmethod
-    def _seeds(cls, v):
-        v = _as_list(v)
-        bad = [s for s in v if isinstance(s, bool) or not isinstance(s, int) or s < 0]
-        if bad:
-            raise ValueError(f"{bad[0]!r} is not a seed; give integers >= 0")
-        return v
+    def _lists(cls, v):
+        return _as_list(v)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -425,60 +386,15 @@ class GridSpec(_Strict):
 # --------------------------------------------------------------------------- loading
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "tuple", "none", "is-instance"}
-
-
-def _loc(loc: tuple) -> str:
-    """('recipes', 0, 'layers', 'list[...]', 1) -> 'recipes[0].layers[1]': pydantic's union/type tags dropped."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif str(part) in _TYPE_TAGS or "[" in str(part) or str(part).startswith("function-"):
-            continue
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "grid"
-
-
-def _known_fields() -> set[str]:
-    names: set[str] = set()
-    for cls in (GridSpec, ModelEntry, EditorEntry, RecipeEntry, SharedSettings, StatisticsSettings,
-                EvaluationSettings, TaskSettings, ResourceSettings, Resources, SlurmSettings, RaySettings):
-        names.update(cls.model_fields)
-    return names
-
-
-def _messages(e: ValidationError) -> list[str]:
-    out, seen = [], set()
-    for err in e.errors():
-        where = _loc(err["loc"])
-        if err["type"] == "extra_forbidden":
-            key = str(err["loc"][-1])
-            msg = f"{where}: unknown key{did_you_mean(key, _known_fields())}"
-        elif err["type"] == "missing":
-            msg = f"{where}: required key is missing"
-        else:
-            text = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
-            value = err.get("input")
-            shown = "" if isinstance(value, (dict, list)) or text.startswith(repr(value)) else f" (got {value!r})"
-            msg = f"{where}: {text}{shown}"
-        if msg not in seen:
-            seen.add(msg)
-            out.append(msg)
-    return out
-
-
 def grid_from_dict(data: dict, *, source: str = "grid", base_dir: Path | None = None) -> GridSpec:
-    """Validate a grid given as a dict; ConfigError lists every problem with its key path."""
+    """Validate a grid given as a dict; ConfigError lists every problem with its key path (core.config.explain)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of grid keys (models, editors, ...), "
                           f"got {type(data).__name__}")
     try:
         spec = GridSpec.model_validate(data)
     except ValidationError as e:
-        lines = _messages(e)
-        raise ConfigError(f"{source}: {len(lines)} problem(s):\n  " + "\n  ".join(lines)) from None
+        raise ConfigError(f"{source}: {explain(e, GridSpec)}") from None
     spec._base_dir = Path(base_dir or Path.cwd()).resolve()
     return spec
 
@@ -497,7 +413,6 @@ def load_grid(path: str | Path) -> GridSpec:
     return grid_from_dict(data, source=str(path), base_dir=path.parent)
 
 
-__all__ = ["DOWNSTREAM_TASKS", "EDITOR_NAMES", "EditorEntry", "EvaluationSettings", "GridSpec", "LAYER_CHOICES",
-           "METHODS", "ModelEntry", "RaySettings", "RecipeEntry", "ResourceSettings", "Resources", "STAGE_KINDS",
-           "SharedSettings", "ChatterbotSettings", "SlurmSettings", "StatisticsSettings", "TaskSettings", "grid_from_dict", "load_grid",
-           "parse_layer_text"]
+__all__ = ["ChatterbotSettings", "DOWNSTREAM_TASKS", "EditorEntry", "EvaluationSettings", "GridSpec", "ModelEntry",
+           "RaySettings", "RecipeEntry", "ResourceSettings", "Resources", "SharedSettings", "SlurmSettings",
+           "StatisticsSettings", "TaskSettings", "grid_from_dict", "load_grid"]

@@ -71,12 +71,9 @@ class StageContext:
         return json.loads((self.dep_dir(sid) / name).read_text())
 
     def device(self) -> str:
-        want = self.runtime.get("device") or "auto"
-        if want == "auto":
-            import torch
+        from editdecay.core.placement import DEFAULT_DEVICE, resolve_device
 
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return want
+        return resolve_device(self.runtime.get("device") or DEFAULT_DEVICE)
 
     def cache(self):
         from editdecay.core.cache import Cache
@@ -87,8 +84,11 @@ class StageContext:
     def load_model(self, ref: dict):
         from editdecay.core.models import load_model
 
+        # allow_pickle is a permission (the weights are the same either way), so it is a run-time setting, not
+        # part of the stage's identity: the plan lists the models whose pickled weights may load.
         return load_model(ref["name"], dtype=ref["dtype"], device=self.device(), cache=self.cache(),
-                          trust_remote_code=ref["trust_remote_code"], revision=ref["revision"])
+                          trust_remote_code=ref["trust_remote_code"], revision=ref["revision"],
+                          allow_pickle=ref["name"] in self.runtime.get("allow_pickle", ()))
 
     def write_json(self, name: str, obj) -> None:
         (self.out / name).write_text(dumps_json(obj, indent=2) + "\n")     # strict JSON: NaN -> null + status
@@ -270,7 +270,7 @@ def _downstream_spec(c: dict, runtime: dict):
             raise DataError(f"downstream task {t!r} changed since this grid was planned (content {planned} -> "
                             f"{now}); run `editdecay grid run` again: it plans anew")
     return DownstreamSpec(tuple(tasks), limit=c.get("downstream_limit"),
-                          batch_size=runtime.get("eval_batch_size", 32))
+                          batch_size=runtime.get("eval_batch_size") or 32)     # None: E6 sizes its own batches
 
 
 # --------------------------------------------------------------------------- cell

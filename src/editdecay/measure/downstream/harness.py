@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Sequence
 
 from editdecay.core.config import did_you_mean
-from editdecay.core.devices import input_device
 from editdecay.core.errors import ConfigError, DataError
 from editdecay.measure.downstream import everyday, perplexity
 from editdecay.measure.downstream.score import mean_accuracy
@@ -271,6 +270,8 @@ def _rng_preserved(model=None):
     """Python's, numpy's and torch's generators (CPU, and the model's CUDA device) as they were before."""
     import numpy as np
     import torch
+
+    from editdecay.core.devices import input_device     # here: importing the package needs no torch
 
     py, npy = random.getstate(), np.random.get_state()
     device = input_device(model) if model is not None else None

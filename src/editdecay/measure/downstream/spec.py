@@ -114,7 +114,7 @@ class DownstreamSpec(Config):
     @classmethod
     def _no_bool(cls, v):
         if isinstance(v, bool):
-            raise ValueError(f"{v!r} is not a count; give an integer")
+            raise ValueError("is not a count; give an integer")
         return v
 
     @classmethod

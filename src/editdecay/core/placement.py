@@ -1,0 +1,45 @@
+"""Where a model is put: one vocabulary and one default for the command line, grid files, `ModelRef.load`
+and `core.models.load_model` (torch-free: grid files are validated without torch).
+
+`auto` is the default because it is right on every machine without a flag: the GPU where there is one
+(editing and fine-tuning a 7B model on a CPU is never what was meant), the CPU where there is none, so
+the same command runs on a laptop and on a GPU node. One device is chosen; spreading a model over
+several GPUs is asked for by name (`balanced`, accelerate's balanced device map).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator
+
+from editdecay.core.config import choice_reason
+
+DEFAULT_DEVICE = "auto"
+DEVICE_WORDS = ("auto", "cpu", "cuda", "balanced", "mps")
+DEVICE_HELP = ("auto (CUDA when available, else the CPU) | cpu | cuda | cuda:N | balanced (spread the model over "
+               "the visible GPUs with accelerate's device map) | mps")
+
+
+def _device(value: str) -> str:
+    if value not in DEVICE_WORDS and not re.fullmatch(r"cuda:\d+", value):
+        raise ValueError(choice_reason(value, DEVICE_WORDS, extra="or cuda:N"))
+    return value
+
+
+# A field type: `device: Device = DEFAULT_DEVICE` checks the word, with the wording of every other choice error.
+Device = Annotated[str, AfterValidator(_device)]
+
+
+def resolve_device(device):
+    """The device a model is loaded to: "auto" -> "cuda" when CUDA is available, else "cpu"; any other value
+    (cpu, cuda, cuda:N, balanced, mps, an explicit device map) unchanged."""
+    if isinstance(device, str) and device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+__all__ = ["DEFAULT_DEVICE", "DEVICE_HELP", "DEVICE_WORDS", "Device", "resolve_device"]
