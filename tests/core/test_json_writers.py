@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from editdecay.cli import _register, app
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "editdecay"
+SRC = Path(__file__).resolve().parents[2] / "src" / "editdecay"
 NAN = float("nan")
 PAYLOAD = {"metrics": {"post": {"efficacy": 0.5, "margin": NAN}}, "curve": [{"step": 0, "loss": float("inf")},
                                                                           {"step": 1, "loss": np.float32("-inf")}]}

@@ -15,7 +15,7 @@ from editdecay.data import load_edit_data
 from editdecay.data.zsre import load_zsre, locate_subject
 from editdecay.measure.metrics import evaluate_requests, score_continuations
 
-SAMPLE = (Path(__file__).parents[1] / "../shared/data/zsre_sample.json").resolve()
+SAMPLE = (Path(__file__).parents[2] / "../shared/data/zsre_sample.json").resolve()
 N = 301
 EMPTY_ALT = (54, 103)                 # documented in shared/data/README.md
 ALT_EQUALS_ANSWER = (73, 164, 217)    # alt == answers[0]: not a counterfactual

@@ -22,7 +22,7 @@ from editdecay.report.analysis import analyse
 from editdecay.report.records import load_results
 from editdecay.report.tables import all_tables
 
-V1 = Path(__file__).parent / "fixtures" / "results_v1"
+V1 = Path(__file__).parents[1] / "fixtures" / "results_v1"
 
 
 def test_results_written_before_the_schema_still_read():

@@ -13,7 +13,7 @@ from editdecay.data import load_edit_data
 from editdecay.data.counterfact import load_counterfact
 from editdecay.measure.metrics import evaluate_requests, score_continuations
 
-FIXTURE = Path(__file__).parent / "fixtures" / "counterfact_small.json"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "counterfact_small.json"
 EXPECTED_REJECTIONS = [
     (2, "requested_rewrite.subject"),
     (2, "neighborhood_prompts"),

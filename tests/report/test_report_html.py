@@ -28,7 +28,7 @@ from editdecay.grid.spec import load_grid
 from editdecay.grid.store import GridStore
 
 CHROMIUM = Path("/usr/bin/chromium")
-COUNTERFACT = Path(__file__).resolve().parent / "fixtures" / "counterfact_small.json"
+COUNTERFACT = Path(__file__).resolve().parents[1] / "fixtures" / "counterfact_small.json"
 TARGET_DOC = "Rome is old . English is spoken in Rome and in Japan , Microsoft is not"
 FIGURES = ("decay_curves", "survival_heatmap", "editor_decay_by_n", "request_survival", "downstream")
 
