@@ -12,8 +12,8 @@ import torch
 
 torch.set_num_threads(1)
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
-ZSRE_SAMPLE = (SHARED / "data" / "zsre_sample.json").resolve()
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ZSRE_SAMPLE = FIXTURES / "zsre_sample.json"
 
 
 @pytest.fixture(scope="session")

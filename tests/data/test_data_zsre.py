@@ -1,4 +1,4 @@
-"""zsRE loader on the real public sample (../shared/data/zsre_sample.json, 301 records) and on
+"""zsRE loader on the real public sample (tests/fixtures/zsre_sample.json, 301 records) and on
 hand-made broken records: every record kept or rejected by index and field, both target conventions."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from editdecay.data import load_edit_data
 from editdecay.data.zsre import load_zsre, locate_subject
 from editdecay.measure.metrics import evaluate_requests, score_continuations
 
-SAMPLE = (Path(__file__).parents[2] / "../shared/data/zsre_sample.json").resolve()
+SAMPLE = Path(__file__).resolve().parents[1] / "fixtures" / "zsre_sample.json"
 N = 301
-EMPTY_ALT = (54, 103)                 # documented in shared/data/README.md
+EMPTY_ALT = (54, 103)                 # documented in tests/fixtures/README.md
 ALT_EQUALS_ANSWER = (73, 164, 217)    # alt == answers[0]: not a counterfactual
 
 

@@ -24,7 +24,7 @@ from editdecay.grid.runner import run_grid
 from editdecay.grid.spec import load_grid
 from editdecay.grid.store import GridStore
 
-ZSRE = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "zsre_sample.json").resolve()
+ZSRE = Path(__file__).resolve().parents[1] / "fixtures" / "zsre_sample.json"
 NUMBERS = ("metrics", "decay", "curve", "curve_base", "requests")   # what must not depend on how a grid ran
 
 
