@@ -8,11 +8,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
+from support import ROOT
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_scale.py"
+SCRIPT = ROOT / "benchmarks" / "gpu_scale.py"
 
 
 @pytest.fixture(scope="module")

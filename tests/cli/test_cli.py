@@ -6,7 +6,8 @@ import json
 import subprocess
 import sys
 
-from conftest import ZSRE_SAMPLE
+import pytest
+from support import ZSRE_SAMPLE
 from typer.testing import CliRunner
 
 from editdecay.cli import _register, app
@@ -15,6 +16,7 @@ _register()
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_eval_edits_writes_result_contract(tmp_path, embedded):
     out = tmp_path / "pre.json"
     res = runner.invoke(app, ["eval-edits", "--model", "smollm2-135m", "--data", f"zsre:{ZSRE_SAMPLE}",

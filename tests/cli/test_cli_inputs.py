@@ -46,6 +46,7 @@ def make_patch(directory: Path, lm, *, n: int = 3, layer: int = 4, fingerprint: 
 # --------------------------------------------------------------------------- 1: defaults vs documented behaviour
 
 
+@pytest.mark.slow
 def test_eval_edits_patch_without_data_uses_the_patch_requests(tmp_path, embedded):
     """`eval-edits --patch DIR` evaluates the patch's own requests (README, --help), not worldfacts."""
     patch = make_patch(tmp_path / "p", embedded, n=3)
@@ -85,6 +86,7 @@ def test_editor_setting_of_the_other_editor_is_refused():
 # --------------------------------------------------------------------------- 2: a patch made on other weights
 
 
+@pytest.mark.slow
 def test_foreign_patch_is_refused_by_every_entry_point_unless_allowed(tmp_path, embedded):
     """Same shapes, other fingerprint: eval-edits and finetune refuse (exit 2, both fingerprints named,
     nothing written); --allow-foreign-patch applies it and records both fingerprints."""
@@ -113,6 +115,7 @@ def test_foreign_patch_is_refused_by_every_entry_point_unless_allowed(tmp_path, 
     assert r["patch"]["allowed_foreign"] is True
 
 
+@pytest.mark.slow
 def test_own_patch_records_matching_fingerprints(tmp_path, embedded):
     make_patch(tmp_path / "p", embedded, n=1)
     out = tmp_path / "post.json"
@@ -125,6 +128,7 @@ def test_own_patch_records_matching_fingerprints(tmp_path, embedded):
 # --------------------------------------------------------------------------- 3: models flagged as quantised
 
 
+@pytest.mark.slow
 def test_embedded_model_is_a_plain_float_checkpoint(embedded):
     """The converted GGUF model carries no quantization_config: casts and saving work."""
     import copy
@@ -139,7 +143,7 @@ def test_embedded_model_is_a_plain_float_checkpoint(embedded):
 
 
 def test_model_flagged_as_quantised_is_refused_by_name(tmp_path, tokenizer):
-    from conftest import make_tiny
+    from support.models import make_tiny
 
     lm = make_tiny("llama", tokenizer)
     lm.model.save_pretrained(tmp_path / "m")
@@ -182,7 +186,7 @@ def test_unreachable_hub_id_names_both_readings(tmp_path, monkeypatch):
 
 
 def test_pickled_weights_load_only_with_allow_pickle(tmp_path, tokenizer):
-    from conftest import make_tiny
+    from support.models import make_tiny
 
     lm = make_tiny("gpt2", tokenizer)
     lm.model.config.save_pretrained(tmp_path / "m")       # transformers 5 saves safetensors only: pickle by hand
@@ -233,6 +237,7 @@ def test_all_records_rejected_lists_every_record_without_strict(tmp_path):
     assert "Traceback" not in res.output and not out.exists()
 
 
+@pytest.mark.slow
 def test_counts_are_records_kept_plus_rejected_is_total(tmp_path, embedded):
     path = tmp_path / "cf.json"
     path.write_text(json.dumps([_cf_record(0), _cf_record(1, neighborhood_prompts=[4], paraphrase_prompts=[3]),
@@ -261,7 +266,7 @@ def test_error_messages_quote_user_text_verbatim(tmp_path):
 def test_report_never_takes_trust_remote_code_from_a_results_directory(tmp_path):
     """A results directory that names a model with its own code and trust_remote_code: true must not make
     `report --activation-shift` run that code; the cell is listed as not measured, naming the flag."""
-    from test_report_tables import build_results_dir
+    from support.results import build_results_dir
 
     from editdecay.edit.patch import EditPatch
     from editdecay.grid.store import GridStore
@@ -318,7 +323,7 @@ def test_results_directory_copy_of_the_grid_never_supplies_shell_lines(tmp_path)
 def _bf16_model_dir(tmp_path, tokenizer) -> Path:
     """A tiny Llama whose linear weights are large (x64), saved in bfloat16: a bf16 step of W is then larger
     than a few LoRA steps' update, so a merge rounded to bfloat16 loses the update."""
-    from conftest import make_tiny
+    from support.models import make_tiny
 
     lm = make_tiny("llama", tokenizer)
     with torch.no_grad():
@@ -402,6 +407,7 @@ def test_unreadable_or_remote_code_config_is_named(tmp_path, config, words):
     assert "Traceback" not in res.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["not json", "[]", '{"format": 1}'])
 def test_damaged_patch_directory_is_named(tmp_path, embedded, damage):
     make_patch(tmp_path / "p", embedded, n=1)

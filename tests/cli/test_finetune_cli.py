@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_finetune_run import synthetic_patch
-from test_finetune_tiny import tiny_model, tok
+from support.edits import synthetic_patch
+from support.models import tiny_model, tok
 from typer.testing import CliRunner
 
 from editdecay.cli import _register, app

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny
+from support.models import make_tiny
 
 import editdecay
 import editdecay.core.memory as memory
@@ -308,6 +308,7 @@ def test_load_model_with_a_device_map(tokenizer, tmp_path, device, monkeypatch):
 
 # --------------------------------------------------------------------------- the command line
 
+@pytest.mark.slow
 def test_cli_device_auto_and_out_of_memory_message(tmp_path, embedded, monkeypatch):
     """`eval-edits --device auto` gives the same metrics as --device cpu; a device that never has room
     ends with exit 2 and a message naming the stage and the batch size (no traceback)."""

@@ -18,7 +18,7 @@ import random
 
 import pytest
 import torch
-from conftest import FAMILIES, make_tiny
+from support.models import FAMILIES, make_tiny
 
 from editdecay.core import arch
 from editdecay.core.cache import Cache

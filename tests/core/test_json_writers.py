@@ -10,14 +10,14 @@ import ast
 import io
 import json
 import math
-from pathlib import Path
 
 import numpy as np
+from support import ROOT
 from typer.testing import CliRunner
 
 from editdecay.cli import _register, app
 
-SRC = Path(__file__).resolve().parents[2] / "src" / "editdecay"
+SRC = ROOT / "src" / "editdecay"
 NAN = float("nan")
 PAYLOAD = {"metrics": {"post": {"efficacy": 0.5, "margin": NAN}}, "curve": [{"step": 0, "loss": float("inf")},
                                                                           {"step": 1, "loss": np.float32("-inf")}]}
@@ -87,7 +87,7 @@ def test_line_and_stage_writers(tmp_path):
 
 def test_cli_json_output_and_report_json(tmp_path, capsys):
     """`grid ... --json` printing and `report`'s report.json, through the CLI, on results holding NaN."""
-    from test_report_tables import build_results_dir
+    from support.results import build_results_dir
 
     from editdecay.cli.grid import _print_json
     from editdecay.grid.store import GridStore

@@ -4,9 +4,9 @@ by earlier code (tests/fixtures/results_v1, written by commit 078c92f, before th
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from support import RESULTS_V1
 
 from editdecay.core.results import write_result
 from editdecay.core.schema import (
@@ -22,7 +22,7 @@ from editdecay.report.analysis import analyse
 from editdecay.report.records import load_results
 from editdecay.report.tables import all_tables
 
-V1 = Path(__file__).parents[1] / "fixtures" / "results_v1"
+V1 = RESULTS_V1
 
 
 def test_results_written_before_the_schema_still_read():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from test_finetune_data import Oracle
-from test_finetune_tiny import tok as load_tok
+from support.models import Oracle
+from support.models import tok as load_tok
 
 from editdecay.core.errors import ConfigError, DataError
 from editdecay.data.chatterbot import LICENCE, ChatterbotCorpus, prompt_key

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
+from support import COUNTERFACT_SMALL
+from support.models import tiny_model
 
 from editdecay.core.errors import DataError
 from editdecay.data import load_edit_data
 from editdecay.data.counterfact import load_counterfact
 from editdecay.measure.metrics import evaluate_requests, score_continuations
 
-FIXTURE = Path(__file__).parents[1] / "fixtures" / "counterfact_small.json"
+FIXTURE = COUNTERFACT_SMALL
 EXPECTED_REJECTIONS = [
     (2, "requested_rewrite.subject"),
     (2, "neighborhood_prompts"),
@@ -140,18 +140,10 @@ def test_unusable_files_name_the_path(tmp_path, content, words):
     assert str(path) in str(e.value)
 
 
-def test_counterfact_requests_score_counterfact_style(ds):
+def test_counterfact_requests_score_counterfact_style(ds, tokenizer):
     """The loaded requests drive E6 CounterFact scoring: neighbours compare true vs new."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from editdecay.core.models import resolve_source
-
-    torch.set_num_threads(1)
-    tok = AutoTokenizer.from_pretrained(resolve_source("smollm2-135m"))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
-    model = LlamaForCausalLM(cfg).eval()
+    tok = tokenizer
+    model = tiny_model("llama", n_layers=2)
     outcomes = evaluate_requests(model, tok, ds.requests, batch_size=4)
     for req, o in zip(ds.requests, outcomes):
         assert o.case_id == req.case_id and o.style == "counterfact"

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
-import torch
+from support import ZSRE_SAMPLE
+from support.models import tiny_model
 
 from editdecay.core.errors import ConfigError, DataError
 from editdecay.data import load_edit_data
 from editdecay.data.zsre import load_zsre, locate_subject
 from editdecay.measure.metrics import evaluate_requests, score_continuations
 
-SAMPLE = Path(__file__).resolve().parents[1] / "fixtures" / "zsre_sample.json"
+SAMPLE = ZSRE_SAMPLE
 N = 301
 EMPTY_ALT = (54, 103)                 # documented in tests/fixtures/README.md
 ALT_EQUALS_ANSWER = (73, 164, 217)    # alt == answers[0]: not a counterfactual
@@ -273,18 +273,9 @@ def test_public_entry_point_and_seeded_subsets():
 
 
 @pytest.fixture(scope="module")
-def tiny_lm():
+def tiny_lm(tokenizer):
     """A 2-layer random Llama with the embedded model's real tokenizer (no weights loaded)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from editdecay.core.models import resolve_source
-
-    torch.set_num_threads(1)
-    tok = AutoTokenizer.from_pretrained(resolve_source("smollm2-135m"))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
-    return LlamaForCausalLM(cfg).eval(), tok
+    return tiny_model("llama", n_layers=2), tokenizer
 
 
 def test_zsre_requests_score_zsre_style(tiny_lm, answers_ds, alt_ds):

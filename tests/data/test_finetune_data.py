@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
-import torch
-from test_finetune_tiny import tok as load_tok
-from torch import nn
+from support.models import Oracle
+from support.models import tok as load_tok
 
 from editdecay.core.errors import ConfigError, DataError
 from editdecay.data.embedded_task import FAMILIES, EmbeddedTask
@@ -151,38 +149,6 @@ def test_embedded_answers_follow_their_rules():
             assert r.output == words[-1]
         else:
             assert r.output == str(len(words))
-
-
-class Oracle(nn.Module):
-    """A stand-in Llama whose prediction at position t is the true token t+1 (it peeks at the input), except
-    where that token is in `blind`: there it predicts token 0. Hidden states are one-hot over the vocabulary
-    and the unembedding is the identity, so it runs through the same body/unembed split as real models."""
-
-    def __init__(self, vocab: int, blind: set[int]):
-        super().__init__()
-        self.config = SimpleNamespace(model_type="llama")
-        self.model = _PeekingBody(vocab, blind)
-        self.lm_head = nn.Identity()
-
-    @property
-    def base_model(self):
-        return self.model
-
-    def get_input_embeddings(self):
-        return self.model        # where input ids go (core.devices.input_device): the body's device
-
-
-class _PeekingBody(nn.Module):
-    def __init__(self, vocab: int, blind: set[int]):
-        super().__init__()
-        self.vocab, self.blind = vocab, blind
-        self.dummy = nn.Parameter(torch.zeros(1))
-
-    def forward(self, input_ids, attention_mask=None, use_cache=False):
-        nxt = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)          # (B, T) token t+1
-        for b in self.blind:
-            nxt = torch.where(nxt == b, torch.zeros_like(nxt), nxt)
-        return SimpleNamespace(last_hidden_state=torch.nn.functional.one_hot(nxt, self.vocab).float())  # (B, T, V)
 
 
 def test_exact_match_checks_response_and_end_token_at_the_right_positions():

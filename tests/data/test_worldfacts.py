@@ -182,6 +182,7 @@ def test_askable_facts_skip_nulls_and_copyable_objects():
     assert wf.slug("the Netherlands") == "netherlands" and wf.slug("Washington, D.C.") == "washington-d-c"
 
 
+@pytest.mark.slow
 def test_embedded_model_still_knows_a_sample(embedded, selection):
     """Rule known-v1 re-judged on 30 sampled selected facts (and 10 facts it rejected)."""
     assert embedded.identity.fingerprint == selection["model"]["fingerprint"]
@@ -197,6 +198,7 @@ def test_embedded_model_still_knows_a_sample(embedded, selection):
         assert [v.known for v in verdicts] == [f.case_id in known_ids for f in facts], rel.id
 
 
+@pytest.mark.slow
 def test_judge_pruning_is_exact(embedded):
     """judge() scores only rivals that could win; a brute-force ranking must agree with it."""
     table = wf.read_table()
@@ -217,6 +219,7 @@ def test_judge_pruning_is_exact(embedded):
             assert v.margin <= rival_nll - true.nll + 1e-4
 
 
+@pytest.mark.slow
 def test_before_edit_the_model_prefers_the_truth(embedded, ds):
     """By construction of rule (b): efficacy 0 and neighbourhood 1 before any edit (sample of 12)."""
     reqs = random.Random(1).sample(list(ds.requests), 12)

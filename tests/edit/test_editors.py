@@ -8,12 +8,12 @@ positions) and a per-module cache, so each (family, token count) is computed onc
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny
+from support.edits import REQUESTS, write_corpus
+from support.models import make_tiny
 from reference import reference_alphaedit, reference_keys, reference_memit
 
 import editdecay.edit.api as editing
@@ -29,23 +29,6 @@ from editdecay.edit.stats import cached_projector, second_moments
 torch.set_num_threads(1)
 
 LAYERS = (1, 2)
-REQUESTS = [
-    EditRequest("capital", "The capital of {} is", "France", "Rome", "Paris"),
-    EditRequest("sport", "{} plays the sport of", "Lionel Messi", "basketball", "football"),
-    EditRequest("currency", "The official currency of {} is the", "Japan", "euro", "yen"),
-    EditRequest("birth", "{} was born in", "Marie Curie", "Tokyo", "Warsaw"),
-]
-WORDS = ("the of and a in to is was for on that by with as from at his her it an were are which this be or "
-         "has had its also first new one two time city year people world state river music team").split()
-
-
-def write_corpus(path: Path, n_docs: int = 60, seed: int = 0) -> Path:
-    """Blank-line separated documents of ~40 words (well under 128 tokens each)."""
-    rng = random.Random(seed)
-    path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(40)) + "." for _ in range(n_docs)))
-    return path
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus") / "text.txt")

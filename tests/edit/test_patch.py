@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_tiny
+from support.models import make_tiny, tiny_model
 from safetensors.torch import load_file, save_file
 
 from editdecay.core.arch import arch_for, as_out_in, get_module
@@ -132,16 +132,11 @@ def test_corrupted_patch_dir_is_rejected(tokenizer, tmp_path):
 
 
 def test_patch_for_another_shape_fails_clearly(tokenizer):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from editdecay.core.models import wrap
 
     lm = make_tiny("llama", tokenizer)
     patch = random_patch(lm)
-    torch.manual_seed(0)
-    wider = wrap(AutoModelForCausalLM.from_config(LlamaConfig(
-        num_hidden_layers=4, hidden_size=32, num_attention_heads=2, num_key_value_heads=1, intermediate_size=48,
-        max_position_embeddings=128, vocab_size=len(tokenizer))), tokenizer)
+    wider = wrap(tiny_model("llama", vocab_size=len(tokenizer), intermediate_size=48), tokenizer)
     before = params(wider.model)
     with pytest.raises(ConfigError) as e:
         patch.apply(wider.model)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny
-from test_editors import REQUESTS, write_corpus
+from support.edits import REQUESTS, write_corpus
+from support.models import make_tiny
 from typer.testing import CliRunner
 
 import editdecay.edit.api as editing

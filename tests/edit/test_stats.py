@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import models as tiny_models
 
 from editdecay.core.arch import arch_for, get_module
 from editdecay.core.cache import Cache
@@ -37,32 +38,14 @@ torch.set_num_threads(1)
 VOCAB = 128
 
 
-def tiny_model(family: str):
-    from transformers import (
-        GPT2Config,
-        GPT2LMHeadModel,
-        GPTJConfig,
-        GPTJForCausalLM,
-        GPTNeoXConfig,
-        GPTNeoXForCausalLM,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
+SEEDS = {"gpt2": 0, "gptj": 1, "gpt_neox": 2, "llama": 3}
 
-    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    torch.manual_seed({"gpt2": 0, "gptj": 1, "gpt_neox": 2, "llama": 3}[family])
-    if family == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=4, n_positions=64, **common))
-    elif family == "gptj":
-        model = GPTJForCausalLM(GPTJConfig(n_layer=4, n_embd=32, n_head=4, rotary_dim=4, n_positions=64, **common))
-    elif family == "gpt_neox":
-        model = GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=4,
-                                                 intermediate_size=96, max_position_embeddings=64, **common))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=4,
-                                             num_key_value_heads=2, intermediate_size=80, max_position_embeddings=64,
-                                             **common))
-    return wrap(model.float(), None, name=f"tiny-{family}")
+
+def tiny_model(family: str):
+    """A tiny model of `family` over a 128-token vocabulary (the pre-tokenised corpora), 64 positions."""
+    model = tiny_models.tiny_model(family, seed=SEEDS[family], vocab_size=VOCAB, positions=64, bos_token_id=0,
+                                   eos_token_id=1, pad_token_id=1)
+    return wrap(model, None, name=f"tiny-{family}")
 
 
 def write_ids_corpus(path: Path, n_docs: int = 24, seed: int = 0) -> Path:
@@ -437,16 +420,7 @@ def test_corpus_file_errors(tmp_path):
         list(iter_token_chunks(parse_corpus(str(text)), lm, 10, progress=False))
 
 
-@pytest.fixture(scope="module")
-def real_tokenizer():
-    from transformers import AutoTokenizer
-
-    from editdecay.core.models import resolve_source
-
-    return AutoTokenizer.from_pretrained(resolve_source("smollm2-135m"))
-
-
-def test_text_jsonl_parquet_give_the_same_tokens(tmp_path, real_tokenizer):
+def test_text_jsonl_parquet_give_the_same_tokens(tmp_path, tokenizer):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -458,12 +432,8 @@ def test_text_jsonl_parquet_give_the_same_tokens(tmp_path, real_tokenizer):
     parquet = tmp_path / "c.parquet"
     pq.write_table(pa.table({"text": docs}), parquet)
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
-                                         intermediate_size=32, vocab_size=len(real_tokenizer)))
-    lm = wrap(model, real_tokenizer)
-    want = [real_tokenizer.encode(d, add_special_tokens=True) for d in docs]
+    lm = wrap(tiny_models.tiny_model("llama", n_layers=1, vocab_size=len(tokenizer)), tokenizer)
+    want = [tokenizer.encode(d, add_special_tokens=True) for d in docs]
     flat = [t for ids in want for t in ids]
     got = {}
     for path in (txt, jsonl, parquet):
@@ -485,6 +455,7 @@ def test_text_jsonl_parquet_give_the_same_tokens(tmp_path, real_tokenizer):
 
 # --------------------------------------------------------------------------- embedded model, end to end
 
+@pytest.mark.slow
 def test_embedded_model_generated_corpus_end_to_end(tmp_path):
     from editdecay.core.models import load_model
 

@@ -13,7 +13,7 @@ from statistics import mean
 
 import pytest
 import torch
-from conftest import FAMILIES, make_tiny
+from support.models import FAMILIES, make_tiny
 from reference import reference_block_outputs, reference_keys, reference_targets
 
 from editdecay.core.arch import arch_for, unembed_module

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_finetune_tiny import tiny_model, tok
+from support.models import tiny_model, tok
 
 from editdecay.data.embedded_task import EmbeddedTask
 from editdecay.data.instructions import load_source, tokenize

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_finetune_tiny import tiny_model
+from support.models import tiny_model
 from torch import nn
 
 from editdecay.core.errors import ConfigError

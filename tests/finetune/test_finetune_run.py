@@ -7,14 +7,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_finetune_tiny import tiny_model, tok
+from support.edits import synthetic_patch
+from support.models import tiny_model, tok
 
 from editdecay.core.errors import ConfigError
 from editdecay.core.models import wrap
-from editdecay.core.request import EditRequest
 from editdecay.data.embedded_task import EmbeddedTask
 from editdecay.data.instructions import load_source
-from editdecay.edit.patch import EditPatch
 from editdecay.finetune.recipe import Recipe
 from editdecay.finetune.run import run_finetune
 from editdecay.finetune.train import DivergedError
@@ -22,26 +21,6 @@ from editdecay.measure.decay import edit_flip_ratio, relative_decrease
 from editdecay.measure.metrics import RequestOutcome, aggregate, evaluate_requests
 
 TASK = EmbeddedTask(n_train=24, n_test=6)
-SUBJECTS = [("Rome", "Italy", "France"), ("Berlin", "Germany", "Spain"), ("Lima", "Peru", "Chile"),
-            ("Oslo", "Norway", "Sweden")]
-
-
-def requests() -> tuple[EditRequest, ...]:
-    return tuple(EditRequest(
-        case_id=str(i), prompt="{} is the capital of", subject=s, target_new=new, target_true=true,
-        paraphrase_prompts=(f"The city of {s} is the capital of",),
-        neighborhood_prompts=("Paris is the capital of",), neighborhood_answers=("France",),
-    ) for i, (s, true, new) in enumerate(SUBJECTS))
-
-
-def synthetic_patch(model) -> EditPatch:
-    """Large random deltas on the MLP output of layers 1 and 2, so the edit visibly changes predictions."""
-    gen = torch.Generator().manual_seed(5)
-    deltas = {f"model.layers.{l}.mlp.down_proj": torch.randn(model.model.layers[l].mlp.down_proj.weight.shape,
-                                                                 generator=gen) for l in (1, 2)}
-    return EditPatch(deltas=deltas, layers=(1, 2), editor="synthetic", config={}, requests=requests())
-
-
 def run(tmp_path, recipe, name="out", **kw):
     model = tiny_model("llama")
     patch = synthetic_patch(model)

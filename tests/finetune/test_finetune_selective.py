@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_finetune_tiny import snapshot, tiny_model, tok
+from support.models import snapshot, tiny_model, tok
 
 from editdecay.core.arch import arch_for
 from editdecay.data.embedded_task import EmbeddedTask

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_finetune_tiny import snapshot, tiny_model, tok
+from support.models import snapshot, tiny_model, tok
 
 from editdecay.data.embedded_task import EmbeddedTask
 from editdecay.data.instructions import load_source, tokenize

@@ -29,13 +29,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_grid_run import (
-    computed_counts,
-    grid_dict,
-    make_corpus,
-    make_tiny_model,
-    write_grid,
-)
+from support.grids import computed_counts, grid_dict, make_corpus, write_grid
+from support.models import save_tiny_model
 from typer.testing import CliRunner
 
 from editdecay.core.errors import ConfigError
@@ -54,7 +49,7 @@ SEED = int(os.environ.get("EDITDECAY_FAULT_SEED", "12"))   # of the random kill 
 def world(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("faults")
     w = {"root": root, "model": root / "tiny-llama", "corpus": root / "corpus.txt", "cache": root / "cache"}
-    make_tiny_model(w["model"])
+    save_tiny_model(w["model"])
     make_corpus(w["corpus"])
     d = grid_dict(w, n_edits=[4])
     d["recipes"][0]["layers"] = ["edited"]
@@ -345,7 +340,7 @@ def test_two_concurrent_patch_saves_into_one_directory_leave_one_whole_patch(tmp
 
 
 def test_finetune_publishes_outputs_atomically_and_removes_a_stale_adapter(tmp_path, monkeypatch):
-    from test_finetune_tiny import tiny_model, tok
+    from support.models import tiny_model, tok
 
     from editdecay.core.models import wrap
     from editdecay.data.embedded_task import EmbeddedTask

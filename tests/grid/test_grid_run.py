@@ -16,89 +16,28 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
+from support import ZSRE_SAMPLE
+from support.grids import computed_counts, grid_dict, make_corpus, write_grid
+from support.models import save_tiny_model
 
 from editdecay.grid.plan import build_plan
 from editdecay.grid.runner import run_grid
 from editdecay.grid.spec import load_grid
 from editdecay.grid.store import GridStore
 
-ZSRE = Path(__file__).resolve().parents[1] / "fixtures" / "zsre_sample.json"
+ZSRE = ZSRE_SAMPLE
 NUMBERS = ("metrics", "decay", "curve", "curve_base", "requests")   # what must not depend on how a grid ran
-
-
-def make_tiny_model(path: Path) -> None:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from editdecay.core.models import EMBEDDED_NAME, resolve_source
-
-    tok = AutoTokenizer.from_pretrained(resolve_source(EMBEDDED_NAME))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                      tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():                 # larger weights: predictions far from uniform, so edits move margins
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-
-
-def make_corpus(path: Path) -> None:
-    import random
-
-    rng = random.Random(0)
-    words = ("the of and a in to is was for on that by with as at from his her it an were are which this be or "
-             "has had not but first new one their also its after two who they more been other time").split()
-    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(80)) for _ in range(40)))
-
-
-def grid_dict(world: dict, **changes) -> dict:
-    edit = {"layers": [1, 2], "v_num_grad_steps": 20, "clamp_norm_factor": 4.0, "n_context_templates": 1,
-            "context_length": 5}
-    d = {
-        "name": "tiny",
-        "models": [{"name": str(world["model"]), "label": "tiny"}],
-        "editors": [{"name": "memit", "overrides": {**edit, "mom2_update_weight": 10.0}}],
-        "edit_data": [f"zsre:{ZSRE}"],
-        "n_edits": [0, 4],
-        "recipes": [{"method": "lora", "layers": ["all", "edited"], "preset": "embedded",
-                     "overrides": {"max_steps": 3, "batch_size": 4, "warmup_steps": 0, "lora_r": 4,
-                                   "lora_alpha": 8.0}}],
-        "finetune_data": ["embedded"],
-        "shared": {"statistics": {"corpus": str(world["corpus"]), "tokens": 512, "batch_size": 8},
-                   "evaluation": {"eval_every": 2}, "embedded_task": {"n_train": 40, "n_test": 10},
-                   "device": "cpu", "threads": 1, "cache_dir": str(world["cache"])},
-    }
-    d.update(changes)
-    return d
-
-
-def write_grid(path: Path, d: dict) -> Path:
-    path.write_text(yaml.safe_dump(d, sort_keys=False))
-    return path
 
 
 def numbers(result: dict) -> dict:
     return {k: result.get(k) for k in NUMBERS}
 
 
-def computed_counts(store: GridStore) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for e in store.events():
-        if e["event"] == "computed":
-            out[e["stage"]] = out.get(e["stage"], 0) + 1
-    return out
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("grid")
     w = {"root": root, "model": root / "tiny-llama", "corpus": root / "corpus.txt", "cache": root / "cache"}
-    make_tiny_model(w["model"])
+    save_tiny_model(w["model"])
     make_corpus(w["corpus"])
     w["grid"] = write_grid(root / "tiny.yaml", grid_dict(w))
     return w

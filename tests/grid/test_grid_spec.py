@@ -7,16 +7,15 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from support import ROOT
 from typer.testing import CliRunner
 
 from editdecay.core.errors import ConfigError
 from editdecay.grid.plan import build_plan
 from editdecay.grid.spec import grid_from_dict, load_grid
 
-ROOT = Path(__file__).resolve().parents[2]
 STUDY = ROOT / "examples" / "grids" / "study.yaml"
 DEMO = ROOT / "examples" / "grids" / "demo.yaml"
 EMBEDDED_STUDY = ROOT / "examples" / "grids" / "embedded-study.yaml"

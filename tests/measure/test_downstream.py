@@ -16,7 +16,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from test_finetune_tiny import tiny_model, tok
+from support.models import tiny_model, tok
 
 from editdecay.core.errors import ConfigError, DataError
 from editdecay.measure.downstream import (
@@ -34,12 +34,7 @@ CORPUS = ["The cat sat on the mat and looked at the garden.",
 
 
 def scaled_tiny(seed: int = 0):
-    model = tiny_model("llama", seed=seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)
-    return model
+    return tiny_model("llama", seed=seed, scale=4.0)
 
 
 @torch.no_grad()
@@ -197,6 +192,7 @@ def test_local_task_directory_is_scored(tmp_path):
     assert res.provenance["tasks"]["my_mc"]["spec"] == f"local:{tmp_path}/tasks"
 
 
+@pytest.mark.slow
 def test_embedded_model_is_well_above_chance_on_the_authored_task(embedded):
     res = evaluate_downstream(embedded.model, embedded.tokenizer, ["everyday"])
     scores = res.tasks[everyday.TASK_NAME]
@@ -208,7 +204,7 @@ def test_embedded_model_is_well_above_chance_on_the_authored_task(embedded):
 
 
 def test_run_finetune_records_downstream_for_pre_post_and_finetuned(tmp_path):
-    from test_finetune_run import synthetic_patch
+    from support.edits import synthetic_patch
 
     from editdecay.core.models import wrap
     from editdecay.finetune import EmbeddedTask, Recipe, load_source, run_finetune
@@ -253,14 +249,14 @@ def test_run_finetune_records_downstream_for_pre_post_and_finetuned(tmp_path):
 
 
 def test_grid_cell_holds_downstream_of_m0_and_mf_with_deltas(tmp_path):
-    from test_grid_run import make_tiny_model
+    from support.models import save_tiny_model
 
     from editdecay.grid.plan import build_plan
     from editdecay.grid.runner import run_grid
     from editdecay.grid.spec import grid_from_dict
     from editdecay.grid.store import GridStore, result_row
 
-    make_tiny_model(tmp_path / "model")
+    save_tiny_model(tmp_path / "model")
     grid = {"name": "ds", "models": [{"name": str(tmp_path / "model"), "label": "tiny"}], "n_edits": [0],
             "recipes": [{"method": "lora", "preset": "embedded",
                          "overrides": {"max_steps": 2, "batch_size": 4, "warmup_steps": 0, "lora_r": 4}}],
@@ -297,7 +293,7 @@ def test_grid_cell_holds_downstream_of_m0_and_mf_with_deltas(tmp_path):
 
 
 def test_cli_scores_downstream_tasks_and_rejects_unknown_ones_before_loading_the_model(tmp_path):
-    from test_finetune_run import synthetic_patch
+    from support.edits import synthetic_patch
     from typer.testing import CliRunner
 
     from editdecay.cli import _register, app

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny
+from support.models import make_tiny
 from transformers import AutoTokenizer
 
 from editdecay.core.request import EditRequest
@@ -58,6 +58,7 @@ def test_batched_equals_one_at_a_time(tiny, side):
         assert abs(s.nll - reference_nll(tiny.model, tiny.tokenizer, *pair)) < 1e-5
 
 
+@pytest.mark.slow
 def test_outcomes_batched_equal_single_with_and_without_bos(embedded):
     for add_bos in (False, True):
         tok = AutoTokenizer.from_pretrained(embedded.identity.source, add_bos_token=add_bos)
@@ -97,6 +98,7 @@ def test_zsre_outcome_is_token_accuracy(tiny):
     assert out.efficacy_magnitude is None
 
 
+@pytest.mark.slow
 def test_real_model_knows_a_fact(embedded):
     """The embedded model prefers the true capital: efficacy of a counterfactual edit is 0 before editing."""
     out = evaluate_requests(embedded.model, embedded.tokenizer, [CF])[0]

@@ -1,7 +1,7 @@
 """Target frequency by wordfreq (the report's default method) on the hand-built results directory of
-test_report_tables: targets with a known English frequency order, survival worked out by hand.
+support/results.py: targets with a known English frequency order, survival worked out by hand.
 
-Per-request outcomes (test_report_tables.OUTCOMES): erased (cell, request) pairs are A/r2, B/r1, B/r2;
+Per-request outcomes (support.results.OUTCOMES): erased (cell, request) pairs are A/r2, B/r1, B/r2;
 survivors A/r1, A/r3, B/r3, C/r1..r4 (r4 failed after editing in A and B).
 """
 
@@ -11,7 +11,7 @@ import json
 from statistics import mean
 
 import pytest
-from test_report_tables import build_results_dir
+from support.results import build_results_dir
 from wordfreq import zipf_frequency
 
 from editdecay.core.errors import ConfigError

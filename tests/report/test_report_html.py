@@ -20,7 +20,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from test_grid_run import grid_dict, make_corpus, make_tiny_model, write_grid
+from support import COUNTERFACT_SMALL
+from support.grids import grid_dict, make_corpus, write_grid
+from support.models import save_tiny_model
 
 from editdecay.grid.plan import build_plan
 from editdecay.grid.runner import run_grid
@@ -28,7 +30,7 @@ from editdecay.grid.spec import load_grid
 from editdecay.grid.store import GridStore
 
 CHROMIUM = Path("/usr/bin/chromium")
-COUNTERFACT = Path(__file__).resolve().parents[1] / "fixtures" / "counterfact_small.json"
+COUNTERFACT = COUNTERFACT_SMALL
 TARGET_DOC = "Rome is old . English is spoken in Rome and in Japan , Microsoft is not"
 FIGURES = ("decay_curves", "survival_heatmap", "editor_decay_by_n", "request_survival", "downstream")
 
@@ -37,7 +39,7 @@ FIGURES = ("decay_curves", "survival_heatmap", "editor_decay_by_n", "request_sur
 def grid(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("report-grid")
     w = {"model": root / "tiny-llama", "corpus": root / "corpus.txt", "cache": root / "cache"}
-    make_tiny_model(w["model"])
+    save_tiny_model(w["model"])
     make_corpus(w["corpus"])
     # a first document with some edit targets (the statistics use the corpus's first 512 tokens)
     w["corpus"].write_text(TARGET_DOC + "\n\n" + w["corpus"].read_text())

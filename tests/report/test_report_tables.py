@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
-from statistics import mean
 
 import pytest
+from support.results import CELLS, build_results_dir, cell_label
 
-from editdecay.grid.plan import Cell, Plan, Stage
 from editdecay.grid.store import GridStore
 from editdecay.report import build_report, load_results
 from editdecay.report import tables as T
@@ -29,125 +27,6 @@ from editdecay.report.analysis import analyse
 from editdecay.report.significance import paired_comparisons, significance_table
 from editdecay.report.survival import request_frame, survival_requests, survival_summary
 from editdecay.report.table import Missing
-
-IDS = ("r1", "r2", "r3", "r4")
-M0 = dict(eff=[0, 0, 0, 0], para=[0, 0.5, 0, 0], nb=[1, 1, 1, 0.5], margin=[-1, -2, -3, -4])
-MF = dict(eff=[0, 0, 0, 0], para=[0, 0, 0, 0], nb=[1, 1, 1, 1], margin=[-1, -2, -3, -4])
-ME_MEMIT = dict(eff=[1, 1, 1, 0], para=[1, 0.5, 1, 0], nb=[1, 1, 0.5, 0.5], margin=[3, 2, 1, -1])
-ME_ALPHA = dict(eff=[1, 1, 1, 1], para=[1, 1, 0.5, 0.5], nb=[1, 0.5, 1, 1], margin=[2, 2, 2, 2])
-OUTCOMES = {
-    "A": {"M0": M0, "M_e": ME_MEMIT, "M_f": MF,
-          "M_ef": dict(eff=[1, 0, 1, 1], para=[0.5, 0.5, 1, 0], nb=[1, 1, 1, 0.5], margin=[2, -1, 0.5, 0.25])},
-    "B": {"M0": M0, "M_e": ME_MEMIT, "M_f": MF,
-          "M_ef": dict(eff=[0, 0, 1, 0], para=[0, 0, 0.5, 0], nb=[1, 1, 1, 1], margin=[-0.5, -1, 0.5, -2])},
-    "C": {"M0": M0, "M_e": ME_ALPHA, "M_f": MF,
-          "M_ef": dict(eff=[1, 1, 1, 1], para=[1, 1, 0.5, 0.5], nb=[1, 1, 1, 1], margin=[1.5, 1, 2.5, 2])},
-}
-TASK = {"A": {"M0": 0.1, "M_e": 0.1, "M_f": 0.5, "M_ef": 0.4}, "B": {"M0": 0.1, "M_e": 0.1, "M_f": 0.6, "M_ef": 0.6},
-        "C": {"M0": 0.1, "M_e": 0.1, "M_f": 0.5, "M_ef": 0.3}, "F": {"M0": 0.1, "M_f": 0.5}}
-LM_EVAL = {"A": {"M_f": {"boolq": {"acc": 0.7, "acc_stderr": 0.04, "n": 50}},
-                 "M_ef": {"boolq": {"acc": 0.6, "acc_stderr": 0.05, "n": 50},
-                          "wikitext": {"word_perplexity": 30.5, "n": 10, "n_tokens": 1000}}}}
-CELLS = {  # name: (editor, recipe, method, layers, n_edits, state)
-    "A": ("memit", "lora-all", "lora", "all", 4, "done"),
-    "B": ("memit", "full-all", "full", "all", 4, "done"),
-    "C": ("alphaedit", "lora-all", "lora", "all", 4, "done"),
-    "D": ("alphaedit", "full-all", "full", "all", 4, "failed"),
-    "E": ("memit", "lora-edited", "lora", "edited", 4, "pending"),
-    "F": (None, "lora-all", "lora", "all", 0, "done"),
-}
-
-
-def _label(name: str) -> str:
-    editor, recipe, _, _, n, _ = CELLS[name]
-    return f"tiny/{editor or '-'}/{'cf' if n else '-'}/n{n}/{recipe}/embedded/s0"
-
-
-def _outcome(case_id: str, o: dict, i: int) -> dict:
-    return {"case_id": case_id, "style": "counterfact", "efficacy": float(o["eff"][i]),
-            "paraphrase": float(o["para"][i]), "neighborhood": float(o["nb"][i]), "efficacy_acc": float(o["eff"][i]),
-            "paraphrase_acc": 0.0, "neighborhood_acc": 0.0, "margin": float(o["margin"][i]), "n_paraphrase": 2,
-            "n_neighborhood": 2}
-
-
-def _result(name: str, cell: Cell) -> dict:
-    """A cell result in the store.py schema; stored aggregates are plain means of the rows (consistent)."""
-    editor, recipe, method, layers, n, _ = CELLS[name]
-    metrics, requests, decay = {}, [], {}
-    if n:
-        outs = OUTCOMES[name]
-        for m, o in outs.items():
-            metrics[m] = {"efficacy": mean(o["eff"]), "paraphrase": mean(o["para"]), "neighborhood": mean(o["nb"]),
-                          "n": 4, "margin": mean(o["margin"])}
-        for i, cid in enumerate(IDS):
-            row = {m: _outcome(cid, outs[m], i) for m in outs}
-            success = {m: outs[m]["eff"][i] >= 0.5 for m in outs}
-            requests.append({"case_id": cid, **row, "success": success,
-                             "margin": {m: float(outs[m]["margin"][i]) for m in outs},
-                             "flipped": success["M_e"] and not success["M_ef"]})
-        ok_e = [r for r in requests if r["success"]["M_e"]]
-        flipped = [r["case_id"] for r in ok_e if not r["success"]["M_ef"]]
-        decay = {"edit_flip_ratio": {"value": len(flipped) / len(ok_e), "n_success_edited": len(ok_e),
-                                     "n_flipped": len(flipped), "n": 4, "threshold": 0.5, "flipped": flipped},
-                 "relative_decrease": {s: (metrics["M_e"][s] - metrics["M_ef"][s]) / metrics["M_e"][s]
-                                       for s in ("efficacy", "paraphrase", "neighborhood")}}
-    for m, acc in TASK[name].items():
-        metrics.setdefault(m, {"n": 0})
-        metrics[m].update(task_accuracy=acc, n_task=10)
-    for m, tasks in LM_EVAL.get(name, {}).items():
-        metrics[m]["downstream"] = tasks
-        metrics[m]["downstream_score"] = tasks["boolq"]["acc"]      # the only task with an accuracy
-    curve = [{"step": 0, "efficacy": metrics.get("M_e", {}).get("efficacy"), "task_accuracy": TASK[name].get("M_e")},
-             {"step": 3, "efficacy": metrics.get("M_ef", {}).get("efficacy"), "task_accuracy": TASK[name].get("M_ef")}]
-    return {"schema_version": 1, "kind": "grid-cell", "cell_schema_version": 1, "grid": "hand",
-            "cell": {"id": cell.id, "label": cell.label, "axes": cell.axes},
-            "config": {"model": {"name": "tiny"}, "recipe": {"method": method, "layers": layers},
-                       "finetune_data": "embedded", "task": None},
-            "model": {"name": "tiny", "fingerprint": "0"}, "metrics": metrics, "decay": decay,
-            "curve": curve if n else [], "curve_base": [{"step": 0, "task_accuracy": 0.1},
-                                                        {"step": 3, "task_accuracy": TASK[name]["M_f"]}],
-            "requests": requests}
-
-
-def build_results_dir(root: Path, *, corrupt: bool = False) -> dict[str, Cell]:
-    """Plan, stage manifests, a failure record and result files, as `editdecay grid run` leaves them."""
-    stages, cells = {}, {}
-
-    def stage(sid, kind, deps=()):
-        stages.setdefault(sid, Stage(sid, kind, {}, tuple(deps), sid))
-        return sid
-
-    for name, (editor, recipe, method, layers, n, _) in CELLS.items():
-        axes = {"model": "tiny", "model_label": "tiny", "editor": editor, "edit_data": "cf" if n else None,
-                "edit_data_label": "cf" if n else None, "n_edits": n, "recipe": recipe, "method": method,
-                "layers": layers, "targets": "all-linear", "finetune_data": "embedded",
-                "finetune_data_label": "embedded", "seed": 0}
-        roles = {"finetune_base": stage(f"finetune-base-{recipe}", "finetune")}
-        if n:
-            roles["patch"] = stage(f"patch-{editor}", "patch")
-            roles["finetune_edited"] = stage(f"finetune-{name}", "finetune", [roles["patch"]])
-        roles["cell"] = stage(f"cell-{name}", "cell", list(roles.values()))
-        cells[name] = Cell(f"cell-{name}-id", _label(name), axes, roles)
-    plan = Plan("hand", tuple(cells.values()), stages)
-    store = GridStore(root)
-    store.write_plan(plan)
-    for name, cell in cells.items():
-        state = CELLS[name][5]
-        if state == "done":
-            with store.building(cell.stages["cell"], "cell") as tmp:
-                (tmp / "result.json").write_text(json.dumps(_result(name, cell)))
-            store.publish_result(plan, cell.id)
-        elif state == "failed":
-            store.record_failure(cell.stages["finetune_edited"], "finetune", "NonFiniteError: loss is nan",
-                                 "Traceback (most recent call last):\n  ...\nNonFiniteError: loss is nan")
-    if corrupt:
-        path = store.result_path(cells["A"].id)
-        r = json.loads(path.read_text())
-        r["decay"]["edit_flip_ratio"]["value"] = 0.5
-        r["metrics"]["M_ef"]["efficacy"] = 0.5
-        r["metrics"]["M_ef"]["downstream_score"] = 0.65
-        path.write_text(json.dumps(r))
-    return cells
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +54,7 @@ def approx_rows(got: list[list], want: list[list]) -> None:
 def test_loading_states_and_missing_cells(hand):
     a = hand["analysis"]
     states = {c.label: c.state for c in a.cells}
-    assert states == {_label(n): CELLS[n][5] for n in CELLS}
+    assert states == {cell_label(n): CELLS[n][5] for n in CELLS}
     failed = next(c for c in a.cells if c.state == "failed")
     assert failed.error == "NonFiniteError: loss is nan" and failed.failed_kind == "finetune"
     assert failed.failed_stage == "finetune-D"
@@ -183,8 +62,8 @@ def test_loading_states_and_missing_cells(hand):
     from editdecay.report.build import missing_table
 
     assert rows(missing_table(a)) == [
-        [_label("D"), "failed", "finetune", "finetune-D", "NonFiniteError: loss is nan"],
-        [_label("E"), "pending", None, None, "not run yet"]]
+        [cell_label("D"), "failed", "finetune", "finetune-D", "NonFiniteError: loss is nan"],
+        [cell_label("E"), "pending", None, None, "not run yet"]]
 
 
 def test_edit_flip_ratio_exact(hand):
@@ -223,12 +102,12 @@ def test_cells_table(hand):
                        "rel. decrease ES", "rel. decrease PS", "rel. decrease NS", "EFR", "flipped",
                        "succeeded after editing", "task acc. M_f", "task acc. M_ef"]
     approx_rows(rows(t), [
-        [_label("A"), "done", 4, 0.75, 0.75, 0.625, 0.5, 0.75, 0.875, 0.0, 0.2, -1 / 6, 1 / 3, 1, 3, 0.5, 0.4],
-        [_label("B"), "done", 4, 0.75, 0.25, 0.625, 0.125, 0.75, 1.0, 2 / 3, 0.8, -1 / 3, 2 / 3, 2, 3, 0.6, 0.6],
-        [_label("C"), "done", 4, 1.0, 1.0, 0.75, 0.75, 0.875, 1.0, 0.0, 0.0, -1 / 7, 0.0, 0, 4, 0.5, 0.3],
-        [_label("D"), "failed"] + [Missing("failed")] * 15,
-        [_label("E"), "pending"] + [Missing("pending")] * 15,
-        [_label("F"), "done", 0] + [None] * 12 + [0.5, None]])
+        [cell_label("A"), "done", 4, 0.75, 0.75, 0.625, 0.5, 0.75, 0.875, 0.0, 0.2, -1 / 6, 1 / 3, 1, 3, 0.5, 0.4],
+        [cell_label("B"), "done", 4, 0.75, 0.25, 0.625, 0.125, 0.75, 1.0, 2 / 3, 0.8, -1 / 3, 2 / 3, 2, 3, 0.6, 0.6],
+        [cell_label("C"), "done", 4, 1.0, 1.0, 0.75, 0.75, 0.875, 1.0, 0.0, 0.0, -1 / 7, 0.0, 0, 4, 0.5, 0.3],
+        [cell_label("D"), "failed"] + [Missing("failed")] * 15,
+        [cell_label("E"), "pending"] + [Missing("pending")] * 15,
+        [cell_label("F"), "done", 0] + [None] * 12 + [0.5, None]])
 
 
 def test_mean_relative_decrease_by_method_model_editor(hand):
@@ -264,15 +143,15 @@ def test_downstream_table_shows_every_task_and_metric(hand):
     t = T.downstream_table(hand["analysis"])
     assert t.names == ["cell", "task", "metric", "M0", "M_e", "M_f", "M_ef", "n"]
     approx_rows(rows(t), [
-        [_label("A"), "embedded", "accuracy", 0.1, 0.1, 0.5, 0.4, 10],
-        [_label("A"), "boolq", "acc", None, None, 0.7, 0.6, 50],
-        [_label("A"), "boolq", "acc_stderr", None, None, 0.04, 0.05, 50],
-        [_label("A"), "wikitext", "word_perplexity", None, None, None, 30.5, 10],
-        [_label("B"), "embedded", "accuracy", 0.1, 0.1, 0.6, 0.6, 10],
-        [_label("C"), "embedded", "accuracy", 0.1, 0.1, 0.5, 0.3, 10],
-        [_label("D")] + [Missing("failed")] * 7,
-        [_label("E")] + [Missing("pending")] * 7,
-        [_label("F"), "embedded", "accuracy", 0.1, None, 0.5, None, 10]])
+        [cell_label("A"), "embedded", "accuracy", 0.1, 0.1, 0.5, 0.4, 10],
+        [cell_label("A"), "boolq", "acc", None, None, 0.7, 0.6, 50],
+        [cell_label("A"), "boolq", "acc_stderr", None, None, 0.04, 0.05, 50],
+        [cell_label("A"), "wikitext", "word_perplexity", None, None, None, 30.5, 10],
+        [cell_label("B"), "embedded", "accuracy", 0.1, 0.1, 0.6, 0.6, 10],
+        [cell_label("C"), "embedded", "accuracy", 0.1, 0.1, 0.5, 0.3, 10],
+        [cell_label("D")] + [Missing("failed")] * 7,
+        [cell_label("E")] + [Missing("pending")] * 7,
+        [cell_label("F"), "embedded", "accuracy", 0.1, None, 0.5, None, 10]])
 
 
 def test_survival_tables(hand):
@@ -305,13 +184,13 @@ def test_paired_tests(hand):
         return hit
 
     # A: M_e [1,1,1,0] vs M_ef [1,0,1,1]: one discordant pair each way -> p = 1
-    r = find("fine-tuning", _label("A"), "success")
+    r = find("fine-tuning", cell_label("A"), "success")
     assert (r["test"], r["statistic"], r["p"], r["n"]) == ("McNemar exact", 1.0, 1.0, 4)
     # B: b = 2, c = 0 -> p = 2 * 0.5**2
-    r = find("fine-tuning", _label("B"), "success")
+    r = find("fine-tuning", cell_label("B"), "success")
     assert (r["statistic"], r["p"], r["n"]) == (2.0, 0.5, 4)
     # A margins: differences 1, 3, 0.5, -1.25 -> W = 3 (negative ranks), exact p = 2 * 5/16
-    r = find("fine-tuning", _label("A"), "margin")
+    r = find("fine-tuning", cell_label("A"), "margin")
     assert r["test"] == "Wilcoxon signed-rank" and r["statistic"] == 3.0 and r["p"] == pytest.approx(0.625)
     # recipes on the memit patch: survival A [1,0,1,0] vs B [0,0,1,0] -> b=1, c=0
     r = find("recipe", "tiny/memit/cf/4/embedded/0", "survival")
@@ -355,7 +234,7 @@ def test_report_files_mark_missing_cells(hand, tmp_path):
     assert 'data-missing="failed"' in html and 'data-missing="pending"' in html
     assert "NonFiniteError: loss is nan" in html and "http" not in html.replace("http-equiv", "")
     md = (out / "report.md").read_text()
-    assert f"| {_label('D')} | failed | finetune | finetune-D | NonFiniteError: loss is nan |" in md
+    assert f"| {cell_label('D')} | failed | finetune | finetune-D | NonFiniteError: loss is nan |" in md
     data = json.loads((out / "report.json").read_text())
     assert data["cell_states"] == {"done": 4, "failed": 1, "running": 0, "pending": 1, "invalid": 0}
     efr = data["tables"]["edit_flip_ratio"]["rows"]
@@ -370,7 +249,7 @@ def test_unusable_result_is_invalid_and_no_plan_still_reports(tmp_path):
     del r["requests"][2]["success"]
     bad.write_text(json.dumps(r))
     a = analyse(load_results(tmp_path))
-    b = next(c for c in a.cells if c.label == _label("B"))
+    b = next(c for c in a.cells if c.label == cell_label("B"))
     assert b.state == "invalid" and "requests[2] has no field 'success'" in b.error
     assert T.edit_flip_ratio(a).rows[1][5:] == (Missing("invalid"),) * 5
     # without plan.json: the cells with result files, and a note that others cannot be named
