@@ -1,4 +1,4 @@
-"""benchmarks/gpu_scale.py --preset tiny: the GPU script's code paths on the CPU (issue 13).
+"""benchmarks/gpu_scale.py --preset tiny: the GPU script's code paths on the CPU.
 
 Asserts the JSON's fields and that every section and phase ran; timings are not asserted.
 """

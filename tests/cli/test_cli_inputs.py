@@ -1,4 +1,4 @@
-"""Issue 12: faults a user meets through the command line, each tested as a kind.
+"""Faults a user meets through the command line, each tested as a kind.
 
 Every test goes through the CLI (typer's CliRunner) and checks what the user sees:
 the exit code, a message naming the field/value/path, and that nothing half-written is left.

@@ -1,4 +1,4 @@
-"""Issue 13 on the CPU: memory-aware batching (core.memory) and tensors that follow module devices
+"""On the CPU: memory-aware batching (core.memory) and tensors that follow module devices
 (core.devices).
 
 The acceptance test of the batching rule simulates a CUDA device with a fixed amount of free

@@ -1,14 +1,14 @@
-"""Every row of the architecture table through every stage of the pipeline (issue 12, item 7).
+"""Every row of the architecture table through every stage of the pipeline.
 
-One test, over the tiny random GPT-2, GPT-J, GPT-NeoX and Llama models of conftest.py:
+One test, over the tiny random GPT-2, GPT-J, GPT-NeoX and Llama models (tests/support/models.py):
 edit (MEMIT and AlphaEdit) -> evaluate (E6) -> fine-tune with full, LoRA and DoRA -> task scoring
 (exact match, through `core.forward.logits_at`).
 
 It runs twice per row: with the table as it is, and with a *decoy* alternative put in front of every
 module name of the row ("decoy.h.{}|transformer.h.{}", "decoy_lm_head|lm_head", ...). A table name may
 hold alternatives ("lm_head|embed_out" for GPT-NeoX); the decoy run fails at any place that looks a
-table name up without expanding its alternatives through `core.arch.resolve_name` (the fault of
-issue 12 item 7: fine-tuning GPT-NeoX failed because `forward.py` looked up "lm_head|embed_out" as is).
+table name up without expanding its alternatives through `core.arch.resolve_name` (the fault this
+guards against: fine-tuning GPT-NeoX failed when `forward.py` looked up "lm_head|embed_out" as is).
 """
 
 from __future__ import annotations

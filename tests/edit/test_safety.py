@@ -1,10 +1,10 @@
-"""No silent damage (issue 11): an edit that would write a destructive patch fails with a named error,
+"""No silent damage: an edit that would write a destructive patch fails with a named error,
 exit status 2 and nothing written; judgement calls are warnings recorded in the result and patch.
 
 Kinds: E1 statistics too thin (fewer tokens than d_k, or C numerically rank-deficient); a NaN or
 infinity in statistics, keys, targets or deltas; a subject that does not end on a token boundary.
 CLI tests use tiny random models (saved to a directory) and their own cache; one uses the embedded
-model, as the issue reproduced it.
+model, where too few statistics tokens were first seen to wreck a model.
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ def test_cli_subject_not_on_a_token_boundary(tiny_dir, tmp_path, corpus):
 
 @pytest.mark.slow
 def test_cli_issue_case_embedded_1000_statistics_tokens(tmp_path, embedded):
-    """The issue's case: three capital/language MEMIT edits with 1,000 statistics tokens (d_k = 1,536)."""
+    """Three capital/language MEMIT edits with 1,000 statistics tokens (d_k = 1,536) on the embedded model."""
     out = tmp_path / "patch"
     res = _edit("smollm2-135m", _counterfact(tmp_path / "cf.json", CAPITALS), out, "--stats-tokens", "1000")
     assert res.exit_code == 2, res.output

@@ -54,7 +54,7 @@ def test_full_fine_tuning_changes_only_the_chosen_layers(family, layers):
                 assert not torch.equal(after[name], old), f"{name} should have trained"
         else:
             assert torch.equal(after[name], old), f"{name} changed but is outside the plan"
-    # The edited MLP output module is part of "edited layers" (PROTOCOL.md: the study's code missed it).
+    # The edited MLP output module is part of "edited layers" (docs/PROTOCOL.md: the study's code missed it).
     if layers == "edited":
         assert arch.mlp_out_name(1) in plan.modules
         assert f"{arch.mlp_out_name(1)}.weight" in out.trainable_parameters

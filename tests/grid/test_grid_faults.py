@@ -1,4 +1,4 @@
-"""The grid runner under faults (issue 12, item 10), one test per kind of fault:
+"""The grid runner under faults, one test per kind of fault:
 
 - a worker killed with SIGKILL in each stage kind (statistics, edit, fine-tune, evaluate) at a random point,
   then resumed: no finished stage is lost or computed again; a stage killed again and again (the OOM killer)

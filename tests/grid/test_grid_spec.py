@@ -188,7 +188,7 @@ def test_study_grid_lists_every_cell_and_shares_stages():
     m_f = [x for x in plan.stages.values() if x.kind == "finetune" and x.config["patch"] is None]
     assert len(m_f) == models * recipes                                    # one M_f per model x recipe
     assert k["finetune"]["stages"] == models * recipes + 300               # + one M_ef per edited cell
-    # the study's presets (PROTOCOL.md) are resolved without loading any model
+    # the study's presets (docs/PROTOCOL.md) are resolved without loading any model
     layers = {x.config["model"]["name"]: x.config["layers"] for x in plan.stages.values() if x.kind == "stats"}
     assert layers["openai-community/gpt2-xl"] == [13, 14, 15, 16, 17]
     assert layers["EleutherAI/gpt-j-6b"] == [3, 4, 5, 6, 7, 8]

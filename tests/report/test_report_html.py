@@ -1,7 +1,7 @@
 """`editdecay report` end to end: a real demo-shaped grid on a tiny model, the report opened in headless Chromium.
 
 The grid has the demo's shape (2 editors x 2 methods x 2 layer choices = 8 cells) on a tiny random Llama saved to
-disk (as in test_grid_run.py), the 3 usable CounterFact-style requests of tests/fixtures (probability comparisons,
+disk (support/grids.py), the 3 usable CounterFact-style requests of tests/fixtures (probability comparisons,
 so the numbers vary), 3 fine-tuning steps. One cell's result is then removed, as if it had never been assembled. The report is written by
 the CLI and `report.html` is loaded by Chromium (Debian's `chromium`; `make test` installs it), whose DOM after
 rendering must show every figure decoded and the numbers of the result files in the tables.

@@ -39,7 +39,7 @@ def edit(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     out: Path = typer.Option(..., help="patch directory to write (patch.safetensors, patch.json, result.json)"),
 ) -> None:
-    """Edit a model (ALGORITHMS.md E1-E5); print efficacy/paraphrase/neighbourhood before and after."""
+    """Edit a model (docs/METHODS.md E1-E5); print efficacy/paraphrase/neighbourhood before and after."""
     from editdecay.core.errors import ConfigError
     from editdecay.edit.workflow import parse_layers, run_edit
 

@@ -34,7 +34,7 @@ def eval_edits(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     out: Optional[Path] = typer.Option(None, help="write the JSON result here"),
 ) -> None:
-    """Measure efficacy, paraphrase and neighbourhood success (ALGORITHMS.md E6)."""
+    """Measure efficacy, paraphrase and neighbourhood success (docs/METHODS.md E6)."""
     from editdecay.edit.workflow import evaluate_stage_result
 
     set_threads(threads)

@@ -1,4 +1,4 @@
-"""`editdecay finetune`: fine-tune a (patched) model and measure what is left of the edits (ALGORITHMS.md E7)."""
+"""`editdecay finetune`: fine-tune a (patched) model and measure what is left of the edits (docs/METHODS.md E7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The grid file: a typed, validated description of a whole study (PROTOCOL.md, "The grid the study ran").
+"""The grid file: a typed, validated description of a whole study (docs/PROTOCOL.md, "The grid the study ran").
 
 A grid is a product of axes -- models, editors, edit data sets, numbers of edits
 (0: fine-tune only), fine-tuning recipes (method x layer choice x targets),
@@ -224,7 +224,7 @@ class EvaluationSettings(_Strict):
     batch_size: int = Field(32, ge=1, description="prompts per scoring batch (E6)")
     eval_every: int = Field(25, ge=0, description="decay curve: measure M_ef every K fine-tuning steps "
                                                   "(0: only first and last)")
-    zsre_target: Literal["answers", "alt"] = Field("answers", description="zsRE edit target (ALGORITHMS.md E6)")
+    zsre_target: Literal["answers", "alt"] = Field("answers", description="zsRE edit target (docs/METHODS.md E6)")
     strict: bool = Field(False, description="a rejected edit record fails the stage instead of being skipped")
     edit_batch_size: int | None = Field(None, ge=1, description="edits per sequential batch (None: one batch)")
 
