@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-pipeline test bench clean-venv
+.PHONY: demo demo-pipeline test test-fast bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,8 +39,16 @@ CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	apt-get update && apt-get install -y chromium
 
+# Every test: slow ones (they load the embedded model) and GPU ones (skipped without CUDA) included.
+# Torch runs one thread in tests (see the demo's note on shared cores).
+PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
 test: $(STAMP) $(CHROMIUM)
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+	$(PYTEST)
+
+# The edit-test loop: everything that does not load the embedded model or need a GPU.
+test-fast: $(STAMP) $(CHROMIUM)
+	$(PYTEST) -m "not slow and not gpu"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/metric_throughput.py

@@ -7,7 +7,7 @@ Run on the GPU machine from the repository root (no network, no checkpoints need
 It needs torch (with CUDA), transformers, tokenizers, peft and what editdecay's edit and
 fine-tuning code imports: pydantic, tqdm, safetensors, filelock, platformdirs, numpy
 (`pip install -e .` installs all of them; the script names any that is missing). On the
-CPU, `--preset tiny` runs the same code paths in well under a minute (tests/test_gpu_scale.py):
+CPU, `--preset tiny` runs the same code paths in well under a minute (tests/benchmarks/test_gpu_scale.py):
 
     PYTHONPATH=src python benchmarks/gpu_scale.py --preset tiny --out /tmp/gpu_scale.json
 

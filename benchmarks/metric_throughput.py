@@ -1,6 +1,6 @@
 """Benchmark: E6 metric throughput on the embedded model, batched vs one prompt at a time.
 
-    .venv/bin/python benchmarks/metric_throughput.py [--data zsre:../shared/data/zsre_sample.json] [--n 50]
+    .venv/bin/python benchmarks/metric_throughput.py [--data zsre:tests/fixtures/zsre_sample.json] [--n 50]
 
 Prints prompts/second for both and their ratio, and checks the numbers agree.
 """
@@ -20,7 +20,7 @@ from editdecay.measure.metrics import _pairs_for, evaluate_requests
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--data", default="zsre:../shared/data/zsre_sample.json")
+    p.add_argument("--data", default="zsre:tests/fixtures/zsre_sample.json")
     p.add_argument("--n", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)

@@ -10,11 +10,10 @@ import ast
 import importlib.metadata as md
 import re
 import sys
-from pathlib import Path
 
 import tomllib
+from support import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "editdecay"
 
 

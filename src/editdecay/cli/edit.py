@@ -48,7 +48,7 @@ def edit(
     seed: Optional[int] = typer.Option(None, help="seed for the sample of N requests"),
     out: Path = typer.Option(..., help="patch directory to write (patch.safetensors, patch.json, result.json)"),
 ) -> None:
-    """Edit a model (ALGORITHMS.md E1-E5); print efficacy/paraphrase/neighbourhood before and after."""
+    """Edit a model (docs/METHODS.md E1-E5); print efficacy/paraphrase/neighbourhood before and after."""
     from editdecay.core.cache import Cache
     from editdecay.core.config import check_choice
     from editdecay.core.errors import ConfigError

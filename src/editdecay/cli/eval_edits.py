@@ -37,7 +37,7 @@ def eval_edits(
     allow_foreign_patch: bool = ALLOW_FOREIGN_PATCH,
     out: Optional[Path] = typer.Option(None, help="write the JSON result here"),
 ) -> None:
-    """Measure efficacy, paraphrase and neighbourhood success (ALGORITHMS.md E6)."""
+    """Measure efficacy, paraphrase and neighbourhood success (docs/METHODS.md E6)."""
     from editdecay.core.errors import ConfigError
     from editdecay.edit.workflow import evaluate_stage_result
 

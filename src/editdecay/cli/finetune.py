@@ -1,4 +1,4 @@
-"""`editdecay finetune`: fine-tune a (patched) model and measure what is left of the edits (ALGORITHMS.md E7).
+"""`editdecay finetune`: fine-tune a (patched) model and measure what is left of the edits (docs/METHODS.md E7).
 
 The model, recipe, evaluation, data and run settings are options generated from their records (cli/options.py),
 named like the keys of a grid file: every Recipe field has one (`--learning-rate`, `--train-on-prompt`, ...).

@@ -1,4 +1,4 @@
-"""Architecture knowledge as data (ALGORITHMS.md, architecture table).
+"""Architecture knowledge as data (docs/METHODS.md, architecture table).
 
 Every module path that an editor, a statistics pass or a fine-tuner needs is
 read from `ARCHITECTURES`; no other file spells `transformer.h` or

@@ -5,7 +5,7 @@ blocks on several GPUs. Every tensor that editdecay creates for a module (input
 ids, index tensors, deltas added by hooks, solves of one layer) must sit on the
 device that module computes on. These two functions are the only place that
 answers the question; no other module reads `next(model.parameters()).device`
-(tests/test_batching.py checks the source for it).
+(tests/core/test_batching.py checks the source for it).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def slot_problem(template: str, subject: str) -> str | None:
 
 @dataclass(frozen=True)
 class EditRequest:
-    """One fact to write into the model (ALGORITHMS.md E2-E3) plus what to measure (E6).
+    """One fact to write into the model (docs/METHODS.md E2-E3) plus what to measure (E6).
 
     `prompt` is a template with exactly one `{}` for the subject. Paraphrase and
     neighbourhood prompts are complete prompts. For CounterFact-style metrics the

@@ -92,7 +92,7 @@ def pad_batch(seqs: list[list[int]], pad: int, side: str = "right") -> Batch:
 
 @dataclass(frozen=True)
 class SubjectPrompt:
-    """A prompt split at the subject's last token (ALGORITHMS.md E2: the key/edit position).
+    """A prompt split at the subject's last token (docs/METHODS.md E2: the key/edit position).
 
     ids = prefix + [subject_last] + rest = the whole prompt's tokens exactly as `encode_prompt`
     gives them (so editing and evaluation see the same tokens); the subject's last token is at

@@ -10,7 +10,7 @@ literature, computers, coding, emotion, ...):
     - - Who was the 37th President of the United States?
       - Richard Nixon
 
-Why this source: the study fine-tunes on instruction text written by people (Commonsense170K, PROTOCOL.md);
+Why this source: the study fine-tunes on instruction text written by people (Commonsense170K, docs/PROTOCOL.md);
 the embedded generated task shares nothing with language about the world. This package installs from
 the package index like every other dependency, so a fresh clone has it with no download at run time.
 

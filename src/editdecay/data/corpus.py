@@ -1,4 +1,4 @@
-"""Generic text for the key statistics (ALGORITHMS.md E1): which corpus, and its tokens.
+"""Generic text for the key statistics (docs/METHODS.md E1): which corpus, and its tokens.
 
 A corpus is named by a `CorpusSpec` and spelled on the command line as one string
 (`parse_corpus`):

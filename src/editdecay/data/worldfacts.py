@@ -3,7 +3,7 @@
 Why it exists: CounterFact and zsRE are downloads; the embedded model (SmolLM2-135M)
 knows few of their facts, so edits on them measure little. `worldfacts` asks
 the model only what it demonstrably knows, so "the edit removed a true fact"
-and "the fact came back after fine-tuning" are meaningful (ALGORITHMS.md E6).
+and "the fact came back after fine-tuning" are meaningful (docs/METHODS.md E6).
 
 Sources, all in this folder and committed:
   * `worldfacts_facts.json`: one row per country (country, capital, continent,

@@ -5,7 +5,7 @@ rephrase (a paraphrased question), alt (a counterfactual answer), answers (gold
 answers, a list), loc / loc_ans (an unrelated NQ question and its gold answer),
 cond (ignored).
 
-Which field is the edit target differs between public codebases (ALGORITHMS.md E6):
+Which field is the edit target differs between public codebases (docs/METHODS.md E6):
 
 - target="answers" (default; MEMIT / AlphaEdit, and so the study): the edit writes
   `answers[0]`. MEMIT gives these requests no true target at all (a placeholder

@@ -1,4 +1,4 @@
-"""The edit step (ALGORITHMS.md E1-E5): statistics, keys, targets, the MEMIT and AlphaEdit solves, patches.
+"""The edit step (docs/METHODS.md E1-E5): statistics, keys, targets, the MEMIT and AlphaEdit solves, patches.
 
 Public API (imported lazily, so `editdecay.edit.config` can be read without torch):
 - `edit_model(lm, editor, cfg, requests)` -> (EditPatch, EditingRun)   (edit/api.py)

@@ -1,4 +1,4 @@
-"""AlphaEdit (ALGORITHMS.md E5): the MEMIT machinery with a null-space-projected solve.
+"""AlphaEdit (docs/METHODS.md E5): the MEMIT machinery with a null-space-projected solve.
 
 Sequential state (C_p, the keys of earlier batches) lives on this object, one per
 editing run, never in a module or process global.

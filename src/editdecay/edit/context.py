@@ -1,4 +1,4 @@
-"""Context templates for keys and target values (ALGORITHMS.md E2, E3).
+"""Context templates for keys and target values (docs/METHODS.md E2, E3).
 
 The reference samples short texts from the model itself and prepends them to the
 edit prompt ("<text>. {}"), so the edit generalises beyond one exact context.

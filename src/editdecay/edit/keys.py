@@ -1,4 +1,4 @@
-"""Keys of the requests and block outputs at the subject's last token (ALGORITHMS.md E2, E4).
+"""Keys of the requests and block outputs at the subject's last token (docs/METHODS.md E2, E4).
 
 One forward pass collects every requested layer at once and stops after the last
 one that is needed.

@@ -1,4 +1,4 @@
-"""MEMIT (ALGORITHMS.md E4): the shared E2/E3 machinery plus a lambda-weighted least-squares solve."""
+"""MEMIT (docs/METHODS.md E4): the shared E2/E3 machinery plus a lambda-weighted least-squares solve."""
 
 from __future__ import annotations
 

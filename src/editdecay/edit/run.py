@@ -1,4 +1,4 @@
-"""An editing run: validated requests in, weight deltas out (ALGORITHMS.md E2-E5).
+"""An editing run: validated requests in, weight deltas out (docs/METHODS.md E2-E5).
 
 Invariant: at any time the model's edited weights equal original + accumulated
 delta (cast once to the weight dtype), so the live model and `patch()` applied to

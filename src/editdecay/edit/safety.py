@@ -2,8 +2,8 @@
 
 - E1 statistics (`check_statistics`): C_l must be averaged over at least d_k non-padding tokens
   and be numerically full rank; otherwise E4's lambda C + K K^T is (near) singular and E5's null
-  space P covers directions the statistics never saw, and the edit damages the model (issue 11:
-  3 MEMIT edits with 1,000 tokens at d_k = 1,536 raised the embedded model's perplexity on plain
+  space P covers directions the statistics never saw, and the edit damages the model (on the
+  embedded model, 3 MEMIT edits with 1,000 tokens at d_k = 1,536 raised its perplexity on plain
   English from 11.9 to about 11 million). Fewer than `RECOMMENDED_TOKENS_PER_KEY_DIM` x d_k tokens
   is a judgement call: a warning, recorded in the result and the patch.
 - Non-finite values (statistics, projectors, keys, targets, deltas) go through `core.checks.check_finite`,

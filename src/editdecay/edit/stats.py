@@ -1,4 +1,4 @@
-"""Key second-moment statistics (ALGORITHMS.md E1) and AlphaEdit null-space projectors (E5).
+"""Key second-moment statistics (docs/METHODS.md E1) and AlphaEdit null-space projectors (E5).
 
 Shared by MEMIT (lambda * C_l in E4) and AlphaEdit (P_l built from C_l in E5):
 

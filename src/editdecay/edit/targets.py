@@ -1,4 +1,4 @@
-"""Target values z_i = h_i + delta_i (ALGORITHMS.md E3), optimised for many requests at once.
+"""Target values z_i = h_i + delta_i (docs/METHODS.md E3), optimised for many requests at once.
 
 Speed: a step only needs the positions from the subject's last token onward
 (earlier positions cannot see delta, causal attention). Each prompt's prefix (the
@@ -8,7 +8,7 @@ KV cache; every optimisation step then runs only the short suffix
 unembeds only the positions whose logits are scored. All requests of a batch are
 optimised together, one delta per request: the total loss is the sum of the
 per-request losses and Adam is element-wise, so each delta follows exactly the
-trajectory it would follow alone (tested against `reference.py`).
+trajectory it would follow alone (tested against `tests/reference.py`).
 """
 
 from __future__ import annotations

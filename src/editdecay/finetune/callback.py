@@ -1,4 +1,4 @@
-"""Decay during training (ALGORITHMS.md E7, decay curve): edit metrics and task accuracy every k steps.
+"""Decay during training (docs/METHODS.md E7, decay curve): edit metrics and task accuracy every k steps.
 
 The callback evaluates the model in memory at step 0 (the edited model, before
 any training step and before adapters are attached), every `every` optimiser

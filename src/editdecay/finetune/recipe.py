@@ -8,7 +8,7 @@ edited layers, module types peft cannot wrap) run in `trainable.resolve_plan`,
 still before the first training step.
 
 Target modules default to `all-linear`: every linear map of attention and MLP.
-The study's own code (PROTOCOL.md) used peft's default targets for GPT-2/GPT-J,
+The study's own code (docs/PROTOCOL.md) used peft's default targets for GPT-2/GPT-J,
 i.e. attention only, so the edited MLP weight was never trained and "edited
 layers only" never touched the edited module. Here the targets are always an
 explicit, recorded choice, and `attention` reproduces the study's setting.
@@ -158,7 +158,7 @@ class Recipe(Config):
 # -- presets -----------------------------------------------------------------------------------------
 
 def _study(method: str) -> Recipe:
-    """PROTOCOL.md fine-tuning settings. LoRA/DoRA: r=32, alpha=64, dropout 0.05, lr 2e-4, 3 epochs, batch 16,
+    """docs/PROTOCOL.md fine-tuning settings. LoRA/DoRA: r=32, alpha=64, dropout 0.05, lr 2e-4, 3 epochs, batch 16,
     cutoff 256, 100 warm-up steps. Full: lr 5e-6, 3 epochs, cutoff 1024, warm-up ratio 0.1, bf16, and every
     parameter trains (targets='all'), as the study's full fine-tuning did."""
     if method == "full":

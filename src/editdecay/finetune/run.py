@@ -1,6 +1,6 @@
 """One fine-tuning experiment: measure, (edit), fine-tune with a decay curve, measure, write a self-describing result.
 
-Stages and what `result.json` calls them (ALGORITHMS.md E6/E7):
+Stages and what `result.json` calls them (docs/METHODS.md E6/E7):
 - `metrics.pre`       the unedited base model M0 (only when an edit is applied here: measured before applying it)
 - `metrics.post`      the model as handed to fine-tuning (M_e when edited; step 0 of the curve)
 - `metrics.finetuned` after the last step (M_ef; the last point of the curve)

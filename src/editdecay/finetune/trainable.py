@@ -98,7 +98,7 @@ def wrappable_types() -> tuple[type, ...]:
 
     GPT-2's transformers `Conv1D` goes through peft's Linear layer with fan_in_fan_out=True. DoRA there is
     supported since peft PR #1588 (weight norm on the transposed weight; peft >= 0.10, we require >= 0.13) and
-    is checked here by the merge-equivalence test on GPT-2 (tests/test_finetune_adapters.py). Its *unmerge*
+    is checked here by the merge-equivalence test on GPT-2 (tests/finetune/test_finetune_adapters.py). Its *unmerge*
     was wrong on fan_in_fan_out layers until peft PR #3532 (issue #3531); this package never unmerges (it
     only calls merge_and_unload), so that bug cannot reach a result.
     """

@@ -1,6 +1,6 @@
 """Expand a grid into cells and the content-addressed stages they need (no model, no data, no network).
 
-A cell is one point of the product of the grid's axes. It needs (ALGORITHMS.md E7):
+A cell is one point of the product of the grid's axes. It needs (docs/METHODS.md E7):
 
     role                  stage kind  what it computes                               shared by
     stats                 stats       E1 key statistics of the edited layers         model x layer set

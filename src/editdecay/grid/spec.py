@@ -1,4 +1,4 @@
-"""The grid file: a typed, validated description of a whole study (PROTOCOL.md, "The grid the study ran").
+"""The grid file: a typed, validated description of a whole study (docs/PROTOCOL.md, "The grid the study ran").
 
 A grid is a product of axes -- models, editors, edit data sets, numbers of edits
 (0: fine-tune only), fine-tuning recipes (method x layer choice x targets),
@@ -189,7 +189,7 @@ class EvaluationSettings(Config):
     eval_every: int = Field(25, ge=0, description="decay curve: measure the edits (and the held-out task) every K "
                                                   "fine-tuning steps (0: only first and last)")
     zsre_target: Literal["answers", "alt"] = Field("answers", description="zsRE edit target: answers "
-                                                   "(MEMIT/AlphaEdit) or alt (EasyEdit), ALGORITHMS.md E6")
+                                                   "(MEMIT/AlphaEdit) or alt (EasyEdit), docs/METHODS.md E6")
     strict: bool = Field(False, description="a rejected edit record, or a subject that does not end on a token "
                                             "boundary of its prompt, is an error instead of a warning")
     edit_batch_size: Optional[int] = Field(None, ge=1, description="edits per sequential batch (default: one batch)")

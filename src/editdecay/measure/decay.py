@@ -1,4 +1,4 @@
-"""Decay measures between the edited model M_e and the edited-then-fine-tuned model M_ef (ALGORITHMS.md E7)."""
+"""Decay measures between the edited model M_e and the edited-then-fine-tuned model M_ef (docs/METHODS.md E7)."""
 
 from __future__ import annotations
 

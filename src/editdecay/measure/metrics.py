@@ -1,4 +1,4 @@
-"""Edit metrics (ALGORITHMS.md E6), computed in padded batches.
+"""Edit metrics (docs/METHODS.md E6), computed in padded batches.
 
 Everything reduces to one primitive, `core.scoring.score_continuations`: for (prompt, target)
 pairs, the teacher-forced mean NLL of the target tokens and, per target token,

@@ -1,4 +1,4 @@
-"""`editdecay report`: the study's tables, tests and figures from a grid results directory (issue 6).
+"""`editdecay report`: the study's tables, tests and figures from a grid results directory.
 
 Modules, in reading order: records (load and validate the results directory), measures (E7 recomputed
 from per-request rows, checked against the stored numbers), analysis (both together), tables, significance

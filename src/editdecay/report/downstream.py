@@ -11,7 +11,7 @@ A cell result can hold two kinds of downstream numbers per model (M0, M_e, M_f, 
 Both become `{task: {metric: value}, ...}` plus `n` per task, so tables and figures
 treat them alike and show whatever tasks and metrics are present.
 
-The study's downstream score (PROTOCOL.md) is the mean accuracy over its benchmarks:
+The study's downstream score (docs/PROTOCOL.md) is the mean accuracy over its benchmarks:
 `downstream_score` is the mean of `acc` over the lm-eval tasks that have it (the grid stores the same
 number as `downstream_score`; measures.py checks they agree). `primary_metric` picks the one metric a
 task shows in summary tables: accuracy first, else e.g. a perplexity (never averaged with accuracies).

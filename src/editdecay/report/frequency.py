@@ -1,7 +1,7 @@
 """How frequent an edit's target is: in English at large (wordfreq), or in the cell's own token streams.
 
 The study found that edits with frequent target words tend to survive fine-tuning
-and edits with rare targets are erased (PROTOCOL.md). Two methods (`METHODS`), chosen per report
+and edits with rare targets are erased (docs/PROTOCOL.md). Two methods (`METHODS`), chosen per report
 (`editdecay report --frequency-method`), and the report names the one used:
 
 `wordfreq` (the default): the target's Zipf frequency in English from the `wordfreq` package

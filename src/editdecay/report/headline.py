@@ -1,6 +1,6 @@
 """The three numbers a reader wants first: efficacy after editing, efficacy after fine-tuning, Edit Flip Ratio.
 
-`headline(a)` pools the done cells with edits: ES (ALGORITHMS.md E6) of M_e and of M_ef as the mean over
+`headline(a)` pools the done cells with edits: ES (docs/METHODS.md E6) of M_e and of M_ef as the mean over
 all (cell, request) rows, with n = rows (and cells); the Edit Flip Ratio (E7) pooled as flipped / succeeded
 after editing over those rows, with both counts. Per-cell lines follow when there are few cells. Printed at
 the end of `editdecay report` (and so of `make demo`); the same numbers are in the report's tables.

@@ -6,7 +6,7 @@ as a check of the pipeline: if the stored aggregate `metrics`/`decay` disagree
 with the rows they were made from, something upstream is wrong, and the report
 says so as a warning instead of silently printing either number.
 
-Definitions (ALGORITHMS.md E6/E7):
+Definitions (docs/METHODS.md E6/E7):
 - S(M) for S in ES/PS/NS: the mean over requests of the per-request score under M
   (requests whose score is undefined, e.g. no paraphrase prompts, are left out).
 - relative decrease of S: (S(M_e) - S(M_ef)) / S(M_e); undefined (None) when S(M_e) = 0.

@@ -1,4 +1,4 @@
-"""The study's tables (PROTOCOL.md), computed from the per-request rows of each cell.
+"""The study's tables (docs/PROTOCOL.md), computed from the per-request rows of each cell.
 
 One function per table; each returns a `Table` of raw values. Scores are fractions
 (shown as percent), every table carries its n: requests per cell, cells per group.

@@ -1,4 +1,4 @@
-"""Downstream scores of in-memory models through lm-evaluation-harness (ALGORITHMS.md E7: DS of M0, M_e, M_f, M_ef).
+"""Downstream scores of in-memory models through lm-evaluation-harness (docs/METHODS.md E7: DS of M0, M_e, M_f, M_ef).
 
 - `spec`        the task-spec grammar (everyday, the study's eight tasks, lm-eval:NAME, local:DIR, ppl:FILE);
                 pure, so grid files and command lines are checked without torch or lm-eval

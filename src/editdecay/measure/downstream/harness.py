@@ -1,4 +1,4 @@
-"""Score an in-memory model on downstream tasks through lm-evaluation-harness (ALGORITHMS.md E7, downstream DS).
+"""Score an in-memory model on downstream tasks through lm-evaluation-harness (docs/METHODS.md E7, downstream DS).
 
 Two steps, so that everything that can fail without a model fails first:
 

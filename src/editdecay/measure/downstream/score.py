@@ -1,4 +1,4 @@
-"""The study's downstream score DS (PROTOCOL.md; ALGORITHMS.md E7): the mean accuracy over tasks.
+"""The study's downstream score DS (docs/PROTOCOL.md; docs/METHODS.md E7): the mean accuracy over tasks.
 
 Written once here and used by the harness (the number stored with every evaluation) and by the
 report (recomputed from the stored per-task metrics), so the two can never disagree by definition.

@@ -3,7 +3,7 @@
 A task spec is one of
     everyday          editdecay's own multiple-choice task (downstream/tasks/everyday_mc.*), runs offline
     boolq piqa siqa hellaswag winogrande arc-e arc-c obqa
-                      the study's eight tasks (PROTOCOL.md, "downstream score"), by their lm-eval tasks;
+                      the study's eight tasks (docs/PROTOCOL.md, "downstream score"), by their lm-eval tasks;
                       lm-eval's own names (social_iqa, arc_easy, arc_challenge, openbookqa) are accepted too
     lm-eval:NAME      any task, group or tag lm-eval knows by NAME (data from the Hugging Face hub)
     local:PATH        every task defined by the lm-eval YAML files in directory PATH (or one YAML file)
