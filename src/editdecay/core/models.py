@@ -19,7 +19,7 @@ from editdecay.core.arch import arch_for, num_layers
 from editdecay.core.cache import Cache
 from editdecay.core.devices import input_device
 from editdecay.core.errors import ConfigError, EditDecayError
-from editdecay.core.model_ref import EMBEDDED_NAME
+from editdecay.core.embedded import EMBEDDED_NAME
 from editdecay.core.paths import looks_like_path
 
 log = logging.getLogger(__name__)
