@@ -48,7 +48,18 @@ def tiny_config(family: str, vocab_size: int):
     raise ValueError(family)
 
 
-FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama")
+from editdecay.core.arch import FAMILIES  # noqa: E402  (the architecture table's families: one tiny config each)
+
+
+def small_edit_config(editor: str, **fields):
+    """A config of a registered editor for the tiny models: the given fields, plus a small E4 lambda where the
+    editor's config has one (at the study's lambda the tiny models' edits would be negligible)."""
+    from editdecay.edit.registry import editor_class
+
+    config_class = editor_class(editor).config_class
+    if "mom2_update_weight" in config_class.model_fields:
+        fields.setdefault("mom2_update_weight", 100.0)
+    return config_class(**fields)
 
 
 def make_tiny(family: str, tokenizer, seed: int = 0):

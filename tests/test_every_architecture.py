@@ -1,8 +1,8 @@
 """Every row of the architecture table through every stage of the pipeline (issue 12, item 7).
 
-One test, over the tiny random GPT-2, GPT-J, GPT-NeoX and Llama models of conftest.py:
-edit (MEMIT and AlphaEdit) -> evaluate (E6) -> fine-tune with full, LoRA and DoRA -> task scoring
-(exact match, through `core.forward.logits_at`).
+One test, over the tiny random model of every family of the architecture table (conftest.py):
+edit (every registered editor, edit/registry.py) -> evaluate (E6) -> fine-tune with every method
+(finetune/recipe.py METHODS) -> task scoring (exact match, through `core.forward.logits_at`).
 
 It runs twice per row: with the table as it is, and with a *decoy* alternative put in front of every
 module name of the row ("decoy.h.{}|transformer.h.{}", "decoy_lm_head|lm_head", ...). A table name may
@@ -18,7 +18,7 @@ import random
 
 import pytest
 import torch
-from conftest import FAMILIES, make_tiny
+from conftest import FAMILIES, make_tiny, small_edit_config
 
 from editdecay.core import arch
 from editdecay.core.cache import Cache
@@ -26,10 +26,10 @@ from editdecay.core.forward import logits_at
 from editdecay.core.request import EditRequest
 from editdecay.core.tokens import pad_batch, pad_id
 from editdecay.data.embedded_task import EmbeddedTask
-from editdecay.data.instructions import load_source
-from editdecay.edit import make_config
+from editdecay.data import load_source
+from editdecay.edit.registry import editor_names
 from editdecay.edit.api import edit_model
-from editdecay.finetune.recipe import Recipe
+from editdecay.finetune.recipe import METHODS, Recipe
 from editdecay.finetune.run import run_finetune
 from editdecay.measure.metrics import aggregate, evaluate_requests
 from editdecay.measure.task import exact_match
@@ -85,14 +85,12 @@ def test_every_stage_on_every_architecture_row(family, names, tokenizer, corpus,
     real = dict(lm.model.named_modules())
     before = evaluate_requests(lm.model, tokenizer, REQUESTS)
 
-    # edit: both editors; patch keys are real module paths (never a table name with alternatives)
+    # edit: every registered editor; patch keys are real module paths (never a table name with alternatives)
     patches = {}
-    for editor in ("memit", "alphaedit"):
-        fields = dict(layers=LAYERS, v_num_grad_steps=4, n_context_templates=1, context_length=4,
-                      stats_corpus=str(corpus), stats_tokens=1400)   # > 10 d_k
-        if editor == "memit":
-            fields["mom2_update_weight"] = 100.0
-        patch, run = edit_model(lm, editor, make_config(editor, **fields), REQUESTS, cache=cache, progress=False)
+    for editor in editor_names():
+        cfg = small_edit_config(editor, layers=LAYERS, v_num_grad_steps=4, n_context_templates=1, context_length=4,
+                                stats_corpus=str(corpus), stats_tokens=1400)   # > 10 d_k
+        patch, run = edit_model(lm, editor, cfg, REQUESTS, cache=cache, progress=False)
         run.restore()
         assert set(patch.deltas) == {arch.resolve_name(lm.model, spec.mlp_out_name(l)) for l in LAYERS}
         assert all(name in real and "|" not in name for name in patch.deltas), list(patch.deltas)
@@ -100,7 +98,7 @@ def test_every_stage_on_every_architecture_row(family, names, tokenizer, corpus,
         patches[editor] = patch
 
     # evaluate (E6): the edited model is measured through the same table names
-    patch = patches["memit"]
+    patch = patches[editor_names()[0]]
     with patch.applied(lm.model):
         after = evaluate_requests(lm.model, tokenizer, REQUESTS)
     assert aggregate(after)["n"] == len(REQUESTS)
@@ -119,7 +117,7 @@ def test_every_stage_on_every_architecture_row(family, names, tokenizer, corpus,
 
     # fine-tune with every method, on a fresh copy with the edit applied; nothing outside the plan changes
     source = load_source("embedded", task=TASK)
-    for method in ("full", "lora", "dora"):
+    for method in METHODS:
         fresh = make_tiny(family, tokenizer)
         start = {n: p.detach().clone() for n, p in fresh.model.named_parameters()}
         recipe = Recipe(method=method, layers="edited", targets="mlp", max_steps=2, batch_size=4, lora_r=4,

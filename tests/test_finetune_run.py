@@ -13,7 +13,7 @@ from editdecay.core.errors import ConfigError
 from editdecay.core.models import wrap
 from editdecay.core.request import EditRequest
 from editdecay.data.embedded_task import EmbeddedTask
-from editdecay.data.instructions import load_source
+from editdecay.data import load_source
 from editdecay.edit.patch import EditPatch
 from editdecay.finetune.recipe import Recipe
 from editdecay.finetune.run import run_finetune

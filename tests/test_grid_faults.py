@@ -349,7 +349,7 @@ def test_finetune_publishes_outputs_atomically_and_removes_a_stale_adapter(tmp_p
 
     from editdecay.core.models import wrap
     from editdecay.data.embedded_task import EmbeddedTask
-    from editdecay.data.instructions import load_source
+    from editdecay.data import load_source
     from editdecay.finetune.recipe import Recipe
     from editdecay.finetune.run import run_finetune
 

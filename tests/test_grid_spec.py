@@ -295,7 +295,7 @@ def test_missing_local_files_are_warnings_of_the_plan(tmp_path):
 
 def test_data_content_is_part_of_the_stage_ids(tmp_path):
     from editdecay.core.errors import DataError
-    from editdecay.grid.plan import check_data_digest
+    from editdecay.data.sources import check_digest as check_data_digest
 
     data = tmp_path / "cf.json"
     data.write_text("[1]")

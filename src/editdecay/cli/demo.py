@@ -21,7 +21,7 @@ from editdecay.cli.common import console, guard, metrics_table, pct, set_threads
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Directory for the patch, results and the curve."),
     n: int = typer.Option(50, "--n", min=1, help="Number of worldfacts edits (one batch)."),
-    editor: str = typer.Option("memit", help="Editor: memit or alphaedit."),
+    editor: str = typer.Option("memit", help="Editor, one of the registered ones (memit, ...; edit/registry.py)."),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)."),
     skip_finetune: bool = typer.Option(False, "--skip-finetune", help="Stop after editing."),
     steps: int = typer.Option(60, min=1, help="LoRA fine-tuning steps."),

@@ -16,7 +16,7 @@ from editdecay.cli.common import console, guard, metrics_table, set_threads
 @guard
 def edit(
     model: str = typer.Option("smollm2-135m", help="embedded 'smollm2-135m', a local HF model directory, or a hub id"),
-    editor: str = typer.Option("memit", help="memit | alphaedit"),
+    editor: str = typer.Option("memit", help="a registered editor (edit/registry.py): memit, ..."),
     data: str = typer.Option("worldfacts", help="worldfacts | counterfact:PATH | zsre:PATH"),
     n: Optional[int] = typer.Option(None, help="number of edits (first N, or a seeded sample with --seed)"),
     seed: Optional[int] = typer.Option(None, help="seed for the sample of N requests"),
@@ -24,8 +24,8 @@ def edit(
     batch_size: Optional[int] = typer.Option(None, help="sequential batches of this many edits (default: one batch)"),
     stats_corpus: Optional[str] = typer.Option(None, help="E1 corpus: generated | PATH | hf:NAME[:CONFIG]"),
     stats_tokens: Optional[int] = typer.Option(None, help="tokens for the E1 statistics"),
-    mom2_update_weight: Optional[float] = typer.Option(None, help="MEMIT lambda"),
-    nullspace_threshold: Optional[float] = typer.Option(None, help="AlphaEdit null-space eigenvalue threshold"),
+    mom2_update_weight: Optional[float] = typer.Option(None, help="E4 lambda (editor memit)"),
+    nullspace_threshold: Optional[float] = typer.Option(None, help="E5 null-space eigenvalue threshold (its editor)"),
     v_lr: Optional[float] = typer.Option(None, help="E3 learning rate"),
     v_num_grad_steps: Optional[int] = typer.Option(None, help="E3 steps"),
     clamp_norm_factor: Optional[float] = typer.Option(None, help="E3 clamp"),
@@ -47,11 +47,6 @@ def edit(
     if seed is not None and n is None:
         raise ConfigError(f"--seed {seed} draws a sample of --n requests; without --n every request is edited and "
                           f"the seed would do nothing: give --n N, or drop --seed")
-    # An editor's setting given to the other editor is an error, not silently dropped.
-    for flag, value, owner in (("--mom2-update-weight", mom2_update_weight, "memit"),
-                               ("--nullspace-threshold", nullspace_threshold, "alphaedit")):
-        if value is not None and editor.lower() != owner:
-            raise ConfigError(f"{flag} {value} is a setting of --editor {owner}; --editor {editor} does not use it")
     overrides = {"layers": parse_layers(layers), "stats_corpus": stats_corpus, "stats_tokens": stats_tokens,
                  "mom2_update_weight": mom2_update_weight, "nullspace_threshold": nullspace_threshold,
                  "v_lr": v_lr, "v_num_grad_steps": v_num_grad_steps, "clamp_norm_factor": clamp_norm_factor}

@@ -81,7 +81,7 @@ def finetune(
     """Fine-tune (full, LoRA, DoRA; selective layers) and print edit metrics before/after editing and after
     fine-tuning, with a decay curve every --eval-every steps."""
     from editdecay.edit.workflow import parse_layers
-    from editdecay.finetune import EmbeddedTask, load_source, run_finetune
+    from editdecay.finetune import load_source, run_finetune
     from editdecay.finetune import preset as make_preset
 
     set_threads(threads)
@@ -95,13 +95,17 @@ def finetune(
     }.items() if v is not None}
     recipe = make_preset(preset or ("embedded" if data == "embedded" else "study"), method, **overrides)
     ds_spec = _downstream(downstream, downstream_limit)
-    if data.partition(":")[0] == "chatterbot":
-        from editdecay.data.chatterbot import ChatterbotCorpus
+    # The held-out task: the fine-tuning data's own split where it has one, else the embedded task's; its settings
+    # come from the options below, by the grid section that holds them (data/source.py, settings_key).
+    from editdecay.data import held_out_task, parse_spec
+    from editdecay.data.source import HELD_OUT
+    from editdecay.data.sources import source_of
 
-        task = ChatterbotCorpus(root=data.partition(":")[2] or None, format=chatterbot_format)
-    else:
-        task = EmbeddedTask(n_train=task_train, n_test=task_test) if (task_eval or data == "embedded") else None
-    source = load_source(data, task=task)
+    settings = {"embedded_task": {"n_train": task_train, "n_test": task_test}, "chatterbot": {"format": chatterbot_format}}
+    spec = parse_spec(data)
+    held = spec.text if HELD_OUT in source_of(spec).roles else "embedded"
+    task = held_out_task(held, settings.get(source_of(held).settings_key))
+    source = load_source(data, task=task if held == spec.text else None)
     patch_obj = _load_patch(patch) if patch else None
     reqs = _requests(requests, patch_obj, limit)
 

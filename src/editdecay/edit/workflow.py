@@ -90,15 +90,12 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
         raise ConfigError(f"layers {e}") from None
 
 
-def edit_config(editor: str, lm, overrides: dict) -> "object":
-    """Preset for the model's family (or the embedded model) + explicit overrides, validated."""
-    from editdecay.edit import editor_class, make_config
-    from editdecay.edit.presets import preset_for
+def edit_config(editor: str, lm, overrides: dict):
+    """The editor's preset for the loaded model (its family, or the embedded model's own) + explicit overrides,
+    validated (edit/registry.py `resolve_config`)."""
+    from editdecay.edit.registry import resolve_config
 
-    editor_class(editor)
-    fields = preset_for(editor.lower(), lm.identity.family, lm.identity.name)
-    fields.update({k: v for k, v in overrides.items() if v is not None})
-    return make_config(editor.lower(), **fields)
+    return resolve_config(editor, lm.identity.family, lm.identity.name, overrides)
 
 
 def run_edit(*, model: str, editor: str, data: str, n: int | None, seed: int | None, out: Path | None,
@@ -107,10 +104,10 @@ def run_edit(*, model: str, editor: str, data: str, n: int | None, seed: int | N
              cache=None, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
     """Load data, then the model; evaluate (pre), edit, evaluate (post); save patch + result.json."""
     from editdecay.core.cache import Cache
-    from editdecay.edit import editor_class
     from editdecay.edit.api import edit_model, validate_inputs
+    from editdecay.edit.registry import check_fields
 
-    editor_class(editor)                                                   # unknown editor: fail before loading
+    check_fields(editor, overrides)          # an unknown editor, or another editor's setting: fail before loading
     timer = Timer()
     with timer("load_data"):
         ds = load_edit_data(data, zsre_target=zsre_target, strict=strict, limit=n, seed=seed)
@@ -138,8 +135,7 @@ def run_edit(*, model: str, editor: str, data: str, n: int | None, seed: int | N
         "data": ds.to_dict(),
         "metrics": {"pre": aggregate(pre), "post": aggregate(post)},
         "requests": [{"case_id": a.case_id, "pre": a.to_dict(), "post": b.to_dict()} for a, b in zip(pre, post)],
-        "edit": {"layers": list(patch.layers), "delta_norms": patch.norms(), "targets": run.target_log,
-                 "statistics": run.stats_provenance, "context_templates": run.templates.to_dict()},
+        "edit": {"layers": list(patch.layers), "delta_norms": patch.norms(), **run.provenance()},
         "warnings": list(run.warnings),
         "timings": timings,
         "environment": environment(device),

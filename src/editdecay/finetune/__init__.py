@@ -25,7 +25,7 @@ _LAZY = {
     "trainable_parameter_names": "editdecay.finetune.trainable",
     # the data and measures a fine-tuning run uses, for convenience
     "InstructionRecord": "editdecay.data.prompts", "Source": "editdecay.data.instructions",
-    "TrainingSet": "editdecay.data.instructions", "load_source": "editdecay.data.instructions",
+    "TrainingSet": "editdecay.data.instructions", "load_source": "editdecay.data.sources",
     "tokenize": "editdecay.data.instructions", "EmbeddedTask": "editdecay.data.embedded_task",
     "edit_flip_ratio": "editdecay.measure.decay", "relative_decrease": "editdecay.measure.decay",
     "exact_match": "editdecay.measure.task",

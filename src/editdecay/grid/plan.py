@@ -37,8 +37,9 @@ from pathlib import Path
 from editdecay.core.cache import stable_hash
 from editdecay.core.errors import ConfigError
 from editdecay.core.paths import looks_like_path
+from editdecay.data import sources as data_sources
+from editdecay.data.source import HELD_OUT
 from editdecay.grid.spec import (
-    DOWNSTREAM_TASKS,
     EditorEntry,
     GridSpec,
     ModelEntry,
@@ -162,89 +163,24 @@ def _resolve_path(text: str, base: Path) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def _resolve_data(spec: str, base: Path) -> str:
-    """`kind:PATH` with PATH made absolute (relative to the grid file); other specs unchanged."""
-    kind, sep, rest = spec.partition(":")
-    if (kind in FILE_KINDS or kind == "chatterbot") and rest:
-        return f"{kind}:{_resolve_path(rest, base)}"
-    return spec
-
-
-FILE_KINDS = ("counterfact", "mcf", "multicounterfact", "zsre", "instructions", "text")
-
-
-def data_digest(spec: str) -> str | None:
-    """Content hash of the data behind a spec, part of the ids of the stages that read it: edited data means
-    new stages, never a silent mix of old and new. A file that does not exist yet hashes to "missing" (a grid
-    may be planned before its data is downloaded); the bundled `worldfacts` set and the `chatterbot` corpus
-    (the installed package's English files, or `chatterbot:DIR`) hash their files; generated (`embedded`)
-    and hub (`hf:`) data are named by their spec alone."""
-    import hashlib
-
-    kind, _, rest = spec.partition(":")
-    if kind in FILE_KINDS and rest:
-        from editdecay.core.cache import sha256_file
-
-        return sha256_file(Path(rest))[:16] if Path(rest).is_file() else "missing"
-    if kind == "worldfacts":
-        from importlib import resources
-
-        root = resources.files("editdecay.data")
-        h = hashlib.sha256()
-        names = sorted(x.name for x in root.iterdir() if x.name.startswith("worldfacts") and x.name.endswith(".json"))
-        for name in names:
-            h.update(name.encode() + b"\0" + root.joinpath(name).read_bytes())
-        return h.hexdigest()[:16]
-    if kind == "chatterbot":
-        from editdecay.data.chatterbot import files_digest, package_root
-
-        root = Path(rest) if rest else package_root()
-        return files_digest(root) if root.is_dir() else "missing"
-    return None
-
-
 def task_objects(c: dict) -> tuple[object | None, object | None]:
-    """(the task behind a finetune stage's data, the task whose held-out split it scores), from its config:
-    `task` (the embedded task's settings) and `chatterbot` (the corpus' split settings; the corpus is the
-    fine-tuning data's directory for `chatterbot:DIR`, else the installed package's). Either may be None."""
-    from editdecay.data.chatterbot import ChatterbotCorpus
-    from editdecay.data.embedded_task import EmbeddedTask
+    """(the held-out task behind a finetune stage's data, the held-out task it scores), from its config: the
+    settings planned under `task` (grid section `embedded_task`) and `chatterbot`. A held-out task named by the
+    same source as the fine-tuning data is that data's own (`chatterbot:DIR`: DIR's corpus), as one object."""
+    planned = {"embedded_task": c.get("task"), "chatterbot": c.get("chatterbot")}
 
-    kind, _, rest = c["data"].partition(":")
-    embedded = EmbeddedTask(**c["task"]) if c.get("task") else None
-    chatter = (ChatterbotCorpus(root=rest if kind == "chatterbot" and rest else None, **c["chatterbot"])
-               if c.get("chatterbot") is not None else None)
-    source_task = chatter if kind == "chatterbot" else embedded
-    downstream = c.get("downstream") or []
-    scored = embedded if "embedded" in downstream else chatter if "chatterbot" in downstream else None
-    return source_task, scored
+    def task_of(spec: str):
+        settings = planned.get(data_sources.source_of(spec).settings_key)
+        return data_sources.held_out_task(spec, settings) if settings is not None else None
 
-
-def check_data_digest(spec: str, planned: str | None) -> None:
-    """Raise DataError if the data behind `spec` changed since the plan was made (ids would be stale)."""
-    from editdecay.core.errors import DataError
-
-    now = data_digest(spec)
-    if planned is not None and now != planned:
-        raise DataError(f"data {spec!r} changed since this grid was planned (content {planned} -> {now}); run "
-                        f"`editdecay grid run` again: it plans anew and computes the stages of the new data")
-
-
-def _data_labels(specs: list[str]) -> dict[str, str]:
-    """Short names for data specs in cell labels: the source kind, or the file's stem where two specs of
-    one kind (or any file-backed fine-tuning data) need telling apart."""
-    kinds = [s.partition(":")[0] for s in specs]
-    out = {}
-    for spec, kind in zip(specs, kinds):
-        rest = spec.partition(":")[2]
-        if not rest or kinds.count(kind) == 1 and kind in ("worldfacts", "counterfact", "mcf", "multicounterfact",
-                                                             "zsre"):
-            out[spec] = kind
-        elif kind == "hf":
-            out[spec] = rest.split(":")[0].split("/")[-1]
-        else:
-            out[spec] = Path(rest).stem if kinds.count(kind) == 1 else f"{kind}-{Path(rest).stem}"
-    return out
+    ft = data_sources.parse_spec(c["data"])
+    source_task = task_of(ft.text) if HELD_OUT in data_sources.source_of(ft).roles else None
+    held_out = [t for t in c.get("downstream") or [] if t in data_sources.names(HELD_OUT)]
+    if not held_out:
+        return source_task, None
+    if data_sources.source_of(held_out[0]) is data_sources.source_of(ft):
+        return source_task, source_task
+    return source_task, task_of(held_out[0])
 
 
 def _is_local(name: str, base: Path) -> bool:
@@ -309,8 +245,7 @@ def _editor_fields(model: _Model, editor: EditorEntry, seed: int, spec: GridSpec
 def _editor_config(model: _Model, editor: EditorEntry, fields: dict, where: str) -> dict | None:
     """The full editor config when the preset is known (validated), else None (resolved when the stage runs).
     Override names and values are validated either way."""
-    from editdecay.edit import make_config
-    from editdecay.edit.presets import preset_for
+    from editdecay.edit.registry import make_config, preset_for
 
     try:
         if model.family is None:
@@ -366,10 +301,10 @@ def build_plan(spec: GridSpec) -> Plan:
     b = _Builder()
     cells: list[Cell] = []
     models = [_resolve_model(m, base) for m in spec.models]
-    edit_data = [_resolve_data(d, base) for d in spec.edit_data]
-    ft_data = [_resolve_data(d, base) for d in spec.finetune_data]
-    labels = {**_data_labels(edit_data), **_data_labels(ft_data)}
-    digests = {d: data_digest(d) for d in dict.fromkeys(edit_data + ft_data)}
+    edit_data = [data_sources.resolve_paths(d, base) for d in spec.edit_data]
+    ft_data = [data_sources.resolve_paths(d, base) for d in spec.finetune_data]
+    labels = {**data_sources.labels(edit_data), **data_sources.labels(ft_data)}
+    digests = {d: data_sources.digest(d) for d in dict.fromkeys(edit_data + ft_data)}
     uses_task = "embedded" in sh.downstream or any(d == "embedded" for d in ft_data)
     task = sh.embedded_task.model_dump() if uses_task else None
     downstream = _downstream_config(spec)
@@ -437,10 +372,12 @@ def _downstream_config(spec: GridSpec) -> dict:
     stages). A grid with only the embedded task keeps exactly the keys (and stage ids) it always had."""
     from editdecay.measure.downstream.spec import parse_task, task_digest
 
-    tasks = [t if t in DOWNSTREAM_TASKS else parse_task(t, spec.base_dir) for t in spec.shared.downstream]
-    lm_tasks = [t for t in tasks if t not in DOWNSTREAM_TASKS]
+    held_out = data_sources.names(HELD_OUT)
+    tasks = [t if t in held_out else parse_task(t, spec.base_dir) for t in spec.shared.downstream]
+    lm_tasks = [t for t in tasks if t not in held_out]
     # The chatterbot corpus' split settings, only where the grid uses it (other grids keep their stage ids).
-    uses_chatterbot = "chatterbot" in tasks or any(d.partition(":")[0] == "chatterbot" for d in spec.finetune_data)
+    uses_chatterbot = "chatterbot" in tasks or any(data_sources.parse_spec(d).kind == "chatterbot"
+                                                   for d in spec.finetune_data)
     extra = {"chatterbot": spec.shared.chatterbot.model_dump()} if uses_chatterbot else {}
     if not lm_tasks:
         return {"downstream": tasks, **extra}
@@ -581,5 +518,4 @@ def _check_unique(cells: list[Cell]) -> None:
                           f"axis value")
 
 
-__all__ = ["Cell", "Plan", "ROLE_ORDER", "Stage", "build_plan", "check_data_digest", "data_digest", "missing_files",
-           "task_objects"]
+__all__ = ["Cell", "Plan", "ROLE_ORDER", "Stage", "build_plan", "missing_files", "task_objects"]

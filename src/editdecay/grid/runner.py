@@ -119,18 +119,17 @@ def run_grid(plan: Plan, out: str | Path, *, backend: str = "local", grid_text: 
 def preflight(plan: Plan, store: GridStore, stage_ids: list[str]) -> list[StageOutcome]:
     """Read every edit and fine-tuning data set the stages need (no model, a few seconds at most) and record a
     failure for each stage whose data cannot be read, before hours go into fine-tuning runs whose cells could
-    never finish. Hub datasets (`hf:`) are left to their stage."""
-    from editdecay.data import load_edit_data
-    from editdecay.data.instructions import load_source
-    from editdecay.grid.plan import check_data_digest, task_objects
+    never finish. Sources read over the network (`hf:`) are left to their stage."""
+    from editdecay.data import sources as data_sources
+    from editdecay.grid.plan import task_objects
 
     def edit_data(r: dict):
-        check_data_digest(r["data"], r.get("digest"))
-        return load_edit_data(r["data"], zsre_target=r["zsre_target"], strict=r["strict"])
+        data_sources.check_digest(r["data"], r.get("digest"))
+        return data_sources.load_edit_data(r["data"], zsre_target=r["zsre_target"], strict=r["strict"])
 
     def finetune_data(c: dict):
-        check_data_digest(c["data"], c.get("data_digest"))
-        return load_source(c["data"], task=task_objects(c)[0])
+        data_sources.check_digest(c["data"], c.get("data_digest"))
+        return data_sources.load_source(c["data"], task=task_objects(c)[0])
 
     readers: dict[str, list[str]] = {}      # data key -> stages reading it
     loaders: dict[str, Callable[[], object]] = {}
@@ -143,7 +142,7 @@ def preflight(plan: Plan, store: GridStore, stage_ids: list[str]) -> list[StageO
             r = c["requests"]
             key = json.dumps(["edit", r["data"], r.get("digest"), r["zsre_target"], r["strict"]])
             loaders[key] = lambda r=r: edit_data(r)
-        elif st.kind == "finetune" and not c["data"].startswith("hf:"):
+        elif st.kind == "finetune" and data_sources.source_of(c["data"]).offline:
             key = json.dumps(["finetune", c["data"], c.get("data_digest"), c["task"], c.get("chatterbot")])
             loaders[key] = lambda c=c: finetune_data(c)
         else:

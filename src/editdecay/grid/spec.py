@@ -33,17 +33,14 @@ from pydantic import (
 
 from editdecay.core.config import did_you_mean
 from editdecay.core.errors import ConfigError
-from editdecay.data import EDIT_SOURCES
-from editdecay.data.instructions import HELD_OUT_TASKS
-from editdecay.data.instructions import SOURCES as FINETUNE_SOURCES
-from editdecay.edit.config import EDITOR_NAMES
+from editdecay.core.arch import FAMILIES
+from editdecay.data import sources as data_sources
+from editdecay.data.source import EDIT, FINETUNE, HELD_OUT
+from editdecay.edit.registry import editor_names
 from editdecay.finetune.recipe import LAYER_CHOICES, METHODS, PRESETS, TARGET_CHOICES
 
 # The valid choices come from the modules that own them (pure modules: validating a grid file imports no torch).
 PRESET_NAMES = tuple(PRESETS)
-DOWNSTREAM_TASKS = HELD_OUT_TASKS     # held-out splits scored in the decay curve (measure/task.py); every other
-                                      # downstream entry is an lm-eval task spec (measure/downstream/spec.py)
-STAGE_KINDS = ("stats", "patch", "finetune", "evaluate", "cell")
 
 LayerChoice = Union[str, tuple[int, ...]]
 TargetChoice = Union[str, tuple[str, ...]]
@@ -85,7 +82,7 @@ class ModelEntry(_Strict):
 
     name: str = Field(description="'smollm2-135m' (embedded), a local Hugging Face directory, or a hub id")
     label: str | None = Field(None, description="short name used in cell ids (default: derived from name)")
-    family: str | None = Field(None, description="architecture family: gpt2 | gptj | gpt_neox | llama")
+    family: str | None = Field(None, description=f"architecture family: {' | '.join(FAMILIES)}")
     revision: str | None = Field(None, description="hub revision (commit, tag or branch)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype the weights load in")
     edit_layers: tuple[int, ...] | None = Field(None, description="edited layers for every editor on this model "
@@ -97,7 +94,7 @@ class ModelEntry(_Strict):
     @field_validator("family")
     @classmethod
     def _family(cls, v):
-        return None if v is None else _choice(v, ("gpt2", "gptj", "gpt_neox", "llama"), "family")
+        return None if v is None else _choice(v, FAMILIES, "family")
 
     @field_validator("edit_layers", mode="before")
     @classmethod
@@ -106,14 +103,14 @@ class ModelEntry(_Strict):
 
 
 class EditorEntry(_Strict):
-    name: str = Field(description="memit | alphaedit")
+    name: str = Field(description="a registered editor (edit/registry.py editor_names())")
     label: str | None = None
     overrides: dict[str, Any] = Field(default_factory=dict, description="editor config fields (editors/config.py)")
 
     @field_validator("name")
     @classmethod
     def _name(cls, v):
-        return _choice(v.lower(), EDITOR_NAMES, "editor")
+        return _choice(v.lower(), editor_names(), "editor")
 
 
 class RecipeEntry(_Strict):
@@ -198,14 +195,12 @@ class RecipeEntry(_Strict):
         return self
 
 
-def _data_spec(v: str, sources: tuple[str, ...], what: str) -> str:
-    if not isinstance(v, str) or not v.strip():
-        raise ValueError(f"{v!r} is not a {what} spec")
-    kind, sep, rest = v.partition(":")
-    _choice(kind, sources, f"{what} source")
-    if kind in ("counterfact", "mcf", "multicounterfact", "zsre", "instructions", "text") and not rest:
-        raise ValueError(f"{v!r}: give a file, e.g. {kind}:path/to/file.json")
-    return v
+def _data_spec(v, role: str) -> str:
+    """A data spec checked against the registered sources that play `role` (data/sources.py)."""
+    try:
+        return data_sources.parse_spec(v, role).text
+    except ConfigError as e:
+        raise ValueError(str(e).removeprefix("data ")) from None
 
 
 # --------------------------------------------------------------------------- shared settings
@@ -275,22 +270,23 @@ class SharedSettings(_Strict):
     def _downstream(cls, v):
         from editdecay.measure.downstream.spec import VALID_TEXT, parse_task
 
+        held_out_tasks = data_sources.names(HELD_OUT)
         out = []
         for t in v:
-            if t in DOWNSTREAM_TASKS:
+            if t in held_out_tasks:
                 out.append(t)
                 continue
             try:
                 parse_task(t)          # syntax only; paths resolve against the grid file in plan.build_plan
             except ConfigError as e:
-                if isinstance(t, str) and did_you_mean(t, DOWNSTREAM_TASKS):
-                    raise ValueError(f"{t!r} is not a valid downstream task; use embedded, chatterbot or one of "
-                                     f"{VALID_TEXT}{did_you_mean(t, DOWNSTREAM_TASKS)}") from None
+                if isinstance(t, str) and did_you_mean(t, held_out_tasks):
+                    raise ValueError(f"{t!r} is not a valid downstream task; use {' or '.join(held_out_tasks)} or "
+                                     f"one of {VALID_TEXT}{did_you_mean(t, held_out_tasks)}") from None
                 raise ValueError(str(e).replace("downstream task ", "", 1)) from None
             out.append(t.strip())
         if len(set(out)) != len(out):
             raise ValueError(f"{out}: a downstream task is listed twice")
-        held_out = [t for t in out if t in DOWNSTREAM_TASKS]
+        held_out = [t for t in out if t in held_out_tasks]
         if len(held_out) > 1:
             raise ValueError(f"{held_out}: one held-out task per grid (the decay curve scores one); keep one of "
                              f"{' or '.join(held_out)}")
@@ -347,12 +343,13 @@ class GridSpec(_Strict):
     description: str = ""
     models: list[ModelEntry] = Field(min_length=1)
     editors: list[EditorEntry] = Field(default_factory=list)
-    edit_data: list[str] = Field(default_factory=list, description="worldfacts | counterfact:PATH | zsre:PATH")
+    edit_data: list[str] = Field(default_factory=list, description="edit data: worldfacts | counterfact:PATH | "
+                                                                   "zsre:PATH (data/sources.py)")
     n_edits: list[int] = Field(description="numbers of edits, one batch each; 0 means fine-tune only")
     recipes: list[RecipeEntry] = Field(min_length=1)
     finetune_data: list[str] = Field(default_factory=lambda: ["embedded"],
-                                     description="embedded | chatterbot[:DIR] | instructions:PATH | text:PATH | "
-                                                 "hf:NAME[:SPLIT]")
+                                     description="fine-tuning data: embedded | chatterbot[:DIR] | "
+                                                 "instructions:PATH | text:PATH | hf:NAME[:SPLIT] (data/sources.py)")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     shared: SharedSettings = Field(default_factory=SharedSettings)
     resources: ResourceSettings = Field(default_factory=ResourceSettings)
@@ -374,12 +371,12 @@ class GridSpec(_Strict):
     @field_validator("edit_data", mode="before")
     @classmethod
     def _edit_data(cls, v):
-        return [_data_spec(d, EDIT_SOURCES, "edit data") for d in _as_list(v)]
+        return [_data_spec(d, EDIT) for d in _as_list(v)]
 
     @field_validator("finetune_data", mode="before")
     @classmethod
     def _ft_data(cls, v):
-        return [_data_spec(d, FINETUNE_SOURCES, "fine-tuning data") for d in _as_list(v)]
+        return [_data_spec(d, FINETUNE) for d in _as_list(v)]
 
     @field_validator("n_edits", mode="before")
     @classmethod
@@ -497,7 +494,7 @@ def load_grid(path: str | Path) -> GridSpec:
     return grid_from_dict(data, source=str(path), base_dir=path.parent)
 
 
-__all__ = ["DOWNSTREAM_TASKS", "EDITOR_NAMES", "EditorEntry", "EvaluationSettings", "GridSpec", "LAYER_CHOICES",
-           "METHODS", "ModelEntry", "RaySettings", "RecipeEntry", "ResourceSettings", "Resources", "STAGE_KINDS",
+__all__ = ["EditorEntry", "EvaluationSettings", "GridSpec", "LAYER_CHOICES",
+           "METHODS", "ModelEntry", "RaySettings", "RecipeEntry", "ResourceSettings", "Resources",
            "SharedSettings", "ChatterbotSettings", "SlurmSettings", "StatisticsSettings", "TaskSettings", "grid_from_dict", "load_grid",
            "parse_layer_text"]

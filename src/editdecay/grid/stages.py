@@ -36,7 +36,6 @@ from editdecay.core.errors import (
 )
 from editdecay.core.models import check_same_weights
 from editdecay.grid.plan import Plan, Stage
-from editdecay.grid.spec import DOWNSTREAM_TASKS
 from editdecay.grid.store import CELL_SCHEMA_VERSION, GridStore
 
 log = logging.getLogger(__name__)
@@ -113,11 +112,10 @@ def _editor_config(editor: str, concrete: dict | None, fields: dict | None, lm):
 
 
 def _requests(spec: dict):
-    from editdecay.data import load_edit_data
-    from editdecay.grid.plan import check_data_digest
+    from editdecay.data import sources as data_sources
 
-    check_data_digest(spec["data"], spec.get("digest"))
-    ds = load_edit_data(spec["data"], zsre_target=spec["zsre_target"], strict=spec["strict"], limit=spec["n"],
+    data_sources.check_digest(spec["data"], spec.get("digest"))
+    ds = data_sources.load_edit_data(spec["data"], zsre_target=spec["zsre_target"], strict=spec["strict"], limit=spec["n"],
                         seed=spec["seed"])
     if ds.rejected:
         log.warning(ds.summary())
@@ -173,8 +171,7 @@ def run_patch(ctx: StageContext) -> None:
     ctx.write_json("outputs.json", {
         "editor": c["editor"], "editor_config": cfg.model_dump(mode="json"), "layers": list(patch.layers),
         "n_requests": len(ds.requests), "case_ids": [r.case_id for r in ds.requests], "data": ds.to_dict(),
-        "model": lm.identity.to_dict(), "delta_norms": patch.norms(), "targets": run.target_log,
-        "statistics": run.stats_provenance, "timings": timings})
+        "model": lm.identity.to_dict(), "delta_norms": patch.norms(), **run.provenance(), "timings": timings})
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -212,7 +209,7 @@ def _edited_layers(spec, lm) -> tuple[int, ...] | None:
         return tuple(spec)
     if spec.get("layers"):
         return tuple(spec["layers"])
-    from editdecay.edit.presets import preset_for
+    from editdecay.edit.registry import preset_for
 
     return tuple(preset_for(spec["editor"], lm.identity.family, lm.identity.name)["layers"])
 
@@ -227,14 +224,15 @@ def run_finetune_stage(ctx: StageContext) -> None:
     fine-tuning (M0 or M_e) and on the fine-tuned one (M_f or M_ef), in memory.
     """
     from editdecay.edit.patch import EditPatch
-    from editdecay.finetune import Recipe, load_source, run_finetune
-    from editdecay.grid.plan import check_data_digest, task_objects
+    from editdecay.data import sources as data_sources
+    from editdecay.finetune import Recipe, run_finetune
+    from editdecay.grid.plan import task_objects
 
     c = ctx.config
     recipe = Recipe.from_dict(c["recipe"])
     source_task, scored_task = task_objects(c)
-    check_data_digest(c["data"], c.get("data_digest"))
-    source = load_source(c["data"], task=source_task)
+    data_sources.check_digest(c["data"], c.get("data_digest"))
+    source = data_sources.load_source(c["data"], task=source_task)
     lm = ctx.load_model(c["model"])
     requests, edited = (), _edited_layers(c["edited_layers"], lm)
     extra = {"grid_stage": ctx.stage.id}
@@ -258,7 +256,10 @@ def run_finetune_stage(ctx: StageContext) -> None:
 
 def _downstream_spec(c: dict, runtime: dict):
     """The lm-eval part of a finetune stage's `downstream` list, or None; its data must be what was planned."""
-    tasks = [t for t in c["downstream"] if t not in DOWNSTREAM_TASKS]
+    from editdecay.data import sources as data_sources
+    from editdecay.data.source import HELD_OUT
+
+    tasks = [t for t in c["downstream"] if t not in data_sources.names(HELD_OUT)]
     if not tasks:
         return None
     from editdecay.core.errors import DataError

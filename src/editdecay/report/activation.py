@@ -104,7 +104,8 @@ def shifts(states: dict[str, torch.Tensor], cell: str, prompts: str) -> list[Shi
 
 def _task_prompts(result: dict) -> list[str]:
     from editdecay.data.embedded_task import EmbeddedTask
-    from editdecay.data.instructions import load_source, render_prompt
+    from editdecay.data import load_source
+    from editdecay.data.prompts import render_prompt
 
     cfg = result.get("config") or {}
     template = (cfg.get("recipe") or {}).get("template", "alpaca")

@@ -196,7 +196,8 @@ class TargetFrequencies:
         if key not in self._streams:
             name = f"fine-tuning data {spec}"
             try:
-                from editdecay.data.instructions import load_source, tokenize
+                from editdecay.data import load_source
+                from editdecay.data.instructions import tokenize
                 from editdecay.grid.plan import task_objects
 
                 source_task = task_objects({"data": spec, "task": task, "chatterbot": chatter})[0]
