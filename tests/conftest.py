@@ -81,3 +81,23 @@ def make_tiny(family: str, tokenizer, seed: int = 0):
 @pytest.fixture(params=FAMILIES)
 def tiny(request, tokenizer):
     return make_tiny(request.param, tokenizer)
+
+
+def save_tiny_llama(path: Path) -> Path:
+    """A random 4-layer Llama (d=32) with the embedded model's tokenizer, saved as a model directory (for grids)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from editdecay.core.models import EMBEDDED_NAME, resolve_source
+
+    tok = AutoTokenizer.from_pretrained(resolve_source(EMBEDDED_NAME))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=256, tie_word_embeddings=False))
+    with torch.no_grad():                 # larger weights: predictions far from uniform, so edits move margins
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

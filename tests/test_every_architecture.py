@@ -30,7 +30,7 @@ from editdecay.data import load_source
 from editdecay.edit.registry import editor_names
 from editdecay.edit.api import edit_model
 from editdecay.finetune.recipe import METHODS, Recipe
-from editdecay.finetune.run import run_finetune
+from editdecay.finetune.run import EditsUnderTest, Measures, run_finetune
 from editdecay.measure.metrics import aggregate, evaluate_requests
 from editdecay.measure.task import exact_match
 
@@ -122,15 +122,15 @@ def test_every_stage_on_every_architecture_row(family, names, tokenizer, corpus,
         start = {n: p.detach().clone() for n, p in fresh.model.named_parameters()}
         recipe = Recipe(method=method, layers="edited", targets="mlp", max_steps=2, batch_size=4, lora_r=4,
                         learning_rate=5e-2, template="compact", cutoff_len=48, warmup_steps=0)
-        res = run_finetune(fresh, recipe, source, tmp_path / method, requests=patch.requests,
-                           edited_layers=patch.layers, apply_edit=patch.apply, task=TASK, progress=False,
+        res = run_finetune(fresh, recipe, source, tmp_path / method, measures=Measures(task=TASK), progress=False,
+                           edits=EditsUnderTest(requests=patch.requests, layers=patch.layers, apply=patch.apply),
                            save="merged").result
         assert res["status"] == "done" and res["training"]["steps"] == 2, method
         planned = res["plan"]["modules"]
         assert planned and all(m in real and "|" not in m for m in planned), planned
         want = {arch.resolve_name(fresh.model, spec.in_block(l, r)) for l in LAYERS for r in spec.mlp}
         assert set(planned) == want, method
-        assert res["metrics"]["finetuned"]["n_task"] == TASK.n_test
+        assert res["metrics"]["M_ef"]["n_task"] == TASK.n_test
         changed = {n.rsplit(".", 1)[0] for n, p in fresh.model.named_parameters() if not torch.equal(p, start[n])}
         assert changed <= set(planned), (method, sorted(changed - set(planned))[:4])
         assert changed - set(patch.deltas), f"{method}: training changed nothing besides the edit"

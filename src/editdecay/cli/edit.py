@@ -41,7 +41,9 @@ def edit(
 ) -> None:
     """Edit a model (ALGORITHMS.md E1-E5); print efficacy/paraphrase/neighbourhood before and after."""
     from editdecay.core.errors import ConfigError
-    from editdecay.edit.workflow import parse_layers, run_edit
+    from editdecay.core.model_ref import ModelRef
+    from editdecay.data.sources import EditSelection
+    from editdecay.edit.workflow import EditJob, parse_layers, run_edit
 
     set_threads(threads)
     if seed is not None and n is None:
@@ -50,9 +52,11 @@ def edit(
     overrides = {"layers": parse_layers(layers), "stats_corpus": stats_corpus, "stats_tokens": stats_tokens,
                  "mom2_update_weight": mom2_update_weight, "nullspace_threshold": nullspace_threshold,
                  "v_lr": v_lr, "v_num_grad_steps": v_num_grad_steps, "clamp_norm_factor": clamp_norm_factor}
-    result = run_edit(model=model, editor=editor, data=data, n=n, seed=seed, out=out, overrides=overrides,
-                      batch_size=batch_size, zsre_target=zsre_target, strict=strict, dtype=dtype, device=device,
-                      allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    job = EditJob(model=ModelRef(name=model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code),
+                  editor=editor, overrides={k: v for k, v in overrides.items() if v is not None},
+                  requests=EditSelection(data=data, n=n, seed=seed, zsre_target=zsre_target, strict=strict),
+                  batch_size=batch_size)
+    result = run_edit(job, out=out, device=device)
     console.print(metrics_table(f"{editor} on {result['model']['name']}, {result['data']['name']}", result["metrics"]))
     t = result["timings"]
     console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))

@@ -37,17 +37,21 @@ def eval_edits(
     """Measure efficacy, paraphrase and neighbourhood success (ALGORITHMS.md E6)."""
     from editdecay.edit.workflow import evaluate_stage_result
 
+    from editdecay.core.errors import ConfigError
+
     set_threads(threads)
     if seed is not None and limit is None:
-        from editdecay.core.errors import ConfigError
-
         raise ConfigError(f"--seed {seed} draws a sample of --limit requests; without --limit every request is "
                           f"evaluated and the seed would do nothing: give --limit N, or drop --seed")
-    result = evaluate_stage_result(
-        model=model, data=data, limit=limit, seed=seed, patch_dir=patch, zsre_target=zsre_target, strict=strict,
-        batch_size=batch_size, dtype=dtype, device=device,
-        allow_foreign_patch=allow_foreign_patch, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-    )
+    from editdecay.core.model_ref import ModelRef
+    from editdecay.data.sources import EditSelection
+
+    ref = ModelRef(name=model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    requests = None        # with --patch and no --data: the patch's own requests (--limit/--seed apply to them)
+    if data is not None or patch is None:
+        requests = EditSelection(data=data or "worldfacts", n=limit, seed=seed, zsre_target=zsre_target, strict=strict)
+    result = evaluate_stage_result(ref, requests, patch, limit=limit, seed=seed, batch_size=batch_size, device=device,
+                                   allow_foreign_patch=allow_foreign_patch)
     console.print(metrics_table(f"{result['model']['name']} on {result['data']['name']}", result["metrics"]))
     if out:
         from editdecay.core.results import write_result

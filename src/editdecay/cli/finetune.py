@@ -10,7 +10,7 @@ import typer
 
 from editdecay.cli import app
 from editdecay.cli.common import ALLOW_FOREIGN_PATCH, ALLOW_PICKLE, TRUST_REMOTE_CODE  # shared options
-from editdecay.cli.common import console, guard, metrics_table, pct, set_threads
+from editdecay.cli.common import console, guard, metrics_table, model_label, pct, set_threads
 from editdecay.finetune.recipe import LAYER_CHOICES, METHODS
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,8 @@ def finetune(
     """Fine-tune (full, LoRA, DoRA; selective layers) and print edit metrics before/after editing and after
     fine-tuning, with a decay curve every --eval-every steps."""
     from editdecay.edit.workflow import parse_layers
-    from editdecay.finetune import load_source, run_finetune
+    from editdecay.finetune import load_source
+    from editdecay.finetune.run import EditsUnderTest, Measures, run_finetune
     from editdecay.finetune import preset as make_preset
 
     set_threads(threads)
@@ -122,11 +123,11 @@ def finetune(
                           "n_requests": len(patch_obj.requests), **check}
     if requests:
         extra["requests_source"] = requests
-    run = run_finetune(
-        lm, recipe, source, out, requests=reqs, edited_layers=patch_obj.layers if patch_obj else None,
-        apply_edit=patch_obj.apply if patch_obj else None, task=task if task_eval else None,
-        eval_every=eval_every, save=save, overwrite=overwrite, progress=progress, extra=extra, downstream=ds_spec,
-    )
+    edits = EditsUnderTest(requests=reqs, layers=patch_obj.layers if patch_obj else None,
+                           apply=patch_obj.apply if patch_obj else None)
+    measures = Measures(task=task if task_eval else None, eval_every=eval_every, downstream=ds_spec)
+    run = run_finetune(lm, recipe, source, out, edits=edits, measures=measures, save=save, overwrite=overwrite,
+                       progress=progress, extra=extra)
     _report(run.result, out)
 
 
@@ -179,8 +180,7 @@ def _score(values: dict) -> str:
 def _report(result: dict, out: Path) -> None:
     from rich.markup import escape
 
-    stages = {{"pre": "before edit", "post": "after edit", "finetuned": "after fine-tuning"}.get(k, k): v
-              for k, v in result["metrics"].items()}
+    stages = {model_label(k): v for k, v in result["metrics"].items()}
     if any(m["n"] for m in stages.values()):
         console.print(metrics_table(f"{result['recipe']['method']} fine-tuning of {result['model']['name']}", stages))
     task = {k: pct(v.get("task_accuracy")) for k, v in stages.items()}
