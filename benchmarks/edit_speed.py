@@ -117,9 +117,8 @@ def main() -> None:
     from editdecay.core.cache import Cache
     from editdecay.core.models import load_model
     from editdecay.data.corpus import iter_token_chunks, parse_corpus
-    from editdecay.edit import make_config
     from editdecay.edit.api import edit_model
-    from editdecay.edit.presets import EMBEDDED
+    from editdecay.edit.registry import make_config, preset_for
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the reference lives with the tests
     from reference import reference_memit, reference_second_moments
 
@@ -134,7 +133,7 @@ def main() -> None:
     spec = arch_for(lm.model)
     cache = Cache.default()
     requests, source = load_requests(max(sizes + [args.ref_size]))
-    cfg = make_config("memit", **{**EMBEDDED["memit"], "layers": layers, "n_context_templates": args.templates,
+    cfg = make_config("memit", **{**preset_for("memit", None, lm.identity.name), "layers": layers, "n_context_templates": args.templates,
                                   "v_num_grad_steps": args.steps, "stats_tokens": args.stats_tokens})
     print(f"model {lm.identity.name} ({lm.identity.n_layers} layers), {torch.get_num_threads()} thread(s); "
           f"requests: {source}; layers {list(layers)}, {args.templates} context templates, {args.steps} steps")

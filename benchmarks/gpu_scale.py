@@ -249,25 +249,35 @@ def section_stats(p: Preset, ctx: dict) -> dict:
                      "peak_gib": _gib(clock.peak())}
     torch.backends.cuda.matmul.allow_tf32 = False
     out["tokens_per_s"] = out["tf32"]["tokens_per_s"]
-    ctx["moments"] = {l: (sums[l] / out["fp32"]["tokens_used"]).float().cpu() for l in p.edit_layers}
+    ctx["stats"] = layer_stats(ctx["lm"], {l: (sums[l] / out["fp32"]["tokens_used"]).float().cpu()
+                                           for l in p.edit_layers}, out["fp32"]["tokens_used"])
     return out
+
+
+def layer_stats(lm, moments: dict, n_tokens: int):
+    """The measured C_l as the `LayerStats` an editor is built from (as a real run reads them from the cache)."""
+    from editdecay.core.arch import arch_for, resolve_name
+    from editdecay.edit.stats import LayerStats, StatsKey
+
+    spec = arch_for(lm.model)
+    keys = {l: StatsKey(model=lm.identity.fingerprint, family=spec.family, layer=l,
+                        module=resolve_name(lm.model, spec.mlp_out_name(l)), corpus="random-tokens",
+                        n_tokens=n_tokens, dtype="float32") for l in moments}
+    return LayerStats(moments, n_tokens, keys, {"corpus": "random tokens"})
 
 
 def _edit(p: Preset, ctx: dict, editor: str, requests, steps: int) -> dict:
     """One `EditingRun.edit_batch` over all `requests`; seconds per phase, peak memory, batches built."""
     from editdecay.core.memory import record_batches
-    from editdecay.edit import make_config
-    from editdecay.edit.alphaedit import AlphaEdit
-    from editdecay.edit.memit import Memit
-    from editdecay.edit.run import EditingRun
+    from editdecay.edit.registry import editor_class, make_config
 
     lm, clock = ctx["lm"], ctx["clock"]
     cfg = make_config(editor, layers=p.edit_layers, v_num_grad_steps=steps, n_context_templates=p.n_context_templates,
                       context_length=p.context_length)
-    solver = AlphaEdit(cfg, ctx["projectors"]) if editor == "alphaedit" else Memit(cfg, ctx["moments"])
+    built = editor_class(editor)(cfg, ctx["stats"], None)     # statistics (and derived tensors) as measured above
     clock.reset()
     t0 = clock.now()
-    run = EditingRun(lm, solver, progress=False)
+    run = built.start(lm, progress=False)
     with record_batches() as seen:
         run.edit_batch(list(requests))
     total = clock.now() - t0
@@ -292,15 +302,17 @@ def section_memit(p: Preset, ctx: dict) -> dict:
 def section_alphaedit(p: Preset, ctx: dict) -> dict:
     import torch
 
+    from editdecay.edit.registry import make_config
     from editdecay.edit.stats import null_space_projector
 
-    clock = ctx["clock"]
+    clock, stats = ctx["clock"], ctx["stats"]
+    threshold = make_config("alphaedit", layers=p.edit_layers).nullspace_threshold
     first = p.edit_layers[0]
     t0 = clock.now()
-    C = ctx["moments"][first].to(p.device)
+    C = stats[first].to(p.device)
     if p.projector == "eigh":
-        P = null_space_projector(C, 2e-2).cpu()
-        how = f"the E5 projector of layer {first}'s statistics (eigh, threshold 2e-2)"
+        P = null_space_projector(C, threshold).cpu()
+        how = f"the E5 projector of layer {first}'s statistics (eigh, threshold {threshold:g})"
     else:   # a float64 eigh of a 14336 x 14336 matrix takes about a minute; P comes from the cache in real runs
         gen = torch.Generator(device="cpu").manual_seed(4)
         basis = torch.randn(C.shape[0], C.shape[0] // 2, generator=gen, dtype=torch.float64).to(p.device)
@@ -308,7 +320,8 @@ def section_alphaedit(p: Preset, ctx: dict) -> dict:
         P = (Q @ Q.T).float().cpu()
         how = "a random orthogonal projector of rank d_k/2 (not timed as E5's eigh)"
     proj_s = clock.now() - t0
-    ctx["projectors"] = {l: P for l in p.edit_layers}
+    for l in p.edit_layers:        # what the editor reads before any cache (edit/stats.py `cached_projector`)
+        stats.derived[("nullspace", l, float(threshold))] = P
     out = _edit(p, ctx, "alphaedit", ctx["requests"][:p.n_requests], p.v_num_grad_steps)
     out["projector"] = {"kind": p.projector, "seconds_one_layer": round(proj_s, 3),
                         "rank": int(round(float(P.diagonal().sum()))), "d_k": int(P.shape[0]),
@@ -464,7 +477,7 @@ def main(argv=None) -> dict:
            "left": lambda: p.budget_s - (time.perf_counter() - start)}
     write()
     for name in sections:
-        if name in ("memit", "alphaedit", "scale") and "moments" not in ctx:
+        if name in ("memit", "alphaedit", "scale") and "stats" not in ctx:
             report["skipped"][name] = "needs the stats section (its moments are the editors' statistics)"
             write()
             continue

@@ -6,7 +6,7 @@ score of M0, M_f and M_ef; then the cells without a result.
     python scripts/study_summary.py runs/embedded-study/report > docs/embedded-study/summary.md
 
 Reads only REPORT_DIR/report.json (written by `editdecay report`); every number is one of its tables'. The
-held-out tasks' headline metrics are the report's (`editdecay.report.downstream.HEADLINE`).
+held-out tasks' headline metrics are the report's (`editdecay.report.downstream.headlines`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import json
 import sys
 from pathlib import Path
 
-from editdecay.report.downstream import HEADLINE
+from editdecay.report.downstream import headlines
 
 # (task, metric) pairs shown as "task": the held-out tasks' headline metrics.
-HEADLINE_METRICS = {(task, metric) for task, (metric, _) in HEADLINE.items()}
+HEADLINE_METRICS = {(task, metric) for task, (metric, _) in headlines().items()}
 
 
 def _rows(table: dict) -> list[dict]:
@@ -43,7 +43,7 @@ def summary(report_dir: Path) -> str:
                if s["comparison"] == "fine-tuning" and s["quantity"] == "success"}
     margin = {s["configuration"]: s for s in _rows(r["tables"]["significance"])
               if s["comparison"] == "fine-tuning" and s["quantity"] == "margin"}
-    # The held-out task's headline metric (report/downstream.py HEADLINE) of M0, M_f, M_ef, per cell.
+    # The held-out task's headline metric (report/downstream.py headlines()) of M0, M_f, M_ef, per cell.
     task = {}
     for d in _rows(r["tables"]["downstream"]):
         if (d["task"], d["metric"]) in HEADLINE_METRICS:

@@ -24,12 +24,12 @@ def test_eval_edits_writes_result_contract(tmp_path, embedded):
     assert res.exit_code == 0, res.output
     assert "efficacy" in res.output and "neighborhood" in res.output
     r = json.loads(out.read_text())
-    pre = r["metrics"]["pre"]
+    pre = r["metrics"]["M0"]
     assert pre["n"] == 6 and len(r["requests"]) == 6
     for k in ("efficacy", "paraphrase", "neighborhood"):
         assert 0.0 <= pre[k] <= 1.0
     assert r["model"]["fingerprint"] == embedded.identity.fingerprint
-    assert r["config"]["seed"] == 1 and r["data"]["options"]["zsre_target"] == "answers"
+    assert r["config"]["requests"]["seed"] == 1 and r["data"]["options"]["zsre_target"] == "answers"
     assert r["environment"]["packages"]["torch"] and "evaluate" in r["timings"]
     # the same seed gives the same sample
     res2 = runner.invoke(app, ["eval-edits", "--data", f"zsre:{ZSRE_SAMPLE}", "--limit", "6", "--seed", "1",

@@ -54,7 +54,7 @@ def test_eval_edits_patch_without_data_uses_the_patch_requests(tmp_path, embedde
     res = runner.invoke(app, ["eval-edits", "--patch", str(tmp_path / "p"), "--out", str(out)])
     assert res.exit_code == 0, res.output
     r = json.loads(out.read_text())
-    assert r["metrics"]["post"]["n"] == 3
+    assert r["metrics"]["M_e"]["n"] == 3
     assert [x["case_id"] for x in r["requests"]] == [q.case_id for q in patch.requests]
     assert r["data"]["name"].startswith("patch:") and r["data"]["n_kept"] == 3
     # --limit applies to the patch's requests as its help says
@@ -202,7 +202,7 @@ def test_pickled_weights_load_only_with_allow_pickle(tmp_path, tokenizer):
     assert not out.exists()
     res = runner.invoke(app, args + ["--allow-pickle"])
     assert res.exit_code == 0, res.output
-    assert json.loads(out.read_text())["config"]["allow_pickle"] is True
+    assert json.loads(out.read_text())["config"]["model"]["allow_pickle"] is True
 
 
 # --------------------------------------------------------------------------- 5, 6: rejected records

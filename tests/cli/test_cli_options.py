@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from editdecay.cli import _register, app
 from editdecay.core.errors import ConfigError
-from editdecay.edit.config import CONFIGS
+from editdecay.data import sources as data_sources
+from editdecay.edit.registry import editor_class, editor_names
 from editdecay.finetune.recipe import Recipe
 from editdecay.grid.plan import build_plan
 from editdecay.grid.spec import grid_from_dict
@@ -41,12 +42,25 @@ def test_every_recipe_field_is_a_finetune_option_named_like_the_grid_key():
 
 
 def test_every_editor_field_is_an_edit_option():
+    """Every field of every registered editor's config (edit/registry.py)."""
     edit = options("edit")
     renamed = {"seed": "--context-seed"}         # --seed draws the sample of --n requests
-    for cls in CONFIGS.values():
-        for name, field in cls.model_fields.items():
+    for editor in editor_names():
+        for name, field in editor_class(editor).config_class.model_fields.items():
             option = edit.get(renamed.get(name, kebab(name)))
             assert option is not None and option.help.startswith(field.description), name
+
+
+def test_every_data_source_setting_is_a_finetune_option():
+    """Every field of the settings record of every registered data source that has one (data/source.py
+    `settings`), named like its key in the grid's `shared.<settings_key>` section."""
+    finetune = options("finetune")
+    with_settings = data_sources.sources_with_settings()
+    assert with_settings, "no data source declares settings"
+    for key, source in with_settings.items():
+        for name, field in source.settings.model_fields.items():
+            option = finetune.get(f"--{key}-{name}".replace("_", "-"))
+            assert option is not None and option.help.startswith(field.description), (key, name)
 
 
 @pytest.mark.parametrize("command, old", [
@@ -89,8 +103,8 @@ def captured(monkeypatch):
         seen.update(ref=self, device=device, cache=cache)
         return object()
 
-    def run_finetune(lm, recipe, source, out, **kw):
-        seen.update(recipe=recipe, source=source, **kw)
+    def run_finetune(lm, recipe, source, out, *, edits, measures, **kw):
+        seen.update(recipe=recipe, source=source, edits=edits, measures=measures, **kw)
         raise ConfigError("stopped before training")
 
     monkeypatch.setattr(ModelRef, "load", load)
@@ -151,9 +165,32 @@ def test_model_evaluation_and_run_settings_reach_their_records(captured):
     ref = seen["ref"]
     assert (ref.name, ref.revision, ref.dtype, ref.trust_remote_code, ref.allow_pickle) == (
         "org/name", "abc", "bfloat16", True, False)
-    assert seen["eval_every"] == 7 and seen["device"] == "cpu" and str(seen["cache"].root) == "/tmp/c"
-    task = seen["task"]
+    assert seen["measures"].eval_every == 7 and seen["device"] == "cpu" and str(seen["cache"].root) == "/tmp/c"
+    task = seen["measures"].task
     assert (task.n_train, task.n_test) == (16, 4)
+
+
+@pytest.mark.parametrize("command", ["edit", "eval-edits"])
+def test_edit_and_eval_edits_load_the_model_ref_they_are_given(monkeypatch, tmp_path, command):
+    """Every ModelRef field, --revision included, reaches the load of `edit` and `eval-edits` (both workflows
+    take a ModelRef); the data is read first, the model is never loaded here."""
+    from editdecay.core.model_ref import ModelRef
+
+    seen = {}
+
+    def load(self, *, device, cache=None):
+        seen.update(ref=self, device=device)
+        raise ConfigError("stopped before loading")
+
+    monkeypatch.setattr(ModelRef, "load", load)
+    args = [command, "--model", "org/name", "--revision", "abc", "--dtype", "bf16", "--allow-pickle",
+            "--device", "cpu", *(["--out", str(tmp_path / "o")] if command == "edit" else [])]
+    res = CliRunner().invoke(app, args, env={"COLUMNS": "250"})
+    assert res.exit_code == 2 and "stopped before loading" in res.output, res.output
+    ref = seen["ref"]
+    assert (ref.name, ref.revision, ref.dtype, ref.trust_remote_code, ref.allow_pickle) == (
+        "org/name", "abc", "bfloat16", False, True)
+    assert seen["device"] == "cpu" and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("args, field", [
@@ -219,10 +256,9 @@ def test_the_cli_and_the_grid_word_an_error_alike(args, grid, cli_path, grid_pat
 ])
 def test_other_commands_validate_their_records_before_loading_anything(monkeypatch, tmp_path, args, message):
     import editdecay.core.models as models
-    import editdecay.edit.workflow as workflow     # imported before patching: it binds load_model at import
 
-    for module in (models, workflow):
-        monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    # Every command loads through ModelRef.load, which looks core.models.load_model up when it runs.
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.chdir(tmp_path)
     extra = ["--out", "o"] if args[0] == "edit" else []
     res = CliRunner().invoke(app, [*args, *extra], env={"COLUMNS": "250"})

@@ -72,9 +72,9 @@ def test_edit_on_the_device_matches_the_cpu(world, cpu_patch, device, tmp_path, 
         assert _cosine(got[name], want[name]) > 0.999, name
         assert abs(float(got[name].norm() / want[name].norm()) - 1) < 1e-2, name
     cpu = json.loads((cpu_patch / "result.json").read_text())["metrics"]
-    for stage in ("pre", "post"):
-        assert result["metrics"][stage]["margin"] == pytest.approx(cpu[stage]["margin"], rel=1e-3, abs=1e-4)
-    assert result["metrics"]["post"]["margin"] > result["metrics"]["pre"]["margin"]   # the edit moved the model
+    for model in ("M0", "M_e"):
+        assert result["metrics"][model]["margin"] == pytest.approx(cpu[model]["margin"], rel=1e-3, abs=1e-4)
+    assert result["metrics"]["M_e"]["margin"] > result["metrics"]["M0"]["margin"]   # the edit moved the model
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -90,7 +90,7 @@ def test_lora_finetuning_on_the_device_matches_the_cpu(world, cpu_patch, device,
     got, want = finetune(device, tmp_path / "on-device"), finetune("cpu", tmp_path / "reference")
     assert got["environment"]["device"].startswith(device)
     assert got["training"]["final_loss"] == pytest.approx(want["training"]["final_loss"], rel=1e-3)
-    for stage in ("pre", "post", "finetuned"):
-        assert got["metrics"][stage]["n"] == want["metrics"][stage]["n"] == len(REQUESTS)
-        assert got["metrics"][stage]["margin"] == pytest.approx(want["metrics"][stage]["margin"], rel=1e-3, abs=1e-4)
-    assert got["metrics"]["finetuned"]["margin"] != got["metrics"]["post"]["margin"]    # training moved the model
+    for model in ("M0", "M_e", "M_ef"):
+        assert got["metrics"][model]["n"] == want["metrics"][model]["n"] == len(REQUESTS)
+        assert got["metrics"][model]["margin"] == pytest.approx(want["metrics"][model]["margin"], rel=1e-3, abs=1e-4)
+    assert got["metrics"]["M_ef"]["margin"] != got["metrics"]["M_e"]["margin"]    # training moved the model

@@ -38,12 +38,13 @@ def test_cli_runs_and_prints_the_three_stages(saved, tmp_path):
                            "--eval-every", "2", "--task-train", "24", "--task-test", "6", "--batch-size", "4",
                            "--rank", "4", "--no-progress", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    for words in ("before edit", "after edit", "after fine-tuning", "Edit Flip Ratio", "4 steps", "tokens/s"):
+    for words in ("M0 (base)", "M_e (edited)", "M_ef (edited, then fine-tuned)", "Edit Flip Ratio", "4 steps",
+                  "tokens/s"):
         assert words in text
     res = json.loads((out / "result.json").read_text())
     assert res["recipe"]["layers"] == "edited" and res["recipe"]["targets"] == "mlp"
     assert res["plan"]["layers"] == [1, 2] and [p["step"] for p in res["curve"]] == [0, 2, 4]
-    assert res["extra"]["patch"]["editor"] == "synthetic" and set(res["metrics"]) == {"pre", "post", "finetuned"}
+    assert res["extra"]["patch"]["editor"] == "synthetic" and set(res["metrics"]) == {"M0", "M_e", "M_ef"}
     assert (out / "adapter" / "adapter_config.json").exists()
 
 

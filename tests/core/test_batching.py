@@ -32,7 +32,7 @@ from editdecay.edit.context import context_templates
 from editdecay.edit.keys import compute_keys
 from editdecay.edit.memit import Memit
 from editdecay.edit.run import EditingRun
-from editdecay.edit.solve import alphaedit_delta, key_gram, memit_delta, output_dtype
+from editdecay.edit.solve import key_gram, memit_delta, nullspace_delta, output_dtype
 from editdecay.edit.targets import TargetSettings, compute_targets
 from editdecay.measure.metrics import evaluate_requests
 
@@ -187,7 +187,7 @@ def test_solve_out_of_memory_names_the_stage(monkeypatch):
     with pytest.raises(DeviceMemoryError, match="'E4 solve'"):
         memit_delta(K, R, C, 1.0)
     with pytest.raises(DeviceMemoryError, match="'E5 solve'"):
-        alphaedit_delta(K, R, C, C, 1.0)
+        nullspace_delta(K, R, C, C, 1.0)
 
 
 # --------------------------------------------------------------------------- solves in key-column blocks
@@ -208,8 +208,8 @@ def test_blocked_solves_equal_one_block():
         for block in (1, 4, 5):
             torch.testing.assert_close(memit_delta(K, R, C, 2.0, block_size=block), memit_delta(K, R, C, 2.0),
                                        rtol=0, atol=1e-10)
-            torch.testing.assert_close(alphaedit_delta(K, R, P, C_p, 3.0, block_size=block),
-                                       alphaedit_delta(K, R, P, C_p, 3.0), rtol=0, atol=1e-10)
+            torch.testing.assert_close(nullspace_delta(K, R, P, C_p, 3.0, block_size=block),
+                                       nullspace_delta(K, R, P, C_p, 3.0), rtol=0, atol=1e-10)
             torch.testing.assert_close(key_gram(K, block_size=block), K @ K.T, rtol=0, atol=1e-10)
     assert seen["E4 solve"].items == 13 and seen["E5 solve"].items == 13
     # Precision rule: weight-sized results in the solve dtype on the CPU, float32 on accelerators.

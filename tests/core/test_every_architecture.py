@@ -1,8 +1,8 @@
 """Every row of the architecture table through every stage of the pipeline.
 
-One test, over the tiny random GPT-2, GPT-J, GPT-NeoX and Llama models (tests/support/models.py):
-edit (MEMIT and AlphaEdit) -> evaluate (E6) -> fine-tune with full, LoRA and DoRA -> task scoring
-(exact match, through `core.forward.logits_at`).
+One test, over the tiny random model of every family of the architecture table (tests/support/models.py):
+edit (every registered editor, edit/registry.py) -> evaluate (E6) -> fine-tune with every method
+(finetune/recipe.py METHODS) -> task scoring (exact match, through `core.forward.logits_at`).
 
 It runs twice per row: with the table as it is, and with a *decoy* alternative put in front of every
 module name of the row ("decoy.h.{}|transformer.h.{}", "decoy_lm_head|lm_head", ...). A table name may
@@ -18,6 +18,7 @@ import random
 
 import pytest
 import torch
+from support.edits import small_edit_config
 from support.models import FAMILIES, make_tiny
 
 from editdecay.core import arch
@@ -25,12 +26,12 @@ from editdecay.core.cache import Cache
 from editdecay.core.forward import logits_at
 from editdecay.core.request import EditRequest
 from editdecay.core.tokens import pad_batch, pad_id
+from editdecay.data import load_source
 from editdecay.data.embedded_task import EmbeddedTask
-from editdecay.data.instructions import load_source
-from editdecay.edit import make_config
 from editdecay.edit.api import edit_model
-from editdecay.finetune.recipe import Recipe
-from editdecay.finetune.run import run_finetune
+from editdecay.edit.registry import editor_names
+from editdecay.finetune.recipe import METHODS, Recipe
+from editdecay.finetune.run import EditsUnderTest, Measures, run_finetune
 from editdecay.measure.metrics import aggregate, evaluate_requests
 from editdecay.measure.task import exact_match
 
@@ -85,14 +86,12 @@ def test_every_stage_on_every_architecture_row(family, names, tokenizer, corpus,
     real = dict(lm.model.named_modules())
     before = evaluate_requests(lm.model, tokenizer, REQUESTS)
 
-    # edit: both editors; patch keys are real module paths (never a table name with alternatives)
+    # edit: every registered editor; patch keys are real module paths (never a table name with alternatives)
     patches = {}
-    for editor in ("memit", "alphaedit"):
-        fields = dict(layers=LAYERS, v_num_grad_steps=4, n_context_templates=1, context_length=4,
-                      stats_corpus=str(corpus), stats_tokens=1400)   # > 10 d_k
-        if editor == "memit":
-            fields["mom2_update_weight"] = 100.0
-        patch, run = edit_model(lm, editor, make_config(editor, **fields), REQUESTS, cache=cache, progress=False)
+    for editor in editor_names():
+        cfg = small_edit_config(editor, layers=LAYERS, v_num_grad_steps=4, n_context_templates=1, context_length=4,
+                                stats_corpus=str(corpus), stats_tokens=1400)   # > 10 d_k
+        patch, run = edit_model(lm, editor, cfg, REQUESTS, cache=cache, progress=False)
         run.restore()
         assert set(patch.deltas) == {arch.resolve_name(lm.model, spec.mlp_out_name(l)) for l in LAYERS}
         assert all(name in real and "|" not in name for name in patch.deltas), list(patch.deltas)
@@ -100,7 +99,7 @@ def test_every_stage_on_every_architecture_row(family, names, tokenizer, corpus,
         patches[editor] = patch
 
     # evaluate (E6): the edited model is measured through the same table names
-    patch = patches["memit"]
+    patch = patches[editor_names()[0]]
     with patch.applied(lm.model):
         after = evaluate_requests(lm.model, tokenizer, REQUESTS)
     assert aggregate(after)["n"] == len(REQUESTS)
@@ -119,20 +118,20 @@ def test_every_stage_on_every_architecture_row(family, names, tokenizer, corpus,
 
     # fine-tune with every method, on a fresh copy with the edit applied; nothing outside the plan changes
     source = load_source("embedded", task=TASK)
-    for method in ("full", "lora", "dora"):
+    for method in METHODS:
         fresh = make_tiny(family, tokenizer)
         start = {n: p.detach().clone() for n, p in fresh.model.named_parameters()}
         recipe = Recipe(method=method, layers="edited", targets="mlp", max_steps=2, batch_size=4, lora_r=4,
                         learning_rate=5e-2, template="compact", cutoff_len=48, warmup_steps=0)
-        res = run_finetune(fresh, recipe, source, tmp_path / method, requests=patch.requests,
-                           edited_layers=patch.layers, apply_edit=patch.apply, task=TASK, progress=False,
+        res = run_finetune(fresh, recipe, source, tmp_path / method, measures=Measures(task=TASK), progress=False,
+                           edits=EditsUnderTest(requests=patch.requests, layers=patch.layers, apply=patch.apply),
                            save="merged").result
         assert res["status"] == "done" and res["training"]["steps"] == 2, method
         planned = res["plan"]["modules"]
         assert planned and all(m in real and "|" not in m for m in planned), planned
         want = {arch.resolve_name(fresh.model, spec.in_block(l, r)) for l in LAYERS for r in spec.mlp}
         assert set(planned) == want, method
-        assert res["metrics"]["finetuned"]["n_task"] == TASK.n_test
+        assert res["metrics"]["M_ef"]["n_task"] == TASK.n_test
         changed = {n.rsplit(".", 1)[0] for n, p in fresh.model.named_parameters() if not torch.equal(p, start[n])}
         assert changed <= set(planned), (method, sorted(changed - set(planned))[:4])
         assert changed - set(patch.deltas), f"{method}: training changed nothing besides the edit"

@@ -36,7 +36,7 @@ def test_a_choice_word_or_layers():
 
 def test_every_record_with_layers_parses_them_alike():
     """The recipe, the editor configs, the grid's model entries and the planner read one spelling the same way."""
-    from editdecay.edit.config import make_config
+    from editdecay.edit.registry import make_config
     from editdecay.finetune.recipe import preset
     from editdecay.grid.plan import build_plan
     from editdecay.grid.spec import grid_from_dict
@@ -49,6 +49,6 @@ def test_every_record_with_layers_parses_them_alike():
     spec = grid_from_dict(grid)
     assert spec.models[0].edit_layers == want and spec.recipes[0].layers == [want]
     plan = build_plan(spec)
-    assert {tuple(s.config["editor_config"]["layers"]) for s in plan.stages.values() if s.kind == "patch"} == {want}
+    assert {s.spec.editor.layers for s in plan.stages.values() if s.kind == "patch"} == {want}
     with pytest.raises(ConfigError, match=r"layers=\(3, 3\) names layer 3 twice"):
         make_config("memit", layers=(3, 3))

@@ -10,7 +10,8 @@ from support.models import tok as load_tok
 
 from editdecay.core.errors import ConfigError, DataError
 from editdecay.data.chatterbot import LICENCE, ChatterbotCorpus, prompt_key
-from editdecay.data.instructions import InstructionRecord, load_source
+from editdecay.data import load_source
+from editdecay.data.instructions import InstructionRecord
 from editdecay.measure.task import exact_match
 
 TRIVIA = """categories:

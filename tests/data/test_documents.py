@@ -8,7 +8,7 @@ import pytest
 
 from editdecay.core.errors import DataError
 from editdecay.data.documents import BadLine, read_records, split_documents
-from editdecay.data.instructions import load_source
+from editdecay.data import load_source
 from editdecay.measure.downstream.perplexity import read_corpus
 
 TEXT = "First doc,\n  second line.\n\n\t \nSecond doc.\n\n\n\nThird doc.\n   \n"

@@ -9,11 +9,11 @@ from support.models import Oracle
 from support.models import tok as load_tok
 
 from editdecay.core.errors import ConfigError, DataError
+from editdecay.data import load_source
 from editdecay.data.embedded_task import FAMILIES, EmbeddedTask
 from editdecay.data.instructions import (
     IGNORE_INDEX,
     InstructionRecord,
-    load_source,
     min_prompt_tokens,
     render_prompt,
     tokenize,

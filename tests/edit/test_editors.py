@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.edits import REQUESTS, write_corpus
+from support.edits import REQUESTS, small_edit_config, write_corpus
 from support.models import make_tiny
 from reference import reference_alphaedit, reference_keys, reference_memit
 
@@ -23,7 +23,8 @@ from editdecay.core.errors import ConfigError, DataError
 from editdecay.core.request import EditRequest
 from editdecay.data.corpus import parse_corpus
 from editdecay.edit import make_config
-from editdecay.edit.solve import alphaedit_delta, memit_delta
+from editdecay.edit.registry import editor_names
+from editdecay.edit.solve import memit_delta, nullspace_delta
 from editdecay.edit.stats import cached_projector, second_moments
 
 torch.set_num_threads(1)
@@ -42,9 +43,7 @@ def cache(tmp_path_factory) -> Cache:
 def config(editor: str, corpus: Path, **kw):
     fields = dict(layers=LAYERS, v_num_grad_steps=4, n_context_templates=2, context_length=4,
                   stats_corpus=str(corpus), stats_tokens=400)
-    if editor == "memit":
-        fields["mom2_update_weight"] = 100.0    # small lambda: the tiny edits are not negligible
-    return make_config(editor, **{**fields, **kw})
+    return small_edit_config(editor, **{**fields, **kw})
 
 
 def params(model) -> dict[str, torch.Tensor]:
@@ -59,7 +58,7 @@ def assert_same_params(model, expected: dict[str, torch.Tensor]) -> None:
 # --------------------------------------------------------------------------- what an edit touches
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("editor", ["memit", "alphaedit"])
+@pytest.mark.parametrize("editor", editor_names())
 def test_edit_touches_only_edited_weights_restores_and_patch_reproduces(editor, family, tokenizer, corpus, cache):
     lm = make_tiny(family, tokenizer)
     spec = arch_for(lm.model)
@@ -226,7 +225,7 @@ def test_alphaedit_solve_satisfies_normal_equation():
     B = torch.randn(d_k, 4, generator=g, dtype=torch.float64)
     C_p = B @ B.T                                                              # earlier batches' keys
     L2 = 10.0
-    delta = alphaedit_delta(K, R, P, C_p, L2)
+    delta = nullspace_delta(K, R, P, C_p, L2)
     X = delta.T                                                                # (d_k, d)
     eye = torch.eye(d_k, dtype=torch.float64)
     lhs = (P @ (K @ K.T + C_p) + L2 * eye) @ X

@@ -87,7 +87,7 @@ def reference_moments(lm, layer: int, chunks: list[list[int]]) -> torch.Tensor:
     return total / n
 
 
-FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama"]
+from editdecay.core.arch import FAMILIES  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import torch
 from support.models import tiny_model, tok
 
 from editdecay.data.embedded_task import EmbeddedTask
-from editdecay.data.instructions import load_source, tokenize
+from editdecay.data import load_source
+from editdecay.data.instructions import tokenize
 from editdecay.finetune.recipe import Recipe
 from editdecay.finetune.train import train
 from editdecay.finetune.trainable import merge, resolve_plan

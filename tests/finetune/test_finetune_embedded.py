@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from editdecay.data.embedded_task import EmbeddedTask
-from editdecay.data.instructions import load_source, tokenize
+from editdecay.data import load_source
+from editdecay.data.instructions import tokenize
 from editdecay.finetune.recipe import preset
 from editdecay.finetune.train import collate, token_loss_sum, train
 from editdecay.finetune.trainable import resolve_plan

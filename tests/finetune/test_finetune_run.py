@@ -12,21 +12,24 @@ from support.models import tiny_model, tok
 
 from editdecay.core.errors import ConfigError
 from editdecay.core.models import wrap
+from editdecay.data import load_source
 from editdecay.data.embedded_task import EmbeddedTask
-from editdecay.data.instructions import load_source
 from editdecay.finetune.recipe import Recipe
-from editdecay.finetune.run import run_finetune
+from editdecay.finetune.run import EditsUnderTest, Measures, run_finetune
 from editdecay.finetune.train import DivergedError
 from editdecay.measure.decay import edit_flip_ratio, relative_decrease
 from editdecay.measure.metrics import RequestOutcome, aggregate, evaluate_requests
 
 TASK = EmbeddedTask(n_train=24, n_test=6)
-def run(tmp_path, recipe, name="out", **kw):
+
+
+def run(tmp_path, recipe, name="out", eval_every=0, **kw):
     model = tiny_model("llama")
     patch = synthetic_patch(model)
     lm = wrap(model, tok(), name="tiny-llama", source="config")
-    result = run_finetune(lm, recipe, load_source("embedded", task=TASK), tmp_path / name, requests=patch.requests,
-                          edited_layers=patch.layers, apply_edit=patch.apply, task=TASK, progress=False, **kw)
+    result = run_finetune(lm, recipe, load_source("embedded", task=TASK), tmp_path / name, progress=False,
+                          edits=EditsUnderTest(requests=patch.requests, layers=patch.layers, apply=patch.apply),
+                          measures=Measures(task=TASK, eval_every=eval_every), **kw)
     return result, patch
 
 
@@ -37,20 +40,20 @@ def test_result_holds_stages_curve_decay_and_trainable_names(tmp_path):
     res = r.result
     on_disk = json.loads((r.out / "result.json").read_text())
     assert on_disk["status"] == "done" and on_disk["schema_version"] >= 1
-    assert set(res["metrics"]) == {"pre", "post", "finetuned"}
+    assert set(res["metrics"]) == {"M0", "M_e", "M_ef"} and res["models"] == {"before": "M_e", "after": "M_ef"}
     assert [p["step"] for p in res["curve"]] == [0, 2, 4]
-    for stage, point in (("post", res["curve"][0]), ("finetuned", res["curve"][-1])):
+    for stage, point in (("M_e", res["curve"][0]), ("M_ef", res["curve"][-1])):
         for k in ("efficacy", "paraphrase", "neighborhood", "task_accuracy"):
             assert res["metrics"][stage][k] == point[k]
-    assert res["metrics"]["post"]["n"] == 4 and res["metrics"]["post"]["n_task"] == 6
-    # pre is the unedited model: measured before the patch, so its margins differ from post's.
-    assert any(row["pre"]["margin"] != row["post"]["margin"] for row in res["requests"])
-    # post equals a direct measurement of the patched model.
+    assert res["metrics"]["M_e"]["n"] == 4 and res["metrics"]["M_e"]["n_task"] == 6
+    # M0 is the unedited model: measured before the patch, so its margins differ from M_e's.
+    assert any(row["M0"]["margin"] != row["M_e"]["margin"] for row in res["requests"])
+    # M_e equals a direct measurement of the patched model.
     fresh = tiny_model("llama")
     patch.apply(fresh)
     direct = aggregate(evaluate_requests(fresh, tok(), patch.requests))
-    assert res["metrics"]["post"]["efficacy"] == direct["efficacy"]
-    assert res["metrics"]["post"]["margin"] == pytest.approx(direct["margin"], abs=1e-5)
+    assert res["metrics"]["M_e"]["efficacy"] == direct["efficacy"]
+    assert res["metrics"]["M_e"]["margin"] == pytest.approx(direct["margin"], abs=1e-5)
     # Trainable parameters: adapters on the edited MLP modules only.
     names = res["trainable_parameters"]
     assert names and all("lora_" in n and (".layers.1.mlp." in n or ".layers.2.mlp." in n) for n in names)
@@ -58,7 +61,7 @@ def test_result_holds_stages_curve_decay_and_trainable_names(tmp_path):
     # E7 bookkeeping is consistent with the per-request rows.
     efr = res["decay"]["edit_flip_ratio"]
     assert efr["n_flipped"] == sum(row["flipped"] for row in res["requests"])
-    assert efr["n_success_edited"] == sum(row["success_post"] for row in res["requests"])
+    assert efr["n_success_edited"] == sum(row["success"]["M_e"] for row in res["requests"])
     assert res["merge_check"]["max_abs_logit_diff"] < 1e-4
     assert res["training"]["steps"] == 4 and res["training"]["tokens_per_second"] > 0
     assert res["data"]["kind"] == "embedded" and res["data"]["n_examples"] == 24
@@ -97,15 +100,16 @@ def test_full_fine_tuning_without_edits_records_task_only(tmp_path):
     model = tiny_model("gpt2")
     lm = wrap(model, tok(), name="tiny-gpt2", source="config")
     recipe = Recipe(method="full", layers=(0, 1), max_steps=2, batch_size=4, template="compact", cutoff_len=64)
-    r = run_finetune(lm, recipe, load_source("embedded", task=TASK), tmp_path / "o", task=TASK, progress=False)
+    r = run_finetune(lm, recipe, load_source("embedded", task=TASK), tmp_path / "o", measures=Measures(task=TASK),
+                     progress=False)
     res = r.result
-    assert set(res["metrics"]) == {"post", "finetuned"} and res["decay"] is None and res["requests"] == []
-    assert res["metrics"]["post"]["n"] == 0 and res["metrics"]["finetuned"]["n_task"] == 6
+    assert set(res["metrics"]) == {"M0", "M_f"} and res["decay"] is None and res["requests"] == []
+    assert res["metrics"]["M0"]["n"] == 0 and res["metrics"]["M_f"]["n_task"] == 6
     weights = load_file(str(r.out / "weights.safetensors"))
     assert set(weights) == {n for n in res["trainable_parameters"]}
     assert all(n.startswith(("transformer.h.0.", "transformer.h.1.")) for n in weights)
     with pytest.raises(ConfigError, match="already holds a fine-tuning run"):
-        run_finetune(lm, recipe, load_source("embedded", task=TASK), tmp_path / "o", task=TASK, progress=False)
+        run_finetune(lm, recipe, load_source("embedded", task=TASK), tmp_path / "o", progress=False)
     with pytest.raises(ConfigError, match="method='full' has no adapter"):
         run_finetune(lm, recipe, load_source("embedded", task=TASK), tmp_path / "p", save="adapter")
 
@@ -126,8 +130,9 @@ def test_divergence_writes_a_result_marked_diverged(tmp_path):
     lm = wrap(model, tok(), name="tiny-llama", source="config")
     recipe = Recipe(method="full", max_steps=5, batch_size=4, template="compact", cutoff_len=64)
     with pytest.raises(DivergedError, match="at step 2 of 5"):
-        run_finetune(lm, recipe, load_source("embedded", task=TASK), tmp_path / "out", requests=patch.requests,
-                     edited_layers=patch.layers, apply_edit=edit_then_poison, task=TASK, progress=False)
+        run_finetune(lm, recipe, load_source("embedded", task=TASK), tmp_path / "out", measures=Measures(task=TASK),
+                     edits=EditsUnderTest(requests=patch.requests, layers=patch.layers, apply=edit_then_poison),
+                     progress=False)
     res = json.loads((tmp_path / "out" / "result.json").read_text())
     assert res["status"] == "diverged" and "loss became nan" in res["error"] and res["curve"][0]["step"] == 0
     log = [json.loads(l) for l in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
@@ -163,8 +168,8 @@ def test_a_finished_run_loads_back_and_a_pickled_adapter_is_refused(tmp_path):
                     learning_rate=5e-2, template="compact", cutoff_len=64)
     model = tiny_model("llama")
     lm = wrap(model, tok(), name="tiny-llama", source="config")
-    ft = run_finetune(lm, recipe, load_source("embedded", task=TASK), tmp_path / "run", task=TASK, progress=False,
-                      save="adapter")
+    ft = run_finetune(lm, recipe, load_source("embedded", task=TASK), tmp_path / "run", measures=Measures(task=TASK),
+                      progress=False, save="adapter")
     ids = torch.tensor([[1, 5, 9, 2]])
     with torch.no_grad():
         want = ft.model.eval()(input_ids=ids).logits                 # eval: no adapter dropout

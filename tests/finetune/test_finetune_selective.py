@@ -8,7 +8,8 @@ from support.models import snapshot, tiny_model, tok
 
 from editdecay.core.arch import arch_for
 from editdecay.data.embedded_task import EmbeddedTask
-from editdecay.data.instructions import load_source, tokenize
+from editdecay.data import load_source
+from editdecay.data.instructions import tokenize
 from editdecay.finetune.recipe import Recipe
 from editdecay.finetune.train import train
 from editdecay.finetune.trainable import adapted_modules, merge, resolve_plan

@@ -9,7 +9,8 @@ import torch
 from support.models import snapshot, tiny_model, tok
 
 from editdecay.data.embedded_task import EmbeddedTask
-from editdecay.data.instructions import load_source, tokenize
+from editdecay.data import load_source
+from editdecay.data.instructions import tokenize
 from editdecay.finetune.callback import DecayCallback
 from editdecay.finetune.recipe import Recipe
 from editdecay.finetune.train import DivergedError, total_optimizer_steps, train

@@ -344,9 +344,9 @@ def test_finetune_publishes_outputs_atomically_and_removes_a_stale_adapter(tmp_p
 
     from editdecay.core.models import wrap
     from editdecay.data.embedded_task import EmbeddedTask
-    from editdecay.data.instructions import load_source
+    from editdecay.data import load_source
     from editdecay.finetune.recipe import Recipe
-    from editdecay.finetune.run import run_finetune
+    from editdecay.finetune.run import Measures, run_finetune
 
     task = EmbeddedTask(n_train=8, n_test=4)
     source = load_source("embedded", task=task)
@@ -355,7 +355,8 @@ def test_finetune_publishes_outputs_atomically_and_removes_a_stale_adapter(tmp_p
         lm = wrap(tiny_model("llama"), tok(), name="tiny-llama", source="config")
         recipe = Recipe(method=method, layers=(1,), targets="mlp", max_steps=1, batch_size=4, lora_r=4,
                         template="compact", cutoff_len=48)
-        return run_finetune(lm, recipe, source, tmp_path / "out", task=task, save=save, progress=False, **kw)
+        return run_finetune(lm, recipe, source, tmp_path / "out", measures=Measures(task=task), save=save,
+                            progress=False, **kw)
 
     run("lora", "adapter")
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()

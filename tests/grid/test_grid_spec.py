@@ -105,7 +105,7 @@ def test_layer_spellings():
     layers = sorted({json.dumps(c.axes["layers"]) for c in plan.cells})
     assert layers == ['"edited"', "[5, 6]", "[7, 8]"]
     patch = plan.stages[plan.cells[0].stages["patch"]]
-    assert patch.config["editor_config"]["layers"] == [2, 3, 4]
+    assert patch.spec.editor.config["layers"] == [2, 3, 4]
 
 
 # --------------------------------------------------------------------------- plans
@@ -125,7 +125,7 @@ def test_small_grid_cells_and_sharing():
     assert len(stats) == 1 and len(uses[stats[0].id]) == 8          # one statistics run for both editors
     patches = [s for s in plan.stages.values() if s.kind == "patch"]
     assert len(patches) == 2 and all(len(uses[p.id]) == 4 for p in patches)   # one patch per editor, 4 recipes
-    m_f = [s for s in plan.stages.values() if s.kind == "finetune" and s.config["patch"] is None]
+    m_f = [s for s in plan.stages.values() if s.kind == "finetune" and s.spec.patch is None]
     assert len(m_f) == 4                                               # one M_f per recipe, shared by editors
     for s in m_f:
         assert len(uses[s.id]) == 3                                    # 2 editors' cells + the n=0 cell
@@ -155,7 +155,7 @@ def test_stage_ids_are_content_addresses():
                                                    "overrides": {"max_steps": 4, "learning_rate": 3e-4}}])))
     kept = set(lr.stages) & set(base.stages)
     assert {base.stages[s].kind for s in kept} == {"stats", "patch", "evaluate"}
-    assert all(base.stages[s].config["finetune"] is None for s in kept if base.stages[s].kind == "evaluate")
+    assert all(base.stages[s].spec.finetune is None for s in kept if base.stages[s].kind == "evaluate")
     # a seed changes patches and fine-tuning, not the statistics
     seeded = build_plan(grid_from_dict(small(seeds=[1])))
     assert {base.stages[s].kind for s in set(seeded.stages) & set(base.stages)} == {"stats"}
@@ -185,19 +185,19 @@ def test_study_grid_lists_every_cell_and_shares_stages():
     k = s["by_kind"]
     assert k["stats"]["stages"] == models                                  # one E1 run per model and layer set
     assert k["patch"]["stages"] == models * editors * data * len(ns)       # shared by the 5 recipes
-    m_f = [x for x in plan.stages.values() if x.kind == "finetune" and x.config["patch"] is None]
+    m_f = [x for x in plan.stages.values() if x.kind == "finetune" and x.spec.patch is None]
     assert len(m_f) == models * recipes                                    # one M_f per model x recipe
     assert k["finetune"]["stages"] == models * recipes + 300               # + one M_ef per edited cell
     # the study's presets (docs/PROTOCOL.md) are resolved without loading any model
-    layers = {x.config["model"]["name"]: x.config["layers"] for x in plan.stages.values() if x.kind == "stats"}
+    layers = {x.spec.model.name: list(x.spec.statistics.layers) for x in plan.stages.values() if x.kind == "stats"}
     assert layers["openai-community/gpt2-xl"] == [13, 14, 15, 16, 17]
     assert layers["EleutherAI/gpt-j-6b"] == [3, 4, 5, 6, 7, 8]
     assert layers["meta-llama/Llama-2-7b-hf"] == [4, 5, 6, 7, 8]
     llama3 = next(x for x in plan.stages.values() if x.kind == "patch"
-                  and x.config["model"]["name"] == "meta-llama/Llama-3.1-8B-Instruct")
-    assert llama3.config["editor_config"]["v_lr"] == 0.1
-    full = next(x for x in plan.stages.values() if x.kind == "finetune" and x.config["recipe"]["method"] == "full")
-    assert full.config["recipe"]["targets"] == "all" and full.config["recipe"]["learning_rate"] == 5e-6
+                  and x.spec.model.name == "meta-llama/Llama-3.1-8B-Instruct")
+    assert llama3.spec.editor.config["v_lr"] == 0.1
+    full = next(x for x in plan.stages.values() if x.kind == "finetune" and x.spec.recipe.method == "full")
+    assert full.spec.recipe.targets == "all" and full.spec.recipe.learning_rate == 5e-6
 
 
 def test_demo_grid_is_the_embedded_default():
@@ -212,9 +212,9 @@ def test_demo_grid_is_the_embedded_default():
     study = build_plan(load_grid(EMBEDDED_STUDY))
 
     def finetune_config(p):
-        ft = next(s for s in p.stages.values() if s.kind == "finetune" and s.config["recipe"]["method"] == "lora"
-                  and s.config["recipe"]["layers"] == "all")
-        return ft.config["recipe"], {k: v for k, v in ft.config["chatterbot"].items() if k != "n_test"}
+        ft = next(s for s in p.stages.values() if s.kind == "finetune" and s.spec.recipe.method == "lora"
+                  and s.spec.recipe.layers == "all")
+        return ft.spec.recipe, {k: v for k, v in ft.spec.data.settings.items() if k != "n_test"}
 
     assert finetune_config(plan) == finetune_config(study)
 
@@ -294,22 +294,22 @@ def test_missing_local_files_are_warnings_of_the_plan(tmp_path):
 
 def test_data_content_is_part_of_the_stage_ids(tmp_path):
     from editdecay.core.errors import DataError
-    from editdecay.grid.plan import check_data_digest
+    from editdecay.data.sources import check_digest as check_data_digest
 
     data = tmp_path / "cf.json"
     data.write_text("[1]")
     grid = small(edit_data=["counterfact:cf.json"], n_edits=[8])
     first = build_plan(grid_from_dict(grid, base_dir=tmp_path))
     patch = first.stages[first.cells[0].stages["patch"]]
-    check_data_digest(patch.config["requests"]["data"], patch.config["requests"]["digest"])   # unchanged: fine
+    check_data_digest(patch.spec.requests.data, patch.spec.requests.digest)   # unchanged: fine
     data.write_text("[2]")
     with pytest.raises(DataError, match="changed since this grid was planned"):
-        check_data_digest(patch.config["requests"]["data"], patch.config["requests"]["digest"])
+        check_data_digest(patch.spec.requests.data, patch.spec.requests.digest)
     second = build_plan(grid_from_dict(grid, base_dir=tmp_path))
     changed = set(first.stages) ^ set(second.stages)
     assert {first.stages.get(s, second.stages.get(s)).kind for s in changed} == {"patch", "evaluate", "finetune",
                                                                                  "cell"}
-    assert not any(s.kind == "finetune" and s.config["patch"] is None for s in
+    assert not any(s.kind == "finetune" and s.spec.patch is None for s in
                    (first.stages.get(x) or second.stages[x] for x in changed))          # M_f does not read edit data
 
 

@@ -207,7 +207,8 @@ def test_run_finetune_records_downstream_for_pre_post_and_finetuned(tmp_path):
     from support.edits import synthetic_patch
 
     from editdecay.core.models import wrap
-    from editdecay.finetune import EmbeddedTask, Recipe, load_source, run_finetune
+    from editdecay.finetune import EmbeddedTask, Recipe, load_source
+    from editdecay.finetune.run import EditsUnderTest, Measures, run_finetune
 
     task = EmbeddedTask(n_train=24, n_test=6)
     (tmp_path / "c.txt").write_text("\n\n".join(CORPUS))
@@ -219,33 +220,33 @@ def test_run_finetune_records_downstream_for_pre_post_and_finetuned(tmp_path):
         model = scaled_tiny()
         patch = synthetic_patch(model)
         lm = wrap(model, tok(), name="tiny-llama", source="config")
-        return run_finetune(lm, recipe, load_source("embedded", task=task), tmp_path / name,
-                            requests=patch.requests, edited_layers=patch.layers, apply_edit=patch.apply, task=task,
-                            save="none", progress=False, downstream=ds)
+        return run_finetune(lm, recipe, load_source("embedded", task=task), tmp_path / name, save="none",
+                            edits=EditsUnderTest(requests=patch.requests, layers=patch.layers, apply=patch.apply),
+                            measures=Measures(task=task, downstream=ds), progress=False)
 
     r = run("with", downstream)
     m = r.result["metrics"]
     on_disk = json.loads((r.out / "result.json").read_text())
     assert on_disk["metrics"] == json.loads(json.dumps(m))
     assert on_disk["downstream"]["spec"]["limit"] == 12 and set(on_disk["downstream"]["seconds"]) == {
-        "pre", "post", "finetuned"}
-    for stage in ("pre", "post", "finetuned"):
+        "M0", "M_e", "M_ef"}
+    for stage in ("M0", "M_e", "M_ef"):
         assert set(m[stage]["downstream"]) == {everyday.TASK_NAME, "ppl_c"}
         assert m[stage]["downstream"][everyday.TASK_NAME]["n"] == 12
         assert m[stage]["downstream_score"] == m[stage]["downstream"][everyday.TASK_NAME]["acc"]
-    # pre is the unedited model, post the patched one, finetuned the trained PeftModel the run returns.
+    # M0 is the unedited model, M_e the patched one, M_ef the trained PeftModel the run returns.
     ref = scaled_tiny()
-    assert evaluate_downstream(ref, tok(), downstream).tasks == m["pre"]["downstream"]
+    assert evaluate_downstream(ref, tok(), downstream).tasks == m["M0"]["downstream"]
     synthetic_patch(ref).apply(ref)
-    assert evaluate_downstream(ref, tok(), downstream).tasks == m["post"]["downstream"]
-    assert evaluate_downstream(r.model, tok(), downstream).tasks == m["finetuned"]["downstream"]
-    ppl = [m[s]["downstream"]["ppl_c"]["token_perplexity"] for s in ("pre", "post", "finetuned")]
+    assert evaluate_downstream(ref, tok(), downstream).tasks == m["M_e"]["downstream"]
+    assert evaluate_downstream(r.model, tok(), downstream).tasks == m["M_ef"]["downstream"]
+    ppl = [m[s]["downstream"]["ppl_c"]["token_perplexity"] for s in ("M0", "M_e", "M_ef")]
     assert len(set(ppl)) == 3                        # the edit and the training both change the model
     # Scoring does not change the run: the same training without downstream gives the same numbers.
     plain = run("without", None).result
     assert plain["curve"] == r.result["curve"] and plain["training"]["final_loss"] == r.result["training"][
         "final_loss"]
-    assert "downstream" not in plain["metrics"]["post"] and "downstream" not in plain
+    assert "downstream" not in plain["metrics"]["M_e"] and "downstream" not in plain
 
 
 def test_grid_cell_holds_downstream_of_m0_and_mf_with_deltas(tmp_path):
@@ -266,13 +267,13 @@ def test_grid_cell_holds_downstream_of_m0_and_mf_with_deltas(tmp_path):
     spec = grid_from_dict(grid, base_dir=tmp_path)
     plan = build_plan(spec)
     ft = next(s for s in plan.stages.values() if s.kind == "finetune")
-    assert ft.config["downstream"] == ["embedded", "everyday"] and ft.config["downstream_limit"] == 8
-    assert ft.config["downstream_digests"]["everyday"]
-    # A grid with only the embedded task plans exactly the stage config it always had (same ids).
+    assert ft.spec.held_out.spec == "embedded" and ft.spec.downstream.tasks == ("everyday",)
+    assert ft.spec.downstream.limit == 8 and ft.spec.downstream.digests["everyday"]
+    # A grid with only the embedded task plans no lm-eval scoring.
     plain = build_plan(grid_from_dict({**grid, "shared": {**grid["shared"], "downstream": ["embedded"]}},
                                       base_dir=tmp_path))
     plain_ft = next(s for s in plain.stages.values() if s.kind == "finetune")
-    assert "downstream_limit" not in plain_ft.config and "downstream_digests" not in plain_ft.config
+    assert plain_ft.spec.downstream is None and plain_ft.spec.held_out == ft.spec.held_out
 
     summary = run_grid(plan, tmp_path / "out", threads=1)
     assert not summary.failed, summary
@@ -321,9 +322,9 @@ def test_cli_scores_downstream_tasks_and_rejects_unknown_ones_before_loading_the
                      "everyday", "--downstream-limit", "8", "--out", str(tmp_path / "run"))
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "run" / "result.json").read_text())
-    scores = {s: res["metrics"][s]["downstream"][everyday.TASK_NAME] for s in ("pre", "post", "finetuned")}
+    scores = {s: res["metrics"][s]["downstream"][everyday.TASK_NAME] for s in ("M0", "M_e", "M_ef")}
     assert all(v["n"] == 8 for v in scores.values())
-    assert f"downstream {everyday.TASK_NAME} (n=8): before edit acc {100 * scores['pre']['acc']:.1f}%" in text
+    assert f"downstream {everyday.TASK_NAME} (n=8): M0 (base) acc {100 * scores['M0']['acc']:.1f}%" in text
 
 
 def test_held_out_tasks_have_their_headline_metric_and_stay_out_of_the_downstream_score():

@@ -21,3 +21,4 @@ FIXTURES = ROOT / "tests" / "fixtures"
 ZSRE_SAMPLE = FIXTURES / "zsre_sample.json"            # 301 real zsRE records
 COUNTERFACT_SMALL = FIXTURES / "counterfact_small.json"  # 3 usable and 6 broken CounterFact records
 RESULTS_V1 = FIXTURES / "results_v1"                   # results written before the typed schema
+RESULTS_V2 = FIXTURES / "results_v2"                   # results written before the typed stage specs

@@ -1,4 +1,5 @@
-"""Edit requests, a statistics corpus and a synthetic patch for the tiny models of `support.models`."""
+"""Edit requests, a statistics corpus, editor configs and a synthetic patch for the tiny models of
+`support.models`."""
 
 from __future__ import annotations
 
@@ -48,3 +49,14 @@ def synthetic_patch(model) -> EditPatch:
     deltas = {f"model.layers.{l}.mlp.down_proj": torch.randn(model.model.layers[l].mlp.down_proj.weight.shape,
                                                                  generator=gen) for l in (1, 2)}
     return EditPatch(deltas=deltas, layers=(1, 2), editor="synthetic", config={}, requests=capital_requests())
+
+
+def small_edit_config(editor: str, **fields):
+    """A config of a registered editor for the tiny models: the given fields, plus a small E4 lambda where the
+    editor's config has one (at the study's lambda the tiny models' edits would be negligible)."""
+    from editdecay.edit.registry import editor_class
+
+    config_class = editor_class(editor).config_class
+    if "mom2_update_weight" in config_class.model_fields:
+        fields.setdefault("mom2_update_weight", 100.0)
+    return config_class(**fields)

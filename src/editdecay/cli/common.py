@@ -39,13 +39,20 @@ def pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def model_label(model: str) -> str:
+    """'M_e (edited)': a model's name with what it is (core/schema.py MODEL_NAMES); other keys unchanged."""
+    from editdecay.core.schema import MODEL_NAMES
+
+    return f"{model} ({MODEL_NAMES[model]})" if model in MODEL_NAMES else model
+
+
 def metrics_table(title: str, stages: dict[str, dict]) -> Table:
-    """Rows: model stages (pre/post/finetuned); columns: ES, PS, NS with n."""
+    """Rows: models (M0, M_e, M_f, M_ef); columns: ES, PS, NS with n."""
     t = Table(title=title)
-    for col in ("stage", "n", "efficacy (ES)", "paraphrase (PS)", "neighborhood (NS)", "harmonic mean"):
-        t.add_column(col, justify="right" if col != "stage" else "left")
+    for col in ("model", "n", "efficacy (ES)", "paraphrase (PS)", "neighborhood (NS)", "harmonic mean"):
+        t.add_column(col, justify="right" if col != "model" else "left")
     for stage, m in stages.items():
-        t.add_row(stage, str(m["n"]), pct(m["efficacy"]), pct(m["paraphrase"]), pct(m["neighborhood"]),
+        t.add_row(model_label(stage), str(m["n"]), pct(m["efficacy"]), pct(m["paraphrase"]), pct(m["neighborhood"]),
                   pct(m.get("harmonic_mean")))
     return t
 
@@ -63,5 +70,5 @@ def guard(fn):
     return wrapper
 
 
-__all__ = ["ALLOW_FOREIGN_PATCH", "console", "fail", "guard", "metrics_table",
-           "pct", "set_threads", "sys"]
+__all__ = ["ALLOW_FOREIGN_PATCH", "console", "fail", "guard", "metrics_table", "model_label", "pct", "set_threads",
+           "sys"]

@@ -21,20 +21,20 @@ from editdecay.cli.common import console, guard, metrics_table, pct, set_threads
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Directory for the patch, results and the curve."),
     n: int = typer.Option(50, "--n", min=1, help="Number of worldfacts edits (one batch)."),
-    editor: str = typer.Option("memit", help="Editor: memit or alphaedit."),
+    editor: str = typer.Option("memit", help="Editor, one of the registered ones (memit, ...; edit/registry.py)."),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)."),
     skip_finetune: bool = typer.Option(False, "--skip-finetune", help="Stop after editing."),
     steps: int = typer.Option(60, min=1, help="LoRA fine-tuning steps."),
 ) -> None:
     """One cell of the pipeline on the embedded model: MEMIT edits, LoRA fine-tuning, the decay curve."""
-    from editdecay.edit.workflow import run_edit
+    from editdecay.data.sources import EditSelection
+    from editdecay.edit.workflow import EditJob, run_edit
 
     set_threads(threads)
     console.rule(f"[bold]editdecay demo[/]: {editor}, {n} worldfacts edits on smollm2-135m")
     patch_dir = out / f"{editor}-patch"
-    result = run_edit(model="smollm2-135m", editor=editor, data="worldfacts", n=n, seed=0,
-                      out=patch_dir, overrides={})
-    console.print(metrics_table("edit metrics before (pre) and after (post) editing", result["metrics"]))
+    result = run_edit(EditJob(editor=editor, requests=EditSelection(data="worldfacts", n=n, seed=0)), out=patch_dir)
+    console.print(metrics_table("edit metrics before and after editing", result["metrics"]))
     console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["timings"].items()))
     if not skip_finetune:
         finetune_demo(console, patch_dir, out / f"{editor}-lora", steps=steps)
@@ -47,7 +47,8 @@ def finetune_demo(console, patch_dir: Path, out: Path, *, steps: int | None = No
 
     from editdecay.core.models import load_model
     from editdecay.edit.patch import EditPatch
-    from editdecay.finetune import EmbeddedTask, load_source, preset, run_finetune
+    from editdecay.finetune import EmbeddedTask, load_source, preset
+    from editdecay.finetune.run import EditsUnderTest, Measures, run_finetune
 
     patch = EditPatch.load(patch_dir)
     lm = load_model("smollm2-135m")
@@ -55,8 +56,9 @@ def finetune_demo(console, patch_dir: Path, out: Path, *, steps: int | None = No
     task = EmbeddedTask(n_test=100)
     recipe = preset("embedded", "lora", **({"max_steps": steps} if steps else {}))
     console.rule("LoRA fine-tuning of the edited model on the embedded task")
-    ft = run_finetune(lm, recipe, load_source("embedded", task=task), out, requests=patch.requests,
-                      edited_layers=patch.layers, apply_edit=patch.apply, task=task, eval_every=20, overwrite=True)
+    ft = run_finetune(lm, recipe, load_source("embedded", task=task), out, overwrite=True,
+                      edits=EditsUnderTest(requests=patch.requests, layers=patch.layers, apply=patch.apply),
+                      measures=Measures(task=task, eval_every=20))
     r = ft.result
     curve = Table(title="decay curve (step 0 = edited model)")
     for col in ("step", "ES", "PS", "NS", "task accuracy"):
@@ -65,7 +67,7 @@ def finetune_demo(console, patch_dir: Path, out: Path, *, steps: int | None = No
         curve.add_row(str(pt["step"]), pct(pt["efficacy"]), pct(pt["paraphrase"]), pct(pt["neighborhood"]),
                       pct(pt.get("task_accuracy")))
     console.print(curve)
-    console.print(metrics_table("edits before editing (pre), after editing (post), after fine-tuning", r["metrics"]))
+    console.print(metrics_table("edits before editing, after editing, after fine-tuning", r["metrics"]))
     efr = r["decay"]["edit_flip_ratio"]
     console.print(f"Edit Flip Ratio: {efr}")
     return r

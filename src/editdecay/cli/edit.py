@@ -1,7 +1,8 @@
-"""`editdecay edit`: apply MEMIT or AlphaEdit edits and write the patch + result.json.
+"""`editdecay edit`: apply a registered editor's edits (MEMIT, AlphaEdit, ...) and write the patch + result.json.
 
 Editor, model, evaluation and run settings are options generated from their records (cli/options.py), named
-like the keys of a grid file: every editor-config field has one (`--v-lr`, `--mom2-update-weight`, ...).
+like the keys of a grid file: every field of every registered editor's config has one (`--v-lr`,
+`--mom2-update-weight`, ...).
 """
 
 from __future__ import annotations
@@ -13,22 +14,36 @@ import typer
 
 from editdecay.cli import app
 from editdecay.cli.common import console, guard, metrics_table, set_threads
-from editdecay.cli.options import Fields, config_options
+from editdecay.cli.options import Fields, config_options, option_of
 from editdecay.core.model_ref import ModelRef
-from editdecay.edit.config import CONFIGS, EditorConfig
+from editdecay.edit.config import EditorConfig
+from editdecay.edit.registry import editor_class, editor_names
 from editdecay.grid.spec import EvaluationSettings, SharedSettings
 
 _PRESET = "the editor's preset for the model"
-# `revision` is left out until the edit workflow takes a ModelRef (it loads by name, dtype and the two flags).
-MODEL = Fields(ModelRef, into="model", names={"name": "model"}, exclude=("revision",), panel="Model (grid: models[])")
+MODEL = Fields(ModelRef, into="model", names={"name": "model"}, panel="Model (grid: models[])")
 # The editor's own `seed` seeds its context prefixes; `--seed` here draws the sample of --n requests.
 EDITOR = Fields(EditorConfig, into="editor_fields", names={"seed": "context-seed"}, default=_PRESET,
                 panel="Editor (grid: editors[].overrides)")
-# Fields of one editor only, from the registry: a new editor's settings become options here by themselves.
-OWN = tuple(Fields(cls, into="editor_fields", only=tuple(f for f in cls.model_fields if f not in EditorConfig.model_fields),
-                   aliases={"L2": ("--l2",)} if "L2" in cls.model_fields else {}, default=_PRESET,
-                   panel=f"{name} only (grid: editors[].overrides)")
-            for name, cls in CONFIGS.items())
+
+
+def _own_fields() -> tuple[Fields, ...]:
+    """One group per registered editor with the fields its config adds to EditorConfig (a field two editors add
+    is listed under the first): a new editor's settings become options here by themselves. A field name with
+    capitals (`L2`) is also accepted in lower case (`--l2`)."""
+    groups, seen = [], set(EditorConfig.model_fields)
+    for name in editor_names():
+        config = editor_class(name).config_class
+        own = tuple(f for f in config.model_fields if f not in seen)
+        seen.update(own)
+        if own:
+            groups.append(Fields(config, into="editor_fields", only=own, default=_PRESET,
+                                 aliases={f: ("--" + f.lower().replace("_", "-"),) for f in own if f != f.lower()},
+                                 panel=f"{name} only (grid: editors[].overrides)"))
+    return tuple(groups)
+
+
+OWN = _own_fields()
 EVALUATION = Fields(EvaluationSettings, into="evaluation", only=("zsre_target", "strict", "edit_batch_size"),
                     aliases={"edit_batch_size": ("--batch-size",)}, panel="Evaluation (grid: shared.evaluation)")
 RUN = Fields(SharedSettings, into="run", only=("device", "threads", "cache_dir"), panel="Run (grid: shared)")
@@ -42,7 +57,7 @@ def edit(
     editor_fields: dict,
     evaluation: dict,
     run: dict,
-    editor: str = typer.Option("memit", help=" | ".join(CONFIGS)),
+    editor: str = typer.Option("memit", help="a registered editor (edit/registry.py): " + " | ".join(editor_names())),
     data: str = typer.Option("worldfacts", help="worldfacts | counterfact:PATH | zsre:PATH"),
     n: Optional[int] = typer.Option(None, help="number of edits (first N, or a seeded sample with --seed)"),
     seed: Optional[int] = typer.Option(None, help="seed for the sample of N requests"),
@@ -52,31 +67,32 @@ def edit(
     from editdecay.core.cache import Cache
     from editdecay.core.config import check_choice
     from editdecay.core.errors import ConfigError
-    from editdecay.edit.config import make_config
-    from editdecay.edit.workflow import run_edit
+    from editdecay.data.sources import EditSelection
+    from editdecay.edit.registry import field_owners, make_config
+    from editdecay.edit.workflow import EditJob, run_edit
 
     ref = ModelRef(**model)
     ev = EvaluationSettings(**evaluation)
     settings = SharedSettings(**run)
     set_threads(settings.threads)
-    name = check_choice("--editor", editor.lower(), CONFIGS)
+    name = check_choice("--editor", editor.lower(), editor_names())
     if seed is not None and n is None:
         raise ConfigError(f"--seed {seed} draws a sample of --n requests; without --n every request is edited and "
                           f"the seed would do nothing: give --n N, or drop --seed")
-    # An editor's setting given to the other editor is an error, not silently dropped.
+    # An editor's setting given to another editor is an error, not silently dropped.
     for field, value in editor_fields.items():
-        if field not in CONFIGS[name].model_fields:
-            owner = next(e for e, cls in CONFIGS.items() if field in cls.model_fields)
-            option = next(g.option(field) for g in OWN if field in g.fields())
-            raise ConfigError(f"{option} {value} is a setting of --editor {owner}; --editor {editor} does not use it")
+        owners = field_owners(field)
+        if name not in owners:
+            raise ConfigError(f"{option_of(OWN, 'editor_fields', field)} {value} is a setting of --editor "
+                              f"{' and '.join(owners)}; --editor {editor} does not use it")
     # Validated now, before the model loads; the layers stand in for the preset's, which needs the model.
     checked = make_config(name, **{"layers": (0,), **editor_fields})
-    overrides = {k: getattr(checked, k) for k in editor_fields}
-    result = run_edit(model=ref.name, editor=name, data=data, n=n, seed=seed, out=out, overrides=overrides,
-                      batch_size=ev.edit_batch_size, zsre_target=ev.zsre_target, strict=ev.strict, dtype=ref.dtype,
-                      device=settings.device, cache=Cache(Path(settings.cache_dir)) if settings.cache_dir else None,
-                      allow_pickle=ref.allow_pickle, trust_remote_code=ref.trust_remote_code)
-    console.print(metrics_table(f"{editor} on {result['model']['name']}, {result['data']['name']}", result["metrics"]))
+    job = EditJob(model=ref, editor=name, overrides={k: getattr(checked, k) for k in editor_fields},
+                  requests=EditSelection(data=data, n=n, seed=seed, zsre_target=ev.zsre_target, strict=ev.strict),
+                  batch_size=ev.edit_batch_size)
+    result = run_edit(job, out=out, device=settings.device,
+                      cache=Cache(Path(settings.cache_dir)) if settings.cache_dir else None)
+    console.print(metrics_table(f"{name} on {result['model']['name']}, {result['data']['name']}", result["metrics"]))
     t = result["timings"]
     console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
     for w in result.get("warnings", []):

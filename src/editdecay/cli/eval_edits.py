@@ -13,8 +13,7 @@ from editdecay.cli.options import Fields, config_options
 from editdecay.core.model_ref import ModelRef
 from editdecay.grid.spec import EvaluationSettings, SharedSettings
 
-# `revision` is left out until the evaluation workflow takes a ModelRef (it loads by name, dtype and the flags).
-MODEL = Fields(ModelRef, into="model", names={"name": "model"}, exclude=("revision",), panel="Model (grid: models[])")
+MODEL = Fields(ModelRef, into="model", names={"name": "model"}, panel="Model (grid: models[])")
 EVALUATION = Fields(EvaluationSettings, into="evaluation", only=("batch_size", "zsre_target", "strict"),
                     panel="Evaluation (grid: shared.evaluation)")
 RUN = Fields(SharedSettings, into="run", only=("device", "threads"), panel="Run (grid: shared)")
@@ -48,11 +47,14 @@ def eval_edits(
     if seed is not None and limit is None:
         raise ConfigError(f"--seed {seed} draws a sample of --limit requests; without --limit every request is "
                           f"evaluated and the seed would do nothing: give --limit N, or drop --seed")
-    result = evaluate_stage_result(
-        model=ref.name, data=data, limit=limit, seed=seed, patch_dir=patch, zsre_target=ev.zsre_target,
-        strict=ev.strict, batch_size=ev.batch_size, dtype=ref.dtype, device=settings.device,
-        allow_foreign_patch=allow_foreign_patch, allow_pickle=ref.allow_pickle, trust_remote_code=ref.trust_remote_code,
-    )
+    from editdecay.data.sources import EditSelection
+
+    requests = None        # with --patch and no --data: the patch's own requests (--limit/--seed apply to them)
+    if data is not None or patch is None:
+        requests = EditSelection(data=data or "worldfacts", n=limit, seed=seed, zsre_target=ev.zsre_target,
+                                 strict=ev.strict)
+    result = evaluate_stage_result(ref, requests, patch, limit=limit, seed=seed, batch_size=ev.batch_size,
+                                   device=settings.device, allow_foreign_patch=allow_foreign_patch)
     console.print(metrics_table(f"{result['model']['name']} on {result['data']['name']}", result["metrics"]))
     if out:
         from editdecay.core.results import write_result

@@ -13,12 +13,13 @@ from typing import Optional
 import typer
 
 from editdecay.cli import app
-from editdecay.cli.common import ALLOW_FOREIGN_PATCH, console, guard, metrics_table, pct, set_threads
+from editdecay.cli.common import ALLOW_FOREIGN_PATCH, console, guard, metrics_table, model_label, pct, set_threads
 from editdecay.cli.options import Fields, config_options
 from editdecay.core.errors import ConfigError
 from editdecay.core.model_ref import ModelRef
+from editdecay.data import sources as data_sources
 from editdecay.finetune.recipe import Recipe
-from editdecay.grid.spec import ChatterbotSettings, EvaluationSettings, SharedSettings, TaskSettings
+from editdecay.grid.spec import EvaluationSettings, SharedSettings
 from editdecay.measure.downstream.spec import DownstreamSpec
 
 log = logging.getLogger(__name__)
@@ -33,11 +34,12 @@ RECIPE = Fields(Recipe, into="recipe", names={"dtype": "train-dtype"},
                 panel="Recipe (grid: recipes[].method, layers, targets, overrides)")
 EVALUATION = Fields(EvaluationSettings, into="evaluation", only=("eval_every",),
                     panel="Evaluation (grid: shared.evaluation)")
-TASK = Fields(TaskSettings, into="task", prefix="embedded-task-",
-              aliases={"n_train": ("--task-train",), "n_test": ("--task-test",)},
-              panel="Embedded task (grid: shared.embedded_task)")
-CHATTERBOT = Fields(ChatterbotSettings, into="chatterbot", prefix="chatterbot-",
-                    panel="Chatterbot corpus (grid: shared.chatterbot)")
+# One group per data source with settings of its own (data/source.py `settings`), from the registry: a new
+# source's settings become options here by themselves, named like the keys of its grid section.
+SOURCES = tuple(Fields(s.settings, into="sources", section=s.settings_key,
+                       prefix=s.settings_key.replace("_", "-") + "-", aliases=s.option_aliases,
+                       panel=f"{s.prefix} data (grid: shared.{s.settings_key})")
+                for s in data_sources.sources_with_settings().values())
 DOWNSTREAM = Fields(DownstreamSpec, into="downstream", prefix="downstream-", names={"tasks": "downstream"},
                     defaults={"tasks": "none"}, panel="Downstream tasks (grid: shared.downstream, downstream_limit)")
 RUN = Fields(SharedSettings, into="run", only=("device", "threads", "cache_dir"), panel="Run (grid: shared)")
@@ -45,13 +47,12 @@ RUN = Fields(SharedSettings, into="run", only=("device", "threads", "cache_dir")
 
 @app.command("finetune")
 @guard
-@config_options(MODEL, RECIPE, EVALUATION, TASK, CHATTERBOT, DOWNSTREAM, RUN)
+@config_options(MODEL, RECIPE, EVALUATION, *SOURCES, DOWNSTREAM, RUN)
 def finetune(
     model: dict,
     recipe: dict,
     evaluation: dict,
-    task: dict,
-    chatterbot: dict,
+    sources: dict,
     downstream: dict,
     run: dict,
     patch: Optional[Path] = typer.Option(None, help="patch directory (from `editdecay edit --out`): applied before "
@@ -78,7 +79,8 @@ def finetune(
     """Fine-tune (full, LoRA, DoRA; selective layers) and print edit metrics before/after editing and after
     fine-tuning, with a decay curve every --eval-every steps."""
     from editdecay.core.cache import Cache
-    from editdecay.finetune import EmbeddedTask, load_source, run_finetune
+    from editdecay.data.source import FINETUNE, HELD_OUT
+    from editdecay.finetune import EditsUnderTest, Measures, load_source, run_finetune
     from editdecay.finetune import preset as make_preset
 
     # Every setting is validated before a model is loaded or --out is touched: each fails in milliseconds.
@@ -89,15 +91,15 @@ def finetune(
     settings = SharedSettings(**run)
     ds_spec = _downstream(downstream)
     set_threads(settings.threads)
-    if data.partition(":")[0] == "chatterbot":
-        from editdecay.data.chatterbot import ChatterbotCorpus
-
-        held_out = ChatterbotCorpus(root=data.partition(":")[2] or None,
-                                    **ChatterbotSettings(**chatterbot).model_dump())
-    else:
-        embedded = TaskSettings(**task)
-        held_out = EmbeddedTask(**embedded.model_dump()) if (task_eval or data == "embedded") else None
-    source = load_source(data, task=held_out)
+    # Each source's settings as a grid's `shared.<settings_key>` section holds them: the options given over the
+    # record's defaults, all validated (an option of a source not used here is checked too, never ignored unread).
+    sections = {key: s.settings(**sources.get(key, {})) for key, s in data_sources.sources_with_settings().items()}
+    # The held-out task: the fine-tuning data's own split where it has one, else the embedded task's.
+    spec = data_sources.parse_spec(data, FINETUNE)
+    held = spec.text if HELD_OUT in data_sources.source_of(spec).roles else "embedded"
+    key = data_sources.source_of(held).settings_key
+    task = data_sources.held_out_task(held, sections[key].model_dump() if key else None)
+    source = load_source(data, task=task if held == spec.text else None)
     patch_obj = _load_patch(patch) if patch else None
     reqs = _requests(requests, patch_obj, limit)
 
@@ -111,11 +113,11 @@ def finetune(
                           "n_requests": len(patch_obj.requests), **check}
     if requests:
         extra["requests_source"] = requests
-    run_ = run_finetune(
-        lm, recipe, source, out, requests=reqs, edited_layers=patch_obj.layers if patch_obj else None,
-        apply_edit=patch_obj.apply if patch_obj else None, task=held_out if task_eval else None,
-        eval_every=ev.eval_every, save=save, overwrite=overwrite, progress=progress, extra=extra, downstream=ds_spec,
-    )
+    edits = EditsUnderTest(requests=reqs, layers=patch_obj.layers if patch_obj else None,
+                           apply=patch_obj.apply if patch_obj else None)
+    measures = Measures(task=task if task_eval else None, eval_every=ev.eval_every, downstream=ds_spec)
+    run_ = run_finetune(lm, recipe, source, out, edits=edits, measures=measures, save=save, overwrite=overwrite,
+                        progress=progress, extra=extra)
     _report(run_.result, out)
 
 
@@ -161,8 +163,7 @@ def _score(values: dict) -> str:
 def _report(result: dict, out: Path) -> None:
     from rich.markup import escape
 
-    stages = {{"pre": "before edit", "post": "after edit", "finetuned": "after fine-tuning"}.get(k, k): v
-              for k, v in result["metrics"].items()}
+    stages = {model_label(k): v for k, v in result["metrics"].items()}
     if any(m["n"] for m in stages.values()):
         console.print(metrics_table(f"{result['recipe']['method']} fine-tuning of {result['model']['name']}", stages))
     task = {k: pct(v.get("task_accuracy")) for k, v in stages.items()}

@@ -150,6 +150,7 @@ def _print_results(out: Path, plan, limit: int = 40) -> None:
     rows = [(c, r) for c in plan.cells if (r := store.read_result(c.id)) is not None][:limit]
     if not rows:
         return
+    from editdecay.core.schema import MODELS
     from editdecay.report.downstream import headline_key
 
     t = Table(title="efficacy (%) before / after editing, after fine-tuning; Edit Flip Ratio; held-out task score (%): "
@@ -158,7 +159,7 @@ def _print_results(out: Path, plan, limit: int = 40) -> None:
         t.add_column(col, justify="left" if col == "cell" else "right")
     for c, r in rows:
         m = r["metrics"]
-        es = [pct((m.get(k) or {}).get("efficacy")) for k in ("M0", "M_e", "M_f", "M_ef")]
+        es = [pct((m.get(k) or {}).get("efficacy")) for k in MODELS]
         efr = ((r.get("decay") or {}).get("edit_flip_ratio") or {}).get("value")
         key = headline_key(m.get("M_ef") or m.get("M_f"))
         after = (m.get("M_ef") or m.get("M_f") or {}).get(key)
@@ -178,14 +179,14 @@ def status_cmd(
     """Done / running / failed / pending, per cell; held locks with their holder, stale ones marked."""
     from rich.table import Table
 
-    from editdecay.grid.store import STALE_AFTER_S, GridStore
+    from editdecay.grid.store import STALE_AFTER_S, STATES, GridStore
 
     store = GridStore(out)
     plan = store.read_plan()
     stale_after = STALE_AFTER_S if stale_after is None else stale_after
     cells = store.cell_states(plan, stale_after=stale_after)
     locks = store.locks(stale_after)
-    counts = {s: sum(1 for c in cells if c["state"] == s) for s in ("done", "running", "failed", "pending")}
+    counts = {s: sum(1 for c in cells if c["state"] == s) for s in STATES}
     if as_json:
         _print_json({"grid": plan.name, "counts": counts, "cells": cells, "locks": locks})
         return
@@ -232,7 +233,7 @@ def unlock_cmd(
     """Clear stale stage locks: held by a process that is gone or shows no heartbeat (it hangs), which would
     block every other runner of the stage forever. The holder (pid, host) is printed: kill it if it still runs."""
     from editdecay.core.errors import ConfigError
-    from editdecay.grid.store import STALE_AFTER_S, GridStore
+    from editdecay.grid.store import STALE_AFTER_S, STATES, GridStore
 
     store = GridStore(out)
     plan = store.read_plan()

@@ -74,6 +74,8 @@ class Fields:
     """Options for the fields of one record.
 
     into: the command's keyword argument that receives {field: value} (several groups may share one);
+    section: with it, `into` receives {section: {field: value}} instead (one argument for the settings of
+      several records whose field names repeat, e.g. each data source's settings under its grid section);
     only / exclude: which fields (default: every field);
     prefix: the option-name prefix of a nested grid block ("chatterbot-");
     names: field -> option name where the grid's name would clash inside one command (recipe `dtype` is
@@ -85,6 +87,7 @@ class Fields:
 
     config: type[BaseModel]
     into: str
+    section: Optional[str] = None
     only: Optional[tuple[str, ...]] = None
     exclude: tuple[str, ...] = ()
     prefix: str = ""
@@ -176,7 +179,7 @@ def config_options(*groups: Fields) -> Callable:
                         if word in taken:
                             raise TypeError(f"{fn.__name__}: option {word} is defined twice")
                         taken.add(word)
-                pname = f"{g.into}__{name}"
+                pname = "__".join(p for p in (g.into, g.section, name) if p)
                 generated[pname] = (g, name)
                 params.append(inspect.Parameter(pname, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann))
 
@@ -186,7 +189,8 @@ def config_options(*groups: Fields) -> Callable:
             for pname, (g, name) in generated.items():
                 given = kw.pop(pname)
                 if given is not None:
-                    values[g.into][name] = g.value(name, given)
+                    into = values[g.into] if g.section is None else values[g.into].setdefault(g.section, {})
+                    into[name] = g.value(name, given)
             return fn(**kw, **values)
 
         command.__signature__ = inspect.Signature(params, return_annotation=None)

@@ -4,16 +4,22 @@ Every module path that an editor, a statistics pass or a fine-tuner needs is
 read from `ARCHITECTURES`; no other file spells `transformer.h` or
 `model.layers`. To support a new family, add one `ArchSpec` row below with the
 `model_type` values of its Hugging Face configs.
+
+This module imports no torch: the grid file's validation and planning read the
+table (`FAMILIES`, `arch_for_model_type`) without loading any model code. The
+functions that take a model only call its methods.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from editdecay.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), n_layers_attr="num_hidden_layers",
     ),
 )
+FAMILIES: tuple[str, ...] = tuple(spec.family for spec in ARCHITECTURES)   # the model families editors have presets for
 
 
 def unwrap_peft(model):
@@ -163,11 +170,6 @@ def check_layers(model: nn.Module, layers: list[int] | tuple[int, ...], field: s
     if bad:
         raise ConfigError(f"{field}: layer index {bad[0]} is out of range; this model has {depth} layers (0..{depth - 1})")
     return tuple(sorted({int(l) for l in layers}))
-
-
-def mlp_out_weight(model: nn.Module, layer: int) -> torch.Tensor:
-    """The edited weight as stored (Conv1D: (d_k, d); Linear: (d, d_k))."""
-    return get_module(model, arch_for(model).mlp_out_name(layer)).weight
 
 
 def as_out_in(delta_or_weight: torch.Tensor, spec: ArchSpec) -> torch.Tensor:

@@ -14,7 +14,6 @@ from pathlib import Path
 from editdecay.core.cache import atomic_write_json
 from editdecay.core.schema import SCHEMA_VERSION, validate_result
 
-RESULT_SCHEMA_VERSION = SCHEMA_VERSION     # the name older code imports
 _PACKAGES = ("editdecay", "torch", "transformers", "peft", "accelerate", "safetensors", "numpy", "gguf", "pydantic",
              "lm_eval", "datasets")
 

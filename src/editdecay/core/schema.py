@@ -10,8 +10,11 @@ the kind, the versions, the model identity, the per-stage metrics with their `n`
 per-request rows (case id, outcomes under every model, success flags, margins).
 
 Versions: `schema_version` is the version of this schema (1: results written before the
-schema was typed, which read unchanged; 2: validated by this module). Grid cells also carry
-`cell_schema_version` (1), the version of the cell layout described in `grid/store.py`.
+schema was typed; 2: validated by this module, the models of edit and fine-tuning results
+named pre/post/finetuned; 3: every result names its models M0, M_e, M_f, M_ef). Results of
+versions 1 and 2 read unchanged, with their models renamed on reading (`legacy_models`).
+Grid cells also carry `cell_schema_version` (1: configuration of untyped stage configs;
+2: built from the typed stage specs, grid/specs.py), the layout described in `grid/store.py`.
 A file from a newer editdecay (a higher version) is refused with a message saying so.
 """
 
@@ -33,9 +36,10 @@ from pydantic import (
 from editdecay.core.config import explain
 from editdecay.core.errors import EditDecayError
 
-SCHEMA_VERSION = 2
-CELL_SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
+CELL_SCHEMA_VERSION = 2
 MODELS = ("M0", "M_e", "M_f", "M_ef")          # E7: base, edited, fine-tuned base, edited then fine-tuned
+MODEL_NAMES = {"M0": "base", "M_e": "edited", "M_f": "fine-tuned base", "M_ef": "edited, then fine-tuned"}
 
 
 class ResultSchemaError(EditDecayError):
@@ -83,14 +87,51 @@ class _Result(_Open):
         return _not_newer("schema_version", v, SCHEMA_VERSION)
 
 
+def legacy_models(result: dict) -> dict:
+    """An edit, eval-edits or fine-tuning result of schema 1-2 with its models renamed as in schema 3: `pre` ->
+    M0; `post` -> M_e (M0 for a fine-tuning run of the unedited model); `finetuned` -> M_ef (M_f when unedited);
+    per-request `success_post` / `success_finetuned` -> `success`. Results of schema 3 are returned unchanged."""
+    metrics = result.get("metrics")
+    if not isinstance(metrics, dict) or not ({"pre", "post", "finetuned"} & set(metrics)):
+        return result
+    kind = result.get("kind")
+    edited = kind != "finetune" or "pre" in metrics or bool((result.get("extra") or {}).get("patch"))
+    names = {"pre": "M0", "post": "M_e" if edited else "M0", "finetuned": "M_ef" if edited else "M_f"}
+    out = {**result, "metrics": {names.get(k, k): v for k, v in metrics.items()}}
+    if kind == "finetune":
+        out["models"] = {"before": names["post"], "after": names["finetuned"]}
+    rows = []
+    for row in result.get("requests") or []:
+        if not isinstance(row, dict):
+            rows.append(row)
+            continue
+        new = {names.get(k, k): v for k, v in row.items() if not k.startswith("success_")}
+        if kind == "eval-edits" and "stage" in row:
+            new["stage"] = names.get(row["stage"], row["stage"])
+        successes = {names[k.removeprefix("success_")]: v for k, v in row.items() if k.startswith("success_")}
+        if successes:
+            new["success"] = successes
+        rows.append(new)
+    if "requests" in result:
+        out["requests"] = rows
+    return out
+
+
+class _Renamed(_Result):
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy(cls, data):
+        return legacy_models(data) if isinstance(data, dict) else data
+
+
 class EditRequestRow(_Open):
     case_id: str
-    pre: dict
-    post: dict
+    M0: dict
+    M_e: dict
 
 
-class EditResult(_Result):
-    """`editdecay edit` / `edit.workflow.run_edit`: metrics before and after editing, per request."""
+class EditResult(_Renamed):
+    """`editdecay edit` / `edit.workflow.run_edit`: metrics of M0 and M_e (before and after editing), per request."""
 
     kind: Literal["edit"]
     config: dict
@@ -102,8 +143,8 @@ class EditResult(_Result):
     timings: dict[str, float]
 
 
-class EvaluationResult(_Result):
-    """`editdecay eval-edits`: metrics of one model (optionally patched)."""
+class EvaluationResult(_Renamed):
+    """`editdecay eval-edits`: metrics of one model, M0 or (a patch applied) M_e."""
 
     kind: Literal["eval-edits"]
     metrics: dict[str, Scores]
@@ -113,14 +154,16 @@ class FinetuneRequestRow(_Open):
     case_id: str
 
 
-class FinetuneResult(_Result):
+class FinetuneResult(_Renamed):
     """`editdecay finetune` / `finetune.run.run_finetune`. Written at the start (status "running") and again at the
-    end, so metrics and curve may still be empty."""
+    end, so metrics and curve may still be empty. `models`: the model handed to fine-tuning and the fine-tuned one
+    (M_e and M_ef when edited, M0 and M_f when not)."""
 
     kind: Literal["finetune"]
     status: str
     model: ModelIdentity
     recipe: dict
+    models: dict[str, str] = Field(default_factory=lambda: {"before": "M_e", "after": "M_ef"})
     metrics: dict[str, Scores] = Field(default_factory=dict)
     curve: list[dict] = Field(default_factory=list)
     decay: dict | None = None
@@ -155,16 +198,27 @@ class CellInfo(_Open):
 
 
 class CellResult(_Result):
-    """A grid cell (`grid/store.py` describes every field): M0 / M_e / M_f / M_ef metrics, decay, curve, rows."""
+    """A grid cell (`grid/store.py` describes every field): M0 / M_e / M_f / M_ef metrics, decay, curve, rows.
+    The grid's cell stage builds its result as this record (fields beyond the pinned ones are optional, so
+    results of cell schema 1 read unchanged)."""
 
-    kind: Literal["grid-cell"]
-    cell_schema_version: int = Field(ge=1)
+    kind: Literal["grid-cell"] = "grid-cell"
+    cell_schema_version: int = Field(CELL_SCHEMA_VERSION, ge=1)
     grid: str
     cell: CellInfo
+    config: dict = Field(default_factory=dict)
+    stages: dict[str, dict] = Field(default_factory=dict)
+    model: dict | None = None
+    data: dict | None = None
     metrics: dict[str, Scores]
     decay: dict | None = None
     curve: list[dict] = Field(default_factory=list)
+    curve_base: list[dict] = Field(default_factory=list)
+    training: dict[str, dict] = Field(default_factory=dict)
+    downstream: dict | None = None
     requests: list[CellRequestRow] = Field(default_factory=list)
+    timings: dict[str, float | None] = Field(default_factory=dict)
+    environment: dict = Field(default_factory=dict)
 
     @field_validator("cell_schema_version")
     @classmethod
@@ -213,6 +267,6 @@ def read_result(path: str | Path, *, kind: str | None = None) -> Result:
     return validate_result(data, where=str(path), kind=kind)
 
 
-__all__ = ["CELL_SCHEMA_VERSION", "CellRequestRow", "CellResult", "EditResult", "EvaluationResult", "FinetuneResult",
-           "MODELS", "ModelIdentity", "Result", "ResultSchemaError", "SCHEMA_VERSION", "Scores",
-           "read_result", "validate_result"]
+__all__ = ["CELL_SCHEMA_VERSION", "CellInfo", "CellRequestRow", "CellResult", "EditResult", "EvaluationResult",
+           "FinetuneResult", "MODELS", "MODEL_NAMES", "ModelIdentity", "Result", "ResultSchemaError", "SCHEMA_VERSION",
+           "Scores", "legacy_models", "read_result", "validate_result"]

@@ -33,18 +33,21 @@ under `skipped` in the identity (the package's own trivia.yml has one such conve
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from editdecay.core.config import check_choice
+from pydantic import Field
+
+from editdecay.core.config import Config, check_choice
 from editdecay.core.errors import ConfigError, DataError
 from editdecay.data.prompts import InstructionRecord
+from editdecay.data.source import FINETUNE, HELD_OUT, DataSource, DataSpec, Source
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +107,8 @@ class _Parsed:
     digest: str
 
 
-@functools.lru_cache(maxsize=8)
-def _parse(root: str, strict: bool, digest: str) -> _Parsed:
-    """Records of the files under `root`; `digest` (their content hash) keys the cache, so edited files are
-    read again."""
+def _parse(root: str, strict: bool) -> _Parsed:
+    """Records of the files under `root`."""
     import yaml
 
     files = yaml_files(Path(root))
@@ -184,6 +185,9 @@ class ChatterbotCorpus:
     format: str = "reply"
     n_choices: int = 3
     max_reply_words: int = 30
+    # What this corpus object has parsed and built, keyed by what it depends on (the files' content hash, the
+    # split): records(), identity() and the fine-tuning source each ask for the same split.
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if self.n_test < 1:
@@ -204,16 +208,23 @@ class ChatterbotCorpus:
         return Path(self.root).expanduser().resolve() if self.root else package_root()
 
     def parsed(self) -> _Parsed:
-        return _parse(str(self.directory), self.strict, files_digest(self.directory))
+        """The corpus' records (read again when a file changed: the key is the files' content hash)."""
+        key = ("parsed", str(self.directory), self.strict, files_digest(self.directory))
+        if key not in self._memo:
+            self._memo[key] = _parse(str(self.directory), self.strict)
+        return self._memo[key]
 
     def records(self) -> tuple[tuple[InstructionRecord, ...], tuple[InstructionRecord, ...]]:
         """Disjoint (train, test) splits: no normalised prompt is in both; test has exactly `n_test` records
         (format `reply`), or the choice records built from each split (format `choice`, see `choice_records`)."""
-        train, test = self._reply_split()
-        if self.format == "choice":
-            return (choice_records(train, self.n_choices, self.max_reply_words, f"{self.seed}-train"),
-                    choice_records(test, self.n_choices, self.max_reply_words, f"{self.seed}-test"))
-        return train, test
+        key = ("records", self.parsed().digest)
+        if key not in self._memo:
+            train, test = self._reply_split()
+            if self.format == "choice":
+                train = choice_records(train, self.n_choices, self.max_reply_words, f"{self.seed}-train")
+                test = choice_records(test, self.n_choices, self.max_reply_words, f"{self.seed}-test")
+            self._memo[key] = (train, test)
+        return self._memo[key]
 
     def _reply_split(self) -> tuple[tuple[InstructionRecord, ...], tuple[InstructionRecord, ...]]:
         records = self.parsed().records
@@ -258,7 +269,6 @@ class ChatterbotCorpus:
                 "skipped": list(p.skipped), "records_sha256": p.digest, "split_sha256": split}
 
 
-@functools.lru_cache(maxsize=8)   # records(), identity() and the data source each ask for the same split
 def choice_records(pairs: tuple[InstructionRecord, ...], n_choices: int, max_reply_words: int,
                    salt: str) -> tuple[InstructionRecord, ...]:
     """Multiple-choice instruction records built from question/answer pairs of ONE split, Commonsense170K style.
@@ -303,4 +313,58 @@ def choice_records(pairs: tuple[InstructionRecord, ...], n_choices: int, max_rep
     return tuple(out)
 
 
-__all__ = ["ChatterbotCorpus", "FORMATS", "choice_records", "LICENCE", "NAME", "files_digest", "package_root", "prompt_key", "yaml_files"]
+class ChatterbotSettings(Config):
+    """The corpus' settings as a grid's `shared.chatterbot` block and `editdecay finetune`'s --chatterbot-*
+    options give them (the `ChatterbotCorpus` fields but `root`, which the spec's DIR gives)."""
+
+    config_name = "chatterbot"
+
+    n_test: int = Field(150, ge=1, description="held-out records (whole prompt groups; the rest is training data)")
+    seed: int = Field(0, ge=0, description="seed of the held-out split")
+    strict: bool = Field(False, description="a malformed conversation fails instead of being skipped")
+    format: Literal["reply", "choice"] = Field("reply", description="reply: the corpus' reply is the response "
+                                               "(free text); choice: pick the corpus' reply among n_choices, "
+                                               "answer 'the correct answer is answerK' (Commonsense170K style)")
+    n_choices: int = Field(3, ge=2, description="candidate replies per record (format choice)")
+    max_reply_words: int = Field(30, ge=1, description="longest reply taking part, in words (format choice)")
+
+
+class Chatterbot(DataSource):
+    """`chatterbot[:DIR]`: the corpus above as fine-tuning data (its training split) and as the held-out task
+    scored while fine-tuning (its test split); DIR: a directory of files in the corpus' YAML format instead of
+    the installed package's. Its settings are the `ChatterbotCorpus` fields but `root` (grid:
+    `shared.chatterbot`)."""
+
+    prefix = NAME
+    roles = (FINETUNE, HELD_OUT)
+    description = "human-written question/answer pairs of the chatterbot-corpus package, with a held-out split"
+    licence = LICENCE + " (the package's files; a DIR: its own)"
+    argument = "DIR"
+    argument_required = False
+    local_path = True
+    settings_key = "chatterbot"
+    settings = ChatterbotSettings
+    # Free text written by people is almost never reproduced word for word: token accuracy; the multiple-choice
+    # format answers "the correct answer is answerK": exact match.
+    task_names = {NAME: "token_accuracy", f"{NAME}-choice": "accuracy"}
+
+    def digest(self, spec: DataSpec) -> str:
+        """The corpus files (the installed package's English files, or DIR's)."""
+        root = self.path(spec) if spec.argument else package_root()
+        return files_digest(root) if root.is_dir() else "missing"
+
+    def task(self, spec: DataSpec, settings=None) -> ChatterbotCorpus:
+        return ChatterbotCorpus(root=spec.argument or None, **(settings or {}))
+
+    def training_data(self, spec: DataSpec, task) -> Source:
+        if not isinstance(task, ChatterbotCorpus):
+            task = self.task(spec)
+        elif spec.argument and Path(spec.argument).expanduser().resolve() != task.directory:
+            raise ConfigError(f"data {spec.text!r}: the directory differs from the corpus given as task "
+                              f"({task.directory}); give one directory")
+        train, _ = task.records()
+        return Source(spec.text, NAME, records=train, identity={"spec": spec.text, **task.identity()})
+
+
+__all__ = ["Chatterbot", "ChatterbotCorpus", "ChatterbotSettings", "FORMATS", "choice_records", "LICENCE", "NAME",
+           "files_digest", "package_root", "prompt_key", "yaml_files"]

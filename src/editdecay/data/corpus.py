@@ -42,6 +42,7 @@ from editdecay.core.errors import ConfigError, DataError
 from editdecay.core.models import LoadedModel
 from editdecay.core.tokens import pad_id
 from editdecay.data.documents import BadLine, json_lines, read_text, split_documents
+from editdecay.data.source import split_spec
 
 log = logging.getLogger(__name__)
 
@@ -142,20 +143,21 @@ def parse_corpus(text: str, **overrides) -> CorpusSpec:
     text = text.strip()
     if not text:
         raise ConfigError("corpus: empty string; use 'generated', a .txt/.jsonl/.parquet path or 'hf:NAME[:CONFIG]'")
-    if text == "generated" or text.startswith("generated:"):
-        _, _, seed = text.partition(":")
+    kind, rest = split_spec(text)
+    if kind == "generated":
+        seed = rest
         if seed:
             try:
                 overrides = {**overrides, "seed": int(seed)}
             except ValueError:
                 raise ConfigError(f"corpus: seed {seed!r} in {text!r} is not an integer; write e.g. 'generated:0'") from None
         return CorpusSpec(kind="generated", **overrides)
-    if text.startswith("hf:"):
-        parts = text.split(":")
-        if len(parts) not in (2, 3) or not all(parts[1:]):
+    if kind == "hf":
+        name, config = split_spec(rest)
+        if not name or ":" in config or (":" in rest and not config):
             raise ConfigError(f"corpus: {text!r}; a dataset is spelled 'hf:NAME' or 'hf:NAME:CONFIG', "
                               f"e.g. 'hf:wikitext:wikitext-103-raw-v1'")
-        return CorpusSpec(kind="hf", source=parts[1], config=parts[2] if len(parts) == 3 else None, **overrides)
+        return CorpusSpec(kind="hf", source=name, config=config or None, **overrides)
     return CorpusSpec(kind="file", source=text, **overrides)
 
 

@@ -25,6 +25,7 @@ from editdecay.core.request import EditRequest
 from editdecay.data.common import EditDataset, Rejection, finish, validate_request
 from editdecay.data.documents import read_records
 from editdecay.data.records import _kind, _show, record_problem, text_field, text_list
+from editdecay.data.source import EDIT, DataSource, DataSpec, EditOptions
 
 
 def _sub_object(container: dict, key: str, name: str, index: int, out: list[Rejection]) -> dict | None:
@@ -117,3 +118,20 @@ def load_counterfact(path: str | Path, *, strict: bool = False) -> EditDataset:
             seen[req.case_id] = i
             kept.append(req)
     return finish(f"counterfact:{path}", len(records), kept, rejected, strict=strict)
+
+
+class CounterFact(DataSource):
+    """`counterfact:PATH` (also `mcf:`, `multicounterfact:`): a CounterFact or MultiCounterFact file."""
+
+    prefix = "counterfact"
+    aliases = ("mcf", "multicounterfact")
+    roles = (EDIT,)
+    description = "CounterFact / MultiCounterFact records (ROME's public schema), scored CounterFact-style"
+    argument = "PATH"
+    local_path = True
+
+    def label(self, spec: DataSpec) -> str:
+        return self.prefix
+
+    def edit_data(self, spec: DataSpec, options: EditOptions) -> EditDataset:
+        return load_counterfact(self.path(spec), strict=options.strict)

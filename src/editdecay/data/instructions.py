@@ -1,14 +1,10 @@
 """Fine-tuning data: instruction records and plain text, loaded, validated and tokenised.
 
-Sources (named on the command line):
-- `embedded`            the generated task of `data.embedded_task` (training split)
-- `chatterbot[:DIR]`    human-written question/answer pairs of the `chatterbot-corpus` package (English, BSD-3-Clause;
-                        training split of `data.chatterbot`), or of a directory of files in its YAML format
-- `instructions:PATH`   Commonsense170K-shaped records {instruction, input, output} in .json (a list) or .jsonl
-- `text:PATH`           a plain text file; documents are separated by blank lines; every token is trained
-- `hf:NAME[:SPLIT]`     a `datasets` hub name with instruction records (needs network and `pip install datasets`)
+The file and hub sources live here (`instructions:PATH`, `text:PATH`, `hf:NAME[:SPLIT]`); `embedded` and
+`chatterbot[:DIR]` live with their tasks (data/embedded_task.py, data/chatterbot.py); data/sources.py lists
+them all.
 
-Two stages, so mistakes surface early: `load_source` reads and validates records
+Two stages, so mistakes surface early: `data.load_source` reads and validates records
 without a model (a missing field or an empty file fails before any model is
 loaded); `tokenize` needs the tokenizer and checks the cutoff against the prompt
 template before training starts.
@@ -22,11 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from editdecay.core.config import did_you_mean
 from editdecay.core.errors import ConfigError, DataError
 from editdecay.data.documents import (
     read_records,
@@ -34,85 +29,17 @@ from editdecay.data.documents import (
     split_documents,
     strict_rows,
 )
-from editdecay.data.embedded_task import EmbeddedTask
 from editdecay.data.prompts import TEMPLATES, InstructionRecord, render_prompt
+from editdecay.data.source import FINETUNE, DataSource, DataSpec, Source, split_spec
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("embedded", "chatterbot", "instructions", "text", "hf")   # the prefixes `load_source` reads
-HELD_OUT_TASKS = ("embedded", "chatterbot")    # sources with a held-out split scored during fine-tuning (measure/task)
-# The names those held-out tasks are recorded under (`task_name`): chatterbot in its multiple-choice format is
-# "chatterbot-choice" (data/chatterbot.py, `ChatterbotCorpus.name`).
-HELD_OUT_NAMES = ("embedded", "chatterbot", "chatterbot-choice")
-
 IGNORE_INDEX = -100   # label of tokens that do not count in the loss (torch cross_entropy's ignore_index)
 
-@dataclass(frozen=True)
-class Source:
-    """Validated records of one source, before tokenisation. Exactly one of `records`/`texts` is set."""
-
-    spec: str
-    kind: str                                   # embedded | chatterbot | instructions | text | hf
-    records: tuple[InstructionRecord, ...] = ()
-    texts: tuple[str, ...] = ()
-    identity: dict = field(default_factory=dict)
-
-    @property
-    def n(self) -> int:
-        return len(self.records) or len(self.texts)
-
-
-def load_source(spec: str, *, task=None) -> Source:
-    """Parse a data spec and load its records (the training split where the source has a held-out one).
-
-    `task`: the `EmbeddedTask` behind `embedded`, or the `ChatterbotCorpus` behind `chatterbot` (default: the
-    default one). The identity (recorded in results, part of grid stage ids) includes the source's name,
-    licence and record counts where it has them.
-    """
-    kind, _, rest = spec.partition(":")
-    if kind == "embedded":
-        task = task or EmbeddedTask()
-        train, _ = task.records()
-        return Source(spec, "embedded", records=train, identity={"spec": spec, **task.identity()})
-    if kind == "chatterbot":
-        from editdecay.data.chatterbot import ChatterbotCorpus
-
-        if task is None or not isinstance(task, ChatterbotCorpus):
-            task = ChatterbotCorpus(root=rest or None)
-        elif rest and Path(rest).expanduser().resolve() != task.directory:
-            raise ConfigError(f"data {spec!r}: the directory differs from the corpus given as task "
-                              f"({task.directory}); give one directory")
-        train, _ = task.records()
-        return _finish(Source(spec, "chatterbot", records=train, identity={"spec": spec, **task.identity()}))
-    if kind == "instructions":
-        path = _existing(spec, rest)
-        records = _read_instruction_file(path)
-        return _finish(Source(spec, "instructions", records=records,
-                              identity={"spec": spec, "path": str(path), "sha256": _sha256(path)}))
-    if kind == "text":
-        path = _existing(spec, rest)
-        texts = tuple(split_documents(read_text(path, "text file")))
-        return _finish(Source(spec, "text", texts=texts,
-                              identity={"spec": spec, "path": str(path), "sha256": _sha256(path)}))
-    if kind == "hf":
-        name, _, split = rest.partition(":")
-        return _finish(_load_hub(spec, name, split or "train"))
-    raise ConfigError(f"data {spec!r}: unknown source {kind!r}{did_you_mean(kind, SOURCES)}; use embedded, chatterbot[:DIR], instructions:PATH, "
-                      f"text:PATH or hf:NAME[:SPLIT]")
-
-
-def _finish(src: Source) -> Source:
-    if src.n == 0:
-        raise DataError(f"data {src.spec!r}: the dataset is empty (0 records); give a file with at least one record")
-    return Source(src.spec, src.kind, src.records, src.texts, {**src.identity, "n_records": src.n})
-
-
-def _existing(spec: str, path: str) -> Path:
-    if not path:
-        raise ConfigError(f"data {spec!r}: give a file, e.g. {spec.split(':')[0]}:/path/to/file")
-    p = Path(path).expanduser()
+def _existing(spec: DataSpec) -> Path:
+    p = Path(spec.argument).expanduser()
     if not p.is_file():
-        raise ConfigError(f"data {spec!r}: file {p} does not exist")
+        raise ConfigError(f"data {spec.text!r}: file {p} does not exist")
     return p
 
 
@@ -148,19 +75,61 @@ def records_from_rows(rows: Sequence, where: str) -> tuple[InstructionRecord, ..
     return tuple(out)
 
 
-def _load_hub(spec: str, name: str, split: str) -> Source:
-    if not name:
-        raise ConfigError(f"data {spec!r}: give a dataset name, e.g. hf:zwhe99/commonsense_170k")
-    try:
-        import datasets
-    except ModuleNotFoundError:
-        raise ConfigError(f"data {spec!r}: loading hub datasets needs the `datasets` package: pip install datasets; "
-                          f"or download the file and use instructions:PATH") from None
-    ds = datasets.load_dataset(name, split=split)
-    records = records_from_rows(list(ds), f"{name}[{split}]")
-    return Source(spec, "hf", records=records,
-                  identity={"spec": spec, "name": name, "split": split,
-                            "fingerprint": getattr(ds, "_fingerprint", None)})
+class InstructionFile(DataSource):
+    """`instructions:PATH`: Commonsense170K-shaped records {instruction, input, output}, .json (a list) or .jsonl."""
+
+    prefix = "instructions"
+    roles = (FINETUNE,)
+    description = "instruction records {instruction, input, output} in a .json list or .jsonl file"
+    argument = "PATH"
+    local_path = True
+
+    def training_data(self, spec: DataSpec, task=None) -> Source:
+        path = _existing(spec)
+        return Source(spec.text, self.prefix, records=_read_instruction_file(path),
+                      identity={"spec": spec.text, "path": str(path), "sha256": _sha256(path)})
+
+
+class TextFile(DataSource):
+    """`text:PATH`: a plain text file; documents are separated by blank lines; every token is trained."""
+
+    prefix = "text"
+    roles = (FINETUNE,)
+    description = "plain text, documents separated by blank lines, every token trained"
+    argument = "PATH"
+    local_path = True
+
+    def training_data(self, spec: DataSpec, task=None) -> Source:
+        path = _existing(spec)
+        return Source(spec.text, self.prefix, texts=tuple(split_documents(read_text(path, "text file"))),
+                      identity={"spec": spec.text, "path": str(path), "sha256": _sha256(path)})
+
+
+class HubDataset(DataSource):
+    """`hf:NAME[:SPLIT]`: instruction records of a `datasets` hub dataset (needs network and `pip install datasets`)."""
+
+    prefix = "hf"
+    roles = (FINETUNE,)
+    description = "instruction records of a Hugging Face hub dataset (network; the `datasets` package)"
+    argument = "NAME[:SPLIT]"
+    offline = False
+
+    def label(self, spec: DataSpec) -> str:
+        return split_spec(spec.argument)[0].split("/")[-1]
+
+    def training_data(self, spec: DataSpec, task=None) -> Source:
+        name, split = split_spec(spec.argument)
+        split = split or "train"
+        try:
+            import datasets
+        except ModuleNotFoundError:
+            raise ConfigError(f"data {spec.text!r}: loading hub datasets needs the `datasets` package: pip install "
+                              f"datasets; or download the file and use instructions:PATH") from None
+        ds = datasets.load_dataset(name, split=split)
+        records = records_from_rows(list(ds), f"{name}[{split}]")
+        return Source(spec.text, self.prefix, records=records,
+                      identity={"spec": spec.text, "name": name, "split": split,
+                                "fingerprint": getattr(ds, "_fingerprint", None)})
 
 
 # -- tokenisation ------------------------------------------------------------------------------------

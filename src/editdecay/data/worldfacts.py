@@ -66,10 +66,10 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Sequence
 
-from editdecay.core.devices import input_device
 from editdecay.core.errors import DataError
 from editdecay.core.request import EditRequest, fill
 from editdecay.data.common import EditDataset, Rejection, finish, validate_request
+from editdecay.data.source import EDIT, DataSource, DataSpec, EditOptions
 
 NAME = "worldfacts"
 RULE = "known-v1"
@@ -232,6 +232,8 @@ def judge(model, tokenizer, facts: Sequence[Fact], candidates: Sequence[str], *,
           batch_size: int = 32) -> list[Verdict]:
     """Apply rule `known-v1` to `facts` (all of one relation) against `candidates`."""
     import torch
+
+    from editdecay.core.devices import input_device
 
     from editdecay.core.scoring import score_continuations
     from editdecay.core.tokens import encode_prompt, encode_target, pad_batch, pad_id
@@ -414,5 +416,27 @@ def load_worldfacts(*, strict: bool = False, table: dict | None = None,
     return finish(NAME, n_records, kept, rejected, strict=strict, options=options)
 
 
-__all__ = ["RELATIONS", "RULE", "Fact", "Relation", "Verdict", "askable_facts", "build_request",
+class WorldFacts(DataSource):
+    """`worldfacts`: the edit requests above, from the committed table and selection."""
+
+    prefix = NAME
+    roles = (EDIT,)
+    description = "the project's own edits of facts the embedded model knows (country table, known-v1 selection)"
+    licence = "Apache-2.0 (authored in this repository)"
+
+    def digest(self, spec: DataSpec) -> str:
+        """The committed table and selection files (names and bytes)."""
+        import hashlib
+
+        root = resources.files(__package__)
+        h = hashlib.sha256()
+        for name in sorted(x.name for x in root.iterdir() if x.name.startswith(NAME) and x.name.endswith(".json")):
+            h.update(name.encode() + b"\0" + root.joinpath(name).read_bytes())
+        return h.hexdigest()[:16]
+
+    def edit_data(self, spec: DataSpec, options: EditOptions) -> EditDataset:
+        return load_worldfacts(strict=options.strict)
+
+
+__all__ = ["RELATIONS", "RULE", "Fact", "Relation", "Verdict", "WorldFacts", "askable_facts", "build_request",
            "candidate_objects", "judge", "load_worldfacts", "read_selection", "read_table", "split_known"]

@@ -45,6 +45,7 @@ from editdecay.data.common import (
     validate_request,
 )
 from editdecay.data.documents import read_records
+from editdecay.data.source import EDIT, DataSource, DataSpec, EditOptions
 from editdecay.data.records import record_problem, text_field
 
 TARGETS = ("answers", "alt")
@@ -150,3 +151,19 @@ def load_zsre(path: str | Path, *, target: str = "answers", strict: bool = False
         else:
             kept.append(req)
     return finish(f"zsre:{path}", len(records), kept, rejected, strict=strict, options={"zsre_target": target})
+
+
+class Zsre(DataSource):
+    """`zsre:PATH`: zsRE records in the public MEND evaluation schema."""
+
+    prefix = "zsre"
+    roles = (EDIT,)
+    description = "zsRE question/answer edits in MEND's evaluation schema, scored zsRE-style (token accuracy)"
+    argument = "PATH"
+    local_path = True
+
+    def label(self, spec: DataSpec) -> str:
+        return self.prefix
+
+    def edit_data(self, spec: DataSpec, options: EditOptions) -> EditDataset:
+        return load_zsre(self.path(spec), target=options.zsre_target, strict=options.strict)

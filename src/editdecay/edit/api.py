@@ -10,11 +10,12 @@ from editdecay.core.checks import check_finite
 from editdecay.core.request import EditRequest
 from editdecay.core.results import Timer
 from editdecay.data.corpus import parse_corpus
-from editdecay.edit import EditingRun, editor_class, validate_requests
 from editdecay.edit.config import EditorConfig
 from editdecay.edit.patch import EditPatch
+from editdecay.edit.registry import editor_class
+from editdecay.edit.run import EditingRun, validate_requests
 from editdecay.edit.safety import check_statistics
-from editdecay.edit.stats import cached_projector, second_moments
+from editdecay.edit.stats import second_moments
 
 log = logging.getLogger(__name__)
 
@@ -37,33 +38,31 @@ def validate_inputs(lm, cfg: EditorConfig, requests: list[EditRequest], *, stric
 
 def build_run(lm, editor: str, cfg: EditorConfig, *, cache: Cache | None = None, progress: bool = True,
               stats_batch_size: int = 16) -> EditingRun:
-    """Compute (or read from the cache) the statistics the editor needs and return a fresh run.
+    """Compute (or read from the cache) the statistics the editor needs, build it and start a fresh run.
 
-    Raises NonFiniteError if a C_l or projector holds NaN/inf, StatisticsError if a C_l rests on
-    fewer than d_k tokens or is numerically rank-deficient (`edit.safety.check_statistics`);
-    fewer than 10 x d_k tokens is a warning kept in `run.warnings` (and the patch).
-    The layers must have been checked against the model (`validate_inputs`, as `edit_model` does).
+    Raises NonFiniteError if a C_l (or a tensor the editor derives from it, e.g. an E5 projector) holds
+    NaN/inf, StatisticsError if a C_l rests on fewer than d_k tokens or is numerically rank-deficient
+    (`edit.safety.check_statistics`); fewer than 10 x d_k tokens is a warning kept in `run.warnings` (and the
+    patch). The layers must have been checked against the model (`validate_inputs`, as `edit_model` does).
     """
     cls = editor_class(editor)
     timer = Timer()
+    stats, warnings = None, []
     with timer("statistics"):
-        corpus = parse_corpus(cfg.stats_corpus)
-        max_pos = _max_positions(lm.model)
-        if max_pos is not None and corpus.seq_len > max_pos:
-            corpus = parse_corpus(cfg.stats_corpus, seq_len=max_pos)     # short-context models
-        stats = second_moments(lm, cfg.layers, corpus=corpus, n_tokens=cfg.stats_tokens,
-                               dtype=cfg.stats_dtype, cache=cache, batch_size=stats_batch_size, progress=progress)
-        check_finite("E1 statistics", {f"layer {l}": stats[l] for l in cfg.layers})
-        warnings = check_statistics(stats, cfg.layers, modules={l: k.module for l, k in stats.keys.items()})
-        if cls.name == "alphaedit":
-            solver = cls(cfg, {l: cached_projector(stats, l, cfg.nullspace_threshold, cache) for l in cfg.layers})
-            check_finite("E5 null-space projectors", {f"layer {l}": P for l, P in solver.P.items()})
-        else:
-            solver = cls(cfg, {l: stats[l] for l in cfg.layers})
-    run = EditingRun(lm, solver, progress=progress)
+        if cls.needs_statistics:
+            corpus = parse_corpus(cfg.stats_corpus)
+            max_pos = _max_positions(lm.model)
+            if max_pos is not None and corpus.seq_len > max_pos:
+                corpus = parse_corpus(cfg.stats_corpus, seq_len=max_pos)     # short-context models
+            stats = second_moments(lm, cfg.layers, corpus=corpus, n_tokens=cfg.stats_tokens,
+                                   dtype=cfg.stats_dtype, cache=cache, batch_size=stats_batch_size, progress=progress)
+            check_finite("E1 statistics", {f"layer {l}": stats[l] for l in cfg.layers})
+            warnings = check_statistics(stats, cfg.layers, modules={l: k.module for l, k in stats.keys.items()})
+        editor_obj = cls(cfg, stats, cache)
+    run = editor_obj.start(lm, progress=progress)
     run.warnings.extend(warnings)
     run.timer.seconds.update(timer.seconds)
-    run.stats_provenance = stats.provenance
+    run.stats_provenance = stats.provenance if stats is not None else None
     return run
 
 

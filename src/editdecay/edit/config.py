@@ -1,5 +1,6 @@
-"""Typed editor configurations (core.config.Config): one help text per field; conflicts rejected at construction
-with a ConfigError naming the field."""
+"""The settings every editor shares (core.config.Config): one help text per field; conflicts rejected at
+construction with a ConfigError naming the field. Each editor's own config class derives from `EditorConfig`
+in the editor's own module (edit/registry.py lists them)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
-from editdecay.core.config import Config, check_choice
+from editdecay.core.config import Config
 from editdecay.core.layers import Layers
 
 
 class EditorConfig(Config):
-    """Settings shared by MEMIT and AlphaEdit: the edited layers, E2 keys and E3 target values."""
+    """Settings of the locate-then-edit family: the edited layers, E1 statistics, E2 keys and E3 target values."""
 
     config_name: ClassVar[str] = "editor config"
 
@@ -49,31 +50,3 @@ class EditorConfig(Config):
         if self.n_context_templates == 0 and self.context_length != 10:
             raise ValueError("context_length is set but n_context_templates is 0 (no prefixes are sampled)")
         return self
-
-
-class MemitConfig(EditorConfig):
-    """MEMIT (E4): Delta = R K^T (lambda C + K K^T)^-1, spread over the edited layers."""
-
-    config_name: ClassVar[str] = "memit config"
-
-    mom2_update_weight: float = Field(15000.0, gt=0, description="lambda: weight of the preserved key statistics C")
-
-
-class AlphaEditConfig(EditorConfig):
-    """AlphaEdit (E5): the MEMIT update projected onto the null space of the preserved keys."""
-
-    config_name: ClassVar[str] = "alphaedit config"
-
-    nullspace_threshold: float = Field(2e-2, gt=0, description="eigenvalues of C below this span the null space P")
-    L2: float = Field(10.0, gt=0, description="ridge term of the projected solve")
-
-
-# The editors by name, with their config classes. Pure (no torch), so a grid file is validated without
-# importing the editors; `edit.editor_class` maps the same names to the solvers.
-CONFIGS: dict[str, type[EditorConfig]] = {"memit": MemitConfig, "alphaedit": AlphaEditConfig}
-EDITOR_NAMES = tuple(CONFIGS)
-
-
-def make_config(name: str, **fields) -> EditorConfig:
-    """Build a validated config; an unknown editor or invalid field raises ConfigError naming it (core.config)."""
-    return CONFIGS[check_choice("editor", name.lower(), CONFIGS)](**fields)

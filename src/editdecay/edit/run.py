@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 
 class Solver(Protocol):
+    """The per-layer solve of a locate-then-edit editor (edit/editor.py `LocateThenEdit`)."""
+
     name: str
     cfg: EditorConfig
 
@@ -99,6 +101,7 @@ class EditingRun:
         self.progress = progress
         self.target_log: list[dict] = []
         self.warnings: list[str] = []          # judgement calls (e.g. few statistics tokens), kept in the patch
+        self.stats_provenance: dict | None = None   # where the E1 statistics came from (set by `api.build_run`)
         with self.timer("context"):
             # Grouped by context type (E2): [("{}",), (<sampled prefixes>)]; recorded in the patch.
             self.templates = context_templates(model, lm.tokenizer, n=self.cfg.n_context_templates,
@@ -166,6 +169,12 @@ class EditingRun:
             extra={"timings": dict(self.timer.seconds), "context_templates": self.templates.to_dict(),
                    "targets": self.target_log, "warnings": list(self.warnings), **(extra or {})},
         )
+
+    def provenance(self) -> dict:
+        """What results record about this run: E3 target logs per batch, the statistics' provenance, the E2
+        context templates."""
+        return {"targets": self.target_log, "statistics": self.stats_provenance,
+                "context_templates": self.templates.to_dict()}
 
     def restore(self) -> None:
         with torch.no_grad():

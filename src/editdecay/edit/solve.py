@@ -1,4 +1,5 @@
-"""The two closed-form solves (E4, E5) and the key Gram matrix of AlphaEdit's C_p, batched over key columns.
+"""The two closed-form solves (E4 lambda-weighted, E5 null-space projected) and the key Gram matrix of E5's
+C_p, batched over key columns.
 
 Shapes: K (d_k, n) keys, R (d, n) residuals, C, P, C_p (d_k, d_k); Delta (d, d_k).
 K and R may live anywhere (the editing run keeps them on the CPU: O(n) host
@@ -87,7 +88,7 @@ def memit_delta(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float, d
     return _apply_solve(LU, pivots, K, R, None, dtype, device, block_size, "E4 solve")
 
 
-def alphaedit_delta(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, C_p: torch.Tensor, L2: float,
+def nullspace_delta(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, C_p: torch.Tensor, L2: float,
                     dtype=torch.float64, *, device=None, block_size: int | None = None) -> torch.Tensor:
     """E5: solve (P (K K^T + C_p) + L2 I) X = P K R^T and return Delta = X^T, i.e. Delta = R Y^T with
     Y = A^-1 P K (the same X = Y R^T, solved for n columns instead of d). From A X = P B,
@@ -128,4 +129,4 @@ def _apply_solve(LU, pivots, K, R, P, dtype, device, block_size, stage) -> torch
     return delta
 
 
-__all__ = ["SOLVE_CPU_BLOCK", "alphaedit_delta", "key_gram", "memit_delta", "output_dtype"]
+__all__ = ["SOLVE_CPU_BLOCK", "key_gram", "memit_delta", "nullspace_delta", "output_dtype"]

@@ -84,6 +84,9 @@ class LayerStats:
     n_tokens_used: int                 # N: non-padding tokens actually averaged over
     keys: dict[int, StatsKey]          # layer -> cache key (also keys the E5 projector)
     provenance: dict = field(default_factory=dict)   # JSON-ready: corpus, tokens, dtype, model, modules, cache hits
+    # Tensors derived from these C_l in this process, by what they depend on, e.g. ("nullspace", layer,
+    # threshold) -> P_l: a second editor of the same statistics reads them here instead of from disk.
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __getitem__(self, layer: int) -> torch.Tensor:
         try:
@@ -298,11 +301,18 @@ def null_space_projector(C: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def cached_projector(stats: LayerStats, layer: int, threshold: float, cache: Cache | None = None) -> torch.Tensor:
-    """The E5 projector of one layer, read from or written to the cache beside C_l.
+    """The E5 projector of one layer: from `stats.derived`, else read from or written to the cache beside C_l.
 
     Keyed like the statistics (model, layer, module, corpus, token count, dtype) plus
     the threshold, since P depends only on the base model and its statistics.
     """
+    memo = ("nullspace", layer, float(threshold))
+    if memo not in stats.derived:
+        stats.derived[memo] = _projector(stats, layer, threshold, cache)
+    return stats.derived[memo]
+
+
+def _projector(stats: LayerStats, layer: int, threshold: float, cache: Cache | None) -> torch.Tensor:
     C = stats[layer]
     if cache is None:
         return null_space_projector(C, threshold)

@@ -17,7 +17,8 @@ import importlib
 _LAZY = {
     "DecayCallback": "editdecay.finetune.callback",
     "PRESETS": "editdecay.finetune.recipe", "Recipe": "editdecay.finetune.recipe", "preset": "editdecay.finetune.recipe",
-    "FinetuneRun": "editdecay.finetune.run", "run_finetune": "editdecay.finetune.run",
+    "EditsUnderTest": "editdecay.finetune.run", "FinetuneRun": "editdecay.finetune.run",
+    "Measures": "editdecay.finetune.run", "run_finetune": "editdecay.finetune.run",
     "DivergedError": "editdecay.finetune.train", "TrainOutcome": "editdecay.finetune.train",
     "train": "editdecay.finetune.train",
     "TrainingPlan": "editdecay.finetune.trainable", "merge": "editdecay.finetune.trainable",
@@ -25,7 +26,7 @@ _LAZY = {
     "trainable_parameter_names": "editdecay.finetune.trainable",
     # the data and measures a fine-tuning run uses, for convenience
     "InstructionRecord": "editdecay.data.prompts", "Source": "editdecay.data.instructions",
-    "TrainingSet": "editdecay.data.instructions", "load_source": "editdecay.data.instructions",
+    "TrainingSet": "editdecay.data.instructions", "load_source": "editdecay.data.sources",
     "tokenize": "editdecay.data.instructions", "EmbeddedTask": "editdecay.data.embedded_task",
     "edit_flip_ratio": "editdecay.measure.decay", "relative_decrease": "editdecay.measure.decay",
     "exact_match": "editdecay.measure.task",

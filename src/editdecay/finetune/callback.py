@@ -23,9 +23,6 @@ from editdecay.data.instructions import InstructionRecord
 from editdecay.measure.metrics import RequestOutcome, aggregate, evaluate_requests
 from editdecay.measure.task import TaskScore, exact_match
 
-CURVE_KEYS = ("step", "efficacy", "paraphrase", "neighborhood", "task_accuracy")
-
-
 @dataclass
 class DecayCallback:
     """Evaluate `requests` (E6) and held-out task records every `every` steps (0: only first and last)."""
@@ -93,7 +90,7 @@ def measure(model, tokenizer, requests: Sequence[EditRequest], task_records: Seq
 
 
 def stage_from(outcomes: Sequence[RequestOutcome], task: TaskScore | None, task_name: str | None = None) -> dict:
-    """The stage format of result files (`metrics.pre/post/finetuned`): `aggregate` plus task keys."""
+    """The format of one model's metrics in result files (`metrics.M0`, ...): `aggregate` plus task keys."""
     return {**aggregate(outcomes), **task_keys(task, task_name)}
 
 

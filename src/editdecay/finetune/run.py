@@ -1,17 +1,18 @@
 """One fine-tuning experiment: measure, (edit), fine-tune with a decay curve, measure, write a self-describing result.
 
-Stages and what `result.json` calls them (docs/METHODS.md E6/E7):
-- `metrics.pre`       the unedited base model M0 (only when an edit is applied here: measured before applying it)
-- `metrics.post`      the model as handed to fine-tuning (M_e when edited; step 0 of the curve)
-- `metrics.finetuned` after the last step (M_ef; the last point of the curve)
-With `downstream` tasks (editdecay.measure.downstream, scored through lm-eval on the model in memory), each stage also
+`result.json` names the models as everywhere else (core/schema.py MODELS, docs/METHODS.md E7):
+- `metrics.M0`          the unedited base model (measured first when the edit is applied here: `EditsUnderTest.apply`)
+- `metrics.M_e` / `M0`  the model as handed to fine-tuning (M_e when it carries the edit; step 0 of the curve)
+- `metrics.M_ef` / `M_f` after the last step (M_ef when edited, M_f when not; the last point of the curve)
+With `downstream` tasks (editdecay.measure.downstream, scored through lm-eval on the model in memory), each model also
 has `downstream` ({lm-eval task: {metric: value, ..., n}}) and `downstream_score` (mean accuracy, the study's
 DS), and `result.downstream` records the task specs, lm-eval's provenance and the seconds each scoring took.
-The same model objects are scored as the edit metrics: pre before the edit, post before training, finetuned
-after the last step (a PeftModel with its adapters unmerged).
-plus the curve, per-request outcomes, the Edit Flip Ratio and relative decreases
-between post and finetuned, the recipe, the resolved plan and trainable
-parameter names, data identity, timings and the environment.
+The same model objects are scored as the edit metrics: M0 before the edit, the handed model before training,
+the fine-tuned one after the last step (a PeftModel with its adapters unmerged).
+plus the curve, per-request outcomes under each model, the Edit Flip Ratio and relative decreases between the
+model before and after fine-tuning, the recipe, the resolved plan and trainable parameter names, data identity,
+timings and the environment. Results written before the models were named this way (`pre`, `post`,
+`finetuned`) read through core/schema.py under these names.
 
 Files in the output directory:
   result.json          written atomically at the end (also on divergence, with `status: diverged`)
@@ -45,9 +46,8 @@ from editdecay.core.errors import ConfigError, EditDecayError
 from editdecay.core.models import LoadedModel, check_same_weights
 from editdecay.core.request import EditRequest
 from editdecay.core.results import Timer, environment, write_result
-from editdecay.data.chatterbot import ChatterbotCorpus
-from editdecay.data.embedded_task import EmbeddedTask
-from editdecay.data.instructions import Source, tokenize
+from editdecay.data.instructions import tokenize
+from editdecay.data.source import HeldOutTask, Source
 from editdecay.finetune.callback import DecayCallback, measure, stage_from
 from editdecay.finetune.recipe import Recipe
 from editdecay.finetune.train import DivergedError, TrainOutcome, train
@@ -69,22 +69,50 @@ class FinetuneRun:
     model: nn.Module        # merged plain model when merged, else the trained model (PeftModel for unmerged adapters)
 
 
-def run_finetune(
-    lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *,
-    requests: Sequence[EditRequest] = (), edited_layers: tuple[int, ...] | None = None,
-    apply_edit: Callable[[nn.Module], object] | None = None, task: EmbeddedTask | ChatterbotCorpus | None = None,
-    eval_every: int = 0, save: str = "auto", overwrite: bool = False, progress: bool = True,
-    extra: dict | None = None, downstream: DownstreamSpec | Sequence[str] | None = None,
-) -> FinetuneRun:
+@dataclass(frozen=True)
+class EditsUnderTest:
+    """The edits a fine-tuning run measures (explicit, so it does not depend on patch internals).
+
+    `requests`: measured at every curve point (E6); `layers`: the edited layers, what `edited`/`non-edited` recipes
+    train; `apply(model)`: applies the edit in place after M0 is measured; `applied`: the model handed in carries
+    the edit already. With `apply` or `applied` the models are M0 -> M_e -> M_ef, else M0 -> M_f."""
+
+    requests: Sequence[EditRequest] = ()
+    layers: tuple[int, ...] | None = None
+    apply: Callable[[nn.Module], object] | None = None
+    applied: bool = False
+
+    @property
+    def edited(self) -> bool:
+        return self.apply is not None or self.applied
+
+    @property
+    def models(self) -> tuple[str, str]:
+        """(the model handed to fine-tuning, the fine-tuned model), as results name them."""
+        return ("M_e", "M_ef") if self.edited else ("M0", "M_f")
+
+
+@dataclass(frozen=True)
+class Measures:
+    """What a fine-tuning run scores besides the edits: `task`'s held-out split at every curve point (anything with
+    `records() -> (train, test)` and `identity()`, data/source.py HeldOutTask; None: no task), every `eval_every`
+    steps (0: first and last only), and lm-eval `downstream` tasks before and after (None: none)."""
+
+    task: HeldOutTask | None = None
+    eval_every: int = 0
+    downstream: DownstreamSpec | Sequence[str] | None = None
+
+
+def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, edits: EditsUnderTest | None = None,
+                 measures: Measures | None = None, save: str = "auto", overwrite: bool = False,
+                 progress: bool = True, extra: dict | None = None) -> FinetuneRun:
     """Run one fine-tuning experiment and write `out/result.json` (see module docstring).
 
-    `requests`/`edited_layers`: the edits under test (explicit, so this does not depend on patch internals).
-    `apply_edit(model)`: applies the edit in place; when given, `metrics.pre` is the model before it.
-    `task`: the task whose held-out split is scored (`EmbeddedTask`, `ChatterbotCorpus`: anything with
-    `records() -> (train, test)` and `identity()`; None: no task scores).
-    `extra`: recorded as is under `extra` (e.g. patch provenance).
-    `downstream`: lm-eval tasks scored pre (with `apply_edit`), post and finetuned (None or empty: none).
+    `edits`: the edits under test (default: none); `measures`: the held-out task, curve spacing and lm-eval tasks
+    (default: none). `extra` is recorded as is under `extra` (e.g. patch provenance).
+    Raises ConfigError for a bad `save` or recipe/data conflict before anything is measured.
     """
+    edits, measures = edits or EditsUnderTest(), measures or Measures()
     out = Path(out)
     if save not in SAVE_CHOICES:
         raise ConfigError(f"save={save!r} is not valid; use one of {', '.join(SAVE_CHOICES)}")
@@ -96,35 +124,37 @@ def run_finetune(
     timer = Timer()
     model, tok = lm.model, lm.tokenizer
     # Everything that can be wrong with the recipe or the data fails here, before any evaluation or training.
-    plan = resolve_plan(recipe, model, edited_layers)
+    plan = resolve_plan(recipe, model, edits.layers)
     with timer("tokenize"):
         data = tokenize(source, tok, cutoff_len=recipe.cutoff_len, template=recipe.template,
                         train_on_prompt=recipe.train_on_prompt)
     log.info("%s fine-tuning: layers %s, %d target modules, %d examples (%d loss tokens)", recipe.method,
              list(plan.layers), len(plan.modules), len(data.examples), data.identity["n_loss_tokens"])
-    scorer = _Downstream.load(downstream, timer) if downstream else None   # unknown task / unreadable data: now
+    scorer = _Downstream.load(measures.downstream, timer) if measures.downstream else None   # bad task: now
+    task = measures.task
     task_records = task.records()[1] if task is not None else ()
     task_name = task.identity().get("name") if task is not None else None
-    callback = DecayCallback(requests, task_records, every=eval_every, template=recipe.template,
+    callback = DecayCallback(edits.requests, task_records, every=measures.eval_every, template=recipe.template,
                              path=out / CURVE_FILE, task_name=task_name)
     device = input_device(model)
+    before, after = edits.models
     result = {
         "kind": "finetune", "status": "running", "model": lm.identity.to_dict(), "recipe": recipe.to_dict(),
         "plan": plan.to_dict(), "data": data.identity, "task": task.identity() if task is not None else None,
-        "eval_every": eval_every, "extra": extra or {},
+        "eval_every": measures.eval_every, "models": {"before": before, "after": after}, "extra": extra or {},
     }
     if scorer is not None:
         result["downstream"] = scorer.record
-    pre_outcomes = None
-    if apply_edit is not None:
+    base_outcomes = None
+    if edits.apply is not None:
         with timer("eval_pre"):
-            pre_outcomes, pre_task = measure(model, tok, requests, task_records, template=recipe.template)
+            base_outcomes, base_task = measure(model, tok, edits.requests, task_records, template=recipe.template)
         if scorer is not None:
-            scorer.score("pre", model, tok)
+            scorer.score("M0", model, tok)
         with timer("apply_edit"):
-            apply_edit(model)
+            edits.apply(model)
     if scorer is not None:
-        scorer.score("post", model, tok)
+        scorer.score(before, model, tok)
     try:
         with timer("train"):
             outcome = train(model, tok, recipe, data, plan=plan, callback=callback, log_path=out / LOG_FILE,
@@ -136,20 +166,21 @@ def run_finetune(
         raise
     last = outcome.steps
     if scorer is not None:
-        scorer.score("finetuned", outcome.model, tok)
-    metrics = {"post": callback.stage_metrics(0), "finetuned": callback.stage_metrics(last)}
-    if pre_outcomes is not None:
-        metrics = {"pre": stage_from(pre_outcomes, pre_task, task_name), **metrics}
+        scorer.score(after, outcome.model, tok)
+    metrics = {before: callback.stage_metrics(0), after: callback.stage_metrics(last)}
+    if base_outcomes is not None:
+        metrics = {"M0": stage_from(base_outcomes, base_task, task_name), **metrics}
     if scorer is not None:
-        for stage in metrics:
-            metrics[stage].update(scorer.stage(stage))
+        for name in metrics:
+            metrics[name].update(scorer.stage(name))
     final_model, outputs, merge_check = _save(outcome, save, out, timer, tok)
     result.update(
         status="done", trainable_parameters=outcome.trainable_parameters,
         n_trainable_parameters=outcome.n_trainable, training=_training_summary(outcome), metrics=metrics,
-        decay=_decay(callback, metrics, last) if requests else None,
+        decay=_decay(callback, metrics, last, before, after) if edits.requests else None,
         curve=[{k: p[k] for k in p if k != "eval_seconds"} for p in callback.points],
-        requests=_per_request(requests, pre_outcomes, callback.outcomes[0], callback.outcomes[last]),
+        requests=_per_request(edits.requests, base_outcomes, callback.outcomes[0], callback.outcomes[last],
+                              before, after),
         outputs=outputs, merge_check=merge_check, measured_model=_measured_model(outcome, lm), timings=timer.seconds,
         environment=environment(device=str(device)),
     )
@@ -346,7 +377,7 @@ def _merge_checked(model: nn.Module, plan, tokenizer=None) -> tuple[nn.Module, d
 
 
 def _measured_model(o: TrainOutcome, lm: LoadedModel) -> str:
-    """Which object `metrics.finetuned`, the curve and downstream scores were measured on (and which output
+    """Which object the fine-tuned model's metrics, the curve and downstream scores were measured on (and which output
     reproduces it)."""
     if o.plan.method == "full":
         return (f"the fine-tuned model in memory ({lm.identity.dtype}); weights.safetensors holds its changed "
@@ -356,19 +387,21 @@ def _measured_model(o: TrainOutcome, lm: LoadedModel) -> str:
             f"against it in merge_check")
 
 
-def _decay(callback: DecayCallback, metrics: dict, last: int) -> dict:
+def _decay(callback: DecayCallback, metrics: dict, last: int, before: str, after: str) -> dict:
     return {"edit_flip_ratio": edit_flip_ratio(callback.outcomes[0], callback.outcomes[last]),
-            "relative_decrease": relative_decrease(metrics["post"], metrics["finetuned"])}
+            "relative_decrease": relative_decrease(metrics[before], metrics[after])}
 
 
-def _per_request(requests, pre, post, finetuned) -> list[dict]:
+def _per_request(requests, base, before_outcomes, after_outcomes, before: str, after: str) -> list[dict]:
+    """One row per request: its outcome under each model, whether it succeeds under the models before and after
+    fine-tuning, and `flipped` (successful before, not after)."""
     rows = []
     for i, r in enumerate(requests):
         row = {"case_id": r.case_id}
-        if pre is not None:
-            row["pre"] = pre[i].to_dict()
-        row.update(post=post[i].to_dict(), finetuned=finetuned[i].to_dict(), success_post=success(post[i]),
-                   success_finetuned=success(finetuned[i]))
-        row["flipped"] = row["success_post"] and not row["success_finetuned"]
+        if base is not None:
+            row["M0"] = base[i].to_dict()
+        row[before], row[after] = before_outcomes[i].to_dict(), after_outcomes[i].to_dict()
+        row["success"] = {before: success(before_outcomes[i]), after: success(after_outcomes[i])}
+        row["flipped"] = row["success"][before] and not row["success"][after]
         rows.append(row)
     return rows

@@ -111,7 +111,7 @@ def _killed_too_often(store: GridStore, plan: Plan, stage_id: str, killed: list[
 
 def _compute(store: GridStore, plan: Plan, stage_id: str, progress: bool, threads: int | None) -> StageOutcome:
     from editdecay.core.seeding import seed_everything
-    from editdecay.grid.stages import EXECUTORS, StageContext, stage_seed
+    from editdecay.grid.stages import EXECUTORS, StageContext
 
     stage = plan.stages[stage_id]
     set_threads(threads or plan.runtime.get("threads"))
@@ -121,7 +121,7 @@ def _compute(store: GridStore, plan: Plan, stage_id: str, progress: bool, thread
     t0 = time.perf_counter()
     error = None
     try:
-        seed_everything(stage_seed(stage))
+        seed_everything(stage.spec.seed)          # StaleSpecError for a stage of an older plan: recorded
         with store.building(stage_id, stage.kind) as tmp:
             EXECUTORS[stage.kind](StageContext(stage, plan, store, tmp, progress=progress))
     except Exception as e:  # noqa: BLE001 -- every failure of a stage is recorded, the grid goes on

@@ -14,53 +14,74 @@ A cell is one point of the product of the grid's axes. It needs (docs/METHODS.md
 A cell with n_edits = 0 needs only `finetune_base` and `cell` (M0 and M_f downstream
 scores); it has no editor and no edit data, except that a recipe training the
 `edited`/`non-edited` layers keeps the editor, since its layers say which those are.
+An editor that needs no E1 statistics (edit/editor.py `needs_statistics`) has no `stats` stage.
 
-A stage's id is a hash of its kind, of everything its output depends on (its
-`config`) and of the ids of the stages it reads, so two cells that need the same
-computation name the same stage and it runs once. Settings that change how, not
-what, is computed (device, threads, batch sizes, cache location, resources) are
-kept apart in `Plan.runtime` and do not enter any id.
+Each stage is a typed spec (grid/specs.py). A stage's id is a hash of its kind, of its
+spec (everything its output depends on, `spec_version` included) and of the ids of the
+stages it reads, so two cells that need the same computation name the same stage and
+it runs once. Settings that change how, not what, is computed (device, threads, batch
+sizes, cache location, resources) are kept apart in `Plan.runtime` and enter no id.
 
 Editor presets resolve here when the model's family is known without loading it
 (the embedded model, a local directory's config.json, or `family:` in the grid);
-otherwise the stage carries the preset name and the overrides and resolves them
-when it runs (less sharing across editors, same results).
+otherwise the stage carries the editor's fields and resolves the preset when it runs
+(less sharing across editors, same results).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from editdecay.core.cache import stable_hash
 from editdecay.core.errors import ConfigError
 from editdecay.core.layers import parse_layers
+from editdecay.core.model_ref import ModelRef
 from editdecay.core.paths import looks_like_path
-from editdecay.grid.spec import (
-    DOWNSTREAM_TASKS,
-    EditorEntry,
-    GridSpec,
-    ModelEntry,
-    RecipeEntry,
+from editdecay.data import sources as data_sources
+from editdecay.data.source import HELD_OUT
+from editdecay.data.sources import EditSelection
+from editdecay.finetune.recipe import LAYER_CHOICES, Recipe
+from editdecay.grid.spec import EditorEntry, GridSpec, ModelEntry, RecipeEntry
+from editdecay.grid.specs import (
+    CellAxes,
+    CellRoles,
+    CellSpec,
+    DataRef,
+    DownstreamRef,
+    EditorRef,
+    EvaluateSpec,
+    FinetuneSpec,
+    PatchSpec,
+    StageSpec,
+    StatisticsRef,
+    StatsSpec,
+    decode,
 )
 
-PLAN_FORMAT = 1
-ROLE_ORDER = ("stats", "patch", "eval_base", "finetune_base", "eval_finetuned_base", "finetune_edited", "cell")
-EDITED_ROLES = ROLE_ORDER[:3] + ROLE_ORDER[4:6]      # roles a cell without edits does not have
-SELECTIVE = ("edited", "non-edited")
+PLAN_FORMAT = 2                 # 1: stage configs of editdecay before the typed specs (readable, not runnable)
+READABLE_FORMATS = (1, 2)
+SELECTIVE = tuple(c for c in LAYER_CHOICES if c != "all")     # layer choices that refer to the edited layers
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One unit of work. `config` is JSON and holds everything the output depends on."""
+    """One unit of work. `config` is its spec as JSON (what the id hashes); `spec` the typed record."""
 
     id: str
     kind: str
     config: dict
     deps: tuple[str, ...]
     label: str
+
+    @cached_property
+    def spec(self) -> StageSpec:
+        """The typed spec (grid/specs.py). StaleSpecError for a stage of a plan written by older editdecay."""
+        return decode(self.kind, self.config)
 
     def to_dict(self) -> dict:
         return {"id": self.id, "kind": self.kind, "label": self.label, "deps": list(self.deps), "config": self.config}
@@ -72,7 +93,7 @@ class Stage:
 
 @dataclass(frozen=True)
 class Cell:
-    """One configuration of the grid. `stages` maps a role (ROLE_ORDER) to a stage id."""
+    """One configuration of the grid. `stages` maps a role (grid/specs.py CellRoles, plus "cell") to a stage id."""
 
     id: str
     label: str
@@ -96,6 +117,7 @@ class Plan:
     stages: dict[str, Stage]              # insertion order is a valid execution order (deps first)
     runtime: dict = field(default_factory=dict)
     grid: dict = field(default_factory=dict)
+    format: int = PLAN_FORMAT             # of the file it was read from (1: written by older editdecay)
 
     def cell(self, cell_id: str) -> Cell:
         for c in self.cells:
@@ -137,21 +159,25 @@ class Plan:
 
     def to_dict(self) -> dict:
         uses = self.uses()
-        return {"format": PLAN_FORMAT, "name": self.name, "summary": self.summary(),
+        return {"format": self.format, "name": self.name, "summary": self.summary(),
                 "cells": [c.to_dict() for c in self.cells],
                 "stages": [{**s.to_dict(), "cells": uses[s.id]} for s in self.stages.values()],
                 "runtime": self.runtime, "grid": self.grid}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
-        if d.get("format") != PLAN_FORMAT:
-            raise ConfigError(f"plan format {d.get('format')!r} is not supported (expected {PLAN_FORMAT})")
+        """A plan as written by `to_dict`. Format 1 (older editdecay) is read for its cells and states (status,
+        report); its stages' specs do not decode, so none of them is run by this version."""
+        fmt = d.get("format")
+        if fmt not in READABLE_FORMATS:
+            raise ConfigError(f"plan format {fmt!r} is not supported (this editdecay reads "
+                              f"{', '.join(map(str, READABLE_FORMATS))}); update editdecay")
         stages = {s["id"]: Stage.from_dict(s) for s in d["stages"]}
         return cls(d["name"], tuple(Cell.from_dict(c) for c in d["cells"]), stages, d.get("runtime", {}),
-                   d.get("grid", {}))
+                   d.get("grid", {}), fmt)
 
 
-# --------------------------------------------------------------------------- resolution helpers
+# --------------------------------------------------------------------------- what a (model, seed) shares
 
 
 def _slug(text: str) -> str:
@@ -163,91 +189,6 @@ def _resolve_path(text: str, base: Path) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def _resolve_data(spec: str, base: Path) -> str:
-    """`kind:PATH` with PATH made absolute (relative to the grid file); other specs unchanged."""
-    kind, sep, rest = spec.partition(":")
-    if (kind in FILE_KINDS or kind == "chatterbot") and rest:
-        return f"{kind}:{_resolve_path(rest, base)}"
-    return spec
-
-
-FILE_KINDS = ("counterfact", "mcf", "multicounterfact", "zsre", "instructions", "text")
-
-
-def data_digest(spec: str) -> str | None:
-    """Content hash of the data behind a spec, part of the ids of the stages that read it: edited data means
-    new stages, never a silent mix of old and new. A file that does not exist yet hashes to "missing" (a grid
-    may be planned before its data is downloaded); the bundled `worldfacts` set and the `chatterbot` corpus
-    (the installed package's English files, or `chatterbot:DIR`) hash their files; generated (`embedded`)
-    and hub (`hf:`) data are named by their spec alone."""
-    import hashlib
-
-    kind, _, rest = spec.partition(":")
-    if kind in FILE_KINDS and rest:
-        from editdecay.core.cache import sha256_file
-
-        return sha256_file(Path(rest))[:16] if Path(rest).is_file() else "missing"
-    if kind == "worldfacts":
-        from importlib import resources
-
-        root = resources.files("editdecay.data")
-        h = hashlib.sha256()
-        names = sorted(x.name for x in root.iterdir() if x.name.startswith("worldfacts") and x.name.endswith(".json"))
-        for name in names:
-            h.update(name.encode() + b"\0" + root.joinpath(name).read_bytes())
-        return h.hexdigest()[:16]
-    if kind == "chatterbot":
-        from editdecay.data.chatterbot import files_digest, package_root
-
-        root = Path(rest) if rest else package_root()
-        return files_digest(root) if root.is_dir() else "missing"
-    return None
-
-
-def task_objects(c: dict) -> tuple[object | None, object | None]:
-    """(the task behind a finetune stage's data, the task whose held-out split it scores), from its config:
-    `task` (the embedded task's settings) and `chatterbot` (the corpus' split settings; the corpus is the
-    fine-tuning data's directory for `chatterbot:DIR`, else the installed package's). Either may be None."""
-    from editdecay.data.chatterbot import ChatterbotCorpus
-    from editdecay.data.embedded_task import EmbeddedTask
-
-    kind, _, rest = c["data"].partition(":")
-    embedded = EmbeddedTask(**c["task"]) if c.get("task") else None
-    chatter = (ChatterbotCorpus(root=rest if kind == "chatterbot" and rest else None, **c["chatterbot"])
-               if c.get("chatterbot") is not None else None)
-    source_task = chatter if kind == "chatterbot" else embedded
-    downstream = c.get("downstream") or []
-    scored = embedded if "embedded" in downstream else chatter if "chatterbot" in downstream else None
-    return source_task, scored
-
-
-def check_data_digest(spec: str, planned: str | None) -> None:
-    """Raise DataError if the data behind `spec` changed since the plan was made (ids would be stale)."""
-    from editdecay.core.errors import DataError
-
-    now = data_digest(spec)
-    if planned is not None and now != planned:
-        raise DataError(f"data {spec!r} changed since this grid was planned (content {planned} -> {now}); run "
-                        f"`editdecay grid run` again: it plans anew and computes the stages of the new data")
-
-
-def _data_labels(specs: list[str]) -> dict[str, str]:
-    """Short names for data specs in cell labels: the source kind, or the file's stem where two specs of
-    one kind (or any file-backed fine-tuning data) need telling apart."""
-    kinds = [s.partition(":")[0] for s in specs]
-    out = {}
-    for spec, kind in zip(specs, kinds):
-        rest = spec.partition(":")[2]
-        if not rest or kinds.count(kind) == 1 and kind in ("worldfacts", "counterfact", "mcf", "multicounterfact",
-                                                             "zsre"):
-            out[spec] = kind
-        elif kind == "hf":
-            out[spec] = rest.split(":")[0].split("/")[-1]
-        else:
-            out[spec] = Path(rest).stem if kinds.count(kind) == 1 else f"{kind}-{Path(rest).stem}"
-    return out
-
-
 def _is_local(name: str, base: Path) -> bool:
     return looks_like_path(name) or (base / name).exists()
 
@@ -257,14 +198,14 @@ class _Model:
     """A model entry resolved without loading it."""
 
     entry: ModelEntry
-    ref: dict            # identity: name (absolute path for local dirs), revision, dtype, trust_remote_code
+    ref: ModelRef        # name (absolute path for local dirs), revision, dtype, trust_remote_code
     label: str
     family: str | None   # None: unknown until the model is loaded
     embedded: bool
 
 
 def _resolve_model(entry: ModelEntry, base: Path) -> _Model:
-    from editdecay.core.models import EMBEDDED_NAME
+    from editdecay.core.embedded import EMBEDDED_NAME
 
     name, family = entry.name, entry.family
     embedded = name == EMBEDDED_NAME
@@ -282,54 +223,87 @@ def _resolve_model(entry: ModelEntry, base: Path) -> _Model:
     elif embedded:
         family = family or "llama"
     label = entry.label or (EMBEDDED_NAME if embedded else Path(name.rstrip("/")).name.lower())
-    ref = {"name": name, "revision": entry.revision, "dtype": entry.dtype, "trust_remote_code": entry.trust_remote_code}
+    ref = ModelRef(name=name, revision=entry.revision, dtype=entry.dtype, trust_remote_code=entry.trust_remote_code)
     return _Model(entry, ref, label, family, embedded)
 
 
-def _editor_fields(model: _Model, editor: EditorEntry, seed: int, spec: GridSpec) -> dict:
-    """Explicit editor-config fields for one (model, editor, seed): model overrides < editor overrides,
-    plus shared statistics settings, the model's edit layers and the seed of the context prefixes (E2)."""
-    st = spec.shared.statistics
-    fields = {**model.entry.editor_overrides, **editor.overrides}
-    if model.entry.edit_layers is not None and "layers" not in editor.overrides:
-        fields["layers"] = list(model.entry.edit_layers)
+@dataclass(frozen=True)
+class _Editor:
+    """An editor entry resolved for one (model, seed): its ref (full config, or fields over a preset that resolves
+    when the model loads) and whether it needs E1 statistics."""
+
+    label: str
+    ref: EditorRef
+    needs_statistics: bool
+
+    @property
+    def layer_key(self) -> str:
+        layers = self.ref.layers
+        return json.dumps(list(layers) if self.ref.config is not None else [self.ref.name, layers])
+
+    @property
+    def layer_label(self) -> str:
+        """The `editor` axis of a fine-tune-only cell whose selective recipe refers to this editor's layers."""
+        layers = self.ref.layers
+        return "L" + "-".join(map(str, layers)) if layers else f"{self.ref.name}-preset-layers"
+
+
+def _editor(ctx_model: _Model, entry: EditorEntry, seed: int, grid: GridSpec, where: str) -> _Editor:
+    """Explicit editor fields for one (model, editor, seed) -- model overrides < editor overrides, the shared
+    statistics settings, the model's edit layers and the seed of the context prefixes (E2) -- validated, over the
+    editor's preset when the model's family is known."""
+    from editdecay.edit.registry import editor_class, make_config, preset_for
+
+    st = grid.shared.statistics
+    fields = {**ctx_model.entry.editor_overrides, **entry.overrides}
+    if ctx_model.entry.edit_layers is not None and "layers" not in entry.overrides:
+        fields["layers"] = list(ctx_model.entry.edit_layers)
     if "layers" in fields:
-        fields["layers"] = list(parse_layers(fields["layers"], field=f"editor {editor.label or editor.name}: layers"))
+        fields["layers"] = list(parse_layers(fields["layers"], field=f"editor {entry.label or entry.name}: layers"))
     for key, value in (("stats_corpus", st.corpus), ("stats_tokens", st.tokens), ("stats_dtype", st.dtype)):
         if value is not None:
             fields[key] = value
     corpus = fields.get("stats_corpus")
-    if isinstance(corpus, str) and not corpus.startswith(("generated", "hf:")):    # a local file
-        fields["stats_corpus"] = _resolve_path(corpus, spec.base_dir)
+    if isinstance(corpus, str) and data_sources.split_spec(corpus)[0] not in ("generated", "hf"):   # a local file
+        fields["stats_corpus"] = _resolve_path(corpus, grid.base_dir)
     fields["seed"] = seed
-    return fields
-
-
-def _editor_config(model: _Model, editor: EditorEntry, fields: dict, where: str) -> dict | None:
-    """The full editor config when the preset is known (validated), else None (resolved when the stage runs).
-    Override names and values are validated either way."""
-    from editdecay.edit import make_config
-    from editdecay.edit.presets import preset_for
-
     try:
-        if model.family is None:
-            make_config(editor.name, **{"layers": (0,), **fields})
-            return None
-        merged = {**preset_for(editor.name, model.family, model.ref["name"] if model.embedded else None), **fields}
-        return make_config(editor.name, **merged).model_dump(mode="json")
+        cls = editor_class(entry.name)
+        if ctx_model.family is None:            # names and values checked now, the preset when the model loads
+            make_config(entry.name, **{"layers": (0,), **fields})
+            ref = EditorRef(name=cls.name, fields=fields)
+        else:
+            preset = preset_for(entry.name, ctx_model.family, ctx_model.ref.name if ctx_model.embedded else None)
+            ref = EditorRef(name=cls.name, config=make_config(entry.name, **{**preset, **fields}).to_dict())
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+    return _Editor(entry.label or entry.name, ref, cls.needs_statistics)
 
 
-def _recipe(entry: RecipeEntry, index: int, method: str, layers, targets, seed: int, model: _Model):
+@dataclass(frozen=True)
+class _Recipe:
+    label: str
+    recipe: Recipe
+
+    @property
+    def selective(self) -> bool:
+        return self.recipe.layers in SELECTIVE
+
+
+def _recipes(entry: RecipeEntry, index: int, seed: int, model: _Model) -> list[_Recipe]:
+    """The recipes of one grid entry: the product method x layers x targets, each validated."""
     from editdecay.finetune.recipe import preset
 
     name = entry.preset or ("embedded" if model.embedded else "study")
-    chosen = {"layers": layers, "seed": seed, **({"targets": targets} if targets is not None else {})}
-    try:
-        return preset(name, method, **chosen, **entry.overrides)
-    except ConfigError as e:
-        raise ConfigError(f"recipes[{index}] (method={method}, layers={layers}, targets={targets}): {e}") from None
+    out = []
+    for method, layers, targets in itertools.product(entry.method, entry.layers, entry.targets or [None]):
+        chosen = {"layers": layers, "seed": seed, **({"targets": targets} if targets is not None else {})}
+        try:
+            recipe = preset(name, method, **chosen, **entry.overrides)
+        except ConfigError as e:
+            raise ConfigError(f"recipes[{index}] (method={method}, layers={layers}, targets={targets}): {e}") from None
+        out.append(_Recipe(_recipe_label(entry, method, layers, targets), recipe))
+    return out
 
 
 def _recipe_label(entry: RecipeEntry, method: str, layers, targets) -> str:
@@ -342,6 +316,95 @@ def _recipe_label(entry: RecipeEntry, method: str, layers, targets) -> str:
     return f"{method}-{lay}-{tgt}"
 
 
+@dataclass(frozen=True)
+class _GridData:
+    """The grid's data, resolved once: specs with absolute paths, digests, labels, the held-out task and the
+    lm-eval downstream tasks."""
+
+    edit: tuple[str, ...]
+    finetune: tuple[DataRef, ...]
+    digests: dict[str, str | None]
+    labels: dict[str, str]
+    held_out: DataRef | None             # the held-out task named in `downstream` (its bare spec)
+    downstream: DownstreamRef | None
+
+    @classmethod
+    def of(cls, grid: GridSpec) -> "_GridData":
+        from editdecay.measure.downstream.spec import parse_task, task_digest
+
+        base = grid.base_dir
+        edit = tuple(data_sources.resolve_paths(d, base) for d in grid.edit_data)
+        ft = [data_sources.resolve_paths(d, base) for d in grid.finetune_data]
+        digests = {d: data_sources.digest(d) for d in dict.fromkeys((*edit, *ft))}
+        held_names = data_sources.names(HELD_OUT)
+        held = [t for t in grid.shared.downstream if t in held_names]
+        lm_tasks = tuple(parse_task(t, base) for t in grid.shared.downstream if t not in held_names)
+        downstream = (DownstreamRef(tasks=lm_tasks, limit=grid.shared.downstream_limit,
+                                    digests={t: task_digest(t) for t in lm_tasks}) if lm_tasks else None)
+        return cls(edit, tuple(DataRef(spec=d, digest=digests[d], settings=_settings(grid, d)) for d in ft), digests,
+                   {**data_sources.labels(edit), **data_sources.labels(ft)},
+                   _ref(grid, held[0]) if held else None, downstream)
+
+    def held_out_for(self, ft: DataRef) -> DataRef | None:
+        """The held-out task scored while fine-tuning on `ft`: `ft`'s own split when it is the same source (its
+        directory, its settings: one task object), else the task named in `downstream`."""
+        if self.held_out is None:
+            return None
+        same = data_sources.source_of(self.held_out.spec) is data_sources.source_of(ft.spec)
+        return ft if same else self.held_out
+
+
+def _settings(grid: GridSpec, spec: str) -> dict | None:
+    """The source's settings: the grid's `shared.<settings_key>` section (data/source.py), or None."""
+    key = data_sources.source_of(spec).settings_key
+    section = getattr(grid.shared, key, None) if key else None
+    return section.model_dump() if section is not None else None
+
+
+def _ref(grid: GridSpec, spec: str) -> DataRef:
+    return DataRef(spec=spec, digest=data_sources.digest(spec), settings=_settings(grid, spec))
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """Everything the stages of one (model, seed) share: the grid, its resolved data, the model, the editors and
+    recipes resolved for them."""
+
+    grid: GridSpec
+    data: _GridData
+    model: _Model
+    seed: int
+    editors: tuple[_Editor, ...]
+    recipes: tuple[_Recipe, ...]
+
+    @classmethod
+    def of(cls, grid: GridSpec, data: _GridData, index: int, model: _Model, seed: int) -> "PlanContext":
+        editors = tuple(_editor(model, e, seed, grid, f"models[{index}] ({model.label}) with editors[{i}] ({e.name})")
+                        for i, e in enumerate(grid.editors))
+        recipes = tuple(r for i, entry in enumerate(grid.recipes) for r in _recipes(entry, i, seed, model))
+        names = [r.label for r in recipes]
+        dup = sorted({lab for lab in names if names.count(lab) > 1})
+        if dup:
+            raise ConfigError(f"recipes: two recipes are both called {dup[0]!r}; give them distinct labels")
+        for r in recipes:
+            if r.selective and not editors:
+                raise ConfigError(f"recipes: {r.label!r} trains the {r.recipe.layers!r} layers, which the editor "
+                                  f"defines; add an editor to `editors`")
+        return cls(grid, data, model, seed, editors, recipes)
+
+    def requests(self, data: str, n: int) -> EditSelection:
+        ev = self.grid.shared.evaluation
+        return EditSelection(data=data, n=n, seed=self.seed, zsre_target=ev.zsre_target, strict=ev.strict,
+                             digest=self.data.digests[data])
+
+    def axes(self, editor: str | None, data: str | None, n: int, ft: DataRef, recipe: _Recipe) -> CellAxes:
+        labels = self.data.labels
+        return CellAxes(model=self.model.ref.name, model_label=self.model.label, editor=editor, edit_data=data,
+                        edit_data_label=labels[data] if data else None, n_edits=n, recipe=recipe.label,
+                        method=recipe.recipe.method, layers=recipe.recipe.layers, targets=recipe.recipe.targets,
+                        finetune_data=ft.spec, finetune_data_label=labels[ft.spec], seed=self.seed)
+
+
 # --------------------------------------------------------------------------- building
 
 
@@ -349,218 +412,170 @@ class _Builder:
     def __init__(self) -> None:
         self.stages: dict[str, Stage] = {}
 
-    def add(self, kind: str, config: dict, deps: tuple[str, ...], label: str) -> str:
-        sid = f"{kind}-{stable_hash({'kind': kind, 'config': config, 'deps': list(deps)}, 16)}"
+    def add(self, spec: StageSpec, deps: tuple[str, ...], label: str) -> str:
+        config = spec.to_config()
+        sid = f"{spec.kind}-{stable_hash({'kind': spec.kind, 'config': config, 'deps': list(deps)}, 16)}"
         if sid not in self.stages:
-            self.stages[sid] = Stage(sid, kind, config, deps, label)
+            stage = Stage(sid, spec.kind, config, deps, label)
+            stage.__dict__["spec"] = spec          # the record it was built from (cached_property's slot)
+            self.stages[sid] = stage
         return sid
 
 
 def build_plan(spec: GridSpec) -> Plan:
     """Every cell of `spec` and the stages it needs. Validates editor overrides and recipes against the
     real config classes; loads no model and reads no data."""
-    base = spec.base_dir
     sh = spec.shared
-    ev = sh.evaluation
     b = _Builder()
+    data = _GridData.of(spec)
     cells: list[Cell] = []
-    models = [_resolve_model(m, base) for m in spec.models]
-    edit_data = [_resolve_data(d, base) for d in spec.edit_data]
-    ft_data = [_resolve_data(d, base) for d in spec.finetune_data]
-    labels = {**_data_labels(edit_data), **_data_labels(ft_data)}
-    digests = {d: data_digest(d) for d in dict.fromkeys(edit_data + ft_data)}
-    uses_task = "embedded" in sh.downstream or any(d == "embedded" for d in ft_data)
-    task = sh.embedded_task.model_dump() if uses_task else None
-    downstream = _downstream_config(spec)
-
-    for mi, model in enumerate(models):
+    models = [_resolve_model(m, spec.base_dir) for m in spec.models]
+    for index, model in enumerate(models):
         for seed in spec.seeds:
-            # Resolve every (editor, recipe) once per model and seed; the loops below only combine ids.
-            editors = []
-            for ei, editor in enumerate(spec.editors):
-                fields = _editor_fields(model, editor, seed, spec)
-                where = f"models[{mi}] ({model.label}) with editors[{ei}] ({editor.name})"
-                editors.append((editor, fields, _editor_config(model, editor, fields, where)))
-            recipes = []
-            for ri, entry in enumerate(spec.recipes):
-                for method in entry.method:
-                    for layers in entry.layers:
-                        for targets in entry.targets or [None]:
-                            r = _recipe(entry, ri, method, layers, targets, seed, model)
-                            recipes.append((_recipe_label(entry, method, layers, targets), r))
-            names = [lab for lab, _ in recipes]
-            dup = sorted({lab for lab in names if names.count(lab) > 1})
-            if dup:
-                raise ConfigError(f"recipes: two recipes are both called {dup[0]!r}; give them distinct labels")
-
-            for ft in ft_data:
-                for rlabel, recipe in recipes:
-                    selective = recipe.layers in SELECTIVE
-                    if selective and not editors:
-                        raise ConfigError(f"recipes: {rlabel!r} trains the {recipe.layers!r} layers, which the "
-                                          f"editor defines; add an editor to `editors`")
-                    for n in spec.n_edits:
-                        if n == 0:
-                            # One fine-tune-only cell per distinct M_f: editors that edit the same layers
-                            # define the same `edited`/`non-edited` layers and share it.
-                            for editor_fields in _distinct_layer_sets(editors) if selective else [None]:
-                                mf = _finetune_base(b, model, recipe, rlabel, editor_fields, ft, task, spec,
-                                                    labels, digests, seed, downstream)
-                                axes = _axes(model, _layer_set_label(editor_fields), None, 0, rlabel, recipe, ft,
-                                             seed, labels)
-                                cells.append(_cell(b, axes, {"finetune_base": mf}))
-                            continue
-                        for editor_fields in editors:
-                            mf = _finetune_base(b, model, recipe, rlabel, editor_fields if selective else None, ft,
-                                                task, spec, labels, digests, seed, downstream)
-                            for data in edit_data:
-                                cells.append(_edited_cell(b, model, editor_fields, data, n, seed, ft, rlabel, recipe,
-                                                          task, spec, labels, digests, mf, downstream))
+            ctx = PlanContext.of(spec, data, index, model, seed)
+            for ft, recipe, n in itertools.product(data.finetune, ctx.recipes, spec.n_edits):
+                cells += _cells(b, ctx, ft, recipe, n)
     # Execution order: cheap stages that fail early (bad data, bad layers) before expensive ones; within a rank,
     # plan order. Every stage's dependencies have a lower rank.
     stages = {s.id: s for s in sorted(b.stages.values(), key=_rank)}
     _check_order(stages)
     runtime = {
-        "cache_dir": _resolve_path(sh.cache_dir, base) if sh.cache_dir else None, "device": sh.device,
-        "threads": sh.threads, "max_attempts": sh.max_attempts, "eval_batch_size": ev.batch_size, "stats_batch_size": sh.statistics.batch_size,
+        "cache_dir": _resolve_path(sh.cache_dir, spec.base_dir) if sh.cache_dir else None, "device": sh.device,
+        "threads": sh.threads, "max_attempts": sh.max_attempts, "eval_batch_size": sh.evaluation.batch_size,
+        "stats_batch_size": sh.statistics.batch_size,
         "resources": {k: spec.resources.for_kind(k).model_dump() for k in ("stats", "patch", "finetune", "evaluate")},
-        "slurm": spec.slurm.model_dump(), "ray": spec.ray.model_dump(), "base_dir": str(base),
-        "allow_pickle": sorted({m.ref["name"] for m in models if m.entry.allow_pickle}),
+        "slurm": spec.slurm.model_dump(), "ray": spec.ray.model_dump(), "base_dir": str(spec.base_dir),
+        # Permission to unpickle weights: asked for per model in the grid file, given to the stages at run time
+        # (it changes whether a model may load, never what a stage computes, so it enters no stage id).
+        "allow_pickle": sorted({m.ref.name for m in models if m.entry.allow_pickle}),
     }
     _check_unique(cells)
     return Plan(spec.name, tuple(cells), stages, runtime, spec.model_dump(mode="json"))
 
 
-def _downstream_config(spec: GridSpec) -> dict:
-    """The finetune stages' downstream keys: the task list with `local:`/`ppl:` paths made absolute and, when
-    there are lm-eval tasks, their limit and data digests (a changed corpus or task directory names new
-    stages). A grid with only the embedded task keeps exactly the keys (and stage ids) it always had."""
-    from editdecay.measure.downstream.spec import parse_task, task_digest
-
-    tasks = [t if t in DOWNSTREAM_TASKS else parse_task(t, spec.base_dir) for t in spec.shared.downstream]
-    lm_tasks = [t for t in tasks if t not in DOWNSTREAM_TASKS]
-    # The chatterbot corpus' split settings, only where the grid uses it (other grids keep their stage ids).
-    uses_chatterbot = "chatterbot" in tasks or any(d.partition(":")[0] == "chatterbot" for d in spec.finetune_data)
-    extra = {"chatterbot": spec.shared.chatterbot.model_dump()} if uses_chatterbot else {}
-    if not lm_tasks:
-        return {"downstream": tasks, **extra}
-    return {"downstream": tasks, "downstream_limit": spec.shared.downstream_limit,
-            "downstream_digests": {t: task_digest(t) for t in lm_tasks}, **extra}
-
-
-def _finetune_base(b: _Builder, model: _Model, recipe, rlabel: str, editor_fields, ft: str, task: dict | None,
-                   spec: GridSpec, labels: dict[str, str], digests: dict[str, str | None], seed: int,
-                   downstream: dict) -> str:
-    """The M_f stage: the base model fine-tuned with `recipe`. For an `edited`/`non-edited` recipe
-    `editor_fields` says which layers are the edited ones; otherwise it is None and M_f does not depend on
-    the editor at all (one M_f per model x recipe x data x seed)."""
-    edited = None
-    if editor_fields is not None:
-        editor, fields, cfg = editor_fields
-        edited = cfg["layers"] if cfg else {"editor": editor.name, "layers": fields.get("layers")}
-    conf = {"model": model.ref, "recipe": recipe.to_dict(), "edited_layers": edited, "data": ft,
-            "data_digest": digests[ft], "task": task, **downstream,
-            "eval_every": spec.shared.evaluation.eval_every, "patch": None}
-    return b.add("finetune", conf, (), f"M_f {model.label} {rlabel} {labels[ft]} s{seed}")
+def _cells(b: _Builder, ctx: PlanContext, ft: DataRef, recipe: _Recipe, n: int) -> list[Cell]:
+    """The cells of one (fine-tuning data, recipe, number of edits) for the context's model and seed."""
+    if n == 0:
+        # One fine-tune-only cell per distinct M_f: editors that edit the same layers define the same
+        # `edited`/`non-edited` layers and share it.
+        out = []
+        for editor in _distinct_layer_sets(ctx.editors) if recipe.selective else [None]:
+            mf = _finetune_base(b, ctx, ft, recipe, editor)
+            axes = ctx.axes(editor.layer_label if editor else None, None, 0, ft, recipe)
+            out.append(_cell(b, axes, CellRoles(finetune_base=mf)))
+        return out
+    out = []
+    for editor in ctx.editors:
+        mf = _finetune_base(b, ctx, ft, recipe, editor if recipe.selective else None)
+        out += [_edited_cell(b, ctx, editor, data, n, ft, recipe, mf) for data in ctx.data.edit]
+    return out
 
 
-def _layer_key(editor_fields) -> str:
-    editor, fields, cfg = editor_fields
-    return json.dumps(cfg["layers"] if cfg else [editor.name, fields.get("layers")])
+def _distinct_layer_sets(editors: tuple[_Editor, ...]) -> list[_Editor]:
+    return list({e.layer_key: e for e in reversed(editors)}.values())[::-1]
 
 
-def _distinct_layer_sets(editors: list) -> list:
-    return list({_layer_key(e): e for e in reversed(editors)}.values())[::-1]
+def _finetune(ctx: PlanContext, ft: DataRef, recipe: _Recipe, *, editor: _Editor | None = None,
+              patch: str | None = None) -> FinetuneSpec:
+    """A finetune stage's spec; `editor`: whose layers an `edited`/`non-edited` recipe of M_f refers to."""
+    layers = editor.ref.layers if editor else None
+    by = EditorRef(name=editor.ref.name) if editor and layers is None else None     # the preset's, once loaded
+    return FinetuneSpec(model=ctx.model.ref, recipe=recipe.recipe, data=ft, held_out=ctx.data.held_out_for(ft),
+                        downstream=ctx.data.downstream, eval_every=ctx.grid.shared.evaluation.eval_every,
+                        edited_layers=layers, edited_by=by, patch=patch)
 
 
-def _layer_set_label(editor_fields) -> str | None:
-    """The `editor` axis of a fine-tune-only cell: None, or the edited layers its selective recipe refers to."""
-    if editor_fields is None:
+def _finetune_base(b: _Builder, ctx: PlanContext, ft: DataRef, recipe: _Recipe, editor: _Editor | None) -> str:
+    """The M_f stage: the base model fine-tuned with `recipe`. For an `edited`/`non-edited` recipe `editor` says
+    which layers are the edited ones (editors with the same layers share it); otherwise M_f does not depend on the
+    editor at all (one M_f per model x recipe x data x seed)."""
+    spec = _finetune(ctx, ft, recipe, editor=editor)
+    return b.add(spec, (), f"M_f {ctx.model.label} {recipe.label} {ctx.data.labels[ft.spec]} s{ctx.seed}")
+
+
+def _stats(b: _Builder, ctx: PlanContext, editor: _Editor) -> str | None:
+    """The E1 statistics stage of an editor's layers (None for an editor that needs none). Resolved: shared by every
+    editor with the same layers and statistics settings; else keyed by the fields that decide them."""
+    if not editor.needs_statistics:
         return None
-    editor, fields, cfg = editor_fields
-    layers = cfg["layers"] if cfg else fields.get("layers")
-    return "L" + "-".join(map(str, layers)) if layers else f"{editor.name}-preset-layers"
+    ref = editor.ref
+    if ref.config is not None:
+        from editdecay.edit.registry import make_config
 
-
-def _axes(model: _Model, editor: str | None, data: str | None, n: int, rlabel: str, recipe, ft: str,
-          seed: int, labels: dict[str, str]) -> dict:
-    return {"model": model.ref["name"], "model_label": model.label, "editor": editor,
-            "edit_data": data, "edit_data_label": labels[data] if data else None, "n_edits": n,
-            "recipe": rlabel, "method": recipe.method,
-            "layers": recipe.layers if isinstance(recipe.layers, str) else list(recipe.layers),
-            "targets": recipe.targets if isinstance(recipe.targets, str) else list(recipe.targets),
-            "finetune_data": ft, "finetune_data_label": labels[ft], "seed": seed}
-
-
-def _cell(b: _Builder, axes: dict, roles: dict[str, str]) -> Cell:
-    label = "/".join([axes["model_label"], axes["editor"] or "-", axes["edit_data_label"] or "-",
-                      f"n{axes['n_edits']}", axes["recipe"], axes["finetune_data_label"], f"s{axes['seed']}"])
-    deps = tuple(dict.fromkeys(roles.values()))
-    sid = b.add("cell", {"axes": axes, "roles": roles}, deps, label)
-    cid = f"{_slug(label.replace('/', '_'))}-{sid.split('-', 1)[1][:8]}"
-    return Cell(cid, label, axes, {**roles, "cell": sid})
-
-
-def _edited_cell(b: _Builder, model: _Model, editor_fields, data: str, n: int, seed: int, ft: str, rlabel: str,
-                 recipe, task: dict | None, spec: GridSpec, labels: dict[str, str], digests: dict[str, str | None],
-                 mf: str, downstream: dict) -> Cell:
-    """A cell with edits: statistics -> patch -> M_ef, plus M0 and M_f measured on its requests."""
-    editor, fields, cfg = editor_fields
-    editor_label = editor.label or editor.name
-    ev = spec.shared.evaluation
-    if cfg is not None:
-        stats_conf = {"model": model.ref, "layers": cfg["layers"], "corpus": cfg["stats_corpus"],
-                      "tokens": cfg["stats_tokens"], "dtype": cfg["stats_dtype"]}
-    else:   # preset unknown until the model is loaded: the fields that decide the statistics, and the preset
+        stats = StatsSpec(model=ctx.model.ref, statistics=StatisticsRef.of(make_config(ref.name, **ref.config)))
+        label = f"E1 {ctx.model.label} {list(stats.statistics.layers)}"
+    else:
         keep = ("layers", "stats_corpus", "stats_tokens", "stats_dtype")
-        stats_conf = {"model": model.ref, "editor": editor.name, "fields": {k: fields[k] for k in keep if k in fields}}
-    stats = b.add("stats", stats_conf, (), f"E1 {model.label} {editor.name if cfg is None else cfg['layers']}")
-    requests = {"data": data, "digest": digests[data], "n": n, "seed": seed, "zsre_target": ev.zsre_target,
-                "strict": ev.strict}
-    patch = b.add("patch", {"model": model.ref, "editor": editor.name, "editor_config": cfg,
-                            "editor_fields": None if cfg else fields, "requests": requests,
-                            "batch_size": ev.edit_batch_size}, (stats,),
-                  f"{editor_label} {model.label} {labels[data]} n{n} s{seed}")
-    eval_base = b.add("evaluate", {"model": model.ref, "requests": requests, "finetune": None}, (),
-                      f"M0 {model.label} {labels[data]} n{n} s{seed}")
-    eval_mf = b.add("evaluate", {"model": model.ref, "requests": requests, "finetune": mf}, (mf,),
-                    f"M_f {model.label} {rlabel} on {labels[data]} n{n} s{seed}")
-    mef = b.add("finetune", {"model": model.ref, "recipe": recipe.to_dict(), "edited_layers": None, "data": ft,
-                             "data_digest": digests[ft], "task": task, **downstream,
-                             "eval_every": ev.eval_every, "patch": patch}, (patch,),
-                f"M_ef {model.label} {editor_label} {labels[data]} n{n} {rlabel} s{seed}")
-    axes = _axes(model, editor_label, data, n, rlabel, recipe, ft, seed, labels)
-    roles = {"stats": stats, "patch": patch, "eval_base": eval_base, "finetune_base": mf,
-             "eval_finetuned_base": eval_mf, "finetune_edited": mef}
-    return _cell(b, axes, roles)
+        fields = {k: v for k, v in ref.fields.items() if k in keep}
+        stats = StatsSpec(model=ctx.model.ref, editor=EditorRef(name=ref.name, fields=fields))
+        label = f"E1 {ctx.model.label} {ref.name}"
+    return b.add(stats, (), label)
+
+
+def _edited_cell(b: _Builder, ctx: PlanContext, editor: _Editor, data: str, n: int, ft: DataRef, recipe: _Recipe,
+                 mf: str) -> Cell:
+    """A cell with edits: statistics -> patch -> M_ef, plus M0 and M_f measured on its requests."""
+    model, where = ctx.model, f"{ctx.data.labels[data]} n{n} s{ctx.seed}"
+    requests = ctx.requests(data, n)
+    stats = _stats(b, ctx, editor)
+    patch = b.add(PatchSpec(model=model.ref, editor=editor.ref, requests=requests,
+                            batch_size=ctx.grid.shared.evaluation.edit_batch_size),
+                  (stats,) if stats else (), f"{editor.label} {model.label} {where}")
+    eval_base = b.add(EvaluateSpec(model=model.ref, requests=requests), (), f"M0 {model.label} {where}")
+    eval_mf = b.add(EvaluateSpec(model=model.ref, requests=requests, finetune=mf), (mf,),
+                    f"M_f {model.label} {recipe.label} on {where}")
+    mef = b.add(_finetune(ctx, ft, recipe, patch=patch), (patch,),
+                f"M_ef {model.label} {editor.label} {ctx.data.labels[data]} n{n} {recipe.label} s{ctx.seed}")
+    roles = CellRoles(stats=stats, patch=patch, eval_base=eval_base, finetune_base=mf, eval_finetuned_base=eval_mf,
+                      finetune_edited=mef)
+    return _cell(b, ctx.axes(editor.label, data, n, ft, recipe), roles)
+
+
+def _cell(b: _Builder, axes: CellAxes, roles: CellRoles) -> Cell:
+    ids = roles.ids()
+    sid = b.add(CellSpec(axes=axes, roles=roles), tuple(dict.fromkeys(ids.values())), axes.label)
+    cid = f"{_slug(axes.label.replace('/', '_'))}-{sid.split('-', 1)[1][:8]}"
+    return Cell(cid, axes.label, axes.to_dict(), {**ids, "cell": sid})
 
 
 def missing_files(plan: Plan) -> list[str]:
     """Local models, data files and corpus files the plan names that do not exist (yet): a grid may be planned
     before its data is downloaded, so these are warnings here and errors in the stage that needs them."""
     paths: dict[str, str] = {}
+
+    def data(spec: str | None, what: str) -> None:
+        if spec is None:
+            return
+        parsed = data_sources.parse_spec(spec)
+        if data_sources.source_of(parsed).local_path and parsed.argument.startswith("/"):
+            paths[parsed.argument] = what
+
     for st in plan.stages.values():
-        c = st.config
-        model = (c.get("model") or {}).get("name", "")
-        if model.startswith("/"):
-            paths[model] = "model directory"
-        for spec, what in (((c.get("requests") or {}).get("data"), "edit data"), (c.get("data"), "fine-tuning data")):
-            if isinstance(spec, str) and ":" in spec and spec.split(":", 1)[1].startswith("/"):
-                paths[spec.split(":", 1)[1]] = what
-        for t in c.get("downstream") or []:
-            if t.startswith(("local:", "ppl:")):
-                paths[t.split(":", 1)[1]] = "downstream task data"
-        corpus = c.get("corpus") or (c.get("fields") or {}).get("stats_corpus")
-        if isinstance(corpus, str) and corpus.startswith("/"):
-            paths[corpus] = "statistics corpus"
+        s = st.spec
+        model = getattr(s, "model", None)
+        if model is not None and model.name.startswith("/"):
+            paths[model.name] = "model directory"
+        requests = getattr(s, "requests", None)
+        data(requests.data if requests else None, "edit data")
+        if isinstance(s, FinetuneSpec):
+            data(s.data.spec, "fine-tuning data")
+            for t in s.downstream.tasks if s.downstream else ():
+                kind, rest = data_sources.split_spec(t)
+                if kind in ("local", "ppl"):
+                    paths[rest] = "downstream task data"
+        if isinstance(s, StatsSpec):
+            corpus = s.statistics.corpus if s.statistics else s.editor.fields.get("stats_corpus")
+            if isinstance(corpus, str) and corpus.startswith("/"):
+                paths[corpus] = "statistics corpus"
     return [f"{what} {p} does not exist" for p, what in paths.items() if not Path(p).exists()]
 
 
 def _rank(s: Stage) -> int:
-    if s.kind == "evaluate":
-        return 2 if s.config["finetune"] is None else 4       # M0 before M_f exists; M_f after it
-    if s.kind == "finetune":
-        return 3 if s.config["patch"] is None else 5          # M_f, then M_ef
+    spec = s.spec
+    if isinstance(spec, EvaluateSpec):
+        return 2 if spec.finetune is None else 4       # M0 before M_f exists; M_f after it
+    if isinstance(spec, FinetuneSpec):
+        return 3 if spec.patch is None else 5          # M_f, then M_ef
     return {"stats": 0, "patch": 1, "cell": 6}[s.kind]
 
 
@@ -581,5 +596,4 @@ def _check_unique(cells: list[Cell]) -> None:
                           f"axis value")
 
 
-__all__ = ["Cell", "Plan", "ROLE_ORDER", "Stage", "build_plan", "check_data_digest", "data_digest", "missing_files",
-           "task_objects"]
+__all__ = ["Cell", "PLAN_FORMAT", "Plan", "PlanContext", "Stage", "build_plan", "missing_files"]

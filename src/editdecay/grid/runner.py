@@ -23,7 +23,7 @@ from typing import Callable
 from editdecay.grid.backends import make_backend
 from editdecay.grid.execute import Progress, StageOutcome
 from editdecay.grid.plan import Plan
-from editdecay.grid.store import GridStore
+from editdecay.grid.store import STATES, GridStore
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def run_grid(plan: Plan, out: str | Path, *, backend: str = "local", grid_text: 
     for cell in plan.cells:
         store.publish_result(plan, cell.id)
     states = store.cell_states(plan)
-    counts = {s: sum(1 for c in states if c["state"] == s) for s in ("done", "running", "failed", "pending")}
+    counts = {s: sum(1 for c in states if c["state"] == s) for s in STATES}
     table = store.gather(plan)
     failed = [{"cell": c["id"], "stage": c.get("failed_stage"), "error": c.get("error")}
               for c in states if c["state"] == "failed"]
@@ -119,33 +119,27 @@ def run_grid(plan: Plan, out: str | Path, *, backend: str = "local", grid_text: 
 def preflight(plan: Plan, store: GridStore, stage_ids: list[str]) -> list[StageOutcome]:
     """Read every edit and fine-tuning data set the stages need (no model, a few seconds at most) and record a
     failure for each stage whose data cannot be read, before hours go into fine-tuning runs whose cells could
-    never finish. Hub datasets (`hf:`) are left to their stage."""
-    from editdecay.data import load_edit_data
-    from editdecay.data.instructions import load_source
-    from editdecay.grid.plan import check_data_digest, task_objects
+    never finish. Sources read over the network (`hf:`) are left to their stage."""
+    from editdecay.data import sources as data_sources
+    from editdecay.grid.specs import EvaluateSpec, FinetuneSpec, PatchSpec
 
-    def edit_data(r: dict):
-        check_data_digest(r["data"], r.get("digest"))
-        return load_edit_data(r["data"], zsre_target=r["zsre_target"], strict=r["strict"])
-
-    def finetune_data(c: dict):
-        check_data_digest(c["data"], c.get("data_digest"))
-        return load_source(c["data"], task=task_objects(c)[0])
+    def finetune_data(spec: FinetuneSpec):
+        spec.data.check()
+        return data_sources.load_source(spec.data.spec, task=spec.data.task() if spec.data.has_held_out() else None)
 
     readers: dict[str, list[str]] = {}      # data key -> stages reading it
     loaders: dict[str, Callable[[], object]] = {}
     for sid in stage_ids:
-        st = plan.stages[sid]
         if store.is_done(sid):
             continue
-        c = st.config
-        if st.kind in ("patch", "evaluate"):
-            r = c["requests"]
-            key = json.dumps(["edit", r["data"], r.get("digest"), r["zsre_target"], r["strict"]])
-            loaders[key] = lambda r=r: edit_data(r)
-        elif st.kind == "finetune" and not c["data"].startswith("hf:"):
-            key = json.dumps(["finetune", c["data"], c.get("data_digest"), c["task"], c.get("chatterbot")])
-            loaders[key] = lambda c=c: finetune_data(c)
+        spec = plan.stages[sid].spec
+        if isinstance(spec, (PatchSpec, EvaluateSpec)):
+            r = spec.requests.replace(n=None, seed=None)          # the whole data set, as every cell reads it
+            key = json.dumps(["edit", r.to_dict()], sort_keys=True)
+            loaders[key] = r.load
+        elif isinstance(spec, FinetuneSpec) and data_sources.source_of(spec.data.spec).offline:
+            key = json.dumps(["finetune", spec.data.to_dict()], sort_keys=True)
+            loaders[key] = lambda spec=spec: finetune_data(spec)
         else:
             continue
         readers.setdefault(key, []).append(sid)
@@ -172,6 +166,12 @@ def _check_same_grid(store: GridStore, plan: Plan) -> None:
     try:
         old = json.loads(store.plan_path.read_text())
     except (OSError, ValueError):
+        return
+    if old.get("format") != plan.format:
+        log.warning("%s was planned by another version of editdecay (plan format %s, now %s): its stages do not "
+                    "match this version's, so every stage is computed anew; the earlier stages and results stay on "
+                    "disk and are not reported (results of cells not in plan.json are listed as stray)",
+                    store.root, old.get("format"), plan.format)
         return
     before = {c["id"] for c in old.get("cells", [])}
     now = {c.id for c in plan.cells}

@@ -25,46 +25,46 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BeforeValidator, Field, PrivateAttr, StrictInt, ValidationError, field_validator, model_validator
 
+from editdecay.core.arch import FAMILIES
 from editdecay.core.config import Config, choice_reason, did_you_mean, explain
 from editdecay.core.errors import ConfigError
 from editdecay.core.layers import Layers
 from editdecay.core.model_ref import ModelRef
 from editdecay.core.placement import DEFAULT_DEVICE, DEVICE_HELP, Device
-from editdecay.data import EDIT_SOURCES
-from editdecay.data.instructions import HELD_OUT_TASKS
-from editdecay.data.instructions import SOURCES as FINETUNE_SOURCES
-from editdecay.edit.config import EDITOR_NAMES
+from editdecay.data import sources as data_sources
+from editdecay.data.chatterbot import ChatterbotSettings
+from editdecay.data.embedded_task import TaskSettings
+from editdecay.data.source import EDIT, FINETUNE, HELD_OUT
+from editdecay.edit.registry import editor_names
 from editdecay.finetune.recipe import LAYER_CHOICES, METHODS, PRESETS, TARGET_CHOICES, LayerSpec, TargetSpec
 
-# The valid choices come from the modules that own them (pure modules: validating a grid file imports no torch).
+# The valid choices come from the modules and registries that own them (validating a grid file loads no model
+# code): model families from core/arch.py, editors from edit/registry.py, data sources and held-out tasks from
+# data/sources.py, so an entry registered at run time (a plug-in) is valid here too.
 PRESET_NAMES = tuple(PRESETS)
-DOWNSTREAM_TASKS = HELD_OUT_TASKS     # held-out splits scored in the decay curve (measure/task.py); every other
-                                      # downstream entry is an lm-eval task spec (measure/downstream/spec.py)
-FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama")
 
 
 def _as_list(v):
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
-def _data_spec(sources: tuple[str, ...]):
-    """A validator of one data spec `KIND[:REST]` against `sources` (the data modules' own lists)."""
+def _data_spec(role: str):
+    """A validator of one data spec against the registered sources that play `role` (data/sources.py
+    `parse_spec`: the one spec parser); its reason without the spec, which the error's key path shows."""
     def check(v):
-        if not isinstance(v, str) or not v.strip():
-            raise ValueError(f"is not a data spec; use one of {', '.join(sources)}")
-        kind, _, rest = v.partition(":")
-        if kind not in sources:
-            raise ValueError(choice_reason(kind, sources))
-        if kind in ("counterfact", "mcf", "multicounterfact", "zsre", "instructions", "text") and not rest:
-            raise ValueError(f"is not valid: give a file, e.g. {kind}:path/to/file.json")
-        return v
+        try:
+            return data_sources.parse_spec(v, role).text
+        except ConfigError as e:
+            written = v.strip() if isinstance(v, str) else v
+            reason = str(e).removeprefix(f"data {written!r}").lstrip(": ")
+            raise ValueError(reason if reason.startswith("is ") else f"is not valid: {reason}") from None
     return check
 
 
 # Axis values: integers >= 0 written as integers (a YAML `true` or `"3"` is a mistake, not a count).
 Count = Annotated[StrictInt, Field(ge=0)]
-EditData = Annotated[str, BeforeValidator(_data_spec(EDIT_SOURCES))]
-FinetuneData = Annotated[str, BeforeValidator(_data_spec(FINETUNE_SOURCES))]
+EditData = Annotated[str, BeforeValidator(_data_spec(EDIT))]
+FinetuneData = Annotated[str, BeforeValidator(_data_spec(FINETUNE))]
 
 
 # --------------------------------------------------------------------------- axes
@@ -92,15 +92,17 @@ class EditorEntry(Config):
 
     config_name = "editor entry"
 
-    name: Literal[EDITOR_NAMES] = Field(description=" | ".join(EDITOR_NAMES))
+    name: str = Field(description="a registered editor (edit/registry.py), e.g. memit")
     label: Optional[str] = Field(None, description="name of the editor in cell ids (default: name)")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="editor config fields (edit/config.py), "
-                                                                        "e.g. {layers: 4-8}")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="fields of the editor's config (its "
+                                                                        "module), e.g. {layers: 4-8}")
 
     @field_validator("name", mode="before")
     @classmethod
-    def _lower(cls, v):
-        return v.lower() if isinstance(v, str) else v
+    def _registered(cls, v):
+        if isinstance(v, str) and v.lower() in editor_names():
+            return v.lower()
+        raise ValueError(choice_reason(v, editor_names()))
 
 
 class RecipeEntry(Config):
@@ -195,41 +197,19 @@ class EvaluationSettings(Config):
     edit_batch_size: Optional[int] = Field(None, ge=1, description="edits per sequential batch (default: one batch)")
 
 
-class TaskSettings(Config):
-    """The embedded generated task (data/embedded_task.py): fine-tuning data `embedded` and downstream `embedded`."""
-
-    config_name = "embedded_task"
-
-    n_train: int = Field(2000, ge=1, description="training records of the embedded task")
-    n_test: int = Field(100, ge=1, description="held-out records of the embedded task (scored by exact match)")
-    seed: int = Field(0, ge=0, description="seed of the embedded task's record generator")
-
-
-class ChatterbotSettings(Config):
-    """The chatterbot corpus (data/chatterbot.py): fine-tuning data `chatterbot` and downstream `chatterbot`."""
-
-    config_name = "chatterbot"
-
-    n_test: int = Field(150, ge=1, description="held-out records (whole prompt groups; the rest is training data)")
-    seed: int = Field(0, ge=0, description="seed of the held-out split")
-    strict: bool = Field(False, description="a malformed conversation fails instead of being skipped")
-    format: Literal["reply", "choice"] = Field("reply", description="reply: the corpus' reply is the response "
-                                               "(free text); choice: pick the corpus' reply among n_choices, "
-                                               "answer 'the correct answer is answerK' (Commonsense170K style)")
-    n_choices: int = Field(3, ge=2, description="candidate replies per record (format choice)")
-    max_reply_words: int = Field(30, ge=1, description="longest reply taking part, in words (format choice)")
-
-
 def _downstream_task(t):
+    """A held-out task of a registered source (data/sources.py), scored in the decay curve (measure/task.py), or
+    an lm-eval task spec (measure/downstream/spec.py)."""
     from editdecay.measure.downstream.spec import VALID_TEXT, parse_task
 
-    if t in DOWNSTREAM_TASKS:
+    held_out = data_sources.names(HELD_OUT)
+    if t in held_out:
         return t
     try:
         parse_task(t)          # syntax only; paths resolve against the grid file in plan.build_plan
     except ConfigError as e:
-        if isinstance(t, str) and did_you_mean(t, DOWNSTREAM_TASKS):
-            raise ValueError(choice_reason(t, DOWNSTREAM_TASKS, extra=f"or {VALID_TEXT}")) from None
+        if isinstance(t, str) and did_you_mean(t, held_out):
+            raise ValueError(choice_reason(t, held_out, extra=f"or {VALID_TEXT}")) from None
         reason = str(e).removeprefix(f"downstream task {t!r}").lstrip(": ")
         raise ValueError(reason if reason.startswith("is ") else f"is not valid: {reason}") from None
     return t.strip()
@@ -265,7 +245,7 @@ class SharedSettings(Config):
         dup = sorted({t for t in v if v.count(t) > 1})
         if dup:
             raise ValueError(f"names {dup[0]!r} twice")
-        held_out = [t for t in v if t in DOWNSTREAM_TASKS]
+        held_out = [t for t in v if t in data_sources.names(HELD_OUT)]
         if len(held_out) > 1:
             raise ValueError(f"has {len(held_out)} held-out tasks; one per grid (the decay curve scores one): keep "
                              f"one of {' or '.join(held_out)}")
@@ -338,12 +318,14 @@ class GridSpec(Config):
     description: str = Field("", description="what the grid asks")
     models: list[ModelEntry] = Field(min_length=1, description="base models: names or {name, label, family, ...}")
     editors: list[EditorEntry] = Field(default_factory=list, description="editors: names or {name, overrides}")
-    edit_data: list[EditData] = Field(default_factory=list, description="worldfacts | counterfact:PATH | zsre:PATH")
+    edit_data: list[EditData] = Field(default_factory=list, description="edit data: worldfacts | counterfact:PATH | "
+                                                                        "zsre:PATH (data/sources.py)")
     n_edits: list[Count] = Field(min_length=1, description="numbers of edits, one batch each; 0 means fine-tune only")
     recipes: list[RecipeEntry] = Field(min_length=1, description="fine-tuning recipes")
     finetune_data: list[FinetuneData] = Field(default_factory=lambda: ["embedded"],
-                                              description="embedded | chatterbot[:DIR] | instructions:PATH | "
-                                                          "text:PATH | hf:NAME[:SPLIT]")
+                                              description="fine-tuning data: embedded | chatterbot[:DIR] | "
+                                                          "instructions:PATH | text:PATH | hf:NAME[:SPLIT] "
+                                                          "(data/sources.py)")
     seeds: list[Count] = Field(default_factory=lambda: [0], min_length=1, description="seeds (one cell each)")
     shared: SharedSettings = Field(default_factory=SharedSettings, description="settings every cell shares")
     resources: ResourceSettings = Field(default_factory=ResourceSettings, description="resources per stage kind")
@@ -413,6 +395,6 @@ def load_grid(path: str | Path) -> GridSpec:
     return grid_from_dict(data, source=str(path), base_dir=path.parent)
 
 
-__all__ = ["ChatterbotSettings", "DOWNSTREAM_TASKS", "EditorEntry", "EvaluationSettings", "GridSpec", "ModelEntry",
+__all__ = ["ChatterbotSettings", "EditorEntry", "EvaluationSettings", "GridSpec", "ModelEntry",
            "RaySettings", "RecipeEntry", "ResourceSettings", "Resources", "SharedSettings", "SlurmSettings",
            "StatisticsSettings", "TaskSettings", "grid_from_dict", "load_grid"]

@@ -1,12 +1,12 @@
 """What each stage kind computes. One function per kind; each writes into an empty directory.
 
-Every function receives a `StageContext` (the stage, the plan's run-time settings,
-read access to finished dependencies, and the directory to write into) and writes
-its files plus `outputs.json`, a small JSON summary copied into the stage manifest.
-Everything the output depends on is in `stage.config` (that is what the stage id
-hashes); run-time settings (device, threads, batch sizes, cache location) are not.
+Every function receives a `StageContext` (the stage with its typed spec, grid/specs.py; the plan's run-time
+settings; read access to finished dependencies; the directory to write into) and writes its files plus
+`outputs.json`, a small JSON summary copied into the stage manifest. Everything the output depends on is
+in the spec (that is what the stage id hashes); run-time settings (device, threads, batch sizes, cache
+location) are not.
 
-Each stage starts from seeded random number generators (`seed_everything`), loads
+Each stage starts from seeded random number generators (`seed_everything(spec.seed)`), loads
 its model fresh from disk and changes only that copy, so a stage computed twice, in
 another process or on another backend, gives the same numbers on the same
 hardware and thread count.
@@ -17,7 +17,7 @@ Stage kinds (plan.py explains which cells share which):
 - patch     E2-E5: the edit of n requests as an EditPatch (`patch/`)
 - evaluate  E6 per-request outcomes of M0 (base) or M_f (base + fine-tuned weights) on a cell's requests
 - finetune  M_f (base model) or M_ef (patch applied first) fine-tuned with a recipe, with a decay curve (E7)
-- cell      the cell's result (store.py documents the schema), assembled from the stages above
+- cell      the cell's result (core/schema.py CellResult; store.py documents the layout), from the stages above
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ from editdecay.core.errors import (
     NonFiniteError,  # noqa: F401  (re-exported: grid callers catch it from here)
 )
 from editdecay.core.models import check_same_weights
+from editdecay.core.schema import MODELS
 from editdecay.grid.plan import Plan, Stage
-from editdecay.grid.spec import DOWNSTREAM_TASKS
-from editdecay.grid.store import CELL_SCHEMA_VERSION, GridStore
+from editdecay.grid.specs import CellSpec, EvaluateSpec, FinetuneSpec, PatchSpec, StageSpec, StatsSpec
+from editdecay.grid.store import GridStore
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,8 @@ class StageContext:
     progress: bool = False
 
     @property
-    def config(self) -> dict:
-        return self.stage.config
+    def spec(self) -> StageSpec:
+        return self.stage.spec
 
     @property
     def runtime(self) -> dict:
@@ -70,6 +71,12 @@ class StageContext:
     def dep_json(self, sid: str, name: str) -> dict:
         return json.loads((self.dep_dir(sid) / name).read_text())
 
+    def dep_result(self, sid: str) -> dict:
+        """A finetune stage's `run/result.json`, read through the schema (older model names renamed)."""
+        from editdecay.core.schema import read_result
+
+        return read_result(self.dep_dir(sid) / "run" / "result.json", kind="finetune").model_dump(mode="json")
+
     def device(self) -> str:
         from editdecay.core.placement import DEFAULT_DEVICE, resolve_device
 
@@ -81,44 +88,19 @@ class StageContext:
         root = self.runtime.get("cache_dir")
         return Cache(Path(root)) if root else Cache.default()
 
-    def load_model(self, ref: dict):
-        from editdecay.core.models import load_model
-
-        # allow_pickle is a permission (the weights are the same either way), so it is a run-time setting, not
-        # part of the stage's identity: the plan lists the models whose pickled weights may load.
-        return load_model(ref["name"], dtype=ref["dtype"], device=self.device(), cache=self.cache(),
-                          trust_remote_code=ref["trust_remote_code"], revision=ref["revision"],
-                          allow_pickle=ref["name"] in self.runtime.get("allow_pickle", ()))
+    def load_model(self, ref):
+        """Load a stage's `ModelRef`. allow_pickle is a permission (the weights are the same either way), so it is
+        a run-time setting, not part of the stage's identity: the plan lists the models whose pickled weights
+        may load."""
+        permitted = ref.name in self.runtime.get("allow_pickle", ())
+        return ref.replace(allow_pickle=permitted).load(device=self.device(), cache=self.cache())
 
     def write_json(self, name: str, obj) -> None:
         (self.out / name).write_text(dumps_json(obj, indent=2) + "\n")     # strict JSON: NaN -> null + status
 
 
-def stage_seed(stage: Stage) -> int:
-    c = stage.config
-    for value in (c.get("requests", {}).get("seed") if isinstance(c.get("requests"), dict) else None,
-                  (c.get("recipe") or {}).get("seed"), (c.get("axes") or {}).get("seed")):
-        if isinstance(value, int):
-            return value
-    return 0
-
-
-def _editor_config(editor: str, concrete: dict | None, fields: dict | None, lm):
-    from editdecay.edit import make_config
-    from editdecay.edit.workflow import edit_config
-
-    if concrete is not None:
-        return make_config(editor, **concrete)
-    return edit_config(editor, lm, fields or {})
-
-
-def _requests(spec: dict):
-    from editdecay.data import load_edit_data
-    from editdecay.grid.plan import check_data_digest
-
-    check_data_digest(spec["data"], spec.get("digest"))
-    ds = load_edit_data(spec["data"], zsre_target=spec["zsre_target"], strict=spec["strict"], limit=spec["n"],
-                        seed=spec["seed"])
+def _requests(selection):
+    ds = selection.load()
     if ds.rejected:
         log.warning(ds.summary())
     return ds
@@ -132,15 +114,12 @@ def run_stats(ctx: StageContext) -> None:
     from editdecay.data.corpus import parse_corpus
     from editdecay.edit.stats import second_moments
 
-    c = ctx.config
-    lm = ctx.load_model(c["model"])
-    if "layers" in c:
-        layers, corpus, tokens, dtype = c["layers"], c["corpus"], c["tokens"], c["dtype"]
-    else:
-        cfg = _editor_config(c["editor"], None, c["fields"], lm)
-        layers, corpus, tokens, dtype = cfg.layers, cfg.stats_corpus, cfg.stats_tokens, cfg.stats_dtype
-    stats = second_moments(lm, layers, corpus=parse_corpus(corpus), n_tokens=tokens, dtype=dtype, cache=ctx.cache(),
-                           batch_size=ctx.runtime.get("stats_batch_size", 16), progress=ctx.progress)
+    spec: StatsSpec = ctx.spec
+    lm = ctx.load_model(spec.model)
+    want = spec.resolve(lm.identity.family, lm.identity.name)
+    stats = second_moments(lm, want.layers, corpus=parse_corpus(want.corpus), n_tokens=want.tokens, dtype=want.dtype,
+                           cache=ctx.cache(), batch_size=ctx.runtime.get("stats_batch_size", 16),
+                           progress=ctx.progress)
     _check_finite("E1 statistics", {str(l): stats[l] for l in stats.layers})
     ctx.write_json("stats.json", stats.provenance)
     ctx.write_json("outputs.json", {"layers": list(stats.layers), "n_tokens_used": stats.n_tokens_used,
@@ -155,44 +134,43 @@ def run_patch(ctx: StageContext) -> None:
     from editdecay.core.results import Timer
     from editdecay.edit.api import edit_model
 
-    c = ctx.config
-    stats_out = ctx.store.manifest(ctx.stage.deps[0])["outputs"]
+    spec: PatchSpec = ctx.spec
     timer = Timer()
     with timer("load_data"):
-        ds = _requests(c["requests"])
+        ds = _requests(spec.requests)
     with timer("load_model"):
-        lm = ctx.load_model(c["model"])
-    check_same_weights(lm.identity, stats_out["model"], f"statistics stage {ctx.stage.deps[0]}")
-    cfg = _editor_config(c["editor"], c["editor_config"], c["editor_fields"], lm)
-    patch, run = edit_model(lm, c["editor"], cfg, list(ds.requests), batch_size=c["batch_size"], cache=ctx.cache(),
-                            progress=ctx.progress)
-    _check_finite(f"{c['editor']} patch", patch.deltas)
+        lm = ctx.load_model(spec.model)
+    for sid in ctx.stage.deps:          # the statistics stage, for editors that need one
+        check_same_weights(lm.identity, ctx.store.manifest(sid)["outputs"]["model"], f"statistics stage {sid}")
+    cfg = spec.editor.resolve(lm.identity.family, lm.identity.name)
+    patch, run = edit_model(lm, spec.editor.name, cfg, list(ds.requests), batch_size=spec.batch_size,
+                            cache=ctx.cache(), progress=ctx.progress)
+    _check_finite(f"{spec.editor.name} patch", patch.deltas)
     timings = {**timer.seconds, **run.timer.seconds}
     patch.extra["timings"] = timings
     patch.save(ctx.out / "patch")
     ctx.write_json("outputs.json", {
-        "editor": c["editor"], "editor_config": cfg.model_dump(mode="json"), "layers": list(patch.layers),
+        "editor": spec.editor.name, "editor_config": cfg.to_dict(), "layers": list(patch.layers),
         "n_requests": len(ds.requests), "case_ids": [r.case_id for r in ds.requests], "data": ds.to_dict(),
-        "model": lm.identity.to_dict(), "delta_norms": patch.norms(), "targets": run.target_log,
-        "statistics": run.stats_provenance, "timings": timings})
+        "model": lm.identity.to_dict(), "delta_norms": patch.norms(), **run.provenance(), "timings": timings})
 
 
 # --------------------------------------------------------------------------- evaluate
 
 
 def run_evaluate(ctx: StageContext) -> None:
-    """E6 outcomes of the cell's requests under M0 (config.finetune is None) or M_f (the base + its weights)."""
+    """E6 outcomes of the cell's requests under M0 (`spec.finetune` is None) or M_f (the base + its weights)."""
     from editdecay.finetune.callback import measure
     from editdecay.measure.metrics import aggregate
 
-    c = ctx.config
-    ds = _requests(c["requests"])
-    lm = ctx.load_model(c["model"])
+    spec: EvaluateSpec = ctx.spec
+    ds = _requests(spec.requests)
+    lm = ctx.load_model(spec.model)
     model = lm.model
-    if c["finetune"] is not None:
+    if spec.finetune is not None:
         from editdecay.finetune.run import load_finetuned
 
-        model = load_finetuned(lm, ctx.dep_dir(c["finetune"]) / "run")
+        model = load_finetuned(lm, ctx.dep_dir(spec.finetune) / "run")
     outcomes, _ = measure(model, lm.tokenizer, list(ds.requests), (),
                           batch_size=ctx.runtime.get("eval_batch_size", 32))
     metrics = aggregate(outcomes)
@@ -205,83 +183,57 @@ def run_evaluate(ctx: StageContext) -> None:
 # --------------------------------------------------------------------------- finetune
 
 
-def _edited_layers(spec, lm) -> tuple[int, ...] | None:
-    if spec is None:
-        return None
-    if isinstance(spec, list):
-        return tuple(spec)
-    if spec.get("layers"):
-        return tuple(spec["layers"])
-    from editdecay.edit.presets import preset_for
-
-    return tuple(preset_for(spec["editor"], lm.identity.family, lm.identity.name)["layers"])
-
-
 def run_finetune_stage(ctx: StageContext) -> None:
     """M_f (base model) or M_ef (the patch applied first): `finetune.run_finetune` with a decay curve.
 
     M_ef measures the patch's requests every `eval_every` steps (step 0 = M_e) and keeps no weights; M_f
     measures only the downstream task and keeps its adapter or weights, which `evaluate` stages read.
-    The held-out task (`embedded` or `chatterbot` in `downstream`, `plan.task_objects`) is scored at every curve
-    point; lm-eval downstream tasks (everything else in `downstream`) are scored on the model handed to
-    fine-tuning (M0 or M_e) and on the fine-tuned one (M_f or M_ef), in memory.
+    The held-out task (`spec.held_out`) is scored at every curve point; lm-eval downstream tasks
+    (`spec.downstream`) are scored on the model handed to fine-tuning (M0 or M_e) and on the fine-tuned one
+    (M_f or M_ef), in memory.
     """
+    from editdecay.data.sources import load_source
     from editdecay.edit.patch import EditPatch
-    from editdecay.finetune import Recipe, load_source, run_finetune
-    from editdecay.grid.plan import check_data_digest, task_objects
+    from editdecay.finetune.run import EditsUnderTest, Measures, run_finetune
 
-    c = ctx.config
-    recipe = Recipe.from_dict(c["recipe"])
-    source_task, scored_task = task_objects(c)
-    check_data_digest(c["data"], c.get("data_digest"))
-    source = load_source(c["data"], task=source_task)
-    lm = ctx.load_model(c["model"])
-    requests, edited = (), _edited_layers(c["edited_layers"], lm)
+    spec: FinetuneSpec = ctx.spec
+    spec.data.check()
+    source_task = spec.data.task() if spec.data.has_held_out() else None
+    scored = source_task if spec.held_out == spec.data else (spec.held_out.task() if spec.held_out else None)
+    source = load_source(spec.data.spec, task=source_task)
+    # lm-eval takes a number; None (the grid's default) would leave E6 to size its own batches.
+    downstream = spec.downstream.spec(ctx.runtime.get("eval_batch_size") or 32) if spec.downstream else None
+    lm = ctx.load_model(spec.model)
     extra = {"grid_stage": ctx.stage.id}
-    if c["patch"] is not None:
-        patch = EditPatch.load(ctx.dep_dir(c["patch"]) / "patch")
-        check_same_weights(lm.identity, patch.model_identity, f"patch stage {c['patch']}")
+    if spec.patch is not None:
+        patch = EditPatch.load(ctx.dep_dir(spec.patch) / "patch")
+        check_same_weights(lm.identity, patch.model_identity, f"patch stage {spec.patch}")
         patch.apply(lm.model)
-        requests, edited = patch.requests, patch.layers
-        extra["patch"] = {"stage": c["patch"], "editor": patch.editor, "layers": list(patch.layers),
+        edits = EditsUnderTest(requests=patch.requests, layers=patch.layers, applied=True)
+        extra["patch"] = {"stage": spec.patch, "editor": patch.editor, "layers": list(patch.layers),
                           "n_requests": len(patch.requests)}
-    run = run_finetune(lm, recipe, source, ctx.out / "run", requests=requests, edited_layers=edited,
-                       task=scored_task, eval_every=c["eval_every"],
-                       save="none" if c["patch"] is not None else "auto", progress=ctx.progress, extra=extra,
-                       downstream=_downstream_spec(c, ctx.runtime))
+    else:
+        edits = EditsUnderTest(layers=spec.resolve_edited_layers(lm.identity.family, lm.identity.name))
+    run = run_finetune(lm, spec.recipe, source, ctx.out / "run", edits=edits,
+                       measures=Measures(task=scored, eval_every=spec.eval_every, downstream=downstream),
+                       save="none" if spec.patch is not None else "auto", progress=ctx.progress, extra=extra)
     r = run.result
     _check_finite("fine-tuning metrics", {"metrics": r["metrics"], "final_loss": r["training"]["final_loss"]})
-    ctx.write_json("outputs.json", {"method": recipe.method, "edited_layers": list(edited) if edited else None,
+    ctx.write_json("outputs.json", {"method": spec.recipe.method, "made": spec.made,
+                                    "edited_layers": list(edits.layers) if edits.layers else None,
                                     "metrics": r["metrics"], "training": r["training"],
                                     "model": lm.identity.to_dict()})
-
-
-def _downstream_spec(c: dict, runtime: dict):
-    """The lm-eval part of a finetune stage's `downstream` list, or None; its data must be what was planned."""
-    tasks = [t for t in c["downstream"] if t not in DOWNSTREAM_TASKS]
-    if not tasks:
-        return None
-    from editdecay.core.errors import DataError
-    from editdecay.measure.downstream import DownstreamSpec, task_digest
-
-    for t in tasks:
-        planned, now = (c.get("downstream_digests") or {}).get(t), task_digest(t)
-        if planned is not None and now != planned:
-            raise DataError(f"downstream task {t!r} changed since this grid was planned (content {planned} -> "
-                            f"{now}); run `editdecay grid run` again: it plans anew")
-    return DownstreamSpec(tuple(tasks), limit=c.get("downstream_limit"),
-                          batch_size=runtime.get("eval_batch_size") or 32)     # None: E6 sizes its own batches
 
 
 # --------------------------------------------------------------------------- cell
 
 
 def _task_keys(metrics: dict | None) -> dict:
-    """The downstream keys of a finetune stage's metrics: the embedded task's, and lm-eval's where scored."""
+    """The downstream keys of a fine-tuning run's metrics: the held-out task's, and lm-eval's where scored."""
+    from editdecay.finetune.callback import TASK_KEYS
+
     m = metrics or {}
-    keys = ("task_accuracy", "task_prefix_accuracy", "task_token_accuracy", "task_nll", "n_task", "task_name") + \
-        (("downstream", "downstream_score") if "downstream" in m else ())
-    return {k: m.get(k) for k in keys}
+    return {k: m.get(k) for k in TASK_KEYS + (("downstream", "downstream_score") if "downstream" in m else ())}
 
 
 def _stage_info(store: GridStore, sid: str) -> dict:
@@ -291,69 +243,79 @@ def _stage_info(store: GridStore, sid: str) -> dict:
 
 
 def run_cell(ctx: StageContext) -> None:
-    """Assemble one cell's result (schema in store.py) from its stages; computes nothing on a model."""
+    """Assemble one cell's result (core/schema.py CellResult) from its stages; computes nothing on a model."""
     from editdecay.core.results import environment, write_result
-    from editdecay.measure.decay import success
-    from editdecay.measure.metrics import RequestOutcome
+    from editdecay.core.schema import CellInfo, CellResult
 
-    c = ctx.config
-    roles, axes = c["roles"], c["axes"]
-    stage_of = {role: ctx.plan.stages[sid] for role, sid in roles.items()}
-    base_run = ctx.dep_json(roles["finetune_base"], "run/result.json")
-    ft_conf = stage_of["finetune_base"].config
-    result = {
-        "kind": "grid-cell", "cell_schema_version": CELL_SCHEMA_VERSION, "grid": ctx.plan.name,
-        "cell": {"id": _cell_id(ctx), "label": ctx.stage.label, "axes": axes},
-        "config": {"model": ft_conf["model"], "editor": None, "recipe": base_run["recipe"],
-                   "edited_layers": (base_run.get("plan") or {}).get("edited_layers"), "requests": None,
-                   "finetune_data": ft_conf["data"], "task": ft_conf["task"],
-                   **({"chatterbot": ft_conf["chatterbot"]} if ft_conf.get("chatterbot") is not None else {}),
-                   "downstream": ft_conf["downstream"],
-                   "downstream_limit": ft_conf.get("downstream_limit"), "eval_every": ft_conf["eval_every"]},
-        "stages": {role: _stage_info(ctx.store, sid) for role, sid in roles.items()},
-        "model": base_run["model"], "data": None,
-        "training": {"base": base_run["training"]},
-        "curve_base": base_run["curve"],
-        "downstream": _downstream_provenance(base_run),
-        "timings": {role: (ctx.store.manifest(sid) or {}).get("seconds") for role, sid in roles.items()},
-    }
-    m0_task, mf_task = _task_keys(base_run["metrics"]["post"]), _task_keys(base_run["metrics"]["finetuned"])
-    if axes["n_edits"] == 0:
-        result["metrics"] = {"M0": {"n": 0, **m0_task}, "M_f": {"n": 0, **mf_task}}
-        result["decay"] = {"downstream": _downstream(result["metrics"])}
-        result["curve"], result["requests"] = [], []
+    spec: CellSpec = ctx.spec
+    roles = spec.roles.ids()
+    base = ctx.plan.stages[roles["finetune_base"]].spec
+    base_run = ctx.dep_result(roles["finetune_base"])
+    config = {"model": base.model.to_dict(), "editor": None, "recipe": base_run["recipe"],
+              "edited_layers": (base_run.get("plan") or {}).get("edited_layers"), "requests": None,
+              "finetune_data": base.data.spec, "data_settings": base.data.settings,
+              "held_out": base.held_out.to_dict() if base.held_out else None,
+              "downstream": list(base.downstream.tasks) if base.downstream else [],
+              "downstream_limit": base.downstream.limit if base.downstream else None, "eval_every": base.eval_every}
+    m0_task, mf_task = _task_keys(base_run["metrics"]["M0"]), _task_keys(base_run["metrics"]["M_f"])
+    training = {"base": base_run["training"]}
+    if spec.axes.n_edits == 0:
+        metrics, decay, curve, rows, data = {"M0": {"n": 0, **m0_task}, "M_f": {"n": 0, **mf_task}}, {}, [], [], None
     else:
-        patch_out = ctx.store.manifest(roles["patch"])["outputs"]
-        base_eval = ctx.dep_json(roles["eval_base"], "outcomes.json")
-        mf_eval = ctx.dep_json(roles["eval_finetuned_base"], "outcomes.json")
-        edited_run = ctx.dep_json(roles["finetune_edited"], "run/result.json")
-        rows = {"M0": base_eval["requests"], "M_f": mf_eval["requests"],
-                "M_e": [r["post"] for r in edited_run["requests"]],
-                "M_ef": [r["finetuned"] for r in edited_run["requests"]]}
-        ids = {k: [r["case_id"] for r in v] for k, v in rows.items()}
-        if any(v != patch_out["case_ids"] for v in ids.values()):
+        edited = _Edited.read(ctx, roles)
+        metrics = {"M0": {**edited.base_eval["metrics"], **m0_task}, "M_e": edited.run["metrics"]["M_e"],
+                   "M_f": {**edited.mf_eval["metrics"], **mf_task}, "M_ef": edited.run["metrics"]["M_ef"]}
+        decay, curve, rows, data = edited.run["decay"], edited.run["curve"], edited.rows(ctx), edited.patch["data"]
+        training["edited"] = edited.run["training"]
+        config.update(editor={"name": edited.patch["editor"], **edited.patch["editor_config"]},
+                      requests=ctx.plan.stages[roles["patch"]].spec.requests.to_dict(),
+                      edited_layers=edited.patch["layers"])
+    _check_finite("cell metrics", metrics)
+    result = CellResult(
+        grid=ctx.plan.name, cell=CellInfo(id=_cell_id(ctx), label=ctx.stage.label, axes=spec.axes.to_dict()),
+        config=config, stages={role: _stage_info(ctx.store, sid) for role, sid in roles.items()},
+        model=base_run["model"], data=data, metrics=metrics,
+        decay={**decay, "downstream": _downstream(metrics)}, curve=curve, curve_base=base_run["curve"],
+        training=training, downstream=_downstream_provenance(base_run), requests=rows,
+        timings={role: (ctx.store.manifest(sid) or {}).get("seconds") for role, sid in roles.items()},
+        environment=environment(None))
+    write_result(ctx.out / "result.json", result.model_dump(mode="json"))
+
+
+@dataclass(frozen=True)
+class _Edited:
+    """What a cell with edits reads from its stages besides M_f's run: the patch stage's outputs, M0's and M_f's
+    evaluations and M_ef's run."""
+
+    patch: dict
+    base_eval: dict
+    mf_eval: dict
+    run: dict
+
+    @classmethod
+    def read(cls, ctx: StageContext, roles: dict[str, str]) -> "_Edited":
+        return cls(ctx.store.manifest(roles["patch"])["outputs"], ctx.dep_json(roles["eval_base"], "outcomes.json"),
+                   ctx.dep_json(roles["eval_finetuned_base"], "outcomes.json"),
+                   ctx.dep_result(roles["finetune_edited"]))
+
+    def rows(self, ctx: StageContext) -> list[dict]:
+        """E7's per-request survival table: each request's outcome, success and margin under every model."""
+        from editdecay.measure.decay import success
+        from editdecay.measure.metrics import RequestOutcome
+
+        outcomes = {"M0": self.base_eval["requests"], "M_f": self.mf_eval["requests"],
+                    "M_e": [r["M_e"] for r in self.run["requests"]], "M_ef": [r["M_ef"] for r in self.run["requests"]]}
+        ids = {k: [r["case_id"] for r in v] for k, v in outcomes.items()}
+        if any(v != self.patch["case_ids"] for v in ids.values()):
             raise EditDecayError(f"cell {ctx.stage.label}: the stages measured different requests "
                                  f"({ {k: len(v) for k, v in ids.items()} }); the edit data changed between stages")
-        result["metrics"] = {
-            "M0": {**base_eval["metrics"], **m0_task}, "M_e": edited_run["metrics"]["post"],
-            "M_f": {**mf_eval["metrics"], **mf_task}, "M_ef": edited_run["metrics"]["finetuned"]}
-        result["decay"] = {**edited_run["decay"], "downstream": _downstream(result["metrics"])}
-        result["curve"] = edited_run["curve"]
-        result["training"]["edited"] = edited_run["training"]
-        result["config"].update(editor={"name": patch_out["editor"], **patch_out["editor_config"]},
-                                requests=stage_of["patch"].config["requests"],
-                                edited_layers=patch_out["layers"])
-        result["data"] = patch_out["data"]
         table = []
-        for i, case_id in enumerate(patch_out["case_ids"]):
-            outs = {k: RequestOutcome(**rows[k][i]) for k in ("M0", "M_e", "M_f", "M_ef")}
+        for i, case_id in enumerate(self.patch["case_ids"]):
+            outs = {k: RequestOutcome(**outcomes[k][i]) for k in MODELS}
             ok = {k: success(o) for k, o in outs.items()}
             table.append({"case_id": case_id, **{k: o.to_dict() for k, o in outs.items()}, "success": ok,
                           "margin": {k: o.margin for k, o in outs.items()}, "flipped": ok["M_e"] and not ok["M_ef"]})
-        result["requests"] = table
-    _check_finite("cell metrics", result["metrics"])
-    result["environment"] = environment(None)
-    write_result(ctx.out / "result.json", result)
+        return table
 
 
 def _cell_id(ctx: StageContext) -> str:
@@ -364,8 +326,8 @@ def _cell_id(ctx: StageContext) -> str:
 
 
 def _downstream(metrics: dict) -> dict:
-    """decay.downstream: the embedded task's accuracy per model and its changes (top level, as always), and
-    for lm-eval tasks the same per task and metric (`tasks`) and for their mean accuracy (`score`)."""
+    """decay.downstream: the held-out task's accuracy per model and its changes (top level), and for lm-eval
+    tasks the same per task and metric (`tasks`) and for their mean accuracy (`score`)."""
     out = _deltas({k: (v or {}).get("task_accuracy") for k, v in metrics.items()})
     scored = {k: v["downstream"] for k, v in metrics.items() if (v or {}).get("downstream") is not None}
     if scored:
@@ -403,4 +365,4 @@ EXECUTORS: dict[str, Callable[[StageContext], None]] = {
     "cell": run_cell,
 }
 
-__all__ = ["EXECUTORS", "NonFiniteError", "StageContext", "stage_seed"]
+__all__ = ["EXECUTORS", "NonFiniteError", "StageContext"]

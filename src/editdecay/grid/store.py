@@ -42,7 +42,7 @@ failed with its error recorded). A count that reaches the grid's `max_attempts` 
 its process died that many times without ending (the OOM killer's SIGKILL, a time
 limit): the stage is recorded as failed instead of started once more.
 
-Cell result schema (`results/<cell-id>.json`, `kind: grid-cell`, `cell_schema_version` 1)::
+Cell result schema (`results/<cell-id>.json`, `kind: grid-cell`, `cell_schema_version` 2, core.schema.CellResult)::
 
     schema_version        editdecay result schema (core.schema.SCHEMA_VERSION; validated by core.schema.CellResult)
     kind                  "grid-cell"
@@ -50,9 +50,11 @@ Cell result schema (`results/<cell-id>.json`, `kind: grid-cell`, `cell_schema_ve
     grid                  grid name
     cell                  {id, label, axes: {model, editor, edit_data, n_edits, recipe, method, layers, targets,
                            finetune_data, seed, ...labels}}
-    config                resolved configuration: {model, editor (full editor config, null without edits),
-                           recipe (full Recipe), edited_layers, requests {data, n, seed, zsre_target, strict},
-                           finetune_data, task, downstream (task specs), downstream_limit, eval_every}
+    config                resolved configuration: {model (ModelRef), editor (full editor config, null without
+                           edits), recipe (full Recipe), edited_layers, requests {data, n, seed, zsre_target, strict,
+                           digest}, finetune_data, data_settings (its source's settings), held_out {spec, digest,
+                           settings}, downstream (lm-eval task specs), downstream_limit, eval_every}; cell schema 1
+                           had `task` and `chatterbot` (the two sources' settings) instead of data_settings/held_out
     stages                role -> {id, kind, created, seconds, host}: the stages this cell's numbers come from
     model                 ModelIdentity of the base model (weights fingerprint)
     data                  edit data identity and rejections (null without edits)
@@ -103,7 +105,7 @@ from editdecay.grid.plan import Plan
 
 log = logging.getLogger(__name__)
 
-from editdecay.core.schema import CELL_SCHEMA_VERSION  # noqa: E402  (the schema owns the version)
+from editdecay.core.schema import CELL_SCHEMA_VERSION, MODELS  # noqa: E402  (the schema owns them)
 
 MANIFEST = "stage.json"
 MANIFEST_FORMAT = 1
@@ -628,7 +630,7 @@ def result_row(result: dict) -> dict:
     axes = result["cell"]["axes"]
     row = {"cell": result["cell"]["id"], "label": result["cell"]["label"]}
     row.update({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in axes.items()})
-    for stage in ("M0", "M_e", "M_f", "M_ef"):
+    for stage in MODELS:
         m = result["metrics"].get(stage) or {}
         for key in ("efficacy", "paraphrase", "neighborhood", "harmonic_mean", "task_accuracy", "task_token_accuracy",
                     "task_nll", "n", "n_task"):

@@ -103,17 +103,17 @@ def shifts(states: dict[str, torch.Tensor], cell: str, prompts: str) -> list[Shi
 
 
 def _task_prompts(result: dict) -> list[str]:
-    from editdecay.data.embedded_task import EmbeddedTask
-    from editdecay.data.instructions import load_source, render_prompt
+    from editdecay.data.prompts import render_prompt
+    from editdecay.report.records import training_data
 
     cfg = result.get("config") or {}
     template = (cfg.get("recipe") or {}).get("template", "alpaca")
-    if cfg.get("task"):
-        records = EmbeddedTask(**cfg["task"]).records()[1]
+    source, held_out = training_data(cfg)
+    if held_out is not None:
+        records = held_out.records()[1]
+    elif not source.records:
+        return list(source.texts[:N_TASK_PROMPTS])
     else:
-        source = load_source(cfg["finetune_data"])
-        if not source.records:
-            return list(source.texts[:N_TASK_PROMPTS])
         records = source.records
     return [render_prompt(r, template) for r in records[:N_TASK_PROMPTS]]
 
@@ -130,12 +130,14 @@ def cell_shift(a: Analysis, cell: CellRecord, *, cache_dir=None, device: str = "
     from editdecay.core.errors import ConfigError
     from editdecay.core.models import load_model
     from editdecay.core.seeding import seed_everything
-    from editdecay.data.embedded_task import EmbeddedTask
     from editdecay.edit.patch import EditPatch
-    from editdecay.finetune import Recipe, load_source, run_finetune
+    from editdecay.finetune import Recipe
     from editdecay.finetune.run import (
+        EditsUnderTest,
         load_finetuned,  # the loader the grid's evaluate stage uses
+        run_finetune,
     )
+    from editdecay.report.records import training_data
 
     result = cell.result
     root = a.results.root
@@ -170,16 +172,16 @@ def cell_shift(a: Analysis, cell: CellRecord, *, cache_dir=None, device: str = "
     del lm, mf
     # M_ef again: the stage's seed, data, recipe and patch (the grid keeps no M_ef weights)
     seed_everything(recipe.seed)
-    source = load_source(cfg["finetune_data"], task=EmbeddedTask(**cfg["task"]) if cfg.get("task") else None)
+    source, _ = training_data(cfg)
     lm = load()
     patch.apply(lm.model)
     with tempfile.TemporaryDirectory() as tmp:
-        run = run_finetune(lm, recipe, source, Path(tmp) / "run", requests=patch.requests,
-                           edited_layers=patch.layers, eval_every=0, save="none", progress=progress)
+        run = run_finetune(lm, recipe, source, Path(tmp) / "run", save="none", progress=progress,
+                           edits=EditsUnderTest(requests=patch.requests, layers=patch.layers, applied=True))
     for k, prompts in sets.items():
         states[k]["M_ef"] = last_token_states(run.model, lm.tokenizer, prompts)
     stored = {r.case_id: r for r in cell.requests}
-    again = {r["case_id"]: r["finetuned"] for r in run.result["requests"]}
+    again = {r["case_id"]: r["M_ef"] for r in run.result["requests"]}
     same = sum(1 for cid, r in stored.items() if cid in again
                and (again[cid]["efficacy"] >= 0.5) == r.success["M_ef"])
     diffs = [abs(again[cid]["margin"] - r.margin["M_ef"]) for cid, r in stored.items()

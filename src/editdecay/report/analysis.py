@@ -12,7 +12,7 @@ from typing import Mapping
 
 from editdecay.report.downstream import downstream_score, downstream_scores
 from editdecay.report.measures import CellMeasures, cell_measures, check_stored
-from editdecay.report.records import CellRecord, ResultsSet
+from editdecay.report.records import MODELS, CellRecord, ResultsSet
 
 # Axes that identify one edit (the same patch, hence the same requests) apart from the fine-tuning recipe.
 EDIT_AXES = ("model_label", "editor", "edit_data_label", "n_edits", "finetune_data_label", "seed")
@@ -67,7 +67,7 @@ def analyse(results: ResultsSet) -> Analysis:
         warnings += check_stored(cell, m)
     # The stored downstream score (mean acc over lm-eval tasks) must be the mean of the stored task scores.
     for cell in results.done:
-        for model in ("M0", "M_e", "M_f", "M_ef"):
+        for model in MODELS:
             stored = cell.metrics(model).get("downstream_score")
             mine = downstream_score(downstream_scores(cell.metrics(model)))[0]
             if stored is not None and (mine is None or abs(stored - mine) > 1e-9):

@@ -4,9 +4,9 @@ A cell result can hold two kinds of downstream numbers per model (M0, M_e, M_f, 
 - the held-out task's scores: `task_accuracy`, `task_prefix_accuracy`, `task_token_accuracy`, `task_nll`,
   `n_task` (measure/task.py), reported here under the task's name (`task_name`: "embedded", "chatterbot";
   results written before the name was recorded are "embedded") with metrics accuracy / prefix_accuracy /
-  token_accuracy / nll. Its headline metric (`HEADLINE`) is exact match for the embedded task (one- or
-  two-token answers) and for "chatterbot-choice" (the answer "the correct answer is answerK"), and token
-  accuracy for chatterbot (free text written by people, which exact match almost never reproduces);
+  token_accuracy / nll. Its headline metric (`headlines()`) is what its data source declares
+  (data/source.py, `task_names`): exact match for the embedded task and "chatterbot-choice", token accuracy
+  for chatterbot's free text written by people;
 - lm-eval tasks (optional): `downstream = {task: {metric: value, ..., "n": int}}`.
 Both become `{task: {metric: value}, ...}` plus `n` per task, so tables and figures
 treat them alike and show whatever tasks and metrics are present.
@@ -22,14 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-from editdecay.data.instructions import HELD_OUT_NAMES
+from editdecay.data.sources import held_out_names
 from editdecay.measure.downstream.score import mean_accuracy, metric_base
 
-EMBEDDED = "embedded"
-HELD_OUT = HELD_OUT_NAMES                           # held-out tasks scored in the decay curve (not lm-eval)
-# The held-out tasks' headline metric: its name among the task's metrics, and its key in stored metrics.
-HEADLINE = {"embedded": ("accuracy", "task_accuracy"), "chatterbot": ("token_accuracy", "task_token_accuracy"),
-            "chatterbot-choice": ("accuracy", "task_accuracy")}
+EMBEDDED = "embedded"       # the held-out task of results that record no task name
 # Preferred metric per task in summary tables, in order; lm-eval may spell them "acc,none".
 PRIMARY = ("acc", "accuracy", "acc_norm", "exact_match", "em", "f1", "mcc")
 FRACTIONS = PRIMARY + ("prefix_accuracy", "token_accuracy")        # metrics in [0, 1], shown in percent
@@ -68,14 +64,25 @@ def downstream_scores(metrics: Mapping | None) -> dict[str, TaskScores]:
     return out
 
 
+def headlines() -> dict[str, tuple[str, str]]:
+    """Held-out task name -> (its headline metric among the task's metrics, its key in stored metrics), for every
+    held-out task a registered data source records (not lm-eval tasks)."""
+    return {name: (metric, f"task_{metric}") for name, metric in held_out_names().items()}
+
+
+def is_held_out(task: str) -> bool:
+    return task in held_out_names()
+
+
 def held_out_name(m: Mapping | None) -> str:
     """The held-out task of stored metrics or a curve point (`task_name`; "embedded" when not recorded)."""
     return (m or {}).get("task_name") or EMBEDDED
 
 
 def headline_key(m: Mapping | None) -> str:
-    """The stored key of the held-out task's headline score (`HEADLINE`), e.g. task_token_accuracy."""
-    return HEADLINE.get(held_out_name(m), HEADLINE[EMBEDDED])[1]
+    """The stored key of the held-out task's headline score (`headlines()`), e.g. task_token_accuracy."""
+    known = headlines()
+    return known.get(held_out_name(m), known[EMBEDDED])[1]
 
 
 def headline_label(key: str) -> str:
@@ -89,14 +96,15 @@ def is_fraction(metric: str) -> bool:
 def downstream_score(tasks: Mapping[str, TaskScores]) -> tuple[float | None, int]:
     """The study's downstream score: mean `acc` over the lm-eval tasks that report it, and how many do
     (measure.downstream.score.mean_accuracy; held-out tasks are not lm-eval tasks and stay out)."""
-    return mean_accuracy({name: t.metrics for name, t in tasks.items() if name not in HELD_OUT})
+    return mean_accuracy({name: t.metrics for name, t in tasks.items() if not is_held_out(name)})
 
 
 def primary_metric(scores: TaskScores) -> str | None:
     """The metric a task shows in summary tables: accuracy-like first, else its first score (e.g. perplexity)."""
     names = [k for k in scores.metrics if not is_error_metric(k)]
-    if scores.task in HEADLINE and HEADLINE[scores.task][0] in names:
-        return HEADLINE[scores.task][0]
+    headline = headlines().get(scores.task)
+    if headline is not None and headline[0] in names:
+        return headline[0]
     for want in PRIMARY:
         for k in names:
             if metric_base(k) == want:
@@ -104,5 +112,5 @@ def primary_metric(scores: TaskScores) -> str | None:
     return names[0] if names else None
 
 
-__all__ = ["EMBEDDED", "HEADLINE", "HELD_OUT", "TaskScores", "headline_key", "headline_label", "held_out_name", "downstream_score", "downstream_scores", "is_error_metric", "is_fraction",
+__all__ = ["EMBEDDED", "TaskScores", "headline_key", "headline_label", "headlines", "held_out_name", "is_held_out", "downstream_score", "downstream_scores", "is_error_metric", "is_fraction",
            "primary_metric"]

@@ -19,8 +19,8 @@ import pandas as pd
 
 from editdecay.report.analysis import Analysis, axis
 from editdecay.report.downstream import (
-    HEADLINE,
-    HELD_OUT,
+    headlines,
+    is_held_out,
     downstream_score,
     downstream_scores,
     headline_key,
@@ -351,9 +351,9 @@ def downstream_bars(a: Analysis, path: Path) -> FigureRecord:
     for c in cells:
         for m in MODELS:
             tasks += [t for t in downstream_scores(c.metrics(m)) if t not in tasks]
-    held = next((t for t in tasks if t in HELD_OUT), None)
+    held = next((t for t in tasks if is_held_out(t)), None)
     panels = [held] if held else []
-    if any(t not in HELD_OUT for t in tasks):
+    if any(not is_held_out(t) for t in tasks):
         panels.append("downstream score (mean acc of lm-eval tasks)")
     fig = _figure(max(6, 0.9 * len(cells) + 3), 3.4 * max(1, len(panels)))
     axes = fig.subplots(max(1, len(panels)), 1, squeeze=False)[:, 0]
@@ -367,9 +367,9 @@ def downstream_bars(a: Analysis, path: Path) -> FigureRecord:
             vals = []
             for c in cells:
                 ds = downstream_scores(c.metrics(model))
-                if panel in HELD_OUT:
+                if is_held_out(panel):
                     ts = ds.get(panel)
-                    vals.append(ts.metrics.get(HEADLINE[panel][0]) if ts else None)
+                    vals.append(ts.metrics.get(headlines()[panel][0]) if ts else None)
                 else:
                     vals.append(downstream_score(ds)[0])
             xs = [i + (k - 1.5) * width for i, v in enumerate(vals) if v is not None]
@@ -377,7 +377,7 @@ def downstream_bars(a: Analysis, path: Path) -> FigureRecord:
         ax.set_xticks(range(len(cells)), [_short_label(c, names) for c in cells], rotation=25, ha="right",
                       fontsize=7)
         ax.set_ylabel("%")
-        title = f"{panel} ({HEADLINE[panel][0].replace('_', ' ')})" if panel in HELD_OUT else panel
+        title = f"{panel} ({headlines()[panel][0].replace('_', ' ')})" if is_held_out(panel) else panel
         ax.set_title(f"downstream: {title}", fontsize=10)
         ax.legend(fontsize=7, ncols=4)
         ax.grid(alpha=0.3, axis="y")

@@ -190,17 +190,17 @@ class TargetFrequencies:
     def finetune_stream(self, cell: CellRecord, tok) -> TokenStream:
         cfg = (cell.result or {}).get("config") or {}
         recipe = cfg.get("recipe") or {}
-        spec, task, chatter = cfg.get("finetune_data"), cfg.get("task"), cfg.get("chatterbot")
-        key = json.dumps(["ft", spec, task, chatter, recipe.get("template"), recipe.get("cutoff_len"),
+        spec = cfg.get("finetune_data")
+        settings = {k: cfg.get(k) for k in ("data_settings", "task", "chatterbot")}
+        key = json.dumps(["ft", spec, settings, recipe.get("template"), recipe.get("cutoff_len"),
                           recipe.get("train_on_prompt"), getattr(tok, "name_or_path", None)], sort_keys=True)
         if key not in self._streams:
             name = f"fine-tuning data {spec}"
             try:
-                from editdecay.data.instructions import load_source, tokenize
-                from editdecay.grid.plan import task_objects
+                from editdecay.data.instructions import tokenize
+                from editdecay.report.records import training_data
 
-                source_task = task_objects({"data": spec, "task": task, "chatterbot": chatter})[0]
-                source = load_source(spec, task=source_task)
+                source, _ = training_data(cfg)
                 ts = tokenize(source, tok, cutoff_len=recipe["cutoff_len"], template=recipe.get("template", "alpaca"),
                               train_on_prompt=recipe.get("train_on_prompt", False))
                 self._streams[key] = _stream(name, (e.input_ids for e in ts.examples))

@@ -25,13 +25,14 @@ from typing import Mapping
 
 from editdecay.core.errors import ConfigError
 from editdecay.core.schema import MODELS, CellRequestRow, ResultSchemaError, read_result
+from editdecay.grid.store import STATES as GRID_STATES
 
 log = logging.getLogger(__name__)
 
 EDITED_MODELS = ("M_e", "M_ef")
 SCORES = ("efficacy", "paraphrase", "neighborhood")
 SCORE_ABBR = {"efficacy": "ES", "paraphrase": "PS", "neighborhood": "NS"}
-STATES = ("done", "failed", "running", "pending", "invalid")   # grid states + "invalid" (result unusable)
+STATES = (*GRID_STATES, "invalid")        # grid states (grid/store.py) + "invalid" (result unusable)
 
 
 @dataclass(frozen=True)
@@ -182,5 +183,26 @@ def _request(row: CellRequestRow) -> RequestRecord:
                          {m: row.margin.get(m) for m in MODELS}, scores, bool(flipped))
 
 
+def training_data(config: Mapping):
+    """A cell's fine-tuning data (`config.finetune_data`) loaded again with its source's settings, and the held-out
+    task it was scored on (or None). Cell schema 2 records them as `data_settings` and `held_out`; schema 1 as
+    `task` and `chatterbot` (the settings of the grid sections of those names)."""
+    from editdecay.data.source import HELD_OUT
+    from editdecay.data.sources import held_out_task, load_source, source_of
+
+    spec = config["finetune_data"]
+    source = source_of(spec)
+    if "data_settings" in config:
+        settings = config["data_settings"]
+        held = config.get("held_out")
+        held_task = held_out_task(held["spec"], held.get("settings")) if held else None
+    else:
+        by_section = {"embedded_task": config.get("task"), "chatterbot": config.get("chatterbot")}
+        settings = by_section.get(source.settings_key)
+        held_task = held_out_task("embedded", config["task"]) if config.get("task") else None
+    task = held_out_task(spec, settings) if HELD_OUT in source.roles else None
+    return load_source(spec, task=task), held_task
+
+
 __all__ = ["CellRecord", "EDITED_MODELS", "MODELS", "RequestRecord", "ResultsSet", "SCORES", "SCORE_ABBR",
-           "load_results"]
+           "load_results", "training_data"]

@@ -22,7 +22,7 @@ from typing import Callable
 
 from editdecay.report.analysis import AXIS_TITLES, EDIT_AXES, Analysis, axis, key_of
 from editdecay.report.downstream import (
-    HELD_OUT,
+    is_held_out,
     downstream_score,
     downstream_scores,
     headline_key,
@@ -192,13 +192,13 @@ def _task_metrics(a: Analysis) -> list[tuple[str, str]]:
                 metric = primary_metric(ts)
                 if metric and task not in seen:
                     seen[task] = metric
-    return sorted(seen.items(), key=lambda kv: (kv[0] not in HELD_OUT, kv[0]))
+    return sorted(seen.items(), key=lambda kv: (not is_held_out(kv[0]), kv[0]))
 
 
 def selective_layers(a: Analysis) -> Table:
     names = ("model_label", "editor", "edit_data_label", "n_edits", "method", "layers")
     tasks = _task_metrics(a)
-    lm_eval = [t for t, _ in tasks if t not in HELD_OUT]
+    lm_eval = [t for t, _ in tasks if not is_held_out(t)]
     cols = _axis_columns(names) + [Column("requests", "int"), Column("ES M_e", "pct"), Column("ES M_ef", "pct"),
                                    Column("PS M_ef", "pct"), Column("NS M_ef", "pct"), Column("EFR", "pct")]
     cols += [Column(f"{task} {metric} M_ef", "pct" if is_fraction(metric) else "stat") for task, metric in tasks]
@@ -237,7 +237,7 @@ def downstream_table(a: Analysis) -> Table:
             rows.append([c.label, _missing(c), _missing(c)] + [_missing(c)] * (len(MODELS) + 1))
             continue
         per_model = {m: downstream_scores(c.metrics(m)) for m in MODELS}
-        tasks = sorted({t for d in per_model.values() for t in d}, key=lambda t: (t not in HELD_OUT, t))
+        tasks = sorted({t for d in per_model.values() for t in d}, key=lambda t: (not is_held_out(t), t))
         for task in tasks:
             metrics = list(dict.fromkeys(k for d in per_model.values() if task in d for k in d[task].metrics))
             metrics.sort(key=is_error_metric)

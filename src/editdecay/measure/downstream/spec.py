@@ -27,6 +27,7 @@ from pydantic import Field, field_validator
 
 from editdecay.core.config import Config, did_you_mean
 from editdecay.core.errors import ConfigError
+from editdecay.data.source import split_spec
 
 EVERYDAY = "everyday"
 # The study's eight tasks: our short name -> lm-eval task name.
@@ -47,8 +48,8 @@ def parse_task(text: str, base_dir: Path | None = None) -> str:
     if not isinstance(text, str) or not text.strip():
         raise ConfigError(f"downstream task {text!r} is not a task spec; use one of {VALID_TEXT}")
     raw = text.strip()
-    kind, sep, rest = raw.partition(":")
-    if sep and kind.lower() in PREFIXES:
+    kind, rest = split_spec(raw)
+    if ":" in raw and kind.lower() in PREFIXES:
         kind, rest = kind.lower(), rest.strip()
         if not rest:
             raise ConfigError(f"downstream task {raw!r}: give a {'name' if kind == 'lm-eval' else 'path'} after "
@@ -87,7 +88,8 @@ def lm_eval_name(spec: str) -> str | None:
     """The lm-eval task name behind a named spec (study task or lm-eval:NAME), else None."""
     if spec in STUDY_TASKS:
         return STUDY_TASKS[spec]
-    return spec.split(":", 1)[1] if spec.startswith("lm-eval:") else None
+    kind, rest = split_spec(spec)
+    return rest if kind == "lm-eval" else None
 
 
 class DownstreamSpec(Config):
@@ -130,7 +132,7 @@ def task_digest(spec: str) -> str | None:
         from editdecay.measure.downstream.everyday import TASK_DIR
 
         return _hash_files(TASK_DIR)
-    kind, _, rest = spec.partition(":")
+    kind, rest = split_spec(spec)
     if kind not in ("local", "ppl"):
         return None
     path = Path(rest)
