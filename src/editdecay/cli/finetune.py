@@ -38,7 +38,7 @@ EVALUATION = Fields(EvaluationSettings, into="evaluation", only=("eval_every",),
 # source's settings become options here by themselves, named like the keys of its grid section.
 SOURCES = tuple(Fields(s.settings, into="sources", section=s.settings_key,
                        prefix=s.settings_key.replace("_", "-") + "-", aliases=s.option_aliases,
-                       panel=f"{s.prefix} data (grid: shared.{s.settings_key})")
+                       panel=f"Data source {s.prefix} (grid: shared.{s.settings_key})")
                 for s in data_sources.sources_with_settings().values())
 DOWNSTREAM = Fields(DownstreamSpec, into="downstream", prefix="downstream-", names={"tasks": "downstream"},
                     defaults={"tasks": "none"}, panel="Downstream tasks (grid: shared.downstream, downstream_limit)")
