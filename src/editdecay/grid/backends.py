@@ -194,8 +194,9 @@ def _lost(store: GridStore, plan: Plan, sid: str, error: BaseException) -> Stage
     kind = plan.stages[sid].kind
     msg = f"{type(error).__name__}: {error}"
     # Under the stage's lock (the dead worker's lock is free): never over a stage another runner finished.
-    if store.record_failure(sid, kind, msg, "".join(traceback.format_exception(error))):
-        return StageOutcome(sid, kind, "failed", error=msg)
+    with store.take(sid) as lease:
+        if lease.record_failure(kind, msg, "".join(traceback.format_exception(error))):
+            return StageOutcome(sid, kind, "failed", error=msg)
     return StageOutcome(sid, kind, "computed")
 
 

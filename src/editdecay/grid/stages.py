@@ -17,7 +17,7 @@ Stage kinds (plan.py explains which cells share which):
 - patch     E2-E5: the edit of n requests as an EditPatch (`patch/`)
 - evaluate  E6 per-request outcomes of M0 (base) or M_f (base + fine-tuned weights) on a cell's requests
 - finetune  M_f (base model) or M_ef (patch applied first) fine-tuned with a recipe, with a decay curve (E7)
-- cell      the cell's result (store.py documents the schema), assembled from the stages above
+- cell      the cell's result (fields: core.schema.CellResult), assembled from the stages above
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ from editdecay.core.errors import (
     NonFiniteError,  # noqa: F401  (re-exported: grid callers catch it from here)
 )
 from editdecay.core.models import check_same_weights
+from editdecay.core.schema import CELL_SCHEMA_VERSION
 from editdecay.grid.plan import Plan, Stage
 from editdecay.grid.spec import DOWNSTREAM_TASKS
-from editdecay.grid.store import CELL_SCHEMA_VERSION, GridStore
+from editdecay.grid.store import GridStore
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +292,7 @@ def _stage_info(store: GridStore, sid: str) -> dict:
 
 
 def run_cell(ctx: StageContext) -> None:
-    """Assemble one cell's result (schema in store.py) from its stages; computes nothing on a model."""
+    """Assemble one cell's result (fields: core.schema.CellResult) from its stages; computes nothing on a model."""
     from editdecay.core.results import environment, write_result
     from editdecay.measure.decay import success
     from editdecay.measure.metrics import RequestOutcome
