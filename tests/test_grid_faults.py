@@ -236,9 +236,11 @@ def test_failure_records_change_only_under_the_stage_lock(store):
             (tmp / "x.txt").write_text("done")
         assert not lease.record_failure("stats", "WorkerCrashedError: lost", "tb")
     assert store.failure(sid) is None
-    from editdecay.grid.backends import _lost
+    from editdecay.grid.backends.tracker import Tracker
+    from editdecay.grid.execute import Progress
 
-    assert _lost(store, plan, sid, RuntimeError("worker died")).state == "computed"
+    lost = Tracker(plan, store, [sid], Progress(plan, 1))
+    assert not lost.lost(sid, RuntimeError("worker died")) and lost.reporter.outcomes[-1].state == "computed"
 
 
 def test_a_hung_lock_holder_is_shown_stale_and_unlock_frees_waiting_runners(store):
