@@ -405,15 +405,19 @@ def write_engine_grid(world: dict, path: Path, name: str, n_edits: int = 0, max_
 
 
 def stage_counts(store) -> dict:
-    """Per stage, from the stage records (event logs) of a results directory: how often it was computed, failed,
-    lost (its process killed), and the attempts that makes (each attempt ends in one of the three)."""
+    """Per stage, from the stage records (event logs) of a results directory: attempts (starts counted on disk, the
+    last one included), how often it was computed or failed, how often a driver saw its process lost, and `killed`:
+    the attempts that ended neither computed nor failed (their process died)."""
     out: dict[str, dict[str, int]] = {}
     for e in store.events():
         if e.get("stage"):
-            c = out.setdefault(e["stage"], {"attempts": 0, "computed": 0, "failed": 0, "lost": 0})
-            if e["event"] in c:
+            c = out.setdefault(e["stage"], {"attempts": 0, "computed": 0, "failed": 0, "lost": 0, "killed": 0})
+            if e["event"] == "started":
+                c["attempts"] = max(c["attempts"], int(e.get("attempt") or 1))
+            elif e["event"] in c:
                 c[e["event"]] += 1
-                c["attempts"] += 1
+    for c in out.values():
+        c["killed"] = max(c["attempts"], c["lost"]) - c["computed"] - c["failed"]
     return out
 
 

@@ -79,12 +79,12 @@ def execute_stage(root: str | Path, stage_id: str, *, plan_id: str | None = None
         lease.discard_broken()
         lease.clean_temporaries()
         lease.clear_failure()
-        lease.start_attempt()
+        attempt = lease.start_attempt()
         if on_start is not None:
             on_start()
         try:
             with lease.heartbeat():
-                outcome = _compute(store, lease, plan, progress, threads)
+                outcome = _compute(store, lease, plan, progress, threads, attempt)
         except (KeyboardInterrupt, SystemExit):
             lease.drop_attempt()                # stopped on purpose, not a crash of the stage
             raise
@@ -110,7 +110,8 @@ def _killed_too_often(store: GridStore, lease: StageLease, plan: Plan, killed: l
     return StageOutcome(stage_id, kind, "failed", 0.0, error)
 
 
-def _compute(store: GridStore, lease: StageLease, plan: Plan, progress: bool, threads: int | None) -> StageOutcome:
+def _compute(store: GridStore, lease: StageLease, plan: Plan, progress: bool, threads: int | None,
+             attempt: int) -> StageOutcome:
     from editdecay.core.seeding import seed_everything
     from editdecay.grid.stages import EXECUTORS, StageContext, stage_seed
 
@@ -119,7 +120,7 @@ def _compute(store: GridStore, lease: StageLease, plan: Plan, progress: bool, th
     set_threads(threads or plan.runtime.get("threads"))
     if not progress:
         _quiet_libraries()
-    store.event(event="started", stage=stage_id, kind=stage.kind)
+    store.event(event="started", stage=stage_id, kind=stage.kind, attempt=attempt)   # 2+: earlier starts were killed
     t0 = time.perf_counter()
     error = None
     try:
