@@ -1,5 +1,5 @@
 """The grid on real engines under failure: a one-node Slurm cluster without and with accounting, a two-node Ray
-cluster, and the local backend. Started here by the fixtures of conftest.py (a few seconds each).
+cluster, and the local backend. Started here by the fixtures below (cluster_engines.py; seconds each).
 
 In every test a stage's process is killed from outside mid-stage (after its start is counted on disk), or a
 Ray node's raylet is killed under it, and the run must: end by itself; complete every cell (the same run on
@@ -16,7 +16,7 @@ import signal
 import time
 
 import pytest
-from conftest import (
+from cluster_engines import (
     RayCluster,
     finish_driver,
     make_world,
@@ -211,7 +211,7 @@ def test_a_worker_that_does_not_see_the_results_directory_stops_the_run_with_its
 
 
 def test_ray_connection_failures_name_the_address_and_the_likely_cause(world, ray_cluster, tmp_path):
-    from conftest import free_ports
+    from cluster_engines import free_ports
 
     grid, _ = _grid(world, tmp_path)
     env = {k: v for k, v in ray_cluster.env.items() if k != "RAY_AUTH_MODE"}
