@@ -30,7 +30,7 @@ from editdecay.grid.backends.tracker import DRIVER_KINDS, Tracker, threads_of
 from editdecay.grid.execute import Progress, StageOutcome, execute_stage
 from editdecay.grid.plan import Plan
 from editdecay.grid.store import GridStore
-from editdecay.grid.store.marker import check_marker, write_marker
+from editdecay.grid.store.marker import ResultsNotVisible, check_marker, write_marker
 
 log = logging.getLogger(__name__)
 
@@ -231,10 +231,10 @@ class SlurmBackend:
             t.finish(StageOutcome(**job.result()))
             return None
         except Exception as e:  # noqa: BLE001 -- execute_stage itself raised in the job (not the stage's code)
-            if "ResultsNotVisible" in str(e):
-                from editdecay.grid.store.marker import ResultsNotVisible
-
-                raise ResultsNotVisible(str(e).strip().splitlines()[-1]) from None
+            said = [line.split("ResultsNotVisible:", 1)[1].strip() for line in str(e).splitlines()
+                    if "ResultsNotVisible:" in line]
+            if said:                                # the job's own check: no use submitting it again
+                raise ResultsNotVisible(said[-1]) from None
             return e
 
 
