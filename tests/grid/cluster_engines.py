@@ -256,6 +256,7 @@ class SlurmCluster:
             with _suppress():
                 p.wait(timeout=10)
         stop_pids(processes_mentioning(str(self.root)))          # job steps and anything left behind
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 class _suppress:
@@ -346,6 +347,7 @@ class RayCluster:
     def stop(self) -> None:
         stop_pids([p.pid for p in self.procs.values()], grace=10)     # `ray start --block` stops its processes
         stop_pids(processes_mentioning(str(self.root)))               # workers whose raylet died, and the like
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _comm(pid: int) -> str:
