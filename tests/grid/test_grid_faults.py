@@ -36,7 +36,7 @@ from typer.testing import CliRunner
 from editdecay.core.errors import ConfigError
 from editdecay.grid.execute import execute_stage
 from editdecay.grid.plan import build_plan
-from editdecay.grid.runner import run_grid
+from editdecay.grid.runner import reset_failures, run_grid
 from editdecay.grid.spec import grid_from_dict, load_grid
 from editdecay.grid.store import GridStore
 
@@ -175,7 +175,7 @@ HOLD = textwrap.dedent("""
     import sys, time
     from editdecay.grid.store import GridStore
     store = GridStore(sys.argv[1])
-    assert store.acquire(sys.argv[2])       # the lock and its holder record, as a worker takes them
+    lease = store.take(sys.argv[2])         # the lock and its holder record, as a worker takes them
     print("holding", flush=True)
     time.sleep(600)
 """)
@@ -213,11 +213,11 @@ def test_failure_records_change_only_under_the_stage_lock(store):
     p = hold(store, sid)
     try:
         # a runner that does not hold the lock (preflight) records nothing while another computes the stage
-        assert not store.record_failure(sid, "stats", "DataError: x", "tb", wait=False)
+        assert store.try_take(sid) is None
         assert store.failure(sid) is None
         # clearing (--retry-failed) waits for the holder
         (store.root / "stages" / f"{sid}.failed.json").write_text(json.dumps({"error": "old"}))
-        t = threading.Thread(target=store.clear_failure, args=(sid,), kwargs={"attempts": True})
+        t = threading.Thread(target=reset_failures, args=(store, [sid]))
         t.start()
         t.join(0.5)
         assert t.is_alive() and store.failure(sid) == {"error": "old"}
@@ -226,13 +226,16 @@ def test_failure_records_change_only_under_the_stage_lock(store):
     t.join(30)
     assert not t.is_alive() and store.failure(sid) is None
     # a finished stage never gets a failure record (a dead worker's stage that another runner finished)
-    with store.building(sid, "stats") as tmp:
-        (tmp / "x.txt").write_text("done")
-    assert not store.record_failure(sid, "stats", "WorkerCrashedError: lost", "tb")
+    with store.take(sid) as lease:
+        with lease.building("stats") as tmp:
+            (tmp / "x.txt").write_text("done")
+        assert not lease.record_failure("stats", "WorkerCrashedError: lost", "tb")
     assert store.failure(sid) is None
-    from editdecay.grid.backends import _lost
+    from editdecay.grid.backends.tracker import Tracker
+    from editdecay.grid.execute import Progress
 
-    assert _lost(store, plan, sid, RuntimeError("worker died")).state == "computed"
+    lost = Tracker(plan, store, [sid], Progress(plan, 1))
+    assert not lost.lost(sid, RuntimeError("worker died")) and lost.reporter.outcomes[-1].state == "computed"
 
 
 def test_a_hung_lock_holder_is_shown_stale_and_unlock_frees_waiting_runners(store):
@@ -273,14 +276,14 @@ def test_a_hung_lock_holder_is_shown_stale_and_unlock_frees_waiting_runners(stor
 
 def test_heartbeat_refreshes_the_holder_record(store):
     sid = next(iter(store.read_plan().stages))
-    assert store.acquire(sid)
+    lease = store.take(sid)
     try:
         first = store.running_info(sid)["heartbeat_unix"]
-        with store.heartbeat(sid, every=0.05):
+        with lease.heartbeat(every=0.05):
             time.sleep(0.3)
         assert store.running_info(sid)["heartbeat_unix"] > first
     finally:
-        store.release(sid)
+        lease.release()
     assert store.running_info(sid) is None and not store.is_locked(sid)
 
 

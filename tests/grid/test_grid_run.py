@@ -205,7 +205,7 @@ def test_ray_backend_gives_the_same_results(world, baseline, tmp_path):
 
 
 def test_slurm_waves_follow_dependencies(baseline):
-    from editdecay.grid.backends import _waves
+    from editdecay.grid.backends.slurm_jobs import waves as _waves
 
     plan = baseline["plan"]
     waves = _waves(plan, list(plan.stages))

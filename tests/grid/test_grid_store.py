@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from editdecay.grid.execute import execute_stage
 from editdecay.grid.plan import build_plan
-from editdecay.grid.runner import select
+from editdecay.grid.runner import reset_failures, select
 from editdecay.grid.spec import grid_from_dict
 from editdecay.grid.store import GridStore
 
@@ -35,7 +35,7 @@ def store(tmp_path):
 
 
 def publish(store: GridStore, sid: str, kind: str, files: dict[str, str]) -> None:
-    with store.building(sid, kind) as tmp:
+    with store.take(sid) as lease, lease.building(kind) as tmp:
         for name, text in files.items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_text(text)
@@ -47,12 +47,11 @@ HOLD = textwrap.dedent("""
     store = GridStore(sys.argv[1])
     mode, sid = sys.argv[2], sys.argv[3]
     if mode == "lock":
-        lock = store.lock(sid)
-        lock.acquire()
+        lease = store.take(sid)
         print("holding", flush=True)
         time.sleep(600)
     else:   # die in the middle of writing a stage's output
-        with store.building(sid, "patch") as tmp:
+        with store.take(sid) as lease, lease.building("patch") as tmp:
             (tmp / "half.txt").write_text("half")
             print("holding", flush=True)
             time.sleep(600)
@@ -85,10 +84,12 @@ def test_half_written_stages_are_detected_and_moved_aside(store):
     publish(store, sid, "patch", {"a.txt": "complete", "outputs.json": "{}"})
     (store.stage_dir(sid) / "a.txt").write_text("trunc")            # a file that differs from its manifest
     assert not store.is_done(sid)
-    assert store.discard_broken(sid) and not store.stage_dir(sid).exists()
+    with store.take(sid) as lease:
+        assert lease.discard_broken() and not store.stage_dir(sid).exists()
     publish(store, sid, "patch", {"a.txt": "complete"})
     (store.stage_dir(sid) / "stage.json").unlink()                  # no manifest: never finished
-    assert not store.is_done(sid) and store.discard_broken(sid)
+    with store.take(sid) as lease:
+        assert not store.is_done(sid) and lease.discard_broken()
     d = store.stage_dir(sid)
     d.mkdir()
     (d / "stage.json").write_text(json.dumps({"format": 1, "id": "patch-other", "files": {}}))
@@ -102,7 +103,8 @@ def test_a_writer_killed_mid_stage_publishes_nothing(store):
     assert not store.is_done(sid)
     left = list((store.root / "stages").glob(f".{sid}.*"))
     assert len(left) == 1 and (left[0] / "half.txt").exists()       # the half-written output stays hidden
-    assert store.clean_temporaries(sid) == 1
+    with store.take(sid) as lease:
+        assert lease.clean_temporaries() == 1
     assert not list((store.root / "stages").glob(f".{sid}.*"))
 
 
@@ -137,7 +139,8 @@ def test_cell_states_and_selection(store):
     assert {c["state"] for c in store.cell_states(plan)} == {"pending"}
     # a failed statistics stage fails every cell with edits, and only those
     stats = next(s for s, st in plan.stages.items() if st.kind == "stats")
-    store.record_failure(stats, "stats", "RuntimeError: boom", "Traceback (most recent call last):\n...boom\n")
+    with store.take(stats) as lease:
+        lease.record_failure("stats", "RuntimeError: boom", "Traceback (most recent call last):\n...boom\n")
     # a fine-tune-only cell whose result exists is done
     zero = next(c for c in plan.cells if c.axes["n_edits"] == 0)
     publish(store, zero.stages["cell"], "cell", {"result.json": json.dumps({"cell": {"id": zero.id}})})
@@ -153,8 +156,10 @@ def test_cell_states_and_selection(store):
     assert set(sel.cells) == {c.id for c in plan.cells if c.axes["n_edits"] == 0 and c is not zero}
     assert set(sel.skipped_failed) == {c["id"] for c in failed}
     assert stats not in sel.stages
-    retry = select(plan, store, retry_failed=True)                  # only the failed cells, failure cleared
+    retry = select(plan, store, retry_failed=True)                  # only the failed cells
     assert set(retry.cells) == {c["id"] for c in failed} and stats in retry.stages
+    assert store.failure(stats) is not None                         # selecting changes nothing
+    reset_failures(store, retry.stages)                             # the run's own step clears them
     assert store.failure(stats) is None
 
     assert store.publish_result(plan, zero.id) and store.read_result(zero.id) == {"cell": {"id": zero.id}}
@@ -166,7 +171,8 @@ def test_status_command_json(store):
     _register()
     plan = store.read_plan()
     stats = next(s for s, st in plan.stages.items() if st.kind == "stats")
-    store.record_failure(stats, "stats", "ValueError: bad", "Traceback ...")
+    with store.take(stats) as lease:
+        lease.record_failure("stats", "ValueError: bad", "Traceback ...")
     res = CliRunner().invoke(app, ["grid", "status", str(store.root), "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)

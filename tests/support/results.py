@@ -128,12 +128,13 @@ def build_results_dir(root: Path, *, corrupt: bool = False) -> dict[str, Cell]:
     for name, cell in cells.items():
         state = CELLS[name][5]
         if state == "done":
-            with store.building(cell.stages["cell"], "cell") as tmp:
+            with store.take(cell.stages["cell"]) as lease, lease.building("cell") as tmp:
                 (tmp / "result.json").write_text(json.dumps(_result(name, cell)))
             store.publish_result(plan, cell.id)
         elif state == "failed":
-            store.record_failure(cell.stages["finetune_edited"], "finetune", "NonFiniteError: loss is nan",
-                                 "Traceback (most recent call last):\n  ...\nNonFiniteError: loss is nan")
+            with store.take(cell.stages["finetune_edited"]) as lease:
+                lease.record_failure("finetune", "NonFiniteError: loss is nan",
+                                     "Traceback (most recent call last):\n  ...\nNonFiniteError: loss is nan")
     if corrupt:
         path = store.result_path(cells["A"].id)
         r = json.loads(path.read_text())

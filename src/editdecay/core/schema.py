@@ -14,7 +14,7 @@ schema was typed; 2: validated by this module, the models of edit and fine-tunin
 named pre/post/finetuned; 3: every result names its models M0, M_e, M_f, M_ef). Results of
 versions 1 and 2 read unchanged, with their models renamed on reading (`legacy_models`).
 Grid cells also carry `cell_schema_version` (1: configuration of untyped stage configs;
-2: built from the typed stage specs, grid/specs.py), the layout described in `grid/store.py`.
+2: built from the typed stage specs, grid/specs.py), the layout `CellResult` describes.
 A file from a newer editdecay (a higher version) is refused with a message saying so.
 """
 
@@ -198,9 +198,52 @@ class CellInfo(_Open):
 
 
 class CellResult(_Result):
-    """A grid cell (`grid/store.py` describes every field): M0 / M_e / M_f / M_ef metrics, decay, curve, rows.
+    """A grid cell's result (`DIR/results/<cell-id>.json`): M0 / M_e / M_f / M_ef metrics, decay, curve, rows.
+
     The grid's cell stage builds its result as this record (fields beyond the pinned ones are optional, so
-    results of cell schema 1 read unchanged)."""
+    results of cell schema 1 read unchanged).
+
+    Fields (those typed below are validated; the others are kept as written)::
+
+        schema_version        SCHEMA_VERSION
+        kind                  "grid-cell"
+        cell_schema_version   CELL_SCHEMA_VERSION
+        grid                  grid name
+        cell                  {id, label, axes: {model, editor, edit_data, n_edits, recipe, method, layers, targets,
+                               finetune_data, seed, ...labels}}
+        config                resolved configuration: {model (ModelRef), editor (full editor config, null without
+                               edits), recipe (full Recipe), edited_layers, requests {data, n, seed, zsre_target,
+                               strict, digest}, finetune_data, data_settings (its source's settings), held_out {spec,
+                               digest, settings}, downstream (lm-eval task specs), downstream_limit, eval_every};
+                               cell schema 1 had `task` and `chatterbot` instead of data_settings/held_out
+        stages                role -> {id, kind, created, seconds, host}: the stages the numbers come from
+        model                 ModelIdentity of the base model (weights fingerprint)
+        data                  edit data identity and rejections (null without edits)
+        metrics               {M0, M_e, M_f, M_ef}: each `metrics.aggregate` (efficacy, paraphrase, neighborhood as
+                               fractions, n, ...) plus task_accuracy / task_prefix_accuracy / n_task (the embedded
+                               task) and, with lm-eval tasks configured, downstream {lm-eval task: {metric: value,
+                               <metric>_stderr, ..., n (documents scored)}} (acc/acc_norm for multiple choice;
+                               word_perplexity, byte_perplexity, bits_per_byte, token_perplexity, n_tokens for
+                               ppl:) and downstream_score (mean acc over the tasks that have one: the study's DS);
+                               M_e and M_ef are absent for n_edits = 0
+        decay                 {edit_flip_ratio: {value, n_flipped, n_success_edited, n, ...},
+                               relative_decrease: {efficacy, paraphrase, neighborhood},
+                               downstream: {M0, M_e, M_f, M_ef, delta_edit, delta_finetune (embedded task accuracy),
+                                            tasks: {lm-eval task: {metric: {M0, M_e, M_f, M_ef, delta_edit,
+                                                    delta_finetune, delta_finetune_base}}},
+                                            score: {the same for downstream_score}}} (E7); delta_edit = M_e - M0,
+                               delta_finetune = M_ef - M_e, delta_finetune_base = M_f - M0
+        downstream            how lm-eval tasks were scored: {spec {tasks, limit, num_fewshot, batch_size}, tasks
+                               (lm-eval names), provenance {lm_eval_version, limit, num_fewshot, tasks: {name: {spec,
+                               version, num_fewshot, output_type, n_documents, digest}}}}; null without lm-eval tasks
+        curve                 decay curve of M_ef: [{step, efficacy, paraphrase, neighborhood, task_accuracy, ...}],
+                               step 0 = M_e; `curve_base`: the same for M_f (step 0 = M0)
+        requests              per-request survival table: [{case_id, M0, M_e, M_f, M_ef (RequestOutcome dicts),
+                               success: {M0, M_e, M_f, M_ef}, margin: {...}, flipped}]
+        training              {base: summary of M_f's training, edited: summary of M_ef's}
+        timings               seconds per stage role
+        environment           results.environment() of the process that assembled the result
+    """
 
     kind: Literal["grid-cell"] = "grid-cell"
     cell_schema_version: int = Field(CELL_SCHEMA_VERSION, ge=1)

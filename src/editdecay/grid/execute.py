@@ -16,7 +16,7 @@
 So killing a runner at any moment (kill -9 included) loses at most the stage it was
 computing, which the next runner detects (no manifest) and computes again, up to
 `max_attempts` starts; and two runners on one grid never compute the same stage twice.
-Every record beside a stage is written with its lock held.
+Every record beside a stage is written through the stage's lease (its lock, held).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Callable
 
 from editdecay.core.devices import set_threads
 from editdecay.grid.plan import Plan
-from editdecay.grid.store import MAX_ATTEMPTS, GridStore
+from editdecay.grid.store import MAX_ATTEMPTS, GridStore, StageLease
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,10 @@ def execute_stage(root: str | Path, stage_id: str, *, plan_id: str | None = None
     stage = plan.stages[stage_id]
     if store.is_done(stage_id):
         return StageOutcome(stage_id, stage.kind, "reused")
-    if not store.acquire(stage_id, wait=wait):
+    lease = store.take(stage_id) if wait else store.try_take(stage_id)
+    if lease is None:
         return StageOutcome(stage_id, stage.kind, "busy")
-    try:
+    with lease:
         if store.is_done(stage_id):
             store.event(event="reused", stage=stage_id, kind=stage.kind)
             return StageOutcome(stage_id, stage.kind, "reused")
@@ -74,27 +75,27 @@ def execute_stage(root: str | Path, stage_id: str, *, plan_id: str | None = None
         killed = store.attempts(stage_id)
         limit = int(plan.runtime.get("max_attempts") or MAX_ATTEMPTS)
         if len(killed) >= limit:
-            return _killed_too_often(store, plan, stage_id, killed, limit)
-        store.discard_broken(stage_id)
-        store.clean_temporaries(stage_id)
-        store.clear_failure(stage_id)
-        store.start_attempt(stage_id)
+            return _killed_too_often(store, lease, plan, killed, limit)
+        lease.discard_broken()
+        lease.clean_temporaries()
+        lease.clear_failure()
+        attempt = lease.start_attempt()
         if on_start is not None:
             on_start()
         try:
-            with store.heartbeat(stage_id):
-                outcome = _compute(store, plan, stage_id, progress, threads)
+            with lease.heartbeat():
+                outcome = _compute(store, lease, plan, progress, threads, attempt)
         except (KeyboardInterrupt, SystemExit):
-            store.drop_attempt(stage_id)        # stopped on purpose, not a crash of the stage
+            lease.drop_attempt()                # stopped on purpose, not a crash of the stage
             raise
-        store.clear_attempts(stage_id)          # the attempt ended: computed, or failed with its error recorded
+        lease.clear_attempts()                  # the attempt ended: computed, or failed with its error recorded
         return outcome
-    finally:
-        store.release(stage_id)
 
 
-def _killed_too_often(store: GridStore, plan: Plan, stage_id: str, killed: list[dict], limit: int) -> StageOutcome:
+def _killed_too_often(store: GridStore, lease: StageLease, plan: Plan, killed: list[dict],
+                      limit: int) -> StageOutcome:
     """Record a stage whose process died `limit` times before its attempt ended as failed (not started again)."""
+    stage_id = lease.sid
     kind = plan.stages[stage_id].kind
     resources = (plan.runtime.get("resources") or {}).get(kind) or {}
     error = (f"KilledRepeatedly: stage {kind} was started {len(killed)} times and its process died each time "
@@ -104,29 +105,31 @@ def _killed_too_often(store: GridStore, plan: Plan, stage_id: str, killed: list[
              f"with --retry-failed")
     starts = "\n".join(f"  start {i + 1}: pid {a.get('pid')} on {a.get('host')} at {a.get('started')}"
                        for i, a in enumerate(killed))
-    store.record_failure(stage_id, kind, error, f"{error}\nstarts that died:\n{starts}\n")
+    lease.record_failure(kind, error, f"{error}\nstarts that died:\n{starts}\n")
     store.event(event="failed", stage=stage_id, kind=kind, seconds=0.0, error=error, attempts=len(killed))
     return StageOutcome(stage_id, kind, "failed", 0.0, error)
 
 
-def _compute(store: GridStore, plan: Plan, stage_id: str, progress: bool, threads: int | None) -> StageOutcome:
+def _compute(store: GridStore, lease: StageLease, plan: Plan, progress: bool, threads: int | None,
+             attempt: int) -> StageOutcome:
     from editdecay.core.seeding import seed_everything
     from editdecay.grid.stages import EXECUTORS, StageContext
 
+    stage_id = lease.sid
     stage = plan.stages[stage_id]
     set_threads(threads or plan.runtime.get("threads"))
     if not progress:
         _quiet_libraries()
-    store.event(event="started", stage=stage_id, kind=stage.kind)
+    store.event(event="started", stage=stage_id, kind=stage.kind, attempt=attempt)   # 2+: earlier starts were killed
     t0 = time.perf_counter()
     error = None
     try:
         seed_everything(stage.spec.seed)          # StaleSpecError for a stage of an older plan: recorded
-        with store.building(stage_id, stage.kind) as tmp:
+        with lease.building(stage.kind) as tmp:
             EXECUTORS[stage.kind](StageContext(stage, plan, store, tmp, progress=progress))
     except Exception as e:  # noqa: BLE001 -- every failure of a stage is recorded, the grid goes on
         error = f"{type(e).__name__}: {e}"
-        store.record_failure(stage_id, stage.kind, error, traceback.format_exc())
+        lease.record_failure(stage.kind, error, traceback.format_exc())
     seconds = round(time.perf_counter() - t0, 3)
     if error is not None:
         # Outside the except block: the traceback no longer pins the failed stage's model and tensors.

@@ -3,8 +3,8 @@
 Each stage is computed by `grid.execute.execute_stage` (locking, failure records).
 
 A failed stage stays failed for later runs (its cells are reported failed) until a
-run with `retry_failed=True`, which clears the records of the failed cells' stages and
-runs only those cells.
+run with `retry_failed=True`, which selects only the failed cells and then, as a step of
+its own (`reset_failures`), clears the records of their stages before running them.
 
 Before any stage runs, `preflight` reads every edit and fine-tuning data set the run
 needs (no model): a missing or unreadable file fails its cells at once, and nothing is
@@ -39,26 +39,30 @@ class Selection:
 
 
 def select(plan: Plan, store: GridStore, *, retry_failed: bool = False, cells: list[str] | None = None) -> Selection:
-    """Which cells and stages to run now.
+    """Which cells and stages to run now; reads the results directory and changes nothing.
 
     Default: every cell that is not done, except cells that failed before (their failure stays recorded).
-    retry_failed: only the cells that failed; their failure records are cleared so they run again.
+    retry_failed: only the cells that failed (`reset_failures` then clears their records so they run again).
     """
     wanted = [plan.cell(c) for c in cells] if cells is not None else list(plan.cells)
     states = {s["id"]: s for s in store.cell_states(plan)}
     failed = [c for c in wanted if states[c.id]["state"] == "failed"]
     if retry_failed:
-        chosen = failed
-        for c in chosen:
-            for sid in plan.closure(c.stages.values()):
-                store.clear_failure(sid, attempts=True)     # a fresh start: killed starts are not counted either
-        skipped: list[str] = []
+        chosen, skipped = failed, []
     else:
         chosen = [c for c in wanted if states[c.id]["state"] != "failed"]
         skipped = [c.id for c in failed]
     chosen = [c for c in chosen if not store.is_done(c.stages["cell"])]
     stages = plan.closure([sid for c in chosen for sid in c.stages.values()])
     return Selection([c.id for c in chosen], stages, skipped)
+
+
+def reset_failures(store: GridStore, stage_ids: list[str]) -> None:
+    """A fresh start for these stages (`--retry-failed`): their failure records and their counts of killed starts
+    are removed, each under the stage's lock (waiting for a runner that computes it right now)."""
+    for sid in stage_ids:
+        with store.take(sid) as lease:
+            lease.clear_failure(attempts=True)
 
 
 # --------------------------------------------------------------------------- a whole grid
@@ -95,6 +99,8 @@ def run_grid(plan: Plan, out: str | Path, *, backend: str = "local", grid_text: 
         store.publish_result(plan, cell.id)
     done_before = sum(store.is_done(c.stages["cell"]) for c in plan.cells)
     selection = select(plan, store, retry_failed=retry_failed, cells=cells)
+    if retry_failed:
+        reset_failures(store, selection.stages)
     attempted = len(selection.cells)
     early = preflight(plan, store, selection.stages)
     if early:           # cells whose data cannot be read are failed now; nothing is computed for them alone
@@ -152,8 +158,12 @@ def preflight(plan: Plan, store: GridStore, stage_ids: list[str]) -> list[StageO
             tb = traceback.format_exc()
             for sid in sids:
                 kind = plan.stages[sid].kind
-                if not store.record_failure(sid, kind, error, tb, wait=False):
-                    continue        # finished, or being computed by another runner right now: its outcome counts
+                lease = store.try_take(sid)
+                if lease is None:
+                    continue        # being computed by another runner right now: its outcome counts
+                with lease:
+                    if not lease.record_failure(kind, error, tb):
+                        continue    # finished meanwhile
                 store.event(event="failed", stage=sid, kind=kind, seconds=0.0, error=error, preflight=True)
                 out.append(StageOutcome(sid, kind, "failed", 0.0, error))
     return out
@@ -181,4 +191,4 @@ def _check_same_grid(store: GridStore, plan: Plan) -> None:
                     len(now - before), len(before - now))
 
 
-__all__ = ["RunSummary", "Selection", "preflight", "run_grid", "select"]
+__all__ = ["RunSummary", "Selection", "preflight", "reset_failures", "run_grid", "select"]

@@ -17,7 +17,7 @@ Stage kinds (plan.py explains which cells share which):
 - patch     E2-E5: the edit of n requests as an EditPatch (`patch/`)
 - evaluate  E6 per-request outcomes of M0 (base) or M_f (base + fine-tuned weights) on a cell's requests
 - finetune  M_f (base model) or M_ef (patch applied first) fine-tuned with a recipe, with a decay curve (E7)
-- cell      the cell's result (core/schema.py CellResult; store.py documents the layout), from the stages above
+- cell      the cell's result (fields: core.schema.CellResult), assembled from the stages above
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ def _stage_info(store: GridStore, sid: str) -> dict:
 
 
 def run_cell(ctx: StageContext) -> None:
-    """Assemble one cell's result (core/schema.py CellResult) from its stages; computes nothing on a model."""
+    """Assemble one cell's result (fields: core.schema.CellResult) from its stages; computes nothing on a model."""
     from editdecay.core.results import environment, write_result
     from editdecay.core.schema import CellInfo, CellResult
 

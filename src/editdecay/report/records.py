@@ -1,7 +1,7 @@
 """A grid results directory read into typed records: every planned cell, with its result or why it has none.
 
 The report never re-runs a model for its tables: everything comes from the cell
-result files (schema: `core/schema.py`, fields described in `grid/store.py`) and their per-request rows. This module
+result files (schema and fields: `core/schema.py`, `CellResult`) and their per-request rows. This module
 is the one place that reads and validates them, so the rest of the report can
 assume a `CellRecord` in state "done" has well-formed request rows.
 

@@ -1,0 +1,62 @@
+"""The state of each cell of a grid directory (done / running / failed / pending), from its stages on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from editdecay.grid.plan import Plan
+from editdecay.grid.store.locks import STALE_AFTER_S, StageLocks
+from editdecay.grid.store.results import CellResults
+
+STATES = ("done", "running", "failed", "pending")
+
+
+class CellStatus(StageLocks, CellResults):
+    """Cell states of the grid directory `root`."""
+
+    root: Path
+
+    def cell_states(self, plan: Plan, stale_after: float = STALE_AFTER_S) -> list[dict]:
+        """One entry per cell: {id, label, state, stages: {role: state}, ...}; state in STATES.
+
+        done: its result exists. failed: one of the stages it needs failed (error and traceback included).
+        running: one of its stages is locked (`running`: the holders, `holder`, with `stale` where the holder
+        is gone or shows no heartbeat for `stale_after` seconds). pending: otherwise.
+        """
+        stage_state: dict[str, str] = {}
+
+        def state_of(sid: str) -> str:
+            if sid not in stage_state:
+                if self.is_done(sid):
+                    stage_state[sid] = "done"
+                elif self.is_locked(sid):
+                    stage_state[sid] = "running"
+                elif self.failure(sid) is not None:
+                    stage_state[sid] = "failed"
+                else:
+                    stage_state[sid] = "pending"
+            return stage_state[sid]
+
+        out = []
+        for cell in plan.cells:
+            entry = {"id": cell.id, "label": cell.label, "state": "pending",
+                     "stages": {role: state_of(sid) for role, sid in cell.stages.items()}}
+            needed = plan.closure(cell.stages.values())
+            states = {sid: state_of(sid) for sid in needed}
+            if states[cell.stages["cell"]] == "done":
+                entry["state"] = "done"
+                entry["result"] = str(self.result_path(cell.id))
+            elif any(s == "running" for s in states.values()):
+                entry["state"] = "running"
+                entry["running"] = [{"kind": plan.stages[sid].kind, **self.holder(sid, stale_after)}
+                                    for sid, s in states.items() if s == "running"]
+            elif any(s == "failed" for s in states.values()):
+                sid = next(sid for sid, s in states.items() if s == "failed")
+                f = self.failure(sid) or {}
+                entry.update(state="failed", failed_stage=sid, failed_kind=plan.stages[sid].kind,
+                             error=f.get("error"), traceback=f.get("traceback"))
+            out.append(entry)
+        return out
+
+
+__all__ = ["CellStatus", "STATES"]
