@@ -18,6 +18,8 @@ Files in the output directory:
   result.json          written atomically at the end (also on divergence, with `status: diverged`)
   train_log.jsonl      one line per optimiser step (+ eval events), flushed as it goes
   curve.jsonl          one line per evaluation, flushed as it goes
+  downstream_predictions.jsonl   with `commonsense:` downstream tasks: one line per (model, task, record): the
+                       generated response, the extracted answer word, the gold answer, correct or not
   adapter/             LoRA/DoRA adapter (peft format, safetensors)
   weights.safetensors  merged / fine-tuned tensors (only the ones fine-tuning can change), by model name
 Both are written under unique temporary names and renamed into place when complete; with overwrite, every
@@ -59,6 +61,7 @@ log = logging.getLogger(__name__)
 
 SAVE_CHOICES = ("auto", "adapter", "merged", "both", "none")
 RESULT_FILE, LOG_FILE, CURVE_FILE = "result.json", "train_log.jsonl", "curve.jsonl"
+PREDICTIONS_FILE = "downstream_predictions.jsonl"
 ADAPTER_DIR, WEIGHTS_FILE = "adapter", "weights.safetensors"
 
 
@@ -130,7 +133,7 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
                         train_on_prompt=recipe.train_on_prompt)
     log.info("%s fine-tuning: layers %s, %d target modules, %d examples (%d loss tokens)", recipe.method,
              list(plan.layers), len(plan.modules), len(data.examples), data.identity["n_loss_tokens"])
-    scorer = _Downstream.load(measures.downstream, timer) if measures.downstream else None   # bad task: now
+    scorer = _Downstream.load(measures.downstream, timer, out) if measures.downstream else None   # bad task: now
     task = measures.task
     task_records = task.records()[1] if task is not None else ()
     task_name = task.identity().get("name") if task is not None else None
@@ -194,18 +197,19 @@ class _Downstream:
 
     loaded: object                                 # downstream.LoadedTasks
     timer: Timer
+    out: Path
     results: dict = field(default_factory=dict)    # stage -> DownstreamResult
     record: dict = field(default_factory=dict)     # `result.downstream`, filled in as stages are scored
 
     @classmethod
-    def load(cls, downstream, timer: Timer) -> "_Downstream":
+    def load(cls, downstream, timer: Timer, out: Path) -> "_Downstream":
         from editdecay.measure.downstream import load_tasks
 
         spec = downstream if isinstance(downstream, DownstreamSpec) else DownstreamSpec.parse(downstream)
         with timer("downstream_load"):
             loaded = load_tasks(spec)
-        return cls(loaded, timer, record={"spec": spec.to_dict(), "tasks": loaded.names, "provenance": None,
-                                          "seconds": {}})
+        return cls(loaded, timer, out, record={"spec": spec.to_dict(), "tasks": loaded.names, "provenance": None,
+                                               "seconds": {}})
 
     def score(self, stage: str, model: nn.Module, tokenizer) -> None:
         from editdecay.measure.downstream import evaluate_downstream
@@ -216,6 +220,14 @@ class _Downstream:
         self.results[stage] = res
         self.record["provenance"] = res.provenance
         self.record["seconds"][stage] = round(res.seconds, 3)
+        if res.predictions:
+            from editdecay.core.cache import dumps_json
+
+            with open(self.out / PREDICTIONS_FILE, "a", encoding="utf-8") as f:
+                for task, rows in res.predictions.items():
+                    for row in rows:
+                        f.write(dumps_json({"model": stage, "task": task, **row}) + "\n")
+            self.record["predictions"] = PREDICTIONS_FILE
 
     def stage(self, stage: str) -> dict:
         res = self.results[stage]
@@ -256,7 +268,8 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
     """Refuse a directory holding a run (unless overwrite); with overwrite remove every output of the old run,
     `adapter/` included, so nothing of it can be mistaken for this run's, and leftovers of killed saves."""
     out.mkdir(parents=True, exist_ok=True)
-    stale = [out / n for n in (RESULT_FILE, LOG_FILE, CURVE_FILE, WEIGHTS_FILE, ADAPTER_DIR) if (out / n).exists()]
+    stale = [out / n for n in (RESULT_FILE, LOG_FILE, CURVE_FILE, WEIGHTS_FILE, ADAPTER_DIR, PREDICTIONS_FILE)
+             if (out / n).exists()]
     if stale and not overwrite:
         raise ConfigError(f"out={out} already holds a fine-tuning run ({stale[0].name}); choose another directory "
                           f"or pass overwrite=True (--overwrite)")
