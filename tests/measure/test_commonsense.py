@@ -278,3 +278,35 @@ def test_finetune_run_saves_per_record_predictions_of_every_model(tmp_path):
     # DS is the study's protocol's mean, never mixed with lm-eval's accuracy on `everyday`.
     acc = [ds[k]["acc"] for k in ("commonsense:boolq", "commonsense:winogrande")]
     assert result["metrics"]["M0"]["downstream_score"] == pytest.approx(sum(acc) / 2)
+
+
+def test_grid_cell_scores_commonsense_beside_lm_eval_with_the_grids_generation_settings(tmp_path):
+    from support.models import save_tiny_model
+
+    from editdecay.grid.plan import build_plan
+    from editdecay.grid.runner import run_grid
+    from editdecay.grid.spec import grid_from_dict
+    from editdecay.grid.store import GridStore
+
+    save_tiny_model(tmp_path / "model")
+    grid = {"name": "cs", "models": [{"name": str(tmp_path / "model"), "label": "tiny"}], "n_edits": [0],
+            "recipes": [{"method": "lora", "preset": "embedded",
+                         "overrides": {"max_steps": 1, "batch_size": 4, "warmup_steps": 0, "lora_r": 4}}],
+            "shared": {"downstream": ["embedded", f"commonsense:{FIXTURE}:boolq", "everyday"], "downstream_limit": 2,
+                       "downstream_num_beams": 1, "downstream_max_new_tokens": 3,
+                       "embedded_task": {"n_train": 8, "n_test": 4}, "device": "cpu", "threads": 1,
+                       "cache_dir": str(tmp_path / "cache")}}
+    plan = build_plan(grid_from_dict(grid, base_dir=tmp_path))
+    ft = next(s for s in plan.stages.values() if s.kind == "finetune")
+    assert (ft.spec.downstream.num_beams, ft.spec.downstream.max_new_tokens) == (1, 3)
+    assert ft.spec.downstream.digests[f"commonsense:{FIXTURE}:boolq"] == cs.digest(f"commonsense:{FIXTURE}:boolq")
+    summary = run_grid(plan, tmp_path / "out", threads=1)
+    assert not summary.failed, summary
+    result = GridStore(tmp_path / "out").read_result(plan.cells[0].id)
+    m = result["metrics"]
+    assert m["M0"]["downstream"]["commonsense:boolq"]["n"] == 2 and "editdecay_everyday" in m["M_f"]["downstream"]
+    prov = result["downstream"]["provenance"]
+    assert prov["tasks"]["commonsense:boolq"]["protocol"] == "generation"
+    assert prov["tasks"]["editdecay_everyday"]["protocol"] == "loglikelihood"
+    assert prov["generation"]["num_beams"] == 1 and prov["score_protocol"] == "generation"
+    assert m["M_f"]["downstream_score"] == m["M_f"]["downstream"]["commonsense:boolq"]["acc"]

@@ -52,6 +52,7 @@ BUILTIN = (
     "editdecay.data.instructions:InstructionFile",
     "editdecay.data.instructions:TextFile",
     "editdecay.data.instructions:HubDataset",
+    "editdecay.data.hotpotqa:HotpotQA",
 )
 
 _sources: dict[str, DataSource] = {}        # prefix -> source, in registration order

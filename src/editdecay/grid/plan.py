@@ -339,8 +339,11 @@ class _GridData:
         held_names = data_sources.names(HELD_OUT)
         held = [t for t in grid.shared.downstream if t in held_names]
         lm_tasks = tuple(parse_task(t, base) for t in grid.shared.downstream if t not in held_names)
-        downstream = (DownstreamRef(tasks=lm_tasks, limit=grid.shared.downstream_limit,
-                                    digests={t: task_digest(t) for t in lm_tasks}) if lm_tasks else None)
+        shared = grid.shared
+        downstream = (DownstreamRef(tasks=lm_tasks, limit=shared.downstream_limit,
+                                    digests={t: task_digest(t) for t in lm_tasks}, num_beams=shared.downstream_num_beams,
+                                    max_new_tokens=shared.downstream_max_new_tokens, prompt=shared.downstream_prompt)
+                      if lm_tasks else None)
         return cls(edit, tuple(DataRef(spec=d, digest=digests[d], settings=_settings(grid, d)) for d in ft), digests,
                    {**data_sources.labels(edit), **data_sources.labels(ft)},
                    _ref(grid, held[0]) if held else None, downstream)
@@ -563,6 +566,10 @@ def missing_files(plan: Plan) -> list[str]:
                 kind, rest = data_sources.split_spec(t)
                 if kind in ("local", "ppl"):
                     paths[rest] = "downstream task data"
+                elif kind == "commonsense":
+                    from editdecay.measure.downstream.commonsense import spec_parts
+
+                    paths[str(spec_parts(t)[0])] = "downstream task data"
         if isinstance(s, StatsSpec):
             corpus = s.statistics.corpus if s.statistics else s.editor.fields.get("stats_corpus")
             if isinstance(corpus, str) and corpus.startswith("/"):

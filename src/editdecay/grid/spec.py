@@ -227,9 +227,15 @@ class SharedSettings(Config):
         description="downstream tasks scored for M0, M_e, M_f, M_ef: embedded (the generated task's held-out "
                     "split) or chatterbot (the chatterbot corpus' held-out split) and lm-eval tasks: everyday, "
                     "boolq, piqa, siqa, hellaswag, winogrande, arc-e, arc-c, obqa, lm-eval:NAME, local:DIR, "
-                    "ppl:FILE")
+                    "ppl:FILE, and commonsense:DIR[:task,...] (the study's generation protocol)")
     downstream_limit: Optional[int] = Field(None, ge=1, description="documents per lm-eval task (default: all); "
                                                                     "the first N, the same for every model")
+    downstream_num_beams: int = Field(4, ge=1, description="commonsense:DIR tasks: beams of the beam search (the "
+                                                           "study: 4)")
+    downstream_max_new_tokens: int = Field(32, ge=1, description="commonsense:DIR tasks: tokens generated per "
+                                                                 "response (the study: 32)")
+    downstream_prompt: Literal["study", "llm-adapters"] = Field(
+        "study", description="commonsense:DIR tasks: the prompt of the study's code or of LLM-Adapters'")
     embedded_task: TaskSettings = Field(default_factory=TaskSettings)
     chatterbot: ChatterbotSettings = Field(default_factory=ChatterbotSettings)
     device: Device = Field(DEFAULT_DEVICE, description=DEVICE_HELP)

@@ -137,9 +137,9 @@ def parse_argument(argument: str, base_dir: Path | None = None) -> tuple[Path, t
 def _split_dir(raw: str) -> tuple[str, str]:
     """'DIR:tasks' -> (DIR, tasks): the part after the last ':' is a task list unless it holds a path separator
     (then the ':' belongs to the path, e.g. a Windows drive) or is empty."""
-    head, sep, tail = raw.rpartition(":")
-    if sep and head and tail.strip() and "/" not in tail and "\\" not in tail:
-        return head, tail
+    parts = raw.rsplit(":", 1)          # the spec's prefix is gone already (data.source.split_spec)
+    if len(parts) == 2 and parts[0] and parts[1].strip() and "/" not in parts[1] and "\\" not in parts[1]:
+        return parts[0], parts[1]
     return raw, ""
 
 
