@@ -222,6 +222,17 @@ class EditSelection(Config):
         return load_edit_data(self.data, zsre_target=self.zsre_target, strict=self.strict, limit=self.n,
                               seed=self.seed)
 
+    def control(self, n: int) -> tuple:
+        """`n` requests of the same data that this selection does not edit (nor shares a subject with): the
+        knowledge control (measure/knowledge.py `control_requests`), the first `n` of the rest in file order."""
+        from editdecay.measure.knowledge import control_requests
+
+        if self.digest is not None:
+            check_digest(self.data, self.digest)
+        every = load_edit_data(self.data, zsre_target=self.zsre_target, strict=self.strict)
+        edited = subset(every, self.n, self.seed)
+        return control_requests(every.requests, [r.case_id for r in edited.requests], n)
+
 
 def subset(ds: EditDataset, limit: int | None, seed: int | None) -> EditDataset:
     if limit is None or limit >= len(ds.requests):
