@@ -69,3 +69,54 @@ def test_fisher_test_per_cell():
     assert r["p_greater"] == pytest.approx(p) and r["p_two_sided"] >= r["p_greater"]
     assert compare_flips(1, 10, 8, 10)["p_greater"] > 0.9
     assert compare_flips(3, 5, 0, 0)["p_greater"] is None and compare_flips(3, 5, 0, 0)["knowledge_flip_ratio"] is None
+
+
+def test_finetune_run_follows_control_facts_and_writes_the_per_request_curve(tmp_path):
+    import json
+
+    from support.edits import synthetic_patch
+    from support.models import tiny_model, tok
+
+    from editdecay.core.models import wrap
+    from editdecay.core.request import EditRequest
+    from editdecay.finetune import EmbeddedTask, Recipe, load_source
+    from editdecay.finetune.run import EditsUnderTest, Measures, run_finetune
+    from editdecay.measure.decay_time import REQUEST_CURVE_FILE, read_request_curve, survival_curve
+    from editdecay.measure.knowledge import knows
+
+    control = tuple(EditRequest(case_id=f"k{i}", prompt="{} is located in", subject=s, target_new=new, target_true=t)
+                    for i, (s, t, new) in enumerate([("Paris", "France", "Japan"), ("Tokyo", "Japan", "Peru"),
+                                                     ("Cairo", "Egypt", "Norway")]))
+    task = EmbeddedTask(n_train=16, n_test=4)
+    recipe = Recipe(method="lora", layers="all", targets="all-linear", max_steps=4, batch_size=4, lora_r=4,
+                    learning_rate=5e-2, template="compact", cutoff_len=64)
+    model = tiny_model("llama", scale=4.0)
+    patch = synthetic_patch(model)
+    r = run_finetune(wrap(model, tok(), name="tiny-llama", source="config"), recipe,
+                     load_source("embedded", task=task), tmp_path / "run", save="none",
+                     edits=EditsUnderTest(requests=patch.requests, layers=patch.layers, apply=patch.apply,
+                                          control=control),
+                     measures=Measures(task=task, eval_every=2), progress=False)
+    res = json.loads((r.out / "result.json").read_text())
+    rows = res["control"]
+    assert [x["case_id"] for x in rows] == ["k0", "k1", "k2"] and set(rows[0]["known"]) == {"M0", "M_e", "M_ef"}
+    curve = read_request_curve(r.out / REQUEST_CURVE_FILE)
+    assert [c.step for c in curve] == [0, 2, 4] and [c.examples_seen for c in curve] == [0, 8, 16]
+    assert set(curve[0].requests) == {"0", "1", "2", "3"} and set(curve[-1].control) == {"k0", "k1", "k2"}
+    # The result's rows, the curve file and the flip ratios agree.
+    for x in rows:
+        assert x["known"]["M_e"] == curve[0].control[x["case_id"]]["known"] == knows_of(x["M_e"], knows)
+        assert x["known"]["M_ef"] == curve[-1].control[x["case_id"]]["known"]
+    kfr = res["decay"]["knowledge_flip_ratio"]
+    assert kfr["n_known"] == sum(x["known"]["M_e"] for x in rows) and kfr["n_flipped"] == sum(x["flipped"] for x in rows)
+    assert res["decay"]["edits_vs_known"]["n_known"] == kfr["n_known"]
+    assert res["decay"]["survival"] == json.loads(json.dumps(survival_curve(curve)))
+    assert res["decay"]["survival"]["n_at_risk"] == res["decay"]["edit_flip_ratio"]["n_success_edited"]
+    # The edits' own metrics are those of the edits alone (control facts are not averaged in).
+    assert res["metrics"]["M_e"]["n"] == 4
+
+
+def knows_of(outcome: dict, knows) -> bool:
+    from editdecay.measure.metrics import RequestOutcome
+
+    return knows(RequestOutcome(**outcome))

@@ -18,6 +18,7 @@ Files in the output directory:
   result.json          written atomically at the end (also on divergence, with `status: diverged`)
   train_log.jsonl      one line per optimiser step (+ eval events), flushed as it goes
   curve.jsonl          one line per evaluation, flushed as it goes
+  request_curve.jsonl  one line per evaluation: each edit's success and margin, each control fact's (measure/decay_time.py)
   downstream_predictions.jsonl   with `commonsense:` downstream tasks: one line per (model, task, record): the
                        generated response, the extracted answer word, the gold answer, correct or not
   adapter/             LoRA/DoRA adapter (peft format, safetensors)
@@ -55,6 +56,7 @@ from editdecay.finetune.recipe import Recipe
 from editdecay.finetune.train import DivergedError, TrainOutcome, train
 from editdecay.finetune.trainable import changed_tensors, merge, resolve_plan
 from editdecay.measure.decay import edit_flip_ratio, relative_decrease, success
+from editdecay.measure.decay_time import REQUEST_CURVE_FILE
 from editdecay.measure.downstream import DownstreamSpec
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,7 @@ class EditsUnderTest:
     layers: tuple[int, ...] | None = None
     apply: Callable[[nn.Module], object] | None = None
     applied: bool = False
+    control: Sequence[EditRequest] = ()        # knowledge-control facts (not edited), measured like `requests`
 
     @property
     def edited(self) -> bool:
@@ -138,7 +141,9 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
     task_records = task.records()[1] if task is not None else ()
     task_name = task.identity().get("name") if task is not None else None
     callback = DecayCallback(edits.requests, task_records, every=measures.eval_every, template=recipe.template,
-                             path=out / CURVE_FILE, task_name=task_name)
+                             path=out / CURVE_FILE, task_name=task_name, control=edits.control,
+                             examples_per_step=recipe.batch_size * recipe.grad_accum,
+                             request_path=out / REQUEST_CURVE_FILE)
     device = input_device(model)
     before, after = edits.models
     result = {
@@ -148,10 +153,12 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
     }
     if scorer is not None:
         result["downstream"] = scorer.record
-    base_outcomes = None
+    base_outcomes = base_control = None
     if edits.apply is not None:
         with timer("eval_pre"):
-            base_outcomes, base_task = measure(model, tok, edits.requests, task_records, template=recipe.template)
+            measured, base_task = measure(model, tok, [*edits.requests, *edits.control], task_records,
+                                          template=recipe.template)
+            base_outcomes, base_control = measured[:len(edits.requests)], measured[len(edits.requests):]
         if scorer is not None:
             scorer.score("M0", model, tok)
         with timer("apply_edit"):
@@ -180,10 +187,12 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
     result.update(
         status="done", trainable_parameters=outcome.trainable_parameters,
         n_trainable_parameters=outcome.n_trainable, training=_training_summary(outcome), metrics=metrics,
-        decay=_decay(callback, metrics, last, before, after) if edits.requests else None,
+        decay=_decay(callback, metrics, last, before, after, edits) if edits.requests or edits.control else None,
         curve=[{k: p[k] for k in p if k != "eval_seconds"} for p in callback.points],
         requests=_per_request(edits.requests, base_outcomes, callback.outcomes[0], callback.outcomes[last],
                               before, after),
+        control=_control(edits, base_control if base_outcomes is not None else None, callback, last, before,
+                         after),
         outputs=outputs, merge_check=merge_check, measured_model=_measured_model(outcome, lm), timings=timer.seconds,
         environment=environment(device=str(device)),
     )
@@ -268,7 +277,8 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
     """Refuse a directory holding a run (unless overwrite); with overwrite remove every output of the old run,
     `adapter/` included, so nothing of it can be mistaken for this run's, and leftovers of killed saves."""
     out.mkdir(parents=True, exist_ok=True)
-    stale = [out / n for n in (RESULT_FILE, LOG_FILE, CURVE_FILE, WEIGHTS_FILE, ADAPTER_DIR, PREDICTIONS_FILE)
+    stale = [out / n for n in (RESULT_FILE, LOG_FILE, CURVE_FILE, WEIGHTS_FILE, ADAPTER_DIR, PREDICTIONS_FILE,
+                               REQUEST_CURVE_FILE)
              if (out / n).exists()]
     if stale and not overwrite:
         raise ConfigError(f"out={out} already holds a fine-tuning run ({stale[0].name}); choose another directory "
@@ -400,9 +410,44 @@ def _measured_model(o: TrainOutcome, lm: LoadedModel) -> str:
             f"against it in merge_check")
 
 
-def _decay(callback: DecayCallback, metrics: dict, last: int, before: str, after: str) -> dict:
-    return {"edit_flip_ratio": edit_flip_ratio(callback.outcomes[0], callback.outcomes[last]),
-            "relative_decrease": relative_decrease(metrics[before], metrics[after])}
+def _decay(callback: DecayCallback, metrics: dict, last: int, before: str, after: str, edits: EditsUnderTest) -> dict:
+    """E7 between the models before and after fine-tuning; with control facts the knowledge flip ratio beside
+    the EFR and the per-run Fisher test of edits vs known facts (measure/knowledge.py); the survival curves of
+    edits and known facts over the checkpoints (measure/decay_time.py)."""
+    from editdecay.measure.decay_time import read_request_curve, survival_curve
+    from editdecay.measure.knowledge import compare_flips, knowledge_flip
+
+    out: dict = {}
+    curve = read_request_curve(callback.request_path) if callback.request_path else []
+    if edits.requests:
+        out["edit_flip_ratio"] = edit_flip_ratio(callback.outcomes[0], callback.outcomes[last])
+        out["relative_decrease"] = relative_decrease(metrics[before], metrics[after])
+        out["survival"] = survival_curve(curve)
+    if edits.control:
+        kfr = knowledge_flip(callback.control_outcomes[0], callback.control_outcomes[last])
+        out["knowledge_flip_ratio"] = kfr.to_dict()
+        out["survival_control"] = survival_curve(curve, group="control")
+        if edits.requests:
+            efr = out["edit_flip_ratio"]
+            out["edits_vs_known"] = compare_flips(efr["n_flipped"], efr["n_success_edited"], kfr.n_flipped,
+                                                  kfr.n_known)
+    return out
+
+
+def _control(edits: EditsUnderTest, base, callback: DecayCallback, last: int, before: str, after: str) -> list[dict]:
+    """One row per control fact: its outcome under each model and whether each model knows it."""
+    from editdecay.measure.knowledge import knows
+
+    rows = []
+    for i, r in enumerate(edits.control):
+        row = {"case_id": r.case_id}
+        outs = ({"M0": base[i]} if base is not None else {}) | {before: callback.control_outcomes[0][i],
+                                                                  after: callback.control_outcomes[last][i]}
+        row.update({k: o.to_dict() for k, o in outs.items()})
+        row["known"] = {k: knows(o) for k, o in outs.items()}
+        row["flipped"] = row["known"][before] and not row["known"][after]
+        rows.append(row)
+    return rows
 
 
 def _per_request(requests, base, before_outcomes, after_outcomes, before: str, after: str) -> list[dict]:
