@@ -87,6 +87,7 @@ class EditsUnderTest:
     apply: Callable[[nn.Module], object] | None = None
     applied: bool = False
     control: Sequence[EditRequest] = ()        # knowledge-control facts (not edited), measured like `requests`
+    deltas: dict | None = None                 # the edit's weight deltas by module name (mechanism measure)
 
     @property
     def edited(self) -> bool:
@@ -165,6 +166,7 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
             edits.apply(model)
     if scorer is not None:
         scorer.score(before, model, tok)
+    mechanism = _Mechanism.prepare(model, tok, edits) if edits.deltas and edits.requests else None
     try:
         with timer("train"):
             outcome = train(model, tok, recipe, data, plan=plan, callback=callback, log_path=out / LOG_FILE,
@@ -183,6 +185,7 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
     if scorer is not None:
         for name in metrics:
             metrics[name].update(scorer.stage(name))
+    mech = mechanism.measure(outcome.model, plan, _survived(callback, last)) if mechanism else None
     final_model, outputs, merge_check = _save(outcome, save, out, timer, tok)
     result.update(
         status="done", trainable_parameters=outcome.trainable_parameters,
@@ -193,6 +196,7 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
                               before, after),
         control=_control(edits, base_control if base_outcomes is not None else None, callback, last, before,
                          after),
+        mechanism=mech,
         outputs=outputs, merge_check=merge_check, measured_model=_measured_model(outcome, lm), timings=timer.seconds,
         environment=environment(device=str(device)),
     )
@@ -432,6 +436,51 @@ def _decay(callback: DecayCallback, metrics: dict, last: int, before: str, after
             out["edits_vs_known"] = compare_flips(efr["n_flipped"], efr["n_success_edited"], kfr.n_flipped,
                                                   kfr.n_known)
     return out
+
+
+def _survived(callback: DecayCallback, last: int) -> dict[str, bool]:
+    """Survival of the edits that succeeded before fine-tuning: case id -> still succeeding after."""
+    after = {o.case_id: success(o) for o in callback.outcomes[last]}
+    return {o.case_id: after[o.case_id] for o in callback.outcomes[0] if success(o)}
+
+
+@dataclass
+class _Mechanism:
+    """The mechanism measure of one run (measure/interference.py): keys and the edited modules taken before
+    training, the ratio and cosine per edited layer and request after it, related to survival."""
+
+    names: dict                     # layer -> module name
+    deltas: dict                    # layer -> the edit's delta
+    keys: dict                      # layer -> (d_k, n)
+    before: dict                    # layer -> module copy
+    case_ids: list
+    conv1d: bool
+
+    @classmethod
+    def prepare(cls, model: nn.Module, tok, edits: EditsUnderTest) -> "_Mechanism":
+        from editdecay.core.arch import arch_for, num_layers, resolve_name, unwrap_peft
+        from editdecay.edit.context import ContextTemplates
+        from editdecay.edit.keys import compute_keys
+        from editdecay.measure.interference import snapshot
+
+        base = unwrap_peft(model)
+        arch = arch_for(base)
+        by_name = {resolve_name(base, arch.mlp_out_name(l)): l for l in range(num_layers(base))}
+        names = {by_name[n]: n for n in edits.deltas if n in by_name}
+        keys = compute_keys(base, tok, list(edits.requests), sorted(names), ContextTemplates((("{}",),)))
+        return cls(names, {l: edits.deltas[n] for l, n in names.items()}, keys, snapshot(base, names),
+                   [r.case_id for r in edits.requests], arch.conv1d)
+
+    def measure(self, model: nn.Module, plan, survived: dict) -> dict:
+        from editdecay.measure.interference import interference, relate
+
+        trained = [l for l, n in self.names.items()
+                   if l in plan.layers and (plan.whole_blocks or n in plan.modules)]
+        res = interference(model, self.before, self.names, self.deltas, self.keys, self.case_ids,
+                           conv1d=self.conv1d, trained=trained)
+        res["layers"] = {str(l): v for l, v in res["layers"].items()}
+        res["relation"] = {k: relate(res["per_request"], survived, key=k) for k in ("ratio", "cosine")}
+        return res
 
 
 def _control(edits: EditsUnderTest, base, callback: DecayCallback, last: int, before: str, after: str) -> list[dict]:
