@@ -195,6 +195,10 @@ class EvaluationSettings(Config):
     strict: bool = Field(False, description="a rejected edit record, or a subject that does not end on a token "
                                             "boundary of its prompt, is an error instead of a warning")
     edit_batch_size: Optional[int] = Field(None, ge=1, description="edits per sequential batch (default: one batch)")
+    n_control: Optional[int] = Field(None, ge=0, description="knowledge control: facts of the same edit data that "
+                                                             "are not edited, measured on M0, M_e, M_f and M_ef "
+                                                             "(default: as many as the cell's edits, fewer where the "
+                                                             "data has fewer left; 0: none)")
 
 
 def _downstream_task(t):

@@ -204,6 +204,7 @@ class EvaluateSpec(StageSpec):
     model: ModelRef
     requests: EditSelection
     finetune: str | None = None
+    control: int = 0                          # knowledge-control facts measured beside the requests
 
     @property
     def seed(self) -> int:
@@ -228,6 +229,7 @@ class FinetuneSpec(StageSpec):
     edited_layers: tuple[int, ...] | None = None
     edited_by: EditorRef | None = None
     patch: str | None = None
+    control: int = 0                          # with a patch: knowledge-control facts measured beside its requests
 
     @model_validator(mode="after")
     def _one_source_of_layers(self):

@@ -53,6 +53,13 @@ def control_requests(requests: Sequence[EditRequest], edited: Iterable[str], n: 
     return tuple(random.Random(seed).sample(free, n) if seed is not None else free[:n])
 
 
+def n_free(requests: Sequence[EditRequest], edited: Iterable[str]) -> int:
+    """How many of `requests` could be control facts (`control_requests`)."""
+    edited = set(edited)
+    subjects = {r.subject for r in requests if r.case_id in edited}
+    return sum(1 for r in requests if r.case_id not in edited and r.subject not in subjects)
+
+
 def knows(outcome: RequestOutcome) -> bool:
     """The model knows the request's true fact (module docstring)."""
     if outcome.margin is not None:
@@ -110,4 +117,4 @@ def compare_flips(edit_flipped: int, edit_n: int, known_flipped: int, known_n: i
     return out
 
 
-__all__ = ["KnowledgeFlip", "compare_flips", "control_requests", "knowledge_flip", "knows"]
+__all__ = ["KnowledgeFlip", "compare_flips", "control_requests", "knowledge_flip", "knows", "n_free"]
