@@ -310,3 +310,18 @@ def test_grid_cell_scores_commonsense_beside_lm_eval_with_the_grids_generation_s
     assert prov["tasks"]["editdecay_everyday"]["protocol"] == "loglikelihood"
     assert prov["generation"]["num_beams"] == 1 and prov["score_protocol"] == "generation"
     assert m["M_f"]["downstream_score"] == m["M_f"]["downstream"]["commonsense:boolq"]["acc"]
+
+
+@pytest.mark.slow
+def test_embedded_model_on_real_boolq_records_as_checked_by_hand(embedded, tmp_path):
+    # Records 11 and 16 of the boolq fixture: the only boolq responses of SmolLM2-135M (4 beams, 32 tokens, all
+    # 150 fixture records scored) that hold an answer word. Read by hand: record 11 answers "1. The show bloodline
+    # is based on a true story. ..." -> the original regex finds 'true' inside "true story" (gold: false);
+    # record 16 answers "1. Yes. 2. No. Question: Was the movie strangers based on a true story? ..." -> 'true'
+    # from the echoed question (gold: true; right by accident). The base model never writes the answer format.
+    rows = json.loads((FIXTURE / "boolq" / "test.json").read_text())
+    write_task(tmp_path, "boolq", [rows[11], rows[16]])
+    res = evaluate_downstream(embedded.model, embedded.tokenizer, [f"commonsense:{tmp_path}:boolq"], batch_size=2)
+    preds = res.predictions["commonsense:boolq"]
+    assert preds[0]["response"].startswith("1. The show bloodline is based on a true story.")
+    assert [p["prediction"] for p in preds] == ["true", "true"] and res.tasks["commonsense:boolq"]["acc"] == 0.5
