@@ -249,6 +249,9 @@ def test_protocol_tables_hold_survival_and_mechanism_and_say_where_the_control_i
     trained = [r for r in mechanism if r["trained"]["text"] == "yes"]
     assert trained and all(_num(r["mean ratio"]) >= 0 for r in trained)
     assert {r["trained"]["text"] for r in mechanism} <= {"yes", "no (not measured)", "pending"}
+    # Recipes and editors are also compared over time, on the requests at risk in both cells.
+    over_time = [r for r in dom.rows("significance") if r["quantity"]["text"].startswith("failure step")]
+    assert over_time and {r["comparison"]["text"] for r in over_time} <= {"recipe", "editor"}
 
 
 def test_target_frequencies_come_from_the_data_and_the_corpus_file(rendered):
