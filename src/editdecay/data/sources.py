@@ -225,16 +225,16 @@ class EditSelection(Config):
 
     def control(self, n: int, *, at_most: bool = False) -> tuple:
         """`n` requests of the same data that this selection does not edit (nor shares a subject with): the
-        knowledge control (measure/knowledge.py `control_requests`), the first `n` of the rest in file order.
+        knowledge control (data/control.py `control_requests`), the first `n` of the rest in file order.
         `at_most`: fewer when fewer are left (logged), instead of a ConfigError."""
-        from editdecay.measure.knowledge import control_requests
+        from editdecay.data.control import control_requests
 
         if self.digest is not None:
             check_digest(self.data, self.digest)
         every = load_edit_data(self.data, zsre_target=self.zsre_target, strict=self.strict)
         edited = [r.case_id for r in subset(every, self.n, self.seed).requests]
         if at_most:
-            from editdecay.measure.knowledge import n_free
+            from editdecay.data.control import n_free
 
             free = n_free(every.requests, edited)
             if free < n:

@@ -2,7 +2,8 @@
 
 Reviewers of the study asked for this comparison (and Wen & Zhang, arXiv 2507.14198, report that edited
 knowledge is forgotten faster than pre-trained knowledge under fine-tuning). The control is a set of facts
-from the same edit data that were NOT edited (`control_requests`: never overlapping the edited requests),
+from the same edit data that were NOT edited (data/control.py `control_requests`: never overlapping the edited
+requests),
 scored with the same prompts and the same E6 metric on every model; the facts the reference model knows
 (`knows`) are followed through fine-tuning exactly as edits are:
 
@@ -23,41 +24,12 @@ scipy.stats.fisher_exact, one-sided "edits flip more" and two-sided), not a pair
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
-from editdecay.core.errors import ConfigError
-from editdecay.core.request import EditRequest
+from editdecay.data.control import control_requests, n_free  # noqa: F401  (the control's selection, re-exported)
 from editdecay.measure.decay import SUCCESS_THRESHOLD
 from editdecay.measure.metrics import RequestOutcome
-
-
-def control_requests(requests: Sequence[EditRequest], edited: Iterable[str], n: int,
-                     seed: int | None = None) -> tuple[EditRequest, ...]:
-    """`n` requests of `requests` (every usable record of the edit data) whose case id and subject are not among
-    the edited ones: the first `n` in file order, or a seeded sample. The subject is excluded as well, because an
-    edit of a subject changes other facts about it (what NS measures), which would not be pre-trained knowledge
-    under fine-tuning alone.
-
-    Raises ConfigError naming how many are available when fewer than `n` remain.
-    """
-    if n < 1:
-        raise ConfigError(f"n_control={n} is not valid; use a positive number of control facts")
-    edited = set(edited)
-    subjects = {r.subject for r in requests if r.case_id in edited}
-    free = [r for r in requests if r.case_id not in edited and r.subject not in subjects]
-    if len(free) < n:
-        raise ConfigError(f"n_control={n}: the edit data holds only {len(free)} usable records that were not "
-                          f"edited (nor share an edited subject); use n_control <= {len(free)} or fewer edits")
-    return tuple(random.Random(seed).sample(free, n) if seed is not None else free[:n])
-
-
-def n_free(requests: Sequence[EditRequest], edited: Iterable[str]) -> int:
-    """How many of `requests` could be control facts (`control_requests`)."""
-    edited = set(edited)
-    subjects = {r.subject for r in requests if r.case_id in edited}
-    return sum(1 for r in requests if r.case_id not in edited and r.subject not in subjects)
 
 
 def knows(outcome: RequestOutcome) -> bool:
