@@ -100,7 +100,7 @@ def test_ratios_by_hand_and_relation_to_survival():
     assert relate(per, {"a": True, "b": True, "c": True})["rho"] is None      # survival constant: undefined
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "dora", "full"])
 def test_fine_tuning_runs_record_the_measure_per_layer_and_request(tmp_path, method):
     import json
 

@@ -113,8 +113,10 @@ def finetune(
                           "n_requests": len(patch_obj.requests), **check}
     if requests:
         extra["requests_source"] = requests
+    # The mechanism measure needs the edit's deltas and the requests it wrote: only with the patch's own requests.
+    own = patch_obj is not None and [r.case_id for r in reqs] == [r.case_id for r in patch_obj.requests]
     edits = EditsUnderTest(requests=reqs, layers=patch_obj.layers if patch_obj else None,
-                           apply=patch_obj.apply if patch_obj else None)
+                           apply=patch_obj.apply if patch_obj else None, deltas=patch_obj.deltas if own else None)
     measures = Measures(task=task if task_eval else None, eval_every=ev.eval_every, downstream=ds_spec)
     run_ = run_finetune(lm, recipe, source, out, edits=edits, measures=measures, save=save, overwrite=overwrite,
                         progress=progress, extra=extra)
