@@ -232,8 +232,9 @@ class SharedSettings(Config):
                     "split) or chatterbot (the chatterbot corpus' held-out split) and lm-eval tasks: everyday, "
                     "boolq, piqa, siqa, hellaswag, winogrande, arc-e, arc-c, obqa, lm-eval:NAME, local:DIR, "
                     "ppl:FILE, and commonsense:DIR[:task,...] (the study's generation protocol)")
-    downstream_limit: Optional[int] = Field(None, ge=1, description="documents per lm-eval task (default: all); "
-                                                                    "the first N, the same for every model")
+    downstream_limit: Optional[int] = Field(None, ge=1, description="documents per lm-eval task and records per "
+                                                                    "commonsense task (default: all); the first N, "
+                                                                    "the same for every model")
     downstream_num_beams: int = Field(4, ge=1, description="commonsense:DIR tasks: beams of the beam search (the "
                                                            "study: 4)")
     downstream_max_new_tokens: int = Field(32, ge=1, description="commonsense:DIR tasks: tokens generated per "
