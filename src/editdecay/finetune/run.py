@@ -11,7 +11,11 @@ The same model objects are scored as the edit metrics: M0 before the edit, the h
 the fine-tuned one after the last step (a PeftModel with its adapters unmerged).
 plus the curve, per-request outcomes under each model, the Edit Flip Ratio and relative decreases between the
 model before and after fine-tuning, the recipe, the resolved plan and trainable parameter names, data identity,
-timings and the environment. Results written before the models were named this way (`pre`, `post`,
+timings and the environment. With control facts (`EditsUnderTest.control`, measure/knowledge.py) `control` holds
+their per-model outcomes and `decay` the knowledge flip ratio, the edits-vs-known test and the survival curves
+(measure/decay_time.py); with the edit's deltas (`EditsUnderTest.deltas`) `mechanism` holds the interference
+measure per edited layer and request (measure/interference.py). Results written before the models were named
+this way (`pre`, `post`,
 `finetuned`) read through core/schema.py under these names.
 
 Files in the output directory:
