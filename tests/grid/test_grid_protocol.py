@@ -58,3 +58,16 @@ def test_cell_has_survival_over_checkpoints_and_the_mechanism(cell):
     mech = r["mechanism"]
     assert set(mech["layers"]) == {"1", "2"} and all(v["trained"] for v in mech["layers"].values())
     assert set(mech["per_request"]) == {x["case_id"] for x in r["requests"]}
+
+
+def test_grid_file_errors_name_the_field_before_any_model_work(tmp_path):
+    from editdecay.core.errors import ConfigError
+
+    w = {"model": tmp_path / "m", "corpus": tmp_path / "c.txt", "cache": tmp_path / "cache"}
+    d = grid_dict(w)
+    bad_task = {**d, "shared": {**d["shared"], "downstream": ["embedded", f"commonsense:{tmp_path}:boolk"]}}
+    with pytest.raises(ConfigError, match=r"shared\.downstream.*'boolk' is not a commonsense task.*boolq"):
+        grid_from_dict(bad_task, base_dir=tmp_path)
+    bad_n = {**d, "shared": {**d["shared"], "evaluation": {"n_control": -1}}}
+    with pytest.raises(ConfigError, match=r"n_control"):
+        grid_from_dict(bad_n, base_dir=tmp_path)
