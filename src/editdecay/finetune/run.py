@@ -239,7 +239,8 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
 def _training_summary(o: TrainOutcome) -> dict:
     return {"steps": o.steps, "epochs_seen": round(o.epochs_seen, 4), "tokens": o.tokens,
             "loss_tokens": o.loss_tokens, "train_seconds": o.train_seconds,
-            "tokens_per_second": round(o.tokens_per_second, 2), "final_loss": o.final_loss}
+            "tokens_per_second": round(o.tokens_per_second, 2), "final_loss": o.final_loss,
+            "precision": o.precision}
 
 
 def _save(o: TrainOutcome, save: str, out: Path, timer: Timer, tokenizer=None) -> tuple[nn.Module, dict, dict | None]:
