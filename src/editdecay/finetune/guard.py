@@ -10,7 +10,8 @@ Three ways a run can leave the weights as they were, each a named error:
   with plain AdamW at lr 5e-6; use master weights or 8-bit AdamW with stochastic rounding).
 
 The check runs once, on the first optimiser step whose learning rate is > 0 (a linear warm-up starts at 0).
-It compares a fixed sample of each trainable tensor (its first `SAMPLE` elements, copied before the step)
+It compares a fixed sample of each tensor the optimiser updates (the float32 master copies when there are
+master weights: their bfloat16 casts move only once the updates add up to a bfloat16 step) (its first `SAMPLE` elements, copied before the step)
 with the tensor after it: among sampled elements whose gradient was non-zero, the share that changed,
 weighted by tensor size. With float32 weights nearly all of them change; with bfloat16 weights at lr 5e-6 a
 few percent do (those near zero). Below `MIN_CHANGED` the run stops. A stochastically rounding optimiser
@@ -57,7 +58,9 @@ class UpdateProbe:
     """Samples of the trainable tensors before the first step with lr > 0; `check` after it."""
 
     params: list[tuple[str, torch.nn.Parameter]]
+    watched: list[torch.Tensor] | None = None     # what the optimiser updates, if not `params` (master weights)
     stochastic: bool = False                      # the optimiser rounds stochastically (8-bit AdamW on bf16)
+    all_sum: object = None                        # sharded runs: sums a float over the processes (each sees its shard)
     done: bool = False
     _before: list[torch.Tensor] = field(default_factory=list)
     _grad_mask: list[torch.Tensor] = field(default_factory=list)
@@ -67,7 +70,7 @@ class UpdateProbe:
         Call after backward, before the optimiser step. Returns whether the step is checked."""
         if self.done or lr <= 0:
             return False
-        self._before = [_sample(p).clone() for _, p in self.params]
+        self._before = [_sample(w).clone() for w in self._watched()]
         self._grad_mask = [(_sample(p.grad) != 0) if p.grad is not None else torch.zeros_like(_sample(p), dtype=torch.bool)
                            for _, p in self.params]
         return True
@@ -75,21 +78,26 @@ class UpdateProbe:
     def check(self, step: int, lr: float, grad_norm: float, dtype_note: str) -> dict:
         """After the optimiser step: raise a NothingTrainedError subclass or return the measured shares."""
         self.done = True
-        if grad_norm == 0 or not any(bool(m.any()) for m in self._grad_mask):
+        total = self.all_sum or (lambda x: x)
+        with_grad = total(float(sum(int(m.sum()) for m in self._grad_mask)))
+        if grad_norm == 0 or with_grad == 0:
             raise ZeroGradientsError(f"step {step}: every gradient is zero, so the weights cannot change; is "
                                      f"any token labelled (train_on_prompt, cutoff_len) and do the trained "
                                      f"parameters reach the loss?")
         changed_w = with_grad_w = 0.0
         any_changed = False
-        for (name, p), old, mask in zip(self.params, self._before, self._grad_mask):
-            new = _sample(p)
+        for (name, p), w, old, mask in zip(self.params, self._watched(), self._before, self._grad_mask):
+            new = _sample(w)
             diff = (new != old.to(new.device))
             any_changed |= bool(diff.any())
             n = int(mask.sum())
             if n:
-                weight = p.numel() / mask.numel()          # a sample stands for its tensor's size
+                local = p.to_local() if hasattr(p, "to_local") else p
+                weight = local.numel() / mask.numel()      # a sample stands for its tensor's size
                 changed_w += weight * int((diff & mask.to(diff.device)).sum())
                 with_grad_w += weight * n
+        changed_w, with_grad_w = total(changed_w), total(with_grad_w)
+        any_changed = total(float(any_changed)) > 0
         share = changed_w / with_grad_w if with_grad_w else 0.0
         if not any_changed or (not self.stochastic and share < MIN_CHANGED):
             raise UpdatesLostError(
@@ -100,8 +108,12 @@ class UpdateProbe:
                 f"optimizer='adamw8bit' (stochastic rounding), or load the model in float32")
         return {"step": step, "changed_share": round(share, 4)}
 
+    def _watched(self) -> list[torch.Tensor]:
+        return self.watched if self.watched is not None else [p for _, p in self.params]
+
 
 def _sample(t: torch.Tensor) -> torch.Tensor:
+    t = t.to_local() if hasattr(t, "to_local") else t        # a sharded (DTensor) parameter: this process's shard
     flat = t.detach().reshape(-1)
     return flat[:SAMPLE]
 

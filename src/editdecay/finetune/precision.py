@@ -91,9 +91,7 @@ def eager_on_cpu(name: str, device: torch.device):
     """torchao compiles its 8-bit step with torch.compile, which takes about a minute per tensor shape on the
     CPU; there it runs eagerly (the same arithmetic)."""
     if name == "adamw8bit" and device.type == "cpu":
-        import torch._dynamo
-
-        return torch._dynamo.config.patch(disable=True)
+        return torch.compiler.set_stance("force_eager")
     return contextlib.nullcontext()
 
 

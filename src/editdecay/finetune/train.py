@@ -171,7 +171,8 @@ def train(
     # A sharded run's mixed-precision policy casts the weights itself.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if recipe.dtype == "bfloat16" and dist is None \
         else contextlib.nullcontext()
-    probe = UpdateProbe([(n, p) for n, p in zip(names, params)] if dist is None else [], stochastic=stochastic)
+    probe = UpdateProbe(list(zip(names, params)), watched=master.master if master else None, stochastic=stochastic,
+                        all_sum=dist.all_sum if dist else None)
     stream = _micro_batches(data.examples, recipe.batch_size, recipe.seed)
     pad = pad_id(tokenizer)
     tokens = loss_tokens = seen = 0
