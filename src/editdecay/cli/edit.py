@@ -23,7 +23,9 @@ def edit(
     layers: Optional[str] = typer.Option(None, help="edited layers, e.g. 4,5,6,7,8 or 4-8 (default: the preset's)"),
     batch_size: Optional[int] = typer.Option(None, help="sequential batches of this many edits (default: one batch)"),
     stats_corpus: Optional[str] = typer.Option(None, help="E1 corpus: generated | PATH | hf:NAME[:CONFIG]"),
-    stats_tokens: Optional[int] = typer.Option(None, help="tokens for the E1 statistics"),
+    stats_tokens: Optional[int] = typer.Option(None, help="tokens for the E1 statistics (the cap with --stats-tolerance)"),
+    stats_tolerance: Optional[float] = typer.Option(None, help="adaptive E1: doubling token counts until the edit "
+                                                    "keys' solve changes by less than this (e.g. 0.01)"),
     mom2_update_weight: Optional[float] = typer.Option(None, help="MEMIT lambda"),
     nullspace_threshold: Optional[float] = typer.Option(None, help="AlphaEdit null-space eigenvalue threshold"),
     v_lr: Optional[float] = typer.Option(None, help="E3 learning rate"),
@@ -53,6 +55,7 @@ def edit(
         if value is not None and editor.lower() != owner:
             raise ConfigError(f"{flag} {value} is a setting of --editor {owner}; --editor {editor} does not use it")
     overrides = {"layers": parse_layers(layers), "stats_corpus": stats_corpus, "stats_tokens": stats_tokens,
+                 "stats_tolerance": stats_tolerance,
                  "mom2_update_weight": mom2_update_weight, "nullspace_threshold": nullspace_threshold,
                  "v_lr": v_lr, "v_num_grad_steps": v_num_grad_steps, "clamp_norm_factor": clamp_norm_factor}
     result = run_edit(model=model, editor=editor, data=data, n=n, seed=seed, out=out, overrides=overrides,

@@ -329,7 +329,7 @@ class StageMemory:
 
 # Activation bytes per token per block, in units of (d, d_ff) elements, measured (module docstring):
 # no-grad forward (one block alive), and what a backward pass keeps per block.
-ACT = {"forward": (6.0, 5.0), "saved": (12.0, 5.0), "saved_gpt": (14.0, 3.0)}
+ACT = {"forward": (2.0, 2.0), "saved": (10.0, 4.0), "saved_gpt": (12.0, 3.0), "saved_frozen": (6.0, 3.0)}
 
 
 def _forward_tokens(dims: ModelDims, tokens: int, elt: int) -> int:
@@ -337,8 +337,10 @@ def _forward_tokens(dims: ModelDims, tokens: int, elt: int) -> int:
     return int(tokens * (cd * dims.d + cf * dims.d_ff) * elt)
 
 
-def _saved_per_token(dims: ModelDims, elt: int) -> int:
-    cd, cf = ACT["saved"] if dims.gated else ACT["saved_gpt"]
+def _saved_per_token(dims: ModelDims, elt: int, frozen: bool = False) -> int:
+    """Bytes a backward pass keeps per token per block. `frozen`: the block's weights need no gradient (E3),
+    so linear maps keep nothing and only non-linearities, norms and attention keep their inputs."""
+    cd, cf = ACT["saved_frozen"] if frozen else ACT["saved"] if dims.gated else ACT["saved_gpt"]
     return int((cd * dims.d + cf * dims.d_ff) * elt)
 
 
@@ -361,7 +363,7 @@ def stage_memory(dims: ModelDims, stage: str, *, edit: EditSetting | None = None
             "weights": weights,
             "moment sums": S * dims.d_ff ** 2 * a,
             "captured W_out inputs": S * BT * dims.d_ff * e,
-            "masked float keys": BT * dims.d_ff * (e + a),
+            "masked float keys": BT * dims.d_ff * (e + (a if a != e else 0)),
             "block activations": _forward_tokens(dims, BT, e),
         })
     if stage == "keys":
@@ -388,12 +390,13 @@ def stage_memory(dims: ModelDims, stage: str, *, edit: EditSetting | None = None
     if stage == "evaluation":
         width = edit.prompt_tokens + edit.target_tokens
         pairs = edit.eval_batch
-        scored = pairs * edit.target_tokens          # pairs are sorted by length: one batch holds the longest
+        # pairs are sorted by length, so one batch holds the longest ones; their targets run above the mean
+        scored = math.ceil(1.5 * pairs * edit.mean_target_tokens)
         return StageMemory(stage, weights, {
             "weights": weights,
             "hidden states": pairs * width * dims.d * e * 2,
             "block activations": _forward_tokens(dims, pairs * width, e),
-            "log-softmax at scored tokens": scored * dims.vocab * (e + 4 * 2),
+            "log-softmax at scored tokens": scored * dims.vocab * (e + 4),
         })
     if stage == "targets":
         n = min(edit.n_requests, edit.target_batch)
@@ -405,7 +408,7 @@ def stage_memory(dims: ModelDims, stage: str, *, edit: EditSetting | None = None
         return StageMemory(stage, weights, {
             "weights": weights,
             "prefix KV cache": 2 * rows * (P + Sfx) * 2 * dims.kv_dim * dims.n_layers * e,
-            "suffix activations for backward": rows * Sfx * (after + 1) * _saved_per_token(dims, e),
+            "suffix activations for backward": rows * Sfx * (after + 1) * _saved_per_token(dims, e, frozen=True),
             "suffix forward": _forward_tokens(dims, rows * Sfx, e),
             "log-probabilities with gradients": (scored + 2 * n) * dims.vocab * 4 * 3,
         })
@@ -434,7 +437,7 @@ def _training(dims: ModelDims, t: TrainSetting) -> StageMemory:
     casts = (dims.n_params - dims.embed_params) * 2 // (N if t.trainable else 1) \
         if t.autocast_bf16 and pe == 4 else 0
     N_pos = t.micro_batch * t.labelled_tokens
-    logits = N_pos * dims.vocab * (act_elt + 4 * 3)
+    logits = N_pos * dims.vocab * (act_elt + 4 * 2)
     # foreach AdamW holds one float32 temporary the size of the trainable parameters during the step
     step_tmp = t.trainable * 4 // N
     forward_peak = acts + logits + casts
@@ -606,4 +609,3 @@ __all__ = ["ACT", "EditSetting", "GIB", "HEADROOM", "MemoryPlan", "MemoryPlanErr
            "StageMemory", "StageVerdict", "TrainSetting", "device_memory", "fmt_gib", "parse_memory", "plan_memory",
            "render", "stage_memory"]
 
-_ = math

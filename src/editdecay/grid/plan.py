@@ -296,7 +296,8 @@ def _editor_fields(model: _Model, editor: EditorEntry, seed: int, spec: GridSpec
         from editdecay.grid.spec import parse_layer_text
 
         fields["layers"] = list(parse_layer_text(fields["layers"]))
-    for key, value in (("stats_corpus", st.corpus), ("stats_tokens", st.tokens), ("stats_dtype", st.dtype)):
+    for key, value in (("stats_corpus", st.corpus), ("stats_tokens", st.tokens), ("stats_dtype", st.dtype),
+                       ("stats_tolerance", st.tolerance)):
         if value is not None:
             fields[key] = value
     corpus = fields.get("stats_corpus")
@@ -511,8 +512,10 @@ def _edited_cell(b: _Builder, model: _Model, editor_fields, data: str, n: int, s
     if cfg is not None:
         stats_conf = {"model": model.ref, "layers": cfg["layers"], "corpus": cfg["stats_corpus"],
                       "tokens": cfg["stats_tokens"], "dtype": cfg["stats_dtype"]}
+        if cfg.get("stats_tolerance") is not None:      # adaptive E1 runs in the patch stage, on the edit keys
+            stats_conf["tolerance"] = cfg["stats_tolerance"]
     else:   # preset unknown until the model is loaded: the fields that decide the statistics, and the preset
-        keep = ("layers", "stats_corpus", "stats_tokens", "stats_dtype")
+        keep = ("layers", "stats_corpus", "stats_tokens", "stats_dtype", "stats_tolerance")
         stats_conf = {"model": model.ref, "editor": editor.name, "fields": {k: fields[k] for k in keep if k in fields}}
     stats = b.add("stats", stats_conf, (), f"E1 {model.label} {editor.name if cfg is None else cfg['layers']}")
     requests = {"data": data, "digest": digests[data], "n": n, "seed": seed, "zsre_target": ev.zsre_target,

@@ -217,6 +217,9 @@ class StatisticsSettings(_Strict):
     corpus: str | None = Field(None, description="generated | PATH (.txt/.jsonl/.parquet) | hf:NAME[:CONFIG]")
     tokens: int | None = Field(None, ge=1, description="corpus tokens used (the study: 100k Wikipedia samples)")
     dtype: Literal["float32", "float64"] | None = Field(None, description="accumulation dtype")
+    tolerance: float | None = Field(None, gt=0, lt=1, description="adaptive E1: stop when the edit keys' solve "
+                                    "changes by less than this between doubling token counts (tokens is then "
+                                    "the cap; 1e-2 measured on the embedded model); None: exactly `tokens`")
     batch_size: int = Field(16, ge=1, description="sequences per forward pass of the statistics run")
 
 

@@ -136,9 +136,19 @@ def run_stats(ctx: StageContext) -> None:
     lm = ctx.load_model(c["model"])
     if "layers" in c:
         layers, corpus, tokens, dtype = c["layers"], c["corpus"], c["tokens"], c["dtype"]
+        tolerance = c.get("tolerance")
     else:
         cfg = _editor_config(c["editor"], None, c["fields"], lm)
         layers, corpus, tokens, dtype = cfg.layers, cfg.stats_corpus, cfg.stats_tokens, cfg.stats_dtype
+        tolerance = cfg.stats_tolerance
+    if tolerance is not None:
+        # Adaptive E1 stops where the edit keys' solve settles, so it needs the requests: the patch stage runs
+        # it (edit.api.build_run) and its checkpoints land in the same cache. Nothing to precompute here.
+        ctx.write_json("stats.json", {"equation": "E1", "adaptive": {"tolerance": tolerance, "max_tokens": tokens},
+                                      "computed_by": "patch stage"})
+        ctx.write_json("outputs.json", {"layers": list(layers), "n_tokens_used": None, "model": lm.identity.to_dict(),
+                                        "sources": {}, "adaptive": True})
+        return
     stats = second_moments(lm, layers, corpus=parse_corpus(corpus), n_tokens=tokens, dtype=dtype, cache=ctx.cache(),
                            batch_size=ctx.runtime.get("stats_batch_size", 16), progress=ctx.progress)
     _check_finite("E1 statistics", {str(l): stats[l] for l in stats.layers})
