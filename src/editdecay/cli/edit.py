@@ -39,7 +39,12 @@ def edit(
     dtype: str = typer.Option("float32", help="model dtype: float32 | bfloat16 | float16"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ... or auto: spread the model over the visible GPUs (accelerate device map)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
-    out: Path = typer.Option(..., help="patch directory to write (patch.safetensors, patch.json, result.json)"),
+    memory: Optional[str] = typer.Option(None, help="device memory to plan for, e.g. 80GB (default: a CUDA "
+                                                    "device's own; on the CPU no check)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the memory plan of every stage and exit: "
+                                                          "nothing is loaded but config.json"),
+    out: Optional[Path] = typer.Option(None, help="patch directory to write (patch.safetensors, patch.json, "
+                                                  "result.json); required unless --dry-run"),
 ) -> None:
     """Edit a model (ALGORITHMS.md E1-E5); print efficacy/paraphrase/neighbourhood before and after."""
     from editdecay.core.errors import ConfigError
@@ -58,6 +63,20 @@ def edit(
                  "stats_tolerance": stats_tolerance,
                  "mom2_update_weight": mom2_update_weight, "nullspace_threshold": nullspace_threshold,
                  "v_lr": v_lr, "v_num_grad_steps": v_num_grad_steps, "clamp_norm_factor": clamp_norm_factor}
+    if dry_run or memory is not None or device.startswith("cuda") or device == "auto":
+        from editdecay.cli.common import memory_plan_gate
+        from editdecay.data import load_edit_data
+        from editdecay.grid.memory import editor_config, meta_model, plan_edit
+
+        def make_plan(budget: int):
+            meta = meta_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+            count = len(load_edit_data(data, zsre_target=zsre_target, limit=n, seed=seed).requests)
+            return plan_edit(meta, editor_config(editor, meta, overrides), count, budget)
+
+        if memory_plan_gate(make_plan, memory, device, dry_run, f"edit with {editor} on {model}"):
+            return
+    if out is None:
+        raise ConfigError("--out is required (the patch directory to write), unless --dry-run")
     result = run_edit(model=model, editor=editor, data=data, n=n, seed=seed, out=out, overrides=overrides,
                       batch_size=batch_size, zsre_target=zsre_target, strict=strict, dtype=dtype, device=device,
                       allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)

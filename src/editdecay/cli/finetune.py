@@ -76,7 +76,17 @@ def finetune(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     overwrite: bool = typer.Option(False, help="replace a previous run in --out"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
-    out: Path = typer.Option(..., help="output directory (result.json, train_log.jsonl, curve.jsonl, adapter/ ...)"),
+    optimizer: Optional[str] = typer.Option(None, help="adamw | adamw8bit (torchao; 2 bytes of state per parameter)"),
+    master_weights: Optional[bool] = typer.Option(None, "--master-weights/--no-master-weights",
+                                                  help="float32 master weights for bfloat16 models (default: on "
+                                                       "for bfloat16 weights with adamw)"),
+    devices: int = typer.Option(1, help="shard full fine-tuning over N GPUs of this node (FSDP; N processes)"),
+    memory: Optional[str] = typer.Option(None, help="device memory to plan for, e.g. 80GB (default: a CUDA "
+                                                    "device's own; on the CPU no check)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the memory plan of training and exit: nothing "
+                                                          "is loaded but config.json"),
+    out: Optional[Path] = typer.Option(None, help="output directory (result.json, train_log.jsonl, curve.jsonl, "
+                                                  "adapter/ ...); required unless --dry-run"),
 ) -> None:
     """Fine-tune (full, LoRA, DoRA; selective layers) and print edit metrics before/after editing and after
     fine-tuning, with a decay curve every --eval-every steps."""
@@ -92,6 +102,7 @@ def finetune(
         "lr_scheduler": scheduler, "warmup_steps": warmup_steps, "batch_size": batch_size, "grad_accum": grad_accum,
         "cutoff_len": cutoff, "template": template, "lora_r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
         "dtype": train_dtype, "gradient_checkpointing": gradient_checkpointing, "seed": seed,
+        "optimizer": optimizer, "master_weights": master_weights,
     }.items() if v is not None}
     recipe = make_preset(preset or ("embedded" if data == "embedded" else "study"), method, **overrides)
     ds_spec = _downstream(downstream, downstream_limit)
@@ -104,6 +115,38 @@ def finetune(
     source = load_source(data, task=task)
     patch_obj = _load_patch(patch) if patch else None
     reqs = _requests(requests, patch_obj, limit)
+    from editdecay.cli.common import memory_plan_gate
+    from editdecay.core.errors import ConfigError
+
+    if devices < 1:
+        raise ConfigError(f"--devices {devices}: give 1 or more")
+    if dry_run or memory is not None or device.startswith("cuda") or device == "auto" or devices > 1:
+        from editdecay.grid.memory import meta_model, plan_finetune
+
+        def make_plan(budget: int):
+            return plan_finetune(meta_model(model, dtype=dtype, trust_remote_code=trust_remote_code), recipe, budget,
+                                 devices=devices)
+
+        if memory_plan_gate(make_plan, memory, device, dry_run, f"{recipe.method} fine-tuning of {model}"):
+            return
+    if out is None:
+        raise ConfigError("--out is required (the run directory), unless --dry-run")
+    dist = None
+    if devices > 1:
+        import os
+        import sys
+
+        from editdecay.finetune.distributed import init_from_env, launch
+
+        if "WORLD_SIZE" not in os.environ:         # this process launches the N workers and waits for them
+            code = launch(devices, sys.argv[1:])
+            if code:
+                raise ConfigError(f"--devices {devices}: a worker process failed (exit code {code}); its error is "
+                                  f"printed above")
+            return
+        dist = init_from_env()
+        if device.startswith("cuda"):
+            device = str(dist.device)
 
     from editdecay.core.models import load_model
 
@@ -122,8 +165,10 @@ def finetune(
         lm, recipe, source, out, requests=reqs, edited_layers=patch_obj.layers if patch_obj else None,
         apply_edit=patch_obj.apply if patch_obj else None, task=task if task_eval else None,
         eval_every=eval_every, save=save, overwrite=overwrite, progress=progress, extra=extra, downstream=ds_spec,
+        dist=dist,
     )
-    _report(run.result, out)
+    if dist is None or dist.main:
+        _report(run.result, out)
 
 
 def _downstream(text: Optional[str], limit: Optional[int]):

@@ -410,7 +410,8 @@ def stage_memory(dims: ModelDims, stage: str, *, edit: EditSetting | None = None
             "prefix KV cache": 2 * rows * (P + Sfx) * 2 * dims.kv_dim * dims.n_layers * e,
             "suffix activations for backward": rows * Sfx * (after + 1) * _saved_per_token(dims, e, frozen=True),
             "suffix forward": _forward_tokens(dims, rows * Sfx, e),
-            "log-probabilities with gradients": (scored + 2 * n) * dims.vocab * 4 * 3,
+            # float32 log-softmax, its gradient and half as much again for the KL terms' exp and products
+            "log-probabilities with gradients": (scored + 2 * n) * dims.vocab * 4 * 5 // 2,
         })
     raise ConfigError(f"memory plan: stage {stage!r} is unknown; stages: {', '.join(STAGES)}")
 
@@ -438,8 +439,11 @@ def _training(dims: ModelDims, t: TrainSetting) -> StageMemory:
         if t.autocast_bf16 and pe == 4 else 0
     N_pos = t.micro_batch * t.labelled_tokens
     logits = N_pos * dims.vocab * (act_elt + 4 * 2)
-    # foreach AdamW holds one float32 temporary the size of the trainable parameters during the step
-    step_tmp = t.trainable * 4 // N
+    # foreach AdamW (torch's default on CUDA) holds temporaries the size of the trainable parameters during
+    # the step; the per-tensor steps (master weights, 8-bit AdamW) only a few of the largest tensor
+    largest = max(dims.embed_params, dims.unembed_params, dims.d * dims.d_ff)
+    per_tensor = t.master_weights or t.optimizer == "adamw8bit"
+    step_tmp = (2 * largest * 4 if per_tensor else t.trainable * pe) // N
     forward_peak = acts + logits + casts
     step_peak = grads + step_tmp
     parts = {"weights": weights, "optimizer state": optim}
