@@ -64,3 +64,34 @@ def test_two_gloo_processes_train_like_one(tmp_path):
                                    msg=lambda m, n=name: f"{n}: {m}")
         changed += int((w != build_case()[0].state_dict()[name]).any()) if name.endswith("weight") else 0
     assert changed > 0
+
+
+def test_finetune_devices_2_runs_the_sharded_path_end_to_end(tmp_path, tokenizer):
+    """`editdecay finetune --devices 2` on the CPU: two workers (gloo), the decay curve at the same steps as
+    asked, one result written by process 0 with the gathered weights."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
+                      intermediate_size=128, max_position_embeddings=256, vocab_size=len(tokenizer),
+                      tie_word_embeddings=False)
+    model_dir = tmp_path / "tiny"
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EDITDECAY_DIST_BACKEND": "gloo"}
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "editdecay.cli", "finetune", "--model", str(model_dir), "--method",
+                           "full", "--steps", "4", "--batch-size", "4", "--task-train", "32", "--task-test", "4",
+                           "--eval-every", "2", "--devices", "2", "--out", str(out), "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == "done" and r["training"]["precision"]["devices"] == 2
+    assert [p["step"] for p in r["curve"]] == [0, 2, 4]
+    weights = load_file(str(out / "weights.safetensors"))
+    assert "model.layers.0.mlp.down_proj.weight" in weights
+    assert len((out / "train_log.jsonl").read_text().splitlines()) >= 4      # one writer: no duplicated lines
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()
+             if '"event"' not in line]
+    assert steps == [1, 2, 3, 4]
