@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import dataclass
 
 import torch
@@ -83,13 +84,16 @@ def check_model(lm, sizes: CheckSizes = CheckSizes(), *, stages=None, recipe=Non
                                         stats_seq_len=sizes.stats_seq_len, eval_batch=sizes.eval_batch)
     weights = tensor_bytes(model)
     out = {}
+    clock = [time.perf_counter()]
 
     def record(stage: str, measured_extra: int, resident: int = weights) -> None:
         est = stage_memory(dims, stage, edit=setting, train=train_setting)
         measured = resident + measured_extra
         out[stage] = {"predicted": est.peak, "measured": measured, "predicted_extra": est.peak - est.resident,
                       "measured_extra": measured_extra, "parts": est.parts,
-                      "error": round((est.peak - measured) / measured, 4)}
+                      "error": round((est.peak - measured) / measured, 4),
+                      "seconds": round(time.perf_counter() - clock[0], 2)}
+        clock[0] = time.perf_counter()
 
     train_setting = None
     if "training" in stages:
