@@ -43,8 +43,10 @@ is done (a run cut short keeps what it measured):
   fullft     (f) full fine-tuning of the edit-shape model itself (8B on the GPU presets) with the single-GPU
              option the memory plan chose: bfloat16 weights, 8-bit AdamW with stochastic rounding (torchao),
              gradient checkpointing, micro-batch 4 x 1024 tokens (the study's batch 16 as 4 x grad_accum 4);
-             tokens/s and peak memory. Runs last: it changes the model's weights. Without torchao it falls
-             back to float32 master weights (which the plan says do not fit 80 GB at 8B) and says so.
+             tokens/s and peak memory. It trains the editing model itself (a second 8B copy would not fit
+             beside it), before `scale`, which shrinks to the time left (random weights: the editing costs do
+             not depend on them). Without torchao it falls back to float32 master weights (which the plan
+             says do not fit 80 GB at 8B) and says so.
 
 Every measured peak has the memory plan's prediction beside it (`plan_gib`, `core.memory_plan`, from the
 model's config and the section's sizes) and their relative error.
@@ -146,7 +148,9 @@ PRESETS = {
 }
 PRESETS["h100"] = PRESETS["h200"]
 
-SECTIONS = ("stats", "memit", "train", "alphaedit", "scale", "adaptive", "fullft")
+# fullft before scale: scale shrinks itself to the time left, and fullft's change of the weights does not matter
+# to the editing sections' costs (random weights either way).
+SECTIONS = ("stats", "memit", "train", "alphaedit", "adaptive", "fullft", "scale")
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -409,9 +413,10 @@ def section_train(p: Preset, ctx: dict) -> dict:
                         batch_size=p.train_batch, cutoff_len=p.train_seq_len, dtype="bfloat16",
                         train_on_prompt=True, lora_dropout=0.0)
         log = ctx["tmp"] / f"train-{method}.jsonl"
-        from editdecay.core.memory_plan import ModelDims, TrainSetting
+        from editdecay.core.memory_plan import ModelDims
+        from editdecay.grid.memory import train_setting
 
-        setting = TrainSetting.from_recipe(recipe, ModelDims.of_model(model), model=model,
+        setting = train_setting(recipe, ModelDims.of_model(model), model=model,
                                            labelled_tokens=p.train_seq_len)
         clock.reset()
         outcome = train(model, tok, recipe, data, plan=resolve_plan(recipe, model), log_path=log, progress=False)
@@ -461,7 +466,7 @@ def section_adaptive(p: Preset, ctx: dict) -> dict:
     corpus = CorpusSpec(kind="file", source=str(corpus_path), seq_len=p.stats_seq_len)
     clock.reset()
     t0 = clock.now()
-    st = adaptive_second_moments(lm, p.edit_layers, corpus=corpus, measure=memit_measure(keys, 15000.0),
+    st = adaptive_second_moments(lm, p.edit_layers, corpus=corpus, measure=memit_measure(keys, 15000.0, p.device),
                                  tolerance=DEFAULT_TOLERANCE, max_tokens=p.adaptive_max_tokens,
                                  batch_size=p.stats_batch, measure_name="(lambda C + K K^T)^-1 K", progress=False)
     sec = clock.now() - t0
@@ -478,11 +483,12 @@ def section_fullft(p: Preset, ctx: dict) -> dict:
 
     import torch
 
-    from editdecay.core.memory_plan import ModelDims, TrainSetting
+    from editdecay.core.memory_plan import ModelDims
     from editdecay.data.instructions import Example, TrainingSet
     from editdecay.finetune.recipe import Recipe
     from editdecay.finetune.train import train
     from editdecay.finetune.trainable import resolve_plan
+    from editdecay.grid.memory import train_setting
 
     lm, clock = ctx["lm"], ctx["clock"]
     model = lm.model
@@ -494,13 +500,19 @@ def section_fullft(p: Preset, ctx: dict) -> dict:
     recipe = Recipe(method="full", targets="all", learning_rate=5e-6, max_steps=steps, batch_size=p.fullft_batch,
                     cutoff_len=p.fullft_seq_len, dtype="bfloat16", train_on_prompt=True, warmup_steps=0,
                     gradient_checkpointing=True, optimizer="adamw8bit" if eight_bit else "adamw")
-    setting = TrainSetting.from_recipe(recipe, ModelDims.of_model(model), model=model,
+    setting = train_setting(recipe, ModelDims.of_model(model), model=model,
                                        labelled_tokens=p.fullft_seq_len)
     log = ctx["tmp"] / "fullft.jsonl"
     clock.reset()
     outcome = train(model, lm.tokenizer, recipe, data, plan=resolve_plan(recipe, model), log_path=log,
                     progress=False)
     peak = clock.peak()
+    # Hand the model back as the editing sections expect it: no checkpointing (E3 runs a KV cache), eval mode.
+    model.gradient_checkpointing_disable()
+    model.eval().requires_grad_(False)
+    del outcome.model
+    if p.device.startswith("cuda"):
+        torch.cuda.empty_cache()
     rows = [json.loads(line) for line in log.read_text().splitlines() if '"step"' in line]
     sec = rows[-1]["train_seconds"] - rows[0]["train_seconds"]
     return {"option": "bf16 weights + 8-bit AdamW (torchao, stochastic rounding)" if eight_bit else

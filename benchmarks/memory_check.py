@@ -60,7 +60,7 @@ def _train_data(sizes: CheckSizes, vocab: int):
 
 def check_model(lm, sizes: CheckSizes = CheckSizes(), *, stages=None, recipe=None) -> dict:
     """Run and measure each stage; returns {stage: {"predicted", "measured", "resident", "error"}} (bytes)."""
-    from editdecay.core.memory_plan import EditSetting, ModelDims, TrainSetting, stage_memory
+    from editdecay.core.memory_plan import EditSetting, ModelDims, stage_memory
     from editdecay.core.peak import PeakMemory, tensor_bytes
     from editdecay.edit.context import ContextTemplates
     from editdecay.edit.keys import compute_keys
@@ -70,6 +70,7 @@ def check_model(lm, sizes: CheckSizes = CheckSizes(), *, stages=None, recipe=Non
     from editdecay.finetune.recipe import Recipe
     from editdecay.finetune.train import train
     from editdecay.finetune.trainable import resolve_plan
+    from editdecay.grid.memory import train_setting
     from editdecay.measure.metrics import evaluate_requests
 
     model, tok = lm.model, lm.tokenizer
@@ -87,7 +88,7 @@ def check_model(lm, sizes: CheckSizes = CheckSizes(), *, stages=None, recipe=Non
     clock = [time.perf_counter()]
 
     def record(stage: str, measured_extra: int, resident: int = weights) -> None:
-        est = stage_memory(dims, stage, edit=setting, train=train_setting)
+        est = stage_memory(dims, stage, edit=setting, train=training)
         measured = resident + measured_extra
         out[stage] = {"predicted": est.peak, "measured": measured, "predicted_extra": est.peak - est.resident,
                       "measured_extra": measured_extra, "parts": est.parts,
@@ -95,14 +96,13 @@ def check_model(lm, sizes: CheckSizes = CheckSizes(), *, stages=None, recipe=Non
                       "seconds": round(time.perf_counter() - clock[0], 2)}
         clock[0] = time.perf_counter()
 
-    train_setting = None
+    training = None
     if "training" in stages:
         recipe = recipe or Recipe(method="full", targets="all", max_steps=sizes.train_steps,
                                   batch_size=sizes.train_batch, cutoff_len=sizes.train_seq_len, learning_rate=1e-5,
                                   gradient_checkpointing=sizes.gradient_checkpointing, warmup_steps=0)
         data, labelled = _train_data(sizes, dims.vocab)
-        train_setting = TrainSetting.from_recipe(recipe, dims, model=model, seq_len=sizes.train_seq_len,
-                                                 labelled_tokens=labelled)
+        training = train_setting(recipe, dims, model=model, seq_len=sizes.train_seq_len, labelled_tokens=labelled)
     if "statistics" in stages:
         gen = torch.Generator().manual_seed(1)
         chunks = torch.randint(10, dims.vocab, (sizes.stats_batch, sizes.stats_seq_len), generator=gen).tolist()

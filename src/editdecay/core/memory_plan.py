@@ -243,16 +243,17 @@ class TrainSetting:
     devices: int = 1                   # FSDP shards of weights, gradients and optimiser state
 
     @classmethod
-    def from_recipe(cls, recipe, dims: ModelDims, *, model=None, seq_len: int | None = None,
-                    labelled_tokens: int | None = None, devices: int = 1) -> "TrainSetting":
-        """From a `Recipe`: trainable parameters counted on `model` (a real or meta-device model) when given,
-        else estimated from the shape (full: every parameter of the chosen layers; LoRA/DoRA: r (in + out) per
-        targeted linear map)."""
+    def from_recipe(cls, recipe, dims: ModelDims, *, trainable: tuple[int, int] | None = None,
+                    seq_len: int | None = None, labelled_tokens: int | None = None,
+                    devices: int = 1) -> "TrainSetting":
+        """From a `Recipe`. `trainable`: (trainable parameters, blocks a backward pass reaches) counted on a
+        model (`grid.memory.trainable_on`, a real or meta-device model); else estimated from the shape (full:
+        every parameter of the chosen layers; LoRA/DoRA: r (in + out) per targeted linear map)."""
         T = seq_len or recipe.cutoff_len
         labelled = labelled_tokens if labelled_tokens is not None else (T if recipe.train_on_prompt else T // 2)
-        trainable, layers = _trainable(recipe, dims, model)
+        n_trainable, layers = trainable or _trainable_from_shape(recipe, dims)
         master = _master(recipe, dims.dtype)
-        return cls(micro_batch=recipe.batch_size, seq_len=T, labelled_tokens=labelled, trainable=trainable,
+        return cls(micro_batch=recipe.batch_size, seq_len=T, labelled_tokens=labelled, trainable=n_trainable,
                    frozen_trained_through=0 if recipe.method == "full" else dims.n_params,
                    gradient_checkpointing=recipe.gradient_checkpointing, autocast_bf16=recipe.dtype == "bfloat16",
                    param_dtype=dims.dtype, master_weights=master, optimizer=recipe.optimizer,
@@ -266,39 +267,10 @@ def _master(recipe, weight_dtype: str) -> bool:
     return bool(recipe.master_weights)
 
 
-def _trainable(recipe, dims: ModelDims, model) -> tuple[int, int]:
-    """(trainable parameters, depth a backward pass reaches) of a recipe."""
-    first_layer = 0
-    if model is not None:
-        from editdecay.finetune.trainable import resolve_plan
-
-        try:
-            plan = resolve_plan(recipe, model)
-        except ConfigError:
-            plan = None                      # layers='edited' without a patch: estimate below
-        if plan is not None:
-            first_layer = min(plan.layers) if plan.layers else 0
-            depth = dims.n_layers - first_layer
-            if recipe.method == "full":
-                from editdecay.finetune.trainable import prepare_model
-
-                flags = {p: p.requires_grad for p in model.parameters()}
-                prepare_model(model, recipe, plan)
-                n = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
-                for p, f in flags.items():
-                    p.requires_grad_(f)
-                return n, depth
-            from editdecay.core.arch import get_module
-
-            n = 0
-            for name in plan.modules:
-                w = get_module(model, name).weight
-                i, o = w.shape[1], w.shape[0]
-                n += recipe.lora_r * (i + o) + (o if recipe.method == "dora" else 0)
-            return n, depth
+def _trainable_from_shape(recipe, dims: ModelDims) -> tuple[int, int]:
+    """(trainable parameters, depth a backward pass reaches) of a recipe, from the shape alone."""
+    first_layer = 0 if isinstance(recipe.layers, str) else min(recipe.layers)
     layers = dims.n_layers if recipe.layers in ("all", "edited", "non-edited") else len(recipe.layers)
-    if not isinstance(recipe.layers, str):
-        first_layer = min(recipe.layers)
     depth = dims.n_layers - first_layer
     if recipe.method == "full":
         outside = dims.embed_params + dims.unembed_params if recipe.layers == "all" and recipe.targets == "all" else 0

@@ -83,11 +83,16 @@ def _adaptive_stats(lm, editor: str, cfg: EditorConfig, corpus, requests, cache,
         raise ValueError("adaptive statistics (stats_tolerance) measure on the edit keys: pass `requests`")
     templates = context_templates(lm.model, lm.tokenizer, n=cfg.n_context_templates, length=cfg.context_length,
                                   seed=cfg.seed)
+    from editdecay.core.arch import arch_for, get_module, resolve_name
+    from editdecay.core.devices import module_device
+
     keys = compute_keys(lm.model, lm.tokenizer, list(requests)[:256], list(cfg.layers), templates)
+    spec = arch_for(lm.model)
+    device = module_device(get_module(lm.model, resolve_name(lm.model, spec.mlp_out_name(cfg.layers[0]))))
     if editor == "alphaedit":
-        measure, name = projector_measure(keys, cfg.nullspace_threshold), "P(C) K (E5)"
+        measure, name = projector_measure(keys, cfg.nullspace_threshold, device), "P(C) K (E5)"
     else:
-        measure, name = memit_measure(keys, cfg.mom2_update_weight), "(lambda C + K K^T)^-1 K (E4)"
+        measure, name = memit_measure(keys, cfg.mom2_update_weight, device), "(lambda C + K K^T)^-1 K (E4)"
     return adaptive_second_moments(lm, cfg.layers, corpus=corpus, measure=measure, tolerance=cfg.stats_tolerance,
                                    max_tokens=cfg.stats_tokens, dtype=cfg.stats_dtype, cache=cache,
                                    batch_size=batch_size, measure_name=name, progress=progress)

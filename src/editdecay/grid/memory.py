@@ -58,9 +58,44 @@ def plan_edit(meta: MetaModel, cfg, n_requests: int, device_bytes: int, *, eval_
     return plan_memory(meta.dims, device_bytes, edit=setting)
 
 
+def trainable_on(recipe, model) -> tuple[int, int] | None:
+    """(trainable parameters, blocks a backward pass reaches) of `recipe` on `model` (real or meta-device),
+    counted as fine-tuning will choose them (`finetune.trainable`); None when the recipe needs edited layers
+    that are not known here (`layers='edited'` without a patch). The model's requires_grad flags are kept."""
+    from editdecay.core.arch import get_module, num_layers
+    from editdecay.core.errors import ConfigError
+    from editdecay.finetune.trainable import prepare_model, resolve_plan
+
+    try:
+        plan = resolve_plan(recipe, model)
+    except ConfigError:
+        return None
+    depth = num_layers(model) - (min(plan.layers) if plan.layers else 0)
+    if recipe.method == "full":
+        flags = {p: p.requires_grad for p in model.parameters()}
+        try:
+            prepare_model(model, recipe, plan)
+            n = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+        finally:
+            for p, f in flags.items():
+                p.requires_grad_(f)
+        return n, depth
+    n = 0
+    for name in plan.modules:
+        w = get_module(model, name).weight
+        o, i = w.shape[0], w.shape[1]
+        n += recipe.lora_r * (i + o) + (o if recipe.method == "dora" else 0)
+    return n, depth
+
+
+def train_setting(recipe, dims: ModelDims, model=None, **sizes) -> TrainSetting:
+    """`TrainSetting.from_recipe` with the trainable parameters counted on `model` when given."""
+    return TrainSetting.from_recipe(recipe, dims, trainable=trainable_on(recipe, model) if model is not None else None,
+                                    **sizes)
+
+
 def plan_finetune(meta: MetaModel, recipe, device_bytes: int, *, devices: int = 1) -> MemoryPlan:
-    train = TrainSetting.from_recipe(recipe, meta.dims, model=meta.model, devices=devices)
-    return plan_memory(meta.dims, device_bytes, train=train)
+    return plan_memory(meta.dims, device_bytes, train=train_setting(recipe, meta.dims, meta.model, devices=devices))
 
 
 def plan_grid(plan, device_bytes: int) -> list[dict]:
@@ -113,4 +148,5 @@ def plan_grid(plan, device_bytes: int) -> list[dict]:
     return rows
 
 
-__all__ = ["MetaModel", "editor_config", "meta_model", "plan_edit", "plan_finetune", "plan_grid"]
+__all__ = ["MetaModel", "editor_config", "meta_model", "plan_edit", "plan_finetune", "plan_grid", "train_setting",
+           "trainable_on"]
