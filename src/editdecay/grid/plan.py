@@ -424,7 +424,7 @@ def build_plan(spec: GridSpec) -> Plan:
     _check_order(stages)
     runtime = {
         "cache_dir": _resolve_path(sh.cache_dir, base) if sh.cache_dir else None, "device": sh.device,
-        "threads": sh.threads, "max_attempts": sh.max_attempts, "eval_batch_size": ev.batch_size, "stats_batch_size": sh.statistics.batch_size,
+        "threads": sh.threads, "max_attempts": sh.max_attempts, "finetune_devices": sh.finetune_devices, "eval_batch_size": ev.batch_size, "stats_batch_size": sh.statistics.batch_size,
         "resources": {k: spec.resources.for_kind(k).model_dump() for k in ("stats", "patch", "finetune", "evaluate")},
         "slurm": spec.slurm.model_dump(), "ray": spec.ray.model_dump(), "base_dir": str(base),
     }

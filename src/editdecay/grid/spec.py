@@ -268,6 +268,8 @@ class SharedSettings(_Strict):
     chatterbot: ChatterbotSettings = Field(default_factory=ChatterbotSettings)
     device: str = Field("auto", description="auto (cuda when available) | cpu | cuda | cuda:N")
     threads: int | None = Field(None, ge=1, description="torch CPU threads per stage (default: torch's)")
+    finetune_devices: int = Field(1, ge=1, description="shard every fine-tuning stage over this many GPUs of the "
+                                                       "node (FSDP, one process each; full fine-tuning only)")
     max_attempts: int = Field(3, ge=1, description="starts of a stage whose process dies before it ends (killed "
                                                    "for memory, a time limit) before it is recorded as failed")
     cache_dir: str | None = Field(None, description="editdecay cache (converted models, E1 statistics); default "

@@ -84,10 +84,10 @@ class StageContext:
         root = self.runtime.get("cache_dir")
         return Cache(Path(root)) if root else Cache.default()
 
-    def load_model(self, ref: dict):
+    def load_model(self, ref: dict, device: str | None = None):
         from editdecay.core.models import load_model
 
-        return load_model(ref["name"], dtype=ref["dtype"], device=self.device(), cache=self.cache(),
+        return load_model(ref["name"], dtype=ref["dtype"], device=device or self.device(), cache=self.cache(),
                           trust_remote_code=ref["trust_remote_code"], revision=ref["revision"])
 
     def write_json(self, name: str, obj) -> None:
@@ -227,8 +227,11 @@ def _edited_layers(spec, lm) -> tuple[int, ...] | None:
     return tuple(preset_for(spec["editor"], lm.identity.family, lm.identity.name)["layers"])
 
 
-def run_finetune_stage(ctx: StageContext) -> None:
+def run_finetune_stage(ctx: StageContext, dist=None) -> None:
     """M_f (base model) or M_ef (the patch applied first): `finetune.run_finetune` with a decay curve.
+
+    With the grid's `shared.finetune_devices` N > 1 the stage runs sharded in N processes
+    (`grid.stage_worker`, FSDP; `dist` is this worker's share); process 0 writes the stage's files.
 
     M_ef measures the patch's requests every `eval_every` steps (step 0 = M_e) and keeps no weights; M_f
     measures only the downstream task and keeps its adapter or weights, which `evaluate` stages read.
@@ -241,11 +244,17 @@ def run_finetune_stage(ctx: StageContext) -> None:
     from editdecay.grid.plan import check_data_digest, task_objects
 
     c = ctx.config
+    devices = int(ctx.runtime.get("finetune_devices") or 1)
+    if devices > 1 and dist is None:
+        from editdecay.grid.stage_worker import launch_stage
+
+        launch_stage(ctx, devices)
+        return
     recipe = Recipe.from_dict(c["recipe"])
     source_task, scored_task = task_objects(c)
     check_data_digest(c["data"], c.get("data_digest"))
     source = load_source(c["data"], task=source_task)
-    lm = ctx.load_model(c["model"])
+    lm = ctx.load_model(c["model"], device=str(dist.device) if dist is not None else None)
     requests, edited = (), _edited_layers(c["edited_layers"], lm)
     extra = {"grid_stage": ctx.stage.id}
     if c["patch"] is not None:
@@ -258,7 +267,9 @@ def run_finetune_stage(ctx: StageContext) -> None:
     run = run_finetune(lm, recipe, source, ctx.out / "run", requests=requests, edited_layers=edited,
                        task=scored_task, eval_every=c["eval_every"],
                        save="none" if c["patch"] is not None else "auto", progress=ctx.progress, extra=extra,
-                       downstream=_downstream_spec(c, ctx.runtime))
+                       downstream=_downstream_spec(c, ctx.runtime), dist=dist)
+    if dist is not None and not dist.main:
+        return
     r = run.result
     _check_finite("fine-tuning metrics", {"metrics": r["metrics"], "final_loss": r["training"]["final_loss"]})
     ctx.write_json("outputs.json", {"method": recipe.method, "edited_layers": list(edited) if edited else None,
