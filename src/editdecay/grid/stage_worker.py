@@ -1,6 +1,6 @@
 """A grid fine-tuning stage sharded over N processes (`shared.finetune_devices`, finetune.distributed).
 
-The runner computing the stage calls `launch_stage`, which starts N workers with torch's elastic launcher
+The runner computing the stage calls `stages.launch_sharded`, which starts N workers with torch's elastic launcher
 and waits; each worker reads the plan from the grid's store, joins the process group and runs the same
 stage function (`stages.run_finetune_stage`) with its share; process 0 writes the stage's files into the
 directory the runner is building, as the in-process stage would.
@@ -12,21 +12,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-
-
-def launch_stage(ctx, devices: int) -> None:
-    """Run `ctx`'s fine-tuning stage in `devices` processes; raise EditDecayError if a worker fails."""
-    import subprocess
-
-    from editdecay.core.errors import EditDecayError
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}", "-m",
-           "editdecay.grid.stage_worker", str(ctx.store.root), ctx.stage.id, str(ctx.out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        raise EditDecayError(f"finetune stage {ctx.stage.id} over {devices} processes failed (exit code "
-                             f"{proc.returncode}):\n{tail}")
 
 
 def main(argv: list[str] | None = None) -> None:

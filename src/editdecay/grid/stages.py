@@ -246,9 +246,7 @@ def run_finetune_stage(ctx: StageContext, dist=None) -> None:
     c = ctx.config
     devices = int(ctx.runtime.get("finetune_devices") or 1)
     if devices > 1 and dist is None:
-        from editdecay.grid.stage_worker import launch_stage
-
-        launch_stage(ctx, devices)
+        launch_sharded(ctx, devices)
         return
     recipe = Recipe.from_dict(c["recipe"])
     source_task, scored_task = task_objects(c)
@@ -275,6 +273,21 @@ def run_finetune_stage(ctx: StageContext, dist=None) -> None:
     ctx.write_json("outputs.json", {"method": recipe.method, "edited_layers": list(edited) if edited else None,
                                     "metrics": r["metrics"], "training": r["training"],
                                     "model": lm.identity.to_dict()})
+
+
+def launch_sharded(ctx: StageContext, devices: int) -> None:
+    """Run `ctx`'s fine-tuning stage in `devices` processes (`grid.stage_worker`, each running
+    `run_finetune_stage` with its share); raise EditDecayError if a worker fails."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}", "-m",
+           "editdecay.grid.stage_worker", str(ctx.store.root), ctx.stage.id, str(ctx.out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise EditDecayError(f"finetune stage {ctx.stage.id} over {devices} processes failed (exit code "
+                             f"{proc.returncode}):\n{tail}")
 
 
 def _downstream_spec(c: dict, runtime: dict):
