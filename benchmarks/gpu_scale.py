@@ -38,8 +38,8 @@ is done (a run cut short keeps what it measured):
              basis is written next to the figures ("extrapolated").
 
   adaptive   (e) adaptive E1 statistics at the edit shape (`edit.stats_adaptive`): doubling token counts
-             until (lambda C + K K^T)^-1 K for the keys of 100 synthetic requests changes by less than the
-             default tolerance (1e-2); the tokens needed and the seconds, against the fixed-count cap.
+             until MEMIT's solve on the keys of 100 synthetic requests changes by less than the default
+             tolerance where it acts (`EditProbe`); the tokens needed and the seconds, against the cap.
   fullft     (f) full fine-tuning of the edit-shape model itself (8B on the GPU presets) with the single-GPU
              option the memory plan chose: bfloat16 weights, 8-bit AdamW with stochastic rounding (torchao),
              gradient checkpointing, micro-batch 4 x 1024 tokens (the study's batch 16 as 4 x grad_accum 4);
@@ -451,7 +451,7 @@ def section_adaptive(p: Preset, ctx: dict) -> dict:
     from editdecay.data.corpus import CorpusSpec
     from editdecay.edit.context import ContextTemplates
     from editdecay.edit.keys import compute_keys
-    from editdecay.edit.stats_adaptive import DEFAULT_TOLERANCE, adaptive_second_moments, memit_measure
+    from editdecay.edit.stats_adaptive import DEFAULT_TOLERANCE, adaptive_second_moments, memit_probe
 
     lm, clock = ctx["lm"], ctx["clock"]
     words = ["w5", "w6", "w7", "w8", "w9"][:p.n_context_templates]
@@ -466,9 +466,9 @@ def section_adaptive(p: Preset, ctx: dict) -> dict:
     corpus = CorpusSpec(kind="file", source=str(corpus_path), seq_len=p.stats_seq_len)
     clock.reset()
     t0 = clock.now()
-    st = adaptive_second_moments(lm, p.edit_layers, corpus=corpus, measure=memit_measure(keys, 15000.0, p.device),
+    st = adaptive_second_moments(lm, p.edit_layers, corpus=corpus, probe=memit_probe(keys, 15000.0, p.device),
                                  tolerance=DEFAULT_TOLERANCE, max_tokens=p.adaptive_max_tokens,
-                                 batch_size=p.stats_batch, measure_name="(lambda C + K K^T)^-1 K", progress=False)
+                                 batch_size=p.stats_batch, progress=False)
     sec = clock.now() - t0
     ad = st.provenance["adaptive"]
     return {"tolerance": ad["tolerance"], "stopped": ad["stopped"], "tokens_used": ad["tokens_used"],

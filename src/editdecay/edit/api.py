@@ -77,7 +77,7 @@ def _adaptive_stats(lm, editor: str, cfg: EditorConfig, corpus, requests, cache,
     unedited model, with the run's own context templates."""
     from editdecay.edit.context import context_templates
     from editdecay.edit.keys import compute_keys
-    from editdecay.edit.stats_adaptive import adaptive_second_moments, memit_measure, projector_measure
+    from editdecay.edit.stats_adaptive import adaptive_second_moments, memit_probe, projector_probe
 
     if not requests:
         raise ValueError("adaptive statistics (stats_tolerance) measure on the edit keys: pass `requests`")
@@ -89,13 +89,11 @@ def _adaptive_stats(lm, editor: str, cfg: EditorConfig, corpus, requests, cache,
     keys = compute_keys(lm.model, lm.tokenizer, list(requests)[:256], list(cfg.layers), templates)
     spec = arch_for(lm.model)
     device = module_device(get_module(lm.model, resolve_name(lm.model, spec.mlp_out_name(cfg.layers[0]))))
-    if editor == "alphaedit":
-        measure, name = projector_measure(keys, cfg.nullspace_threshold, device), "P(C) K (E5)"
-    else:
-        measure, name = memit_measure(keys, cfg.mom2_update_weight, device), "(lambda C + K K^T)^-1 K (E4)"
-    return adaptive_second_moments(lm, cfg.layers, corpus=corpus, measure=measure, tolerance=cfg.stats_tolerance,
+    probe = projector_probe(keys, cfg.nullspace_threshold, device) if editor == "alphaedit" else \
+        memit_probe(keys, cfg.mom2_update_weight, device)
+    return adaptive_second_moments(lm, cfg.layers, corpus=corpus, probe=probe, tolerance=cfg.stats_tolerance,
                                    max_tokens=cfg.stats_tokens, dtype=cfg.stats_dtype, cache=cache,
-                                   batch_size=batch_size, measure_name=name, progress=progress)
+                                   batch_size=batch_size, progress=progress)
 
 
 def edit_model(lm, editor: str, cfg: EditorConfig, requests: list[EditRequest], *, batch_size: int | None = None,
