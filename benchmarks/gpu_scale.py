@@ -470,10 +470,15 @@ def section_adaptive(p: Preset, ctx: dict) -> dict:
                                  tolerance=DEFAULT_TOLERANCE, max_tokens=p.adaptive_max_tokens,
                                  batch_size=p.stats_batch, progress=False)
     sec = clock.now() - t0
+    peak = clock.peak()
     ad = st.provenance["adaptive"]
-    return {"tolerance": ad["tolerance"], "stopped": ad["stopped"], "tokens_used": ad["tokens_used"],
+    from editdecay.core.memory_plan import EditSetting
+
+    plan = _plan("statistics", lm.model, peak, edit=EditSetting(layers=p.edit_layers, stats_batch=p.stats_batch,
+                                                                stats_seq_len=p.stats_seq_len, stats_adaptive=True))
+    return {**plan, "tolerance": ad["tolerance"], "stopped": ad["stopped"], "tokens_used": ad["tokens_used"],
             "tokens_cap": p.adaptive_max_tokens, "seconds": round(sec, 3), "checkpoints": ad["checkpoints"],
-            "peak_gib": _gib(clock.peak()), "note": "random weights and random tokens: the tokens a trained model "
+            "peak_gib": _gib(peak), "note": "random weights and random tokens: the tokens a trained model "
             "needs on text can differ; the mechanics and the cost per checkpoint are what this measures"}
 
 

@@ -197,6 +197,7 @@ class EditSetting:
     stats_batch: int = 16
     stats_seq_len: int = 256
     stats_dtype: str = "float32"
+    stats_adaptive: bool = False       # stats_tolerance set: the convergence probe holds float64 copies of C
     solve_dtype: str = "float64"
     target_batch: int = 128            # E3 requests per batch (the CPU default; memory-aware on CUDA)
     key_rows: int = 64                 # E2 prompts per forward (the CPU default)
@@ -207,7 +208,8 @@ class EditSetting:
         """From an `EditorConfig` (layers, templates, statistics and solve dtypes) and the number of edits."""
         return cls(layers=tuple(cfg.layers), n_requests=n_requests, templates=1 + cfg.n_context_templates,
                    prefix_tokens=cfg.context_length + 3 if cfg.n_context_templates else 0,
-                   stats_dtype=cfg.stats_dtype, solve_dtype=cfg.solve_dtype,
+                   stats_dtype=cfg.stats_dtype, stats_adaptive=cfg.stats_tolerance is not None,
+                   solve_dtype=cfg.solve_dtype,
                    target_batch=cfg.target_batch_size or 128, **sizes)
 
     @classmethod
@@ -328,7 +330,10 @@ def stage_memory(dims: ModelDims, stage: str, *, edit: EditSetting | None = None
     if stage == "statistics":
         a = _DTYPE_BYTES[edit.stats_dtype]
         BT = edit.stats_batch * edit.stats_seq_len
+        # adaptive E1 (edit/stats_adaptive.py): float64 C of every layer in the probe, and one system being solved
+        probe = (S + 1) * dims.d_ff ** 2 * 8 if edit.stats_adaptive else 0
         return StageMemory(stage, weights, {
+            **({"adaptive probe (float64 C)": probe} if probe else {}),
             "weights": weights,
             "moment sums": S * dims.d_ff ** 2 * a,
             "captured W_out inputs": S * BT * dims.d_ff * e,
