@@ -33,7 +33,7 @@ class EditorConfig(Config):
     stats_tolerance: float | None = Field(
         None, gt=0, lt=1, exclude_if=lambda v: v is None,
         description="adaptive E1 (edit/stats_adaptive.py): doubling token counts until the relative change of "
-                    "the solve applied to the edit keys is below this (1e-2 is the measured default); "
+                    "the solve applied to the edit keys is below this (0.5: measured on the embedded model, docs/scale.md); "
                     "stats_tokens is then the cap. None: exactly stats_tokens tokens (the original procedure)")
     solve_dtype: str = Field("float64", description="dtype of the linear solves (E4/E5); never an explicit inverse")
 
