@@ -579,4 +579,3 @@ def device_memory(device: str, explicit: str | int | None = None) -> int | None:
 __all__ = ["ACT", "EditSetting", "GIB", "HEADROOM", "MemoryPlan", "MemoryPlanError", "ModelDims", "STAGES",
            "StageMemory", "StageVerdict", "TrainSetting", "device_memory", "fmt_gib", "parse_memory", "plan_memory",
            "render", "stage_memory"]
-
