@@ -89,3 +89,18 @@ def test_grid_plan_memory_plans_every_resolved_stage(tmp_path):
     assert all(r["plan"] is not None and r["plan"]["fits"] for r in rows), rows
     tight = CliRunner().invoke(app, ["grid", "plan", str(path), "--memory", "200MB"])
     assert tight.exit_code == 0 and "DOES NOT FIT" in tight.output
+
+
+def test_low_precision_full_fine_tuning_writes_its_master_weights_into_the_stage_spec():
+    # Master weights became the default for bfloat16 full fine-tuning with AdamW: such a stage must not share an
+    # id with one computed before (without them), so the plan writes the resolved value; float32 and LoRA keep theirs.
+    d = small()
+    d["models"] = [{"name": "smollm2-135m", "dtype": "bfloat16"}]
+    bf16 = build_plan(grid_from_dict(d))
+    recipes = [s.spec.recipe for s in bf16.stages.values() if s.kind == "finetune"]
+    assert {(r.method, r.master_weights) for r in recipes} == {("full", True), ("lora", None)}
+    fp32 = [s.spec.recipe for s in build_plan(grid_from_dict(small())).stages.values() if s.kind == "finetune"]
+    assert {r.master_weights for r in fp32} == {None}
+    d["recipes"][0]["overrides"]["master_weights"] = False
+    off = [s.spec.recipe for s in build_plan(grid_from_dict(d)).stages.values() if s.kind == "finetune"]
+    assert {r.master_weights for r in off} == {False}

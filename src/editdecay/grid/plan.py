@@ -303,6 +303,12 @@ def _recipes(entry: RecipeEntry, index: int, seed: int, model: _Model) -> list[_
             recipe = preset(name, method, **chosen, **entry.overrides)
         except ConfigError as e:
             raise ConfigError(f"recipes[{index}] (method={method}, layers={layers}, targets={targets}): {e}") from None
+        if model.ref.dtype != "float32" and recipe.method == "full" and recipe.optimizer == "adamw" \
+                and recipe.master_weights is None:
+            # Training then keeps float32 master weights by default (finetune/precision.py needs_master); writing
+            # that into the stage spec gives such stages an id of their own, so a low-precision full fine-tuning
+            # stage computed before master weights existed is recomputed rather than reused under the new meaning.
+            recipe = recipe.replace(master_weights=True)
         out.append(_Recipe(_recipe_label(entry, method, layers, targets), recipe))
     return out
 
