@@ -71,3 +71,15 @@ def test_grid_file_errors_name_the_field_before_any_model_work(tmp_path):
     bad_n = {**d, "shared": {**d["shared"], "evaluation": {"n_control": -1}}}
     with pytest.raises(ConfigError, match=r"n_control"):
         grid_from_dict(bad_n, base_dir=tmp_path)
+
+
+def test_report_of_the_cell_has_the_pooled_control_row_and_the_figures(cell, tmp_path):
+    from editdecay.report import build_report
+
+    report = build_report(cell["root"] / "out", tmp_path / "report", frequencies=False, progress=False)
+    control = next(t for t in report.tables if t.key == "knowledge_control")
+    assert len(control.rows) == 2 and control.rows[-1][0] == "all cells (pooled)"
+    kfr = cell["result"]["decay"]["knowledge_flip_ratio"]
+    assert control.rows[0][5:8] == (kfr["n"], kfr["n_known"], kfr["n_flipped"]) and control.rows[-1][6] == kfr["n_known"]
+    assert "all cells (pooled)" in (tmp_path / "report" / "report.html").read_text()
+    assert {"knowledge_vs_edits.png", "survival_curves.png"} <= {p.name for p in (tmp_path / "report" / "figures").iterdir()}

@@ -65,7 +65,7 @@ def knowledge_control(a: Analysis) -> Table:
         from editdecay.measure.knowledge import compare_flips
 
         t = compare_flips(*pooled)
-        rows.append(["all cells (pooled)", "", "", "", ""] + [
+        rows.append(["all cells (pooled)"] + [None] * (len(NAMES) - 1) + [
             None, pooled[3], pooled[2], t["knowledge_flip_ratio"], None, pooled[1], pooled[0], t["edit_flip_ratio"],
             t["difference"], t["p_greater"]])
         verdict = ("edits are forgotten faster than facts the model knew" if t["p_greater"] is not None
