@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -21,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from editdecay.core.arch import get_module
-from editdecay.core.cache import atomic_write_json, sha256_file
+from editdecay.core.cache import atomic_write_json, sha256_file, temp_file
 from editdecay.core.errors import ConfigError
 from editdecay.core.layers import parse_layers
 from editdecay.core.request import EditRequest
@@ -138,8 +137,7 @@ class EditPatch:
         }
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.deltas.items()}
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{PATCH_FILE}.", suffix=".tmp")   # unique per save
-        os.close(fd)
+        tmp = temp_file(directory / PATCH_FILE)         # unique per save; 0644 like every other result
         try:
             save_file(tensors, tmp, metadata={"editor": self.editor, "format": str(PATCH_FORMAT)})
             meta["tensors_sha256"] = sha256_file(tmp)

@@ -29,11 +29,9 @@ The model object is changed in place (edit applied, weights trained or adapters 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -41,6 +39,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from editdecay.core.cache import temp_dir, temp_file
 from editdecay.core.devices import input_device
 from editdecay.core.errors import ConfigError, EditDecayError
 from editdecay.core.models import LoadedModel, check_same_weights
@@ -226,7 +225,9 @@ def load_finetuned(lm: LoadedModel, run_dir: Path) -> nn.Module:
     """Base model + the fine-tuned weights of a finished run directory (`run_finetune(out=run_dir)`): the adapter
     (LoRA/DoRA, unmerged, as it was measured during training) or the saved tensors (full fine-tuning).
     Returns the model to measure. Raises EditDecayError if the run was made on other weights."""
-    result = json.loads((run_dir / "result.json").read_text())
+    from editdecay.core.schema import read_result
+
+    result = read_result(run_dir / RESULT_FILE, kind="finetune").model_dump(mode="json")
     check_same_weights(lm.identity, result.get("model"), f"fine-tuning run {run_dir}")
     outputs = result.get("outputs", {})
     if "adapter" in outputs:
@@ -301,16 +302,11 @@ def _publish(target: Path, write: Callable[[Path], object], directory: bool = Fa
     """Write an output under a unique temporary name beside `target`, then rename it into place (replacing an
     older one). A save that fails or is killed leaves no half-written `adapter/` or weights file behind."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    else:
-        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(fd)
-        tmp = Path(name)
+    tmp = temp_dir(target) if directory else temp_file(target)      # ordinary permissions, like every result
     try:
         write(tmp)
         if directory and target.exists():     # a directory cannot be renamed over: move the old one aside first
-            aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+            aside = temp_dir(target)
             os.replace(target, aside / target.name)
             os.rename(tmp, target)
             shutil.rmtree(aside, ignore_errors=True)
