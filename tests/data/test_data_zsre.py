@@ -245,7 +245,7 @@ def test_unusable_files_name_the_path(tmp_path, content, words):
 
 
 def test_missing_file_and_bad_target(tmp_path):
-    with pytest.raises(DataError, match="no such file") as e:
+    with pytest.raises(DataError, match="nope.json' does not exist") as e:
         load_zsre(tmp_path / "nope.json")
     assert "nope.json" in str(e.value)
     with pytest.raises(ConfigError, match="'answer'.*'answers'.*'alt'"):
