@@ -190,7 +190,7 @@ def status_cmd(
     if as_json:
         _print_json({"grid": plan.name, "counts": counts, "cells": cells, "locks": locks})
         return
-    colour = {"done": "green", "running": "yellow", "failed": "red", "pending": "dim"}
+    colour = {"done": "green", "running": "yellow", "failed": "red", "pending": "dim", "invalid": "red"}
     con = _wide()
     t = Table(title=f"grid {plan.name!r} in {out}")
     for col in ("cell", "state", "detail"):
@@ -199,6 +199,8 @@ def status_cmd(
         detail = ""
         if c["state"] == "failed":
             detail = f"{c['failed_kind']}: {c['error']}"
+        elif c["state"] == "invalid":
+            detail = f"{c['error']} (`editdecay grid run` publishes it again from its cell stage)"
         elif c["state"] == "running":
             r = c["running"][0]
             detail = f"{r['kind']} on {r.get('host', '?')} pid {r.get('pid', '?')} since {r.get('started', '?')}"

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from editdecay.core.files import MAX_RESULT_BYTES, json_or_none
 from editdecay.grid.backends import make_backend
 from editdecay.grid.execute import Progress, StageOutcome
 from editdecay.grid.plan import Plan
@@ -173,9 +174,8 @@ def _check_same_grid(store: GridStore, plan: Plan) -> None:
     """A directory may be re-used with a changed version of its grid (finished stages are content-addressed), but
     say so. Another grid (another name) is refused, before anything is written (`GridStore.check_same_grid`)."""
     store.check_same_grid(plan)
-    try:
-        old = json.loads(store.plan_path.read_text())
-    except (OSError, ValueError):
+    old = json_or_none(store.plan_path, limit=MAX_RESULT_BYTES)
+    if old is None:
         return
     if old.get("format") != plan.format:
         log.warning("%s was planned by another version of editdecay (plan format %s, now %s): its stages do not "
@@ -183,7 +183,8 @@ def _check_same_grid(store: GridStore, plan: Plan) -> None:
                     "disk and are not reported (results of cells not in plan.json are listed as stray)",
                     store.root, old.get("format"), plan.format)
         return
-    before = {c["id"] for c in old.get("cells", [])}
+    cells = old.get("cells")
+    before = {c.get("id") for c in cells if isinstance(c, dict)} if isinstance(cells, list) else set()
     now = {c.id for c in plan.cells}
     if before != now:
         log.warning("the grid in %s changed since its last run: %d cells kept, %d new, %d no longer in the grid "

@@ -383,15 +383,10 @@ def grid_from_dict(data: dict, *, source: str = "grid", base_dir: Path | None = 
 
 def load_grid(path: str | Path) -> GridSpec:
     """Read and validate a grid YAML file (relative paths inside it are relative to its directory)."""
-    import yaml
+    from editdecay.core.files import read_yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"grid file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml(path, "grid file")      # a regular UTF-8 file; YAML alias bombs refused
     return grid_from_dict(data, source=str(path), base_dir=path.parent)
 
 

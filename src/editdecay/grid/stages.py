@@ -22,7 +22,6 @@ Stage kinds (plan.py explains which cells share which):
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +68,9 @@ class StageContext:
         return self.store.stage_dir(sid)
 
     def dep_json(self, sid: str, name: str) -> dict:
-        return json.loads((self.dep_dir(sid) / name).read_text())
+        from editdecay.core.files import MAX_RESULT_BYTES, read_json
+
+        return read_json(self.dep_dir(sid) / name, f"stage {sid} output", limit=MAX_RESULT_BYTES, expect=dict)
 
     def dep_result(self, sid: str) -> dict:
         """A finetune stage's `run/result.json`, read through the schema (older model names renamed)."""

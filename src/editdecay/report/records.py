@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 EDITED_MODELS = ("M_e", "M_ef")
 SCORES = ("efficacy", "paraphrase", "neighborhood")
 SCORE_ABBR = {"efficacy": "ES", "paraphrase": "PS", "neighborhood": "NS"}
-STATES = (*GRID_STATES, "invalid")        # grid states (grid/store.py) + "invalid" (result unusable)
+STATES = GRID_STATES          # grid/store/status.py: done, running, failed, pending, invalid (result unusable)
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,8 @@ def load_results(root: str | Path) -> ResultsSet:
             if not path.is_file():      # the cell stage finished but its result was not published yet
                 path = store.stage_dir(cell.stages["cell"]) / "result.json"
             rec = _from_file(cell.id, path, label=cell.label, axes=cell.axes)
+        elif entry["state"] == "invalid":
+            rec = CellRecord(cell.id, cell.label, cell.axes, "invalid", error=entry["error"], path=entry["result"])
         else:
             rec = CellRecord(cell.id, cell.label, cell.axes, entry["state"], error=_first_line(entry.get("error")),
                              failed_stage=entry.get("failed_stage"), failed_kind=entry.get("failed_kind"))
