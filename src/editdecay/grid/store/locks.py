@@ -18,9 +18,10 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from editdecay.core.cache import atomic_write_json
+from editdecay.core.errors import ConfigError
 from editdecay.grid.store import holder as holder_record
 from editdecay.grid.store.events import EventLog
-from editdecay.grid.store.holder import RUNNING, is_mine, new_record, pid_alive
+from editdecay.grid.store.holder import HEARTBEAT_S, RUNNING, is_mine, new_record, pid_alive
 from editdecay.grid.store.lease import StageLease
 from editdecay.grid.store.records import StageRecords
 
@@ -29,6 +30,15 @@ log = logging.getLogger(__name__)
 LOCK = ".lock"
 STALE_AFTER_S = 900.0       # a lock whose holder shows no heartbeat for this long is stale (grid status/unlock)
 WAIT_REPORT_S = 60.0        # a runner waiting for a lock says who holds it this often
+
+
+def check_stale_after(seconds: float) -> float:
+    """`seconds` if it is a usable heartbeat age (> 0, finite); ConfigError naming --stale-after otherwise (0 or
+    less would call every holder stale the moment it took its lock)."""
+    if not (isinstance(seconds, (int, float)) and 0 < seconds < float("inf")):
+        raise ConfigError(f"--stale-after {seconds!r}: a lock is stale after a positive number of seconds without a "
+                          f"heartbeat (holders beat every {HEARTBEAT_S:g} s; default {STALE_AFTER_S:g})")
+    return float(seconds)
 
 
 class StageLocks(StageRecords, EventLog):
@@ -96,7 +106,12 @@ class StageLocks(StageRecords, EventLog):
 
     def holder(self, sid: str, stale_after: float = STALE_AFTER_S) -> dict:
         """Who holds the stage's lock, from its holder record: {stage, host, pid, started, heartbeat_age_s,
-        held_s, alive (None: another host), stale, why}. Call only for a lock that is held."""
+        held_s, alive (None: another host), stale, why}. Call only for a lock that is held.
+
+        A holder that is a live process of this host is never stale, however old its heartbeat: it may be slow
+        (a long save, a swapped-out process), and breaking its lock lets a second runner delete its temporary
+        directory. `why` then says it shows no heartbeat; only `grid unlock --stage ID --force` clears it."""
+        check_stale_after(stale_after)
         rec = self.running_info(sid) or {}
         now = time.time()
         out = {"stage": sid, **{k: rec.get(k) for k in ("host", "pid", "started", "heartbeat")}}
@@ -111,6 +126,9 @@ class StageLocks(StageRecords, EventLog):
         age = out.get("heartbeat_age_s")
         if out["alive"] is False:
             out.update(stale=True, why=f"its holder, pid {rec['pid']} on this host, no longer exists")
+        elif out["alive"] and age is not None and age > stale_after:
+            out.update(stale=False, why=f"its holder, pid {rec['pid']} on this host, is alive but showed no heartbeat "
+                                        f"for {age:.0f} s: it may hang (kill it, or clear with --stage {sid} --force)")
         elif age is not None and age > stale_after:
             out.update(stale=True, why=f"no heartbeat for {age:.0f} s (more than {stale_after:.0f} s): its holder "
                                        f"hangs or lost this filesystem")
@@ -120,6 +138,7 @@ class StageLocks(StageRecords, EventLog):
 
     def locks(self, stale_after: float = STALE_AFTER_S) -> list[dict]:
         """Every stage lock held now, with its holder (`holder`)."""
+        check_stale_after(stale_after)
         out = []
         for path in sorted((self.root / "stages").glob(f"*{LOCK}")):
             sid = path.name[:-len(LOCK)]
@@ -145,4 +164,4 @@ class StageLocks(StageRecords, EventLog):
         return True
 
 
-__all__ = ["STALE_AFTER_S", "StageLocks", "WAIT_REPORT_S"]
+__all__ = ["STALE_AFTER_S", "StageLocks", "WAIT_REPORT_S", "check_stale_after"]

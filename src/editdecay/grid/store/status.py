@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from editdecay.grid.plan import Plan
-from editdecay.grid.store.locks import STALE_AFTER_S, StageLocks
+from editdecay.grid.store.locks import STALE_AFTER_S, StageLocks, check_stale_after
 from editdecay.grid.store.results import CellResults
 
 STATES = ("done", "running", "failed", "pending", "invalid")
@@ -26,6 +26,7 @@ class CellStatus(StageLocks, CellResults):
         running: one of its stages is locked (`running`: the holders, `holder`, with `stale` where the holder
         is gone or shows no heartbeat for `stale_after` seconds). pending: otherwise.
         """
+        check_stale_after(stale_after)
         stage_state: dict[str, str] = {}
 
         def state_of(sid: str) -> str:
