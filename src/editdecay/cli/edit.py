@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from editdecay.cli import app
-from editdecay.cli.common import console, guard, metrics_table, set_threads
+from editdecay.cli.common import check_run, console, guard, metrics_table
 from editdecay.cli.options import Fields, config_options, option_of
 from editdecay.core.model_ref import ModelRef
 from editdecay.edit.config import EditorConfig
@@ -62,11 +62,13 @@ def edit(
     n: Optional[int] = typer.Option(None, help="number of edits (first N, or a seeded sample with --seed)"),
     seed: Optional[int] = typer.Option(None, help="seed for the sample of N requests"),
     out: Path = typer.Option(..., help="patch directory to write (patch.safetensors, patch.json, result.json)"),
+    overwrite: bool = typer.Option(False, help="replace a patch already in --out"),
 ) -> None:
     """Edit a model (docs/METHODS.md E1-E5); print efficacy/paraphrase/neighbourhood before and after."""
     from editdecay.core.cache import Cache
     from editdecay.core.config import check_choice
     from editdecay.core.errors import ConfigError
+    from editdecay.core.outputs import check_output_dir
     from editdecay.data.sources import EditSelection
     from editdecay.edit.registry import field_owners, make_config
     from editdecay.edit.workflow import EditJob, run_edit
@@ -74,7 +76,6 @@ def edit(
     ref = ModelRef(**model)
     ev = EvaluationSettings(**evaluation)
     settings = SharedSettings(**run)
-    set_threads(settings.threads)
     name = check_choice("--editor", editor.lower(), editor_names())
     if seed is not None and n is None:
         raise ConfigError(f"--seed {seed} draws a sample of --n requests; without --n every request is edited and "
@@ -90,6 +91,8 @@ def edit(
     job = EditJob(model=ref, editor=name, overrides={k: getattr(checked, k) for k in editor_fields},
                   requests=EditSelection(data=data, n=n, seed=seed, zsre_target=ev.zsre_target, strict=ev.strict),
                   batch_size=ev.edit_batch_size)
+    check_run(settings)
+    check_output_dir(out, kind="edit", overwrite=overwrite)     # before hours of editing, not after
     result = run_edit(job, out=out, device=settings.device,
                       cache=Cache(Path(settings.cache_dir)) if settings.cache_dir else None)
     console.print(metrics_table(f"{name} on {result['model']['name']}, {result['data']['name']}", result["metrics"]))

@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from editdecay.cli import app
-from editdecay.cli.common import ALLOW_FOREIGN_PATCH, console, guard, metrics_table, model_label, pct, set_threads
+from editdecay.cli.common import ALLOW_FOREIGN_PATCH, check_run, console, guard, metrics_table, model_label, pct
 from editdecay.cli.options import Fields, config_options
 from editdecay.core.errors import ConfigError
 from editdecay.core.model_ref import ModelRef
@@ -79,6 +79,7 @@ def finetune(
     """Fine-tune (full, LoRA, DoRA; selective layers) and print edit metrics before/after editing and after
     fine-tuning, with a decay curve every --eval-every steps."""
     from editdecay.core.cache import Cache
+    from editdecay.core.outputs import check_output_dir
     from editdecay.data.source import FINETUNE, HELD_OUT
     from editdecay.finetune import EditsUnderTest, Measures, load_source, run_finetune
     from editdecay.finetune import preset as make_preset
@@ -90,7 +91,6 @@ def finetune(
     ev = EvaluationSettings(**evaluation)
     settings = SharedSettings(**run)
     ds_spec = _downstream(downstream)
-    set_threads(settings.threads)
     # Each source's settings as a grid's `shared.<settings_key>` section holds them: the options given over the
     # record's defaults, all validated (an option of a source not used here is checked too, never ignored unread).
     sections = {key: s.settings(**sources.get(key, {})) for key, s in data_sources.sources_with_settings().items()}
@@ -102,6 +102,8 @@ def finetune(
     source = load_source(data, task=task if held == spec.text else None)
     patch_obj = _load_patch(patch) if patch else None
     reqs = _requests(requests, patch_obj, limit)
+    check_run(settings)
+    check_output_dir(out, kind="finetune", overwrite=overwrite)
 
     lm = ref.load(device=settings.device, cache=Cache(Path(settings.cache_dir)) if settings.cache_dir else None)
     extra = {}
@@ -141,13 +143,20 @@ def _load_patch(path: Path):
 
 
 def _requests(spec: Optional[str], patch_obj, limit: Optional[int]) -> tuple:
-    if spec:
-        from editdecay.data import load_edit_data
+    """The requests measured: --requests' data, else the patch's; the first --limit of them (`subset`: a limit
+    below 1 or above what there is is an error naming --limit, never a Python slice)."""
+    from editdecay.data.common import EditDataset
+    from editdecay.data.sources import load_edit_data, subset
 
-        reqs = load_edit_data(spec).requests
-    else:
-        reqs = patch_obj.requests if patch_obj is not None else ()
-    return tuple(reqs[:limit]) if limit else tuple(reqs)
+    if spec:
+        return tuple(load_edit_data(spec, limit=limit, field="--limit").requests)
+    if patch_obj is None:
+        if limit is not None:
+            raise ConfigError(f"--limit {limit} limits the requests measured, but there are none: give --patch DIR "
+                              f"or --requests DATA")
+        return ()
+    ds = EditDataset("the patch's requests", tuple(patch_obj.requests), len(patch_obj.requests))
+    return tuple(subset(ds, limit, None, field="--limit").requests)
 
 
 def _score(values: dict) -> str:

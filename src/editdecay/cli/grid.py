@@ -98,10 +98,14 @@ def run_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
 ) -> None:
     """Run (or resume) a grid. Finished stages are reused; failed cells are recorded and the rest goes on."""
+    from editdecay.core.files import MAX_GRID_BYTES, read_text
+    from editdecay.core.outputs import check_output_dir
     from editdecay.grid.runner import run_grid
 
     threads = SharedSettings(**run).threads
     plan = _load(grid_file)
+    check_output_dir(out, kind="grid", overwrite=True)      # resumable in place; never over another kind of run
+    grid_text = read_text(grid_file, "grid file", limit=MAX_GRID_BYTES)
     options = {}
     if backend == "ray":
         options = {"address": address, "num_cpus": num_cpus}
@@ -115,7 +119,7 @@ def run_cmd(
         err.print(line, markup=False, highlight=False, soft_wrap=True)
 
     echo(f"grid {plan.name!r}: {len(plan.cells)} cells, {len(plan.stages)} stages -> {out} ({backend})")
-    summary = run_grid(plan, out, backend=backend, grid_text=grid_file.read_text(), retry_failed=retry_failed,
+    summary = run_grid(plan, out, backend=backend, grid_text=grid_text, retry_failed=retry_failed,
                        cells=cell or None, threads=threads, progress=progress, echo=echo, **options)
     if as_json:
         _print_json(summary.to_dict())
@@ -206,10 +210,15 @@ def status_cmd(
             detail = f"{r['kind']} on {r.get('host', '?')} pid {r.get('pid', '?')} since {r.get('started', '?')}"
             if r.get("stale"):
                 detail += f" [red]STALE[/]: {r['why']}"
+            elif r.get("why"):
+                detail += f" [yellow]no heartbeat[/]: {r['why']}"
         t.add_row(c["id"], f"[{colour[c['state']]}]{c['state']}[/]", detail)
     con.print(t)
     con.print(", ".join(f"{v} {k}" for k, v in counts.items()))
     stale = [k for k in locks if k["stale"]]
+    for k in locks:
+        if not k["stale"] and k.get("why"):         # alive on this host, silent: only --force clears it
+            con.print(f"[yellow]silent lock[/] {k['stage']}: {k['why']}", highlight=False)
     for k in stale:
         con.print(f"[red]stale lock[/] {k['stage']}: held by pid {k.get('pid', '?')} on {k.get('host', '?')} since "
                   f"{k.get('started', '?')}; {k['why']}", highlight=False)

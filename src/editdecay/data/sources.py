@@ -189,15 +189,16 @@ def labels(specs: Iterable[str]) -> dict[str, str]:
 
 
 def load_edit_data(spec: str, *, zsre_target: str = "answers", strict: bool = False,
-                   limit: int | None = None, seed: int | None = None) -> EditDataset:
+                   limit: int | None = None, seed: int | None = None, field: str = "limit") -> EditDataset:
     """Load and validate edit requests.
 
     `limit` keeps the first `limit` requests, or a seeded random sample when `seed`
-    is given (the same seed always gives the same sample).
+    is given (the same seed always gives the same sample); more than the data has is a ConfigError naming
+    `field` (`subset`).
     """
     parsed = parse_spec(spec, EDIT)
     ds = source_of(parsed).edit_data(parsed, EditOptions(strict=strict, zsre_target=zsre_target))
-    return subset(ds, limit, seed)
+    return subset(ds, limit, seed, field=field)
 
 
 class EditSelection(Config):
@@ -218,15 +219,28 @@ class EditSelection(Config):
         """The selected requests (DataError if the data changed since `digest`, or with `strict` and a rejection)."""
         if self.digest is not None:
             check_digest(self.data, self.digest)
-        return load_edit_data(self.data, zsre_target=self.zsre_target, strict=self.strict, limit=self.n,
+        return load_edit_data(self.data, zsre_target=self.zsre_target, strict=self.strict, limit=self.n, field="n",
                               seed=self.seed)
 
 
-def subset(ds: EditDataset, limit: int | None, seed: int | None) -> EditDataset:
-    if limit is None or limit >= len(ds.requests):
+def subset(ds: EditDataset, limit: int | None, seed: int | None, *, field: str = "limit") -> EditDataset:
+    """The first `limit` requests of `ds`, or a seeded sample of `limit` with `seed`; every request with None.
+
+    A count the data cannot give is an error, never silently shortened: a result whose configuration says
+    100,000 edits must hold 100,000 (ConfigError naming `field`, the value, the data and how many it has; also
+    for `limit` < 1)."""
+    if limit is None:
         return ds
-    if limit <= 0:
-        raise ConfigError(f"limit must be positive, got {limit}")
+    given = f"{field} {limit!r}" if field.startswith("--") else f"{field}={limit!r}"     # as the user wrote it
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigError(f"{given} is not a number of requests: give a whole number >= 1, or none to use every "
+                          f"usable record")
+    if limit > len(ds.requests):
+        rejected = f" ({ds.rejected_records} of its {ds.n_records} records rejected)" if ds.rejected_records else ""
+        raise ConfigError(f"{given} asks for more requests than {ds.name} has: {len(ds.requests)} usable"
+                          f"{rejected}; give {field} <= {len(ds.requests)}, or none to use every one")
+    if limit == len(ds.requests):
+        return ds
     reqs = list(ds.requests)
     if seed is not None:
         reqs = random.Random(seed).sample(reqs, limit)

@@ -42,7 +42,8 @@ def evaluate_stage_result(model: ModelRef, requests: EditSelection | None, patch
             # The documented default with a patch: its own requests.
             from editdecay.data import EditDataset, subset
 
-            ds = subset(EditDataset(f"patch:{patch_dir}", tuple(patch.requests), len(patch.requests)), limit, seed)
+            ds = subset(EditDataset(f"patch:{patch_dir}", tuple(patch.requests), len(patch.requests)), limit, seed,
+                        field="--limit")
         else:
             ds = (requests or EditSelection(data="worldfacts")).load()
             if ds.rejected:

@@ -42,6 +42,7 @@ from torch import nn
 from editdecay.core.cache import temp_dir, temp_file
 from editdecay.core.devices import input_device
 from editdecay.core.errors import ConfigError, EditDecayError
+from editdecay.core.outputs import check_output_dir
 from editdecay.core.models import LoadedModel, check_same_weights
 from editdecay.core.request import EditRequest
 from editdecay.core.results import Timer, environment, write_result
@@ -119,7 +120,7 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
         save = "merged" if recipe.method == "full" else "adapter"
     if recipe.method == "full" and save in ("adapter", "both"):
         raise ConfigError(f"save={save!r}: method='full' has no adapter; use save='merged' or 'none'")
-    _prepare_dir(out, overwrite)
+    check_output_dir(out, kind="finetune", overwrite=overwrite, overwrite_flag="overwrite=True (--overwrite)")
     timer = Timer()
     model, tok = lm.model, lm.tokenizer
     # Everything that can be wrong with the recipe or the data fails here, before any evaluation or training.
@@ -130,6 +131,7 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
     log.info("%s fine-tuning: layers %s, %d target modules, %d examples (%d loss tokens)", recipe.method,
              list(plan.layers), len(plan.modules), len(data.examples), data.identity["n_loss_tokens"])
     scorer = _Downstream.load(measures.downstream, timer) if measures.downstream else None   # bad task: now
+    _prepare_dir(out, overwrite)        # every setting is valid: only now is an old run's output removed
     task = measures.task
     task_records = task.records()[1] if task is not None else ()
     task_name = task.identity().get("name") if task is not None else None
@@ -254,15 +256,22 @@ def load_finetuned(lm: LoadedModel, run_dir: Path) -> nn.Module:
 
 
 def _prepare_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a directory holding a run (unless overwrite); with overwrite remove every output of the old run,
-    `adapter/` included, so nothing of it can be mistaken for this run's, and leftovers of killed saves."""
+    """Make `out` ready for this run, once every setting is known to be valid (`check_output_dir` refused a
+    directory holding another run, or this kind's without overwrite, before anything was computed).
+
+    With overwrite, every output of the old run is removed, `adapter/` included, so nothing of it can be mistaken
+    for this run's. Outputs of a run that was interrupted (logs or a curve, but no result.json) are removed with a
+    warning naming them: such a run cannot be resumed (its optimiser state was never saved), and its partial logs
+    are no result anyone could lose. Leftovers of killed saves go too."""
+    check_output_dir(out, kind="finetune", overwrite=overwrite, overwrite_flag="overwrite=True (--overwrite)")
     out.mkdir(parents=True, exist_ok=True)
-    stale = [out / n for n in (RESULT_FILE, LOG_FILE, CURVE_FILE, WEIGHTS_FILE, ADAPTER_DIR) if (out / n).exists()]
-    if stale and not overwrite:
-        raise ConfigError(f"out={out} already holds a fine-tuning run ({stale[0].name}); choose another directory "
-                          f"or pass overwrite=True (--overwrite)")
+    stale = [out / n for n in (RESULT_FILE, LOG_FILE, CURVE_FILE, WEIGHTS_FILE, ADAPTER_DIR) if os.path.lexists(out / n)]
+    if stale and not overwrite:         # no result.json (check_output_dir): an interrupted run's partial outputs
+        log.warning("%s holds the partial outputs of an interrupted fine-tuning run (%s, no %s); removing them and "
+                    "starting again (a run is not resumed from its logs)", out, ", ".join(p.name for p in stale),
+                    RESULT_FILE)
     for p in stale + [p for n in (ADAPTER_DIR, WEIGHTS_FILE) for p in out.glob(f".{n}.*.tmp")]:
-        if p.is_dir():
+        if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         else:
             p.unlink()

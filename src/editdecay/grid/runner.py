@@ -126,7 +126,9 @@ def run_grid(plan: Plan, out: str | Path, *, backend: str = "local", grid_text: 
 def preflight(plan: Plan, store: GridStore, stage_ids: list[str]) -> list[StageOutcome]:
     """Read every edit and fine-tuning data set the stages need (no model, a few seconds at most) and record a
     failure for each stage whose data cannot be read, before hours go into fine-tuning runs whose cells could
-    never finish. Sources read over the network (`hf:`) are left to their stage."""
+    never finish. Sources read over the network (`hf:`) are left to their stage. An edit stage whose n_edits is
+    more than the data's usable requests fails here too (`data.sources.subset`), never running fewer edits than its
+    cell says."""
     from editdecay.data import sources as data_sources
     from editdecay.grid.specs import EvaluateSpec, FinetuneSpec, PatchSpec
 
@@ -150,14 +152,26 @@ def preflight(plan: Plan, store: GridStore, stage_ids: list[str]) -> list[StageO
         else:
             continue
         readers.setdefault(key, []).append(sid)
+    def count_check(sid: str, data) -> None:
+        spec = plan.stages[sid].spec
+        if isinstance(spec, (PatchSpec, EvaluateSpec)):
+            data_sources.subset(data, spec.requests.n, spec.requests.seed, field="n_edits")
+
     out = []
     for key, sids in readers.items():
+        failures: list[tuple[list[str], str, str]] = []      # (stages, error, traceback)
         try:
-            loaders[key]()
+            data = loaders[key]()
         except Exception as e:  # noqa: BLE001 -- recorded per stage, like a failure while computing
-            error = f"{type(e).__name__}: {e}"
-            tb = traceback.format_exc()
+            failures.append((sids, f"{type(e).__name__}: {e}", traceback.format_exc()))
+        else:
             for sid in sids:
+                try:
+                    count_check(sid, data)
+                except Exception as e:  # noqa: BLE001
+                    failures.append(([sid], f"{type(e).__name__}: {e}", traceback.format_exc()))
+        for failed, error, tb in failures:
+            for sid in failed:
                 kind = plan.stages[sid].kind
                 lease = store.try_take(sid)
                 if lease is None:
