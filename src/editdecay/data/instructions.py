@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from editdecay.core.errors import ConfigError, DataError
+from editdecay.data.common import UnusableRecords
 from editdecay.data.documents import (
     MAX_DOCUMENT_CHARS,
     read_records,
@@ -77,7 +78,7 @@ def records_from_rows(rows: Sequence, where: str) -> tuple[InstructionRecord, ..
         out.append(InstructionRecord(row["instruction"], inp, row["output"]))
     if problems:
         shown = f"; the first {SHOWN}" if len(problems) > SHOWN else ""
-        raise DataError(f"{where}: {len(problems)} of {len(rows)} records are unusable{shown}:\n  "
+        raise UnusableRecords(f"{where}: {len(problems)} of {len(rows)} records are unusable{shown}:\n  "
                         + "\n  ".join(problems[:SHOWN]))
     return tuple(out)
 
@@ -105,6 +106,7 @@ class TextFile(DataSource):
     description = "plain text, documents separated by blank lines, every token trained"
     argument = "PATH"
     local_path = True
+    accepts_any_file = True             # any UTF-8 text is a text: loading one says nothing of its format
 
     def training_data(self, spec: DataSpec, task=None) -> Source:
         path = _existing(spec)

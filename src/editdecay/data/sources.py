@@ -27,7 +27,7 @@ from pydantic import Field
 
 from editdecay.core.config import Config, did_you_mean
 from editdecay.core.errors import ConfigError, DataError
-from editdecay.data.common import EditDataset
+from editdecay.data.common import EditDataset, UnusableRecords
 from editdecay.data.source import (
     EDIT,
     FINETUNE,
@@ -197,8 +197,35 @@ def load_edit_data(spec: str, *, zsre_target: str = "answers", strict: bool = Fa
     `field` (`subset`).
     """
     parsed = parse_spec(spec, EDIT)
-    ds = source_of(parsed).edit_data(parsed, EditOptions(strict=strict, zsre_target=zsre_target))
+    try:
+        ds = source_of(parsed).edit_data(parsed, EditOptions(strict=strict, zsre_target=zsre_target))
+    except UnusableRecords as e:
+        raise UnusableRecords(f"{e}{_made_for(parsed)}") from None
     return subset(ds, limit, seed, field=field)
+
+
+def _made_for(parsed: DataSpec) -> str:
+    """'\nthe file loads with `zsre:PATH`: ...' when a file that gave no usable record is read by another
+    file loader (edit data or fine-tuning records), else ''. Tried only once a loader has failed."""
+    if not source_of(parsed).local_path:
+        return ""
+    for s in sources():
+        if s.prefix == parsed.kind or not s.local_path or s.argument != "PATH" or s.accepts_any_file:
+            continue
+        other = DataSpec(s.prefix, parsed.argument, f"{s.prefix}:{parsed.argument}")
+        try:
+            if EDIT in s.roles:
+                s.edit_data(other, EditOptions())
+            elif FINETUNE in s.roles:
+                s.training_data(other)
+            else:
+                continue
+        except Exception:  # noqa: BLE001 -- any failure: not this loader's format either
+            continue
+        role = "edit data" if EDIT in s.roles else "fine-tuning records"
+        return (f"\nthe file looks made for another loader: it reads as {role} with `{other.text}`; did you mean "
+                f"that?")
+    return ""
 
 
 class EditSelection(Config):
@@ -255,7 +282,10 @@ def load_source(spec: str, *, task: HeldOutTask | None = None):
     one). `task`: the source's held-out task object (`EmbeddedTask`, `ChatterbotCorpus`; default: built with
     default settings). The result's identity (recorded in results) names the source, its licence and counts."""
     parsed = parse_spec(spec, FINETUNE)
-    return finish_source(source_of(parsed).training_data(parsed, task))
+    try:
+        return finish_source(source_of(parsed).training_data(parsed, task))
+    except UnusableRecords as e:
+        raise UnusableRecords(f"{e}{_made_for(parsed)}") from None
 
 
 def held_out_task(spec: str, settings: Mapping[str, Any] | None = None) -> HeldOutTask:
