@@ -315,11 +315,13 @@ def test_two_grids_in_one_results_directory_are_refused(store, tmp_path):
 
 SAVER = textwrap.dedent("""
     import sys, torch
+    from editdecay.data import load_edit_data
     from editdecay.edit.patch import EditPatch
     seed, out = int(sys.argv[1]), sys.argv[2]
     g = torch.Generator().manual_seed(seed)
     deltas = {f"m.{i}": torch.randn(256, 256, generator=g) for i in range(4)}
-    patch = EditPatch(deltas=deltas, layers=(1,), editor=f"writer-{seed}", config={})
+    patch = EditPatch(deltas=deltas, layers=(1,), editor="memit", config={},
+                      requests=load_edit_data("worldfacts", limit=1).requests, extra={"writer": seed})
     print("ready", flush=True)
     sys.stdin.readline()
     for _ in range(25):
@@ -342,7 +344,7 @@ def test_two_concurrent_patch_saves_into_one_directory_leave_one_whole_patch(tmp
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err[-2000:]
     patch = EditPatch.load(out)                              # tensors and metadata of the same save
-    g = torch.Generator().manual_seed(int(patch.editor.split("-")[1]))
+    g = torch.Generator().manual_seed(patch.extra["writer"])
     assert all(torch.equal(patch.deltas[f"m.{i}"], torch.randn(256, 256, generator=g)) for i in range(4))
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".patch.lock")) == [
         "patch.json", "patch.safetensors"]
