@@ -113,6 +113,21 @@ def temp_file(target: Path) -> Path:
     return Path(tmp)
 
 
+def ordinary_permissions(path: Path) -> Path:
+    """Give `path` (a file, or a directory and everything in it) the permissions of ordinary files and
+    directories (0666/0777 less the umask). Writers that create their own files (safetensors makes 0600 whatever
+    the umask, and so do save_pretrained's safetensors) are followed by this before their output is published."""
+    path = Path(path)
+    umask = _umask()
+    if path.is_dir() and not path.is_symlink():
+        for p in (path, *path.rglob("*")):
+            if not p.is_symlink():
+                os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+    else:
+        os.chmod(path, 0o666 & ~umask)
+    return path
+
+
 def temp_dir(target: Path) -> Path:
     """A new empty directory of a unique name beside `target`, with the permissions of an ordinary directory
     (0777 less the umask: 0755 usually; mkdtemp makes 0700). See `temp_file`."""

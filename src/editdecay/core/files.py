@@ -150,7 +150,9 @@ def parse_json(text: str | bytes, where: str, *, error: type[Exception] = Config
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        cut = " (the text ends there: the file is cut short)" if e.pos >= len(text.rstrip()) else ""
+        # A truncated file breaks where the text ends, or in a string that never closes before it ends.
+        ends = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")
+        cut = " (the text ends before the JSON does: the file is cut short)" if ends else ""
         raise error(f"{where} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}{cut}") from None
     except RecursionError:
         raise error(f"{where} nests JSON arrays or objects too deeply to be read") from None

@@ -87,8 +87,7 @@ def check_output_file(out: str | Path, *, kind: str, option: str = "--out") -> P
             raise ConfigError(f"{option} {str(out)!r} {problem}; {option} names a result file to write")
         existing = json_or_none(out, limit=MAX_RESULT_BYTES)
         if existing is None or existing.get("kind") != kind:
-            what = (KINDS.get(existing.get("kind"), "a result of another kind") if existing is not None else
-                    "a file that is not an editdecay result")
+            what = KINDS.get((existing or {}).get("kind"), "a file that is not an editdecay result")
             raise ConfigError(f"{option} {str(out)!r} already exists and holds {what}; it is not replaced by "
                               f"{KINDS[kind].split(' (')[0]}: choose another path")
     _writable_place(out, option)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from editdecay.core.arch import get_module
-from editdecay.core.cache import atomic_write_json, sha256_file, temp_file
+from editdecay.core.cache import atomic_write_json, ordinary_permissions, sha256_file, temp_file
 from editdecay.core.errors import ConfigError, NonFiniteError
 from editdecay.core.layers import Layers
 from editdecay.core.request import EditRequest
@@ -154,6 +154,7 @@ class EditPatch:
         tmp = temp_file(directory / PATCH_FILE)         # unique per save; 0644 like every other result
         try:
             save_file(tensors, tmp, metadata={"editor": self.editor, "format": str(PATCH_FORMAT)})
+            ordinary_permissions(tmp)           # safetensors writes 0600: a shared results directory needs 0644
             meta["tensors_sha256"] = sha256_file(tmp)
             with FileLock(str(directory / ".patch.lock")):
                 os.replace(tmp, directory / PATCH_FILE)

@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from editdecay.core.cache import temp_dir, temp_file
+from editdecay.core.cache import ordinary_permissions, temp_dir, temp_file
 from editdecay.core.devices import input_device
 from editdecay.core.errors import ConfigError, EditDecayError
 from editdecay.core.outputs import check_output_dir
@@ -314,6 +314,7 @@ def _publish(target: Path, write: Callable[[Path], object], directory: bool = Fa
     tmp = temp_dir(target) if directory else temp_file(target)      # ordinary permissions, like every result
     try:
         write(tmp)
+        ordinary_permissions(tmp)           # safetensors and save_pretrained write 0600 files
         if directory and target.exists():     # a directory cannot be renamed over: move the old one aside first
             aside = temp_dir(target)
             os.replace(target, aside / target.name)

@@ -19,6 +19,7 @@ never stops the report.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -122,7 +123,7 @@ def load_results(root: str | Path) -> ResultsSet:
     store = GridStore(root)
     notes: list[str] = []
     result_files = {p.stem: p for p in sorted((root / "results").glob("*.json"))}
-    if not store.plan_path.is_file():
+    if not os.path.lexists(store.plan_path):     # present but unreadable (a link to a device): read_plan names it
         if not result_files:
             raise ConfigError(f"{root} holds neither plan.json nor results/*.json; it is not a grid output directory")
         notes.append("no plan.json: the report lists the cells that have result files; cells that failed or never "
