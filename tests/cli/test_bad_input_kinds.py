@@ -201,7 +201,58 @@ def test_a_patch_module_that_is_missing_or_has_no_weight_is_named(world, tmp_pat
             EditPatch({name: torch.zeros(32, 64)}, (1,), "memit", {}).apply(lm.model)
 
 
+# --------------------------------------------------------------------------- 3: a run that did nothing is named
+
+
+def test_an_edit_that_changed_no_weight_is_named(tokenizer, tmp_path, monkeypatch):
+    """Targets already met (a zero residual R in E4) give an all-zero delta: the run says so."""
+    import editdecay.edit.memit as memit
+    from editdecay.core.cache import Cache
+    from editdecay.edit import api
+    from editdecay.edit.solve import memit_delta
+    from support.edits import REQUESTS, small_edit_config, write_corpus
+    from support.models import make_tiny
+
+    monkeypatch.setattr(memit, "memit_delta", lambda K, R, C, lam, **kw: memit_delta(K, torch.zeros_like(R), C, lam,
+                                                                                      **kw))
+    corpus = write_corpus(tmp_path / "text.txt")
+    cfg = small_edit_config("memit", layers=(1, 2), v_num_grad_steps=2, n_context_templates=1, context_length=4,
+                            stats_corpus=str(corpus), stats_tokens=200)
+    patch, run = api.edit_model(make_tiny("llama", tokenizer), "memit", cfg, REQUESTS[:2], cache=Cache(tmp_path / "c"),
+                                progress=False)
+    assert all(n == 0 for n in patch.norms().values())
+    assert any("changed nothing: every weight delta is zero" in w for w in run.warnings)
+    assert any("changed nothing" in w for w in patch.extra["warnings"])
+
+
+def test_a_run_that_never_leaves_warm_up_is_named(world, tmp_path, caplog):
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        refused(["finetune", "--model", world["model"], "--preset", "study", "--data", "embedded", "--steps", "2",
+                 "--batch-size", "2", "--cutoff", "64", "--task-train", "8", "--task-test", "4", "--no-task-eval",
+                 "--train-dtype", "float32", "--eval-every", "0", "--save", "none", "--no-progress", "--out", out],
+                code=0)
+    assert "never leaves warm-up: 100 warm-up step(s) for a run of 2" in caplog.text
+    assert "never leaves warm-up" in json.loads((out / "result.json").read_text())["warnings"][0]
+
+
 # --------------------------------------------------------------------------- 4: reporting what is there
+
+
+def test_the_embedded_task_is_not_reported_for_a_run_trained_on_other_data(world, tmp_path):
+    data = tmp_path / "records.json"
+    data.write_text(json.dumps([{"instruction": f"Say {w}.", "input": "", "output": w} for w in "abcdefgh"]))
+    common = ["finetune", "--model", world["model"], "--data", f"instructions:{data}", "--steps", "1", "--batch-size",
+              "2", "--eval-every", "0", "--save", "none", "--no-progress", "--task-train", "8", "--task-test", "4"]
+    text = refused([*common, "--out", tmp_path / "a"], code=0)
+    assert "task exact match" not in text
+    result = json.loads((tmp_path / "a" / "result.json").read_text())
+    assert "task_accuracy" not in result["metrics"]["M_f"] or result["metrics"]["M_f"]["task_accuracy"] is None
+    assert "weights.safetensors" not in result["measured_model"] and "adapter/" not in result["measured_model"]
+    text = refused([*common, "--task-eval", "--out", tmp_path / "b"], code=0)      # asked: scored, and said so
+    assert "embedded (held out; this run trained on other data) task exact match" in text
+
+
 
 
 def test_a_cell_result_cut_short_or_of_another_schema_is_invalid_not_done(tmp_path):
@@ -320,6 +371,38 @@ def test_eval_edits_output_that_is_a_directory_or_under_a_file_is_refused(world,
     afile.write_text("x")
     refused(["eval-edits", "--model", world["model"], "--out", tmp_path], match="is a directory, not a file")
     refused(["eval-edits", "--model", world["model"], "--out", afile / "r.json"], match="a part of its path")
+
+
+def test_status_reads_a_results_directory_it_cannot_write(tmp_path, monkeypatch):
+    """A lock file that cannot be opened for writing (a read-only copy of a results directory) is asked about through
+    a read-only descriptor: a held lock is still seen as held."""
+    import fcntl
+
+    import editdecay.grid.store.locks as locks
+    from editdecay.grid.store import GridStore
+
+    class ReadOnlyLock:
+        def __init__(self, *a, **k):
+            pass
+
+        def acquire(self):
+            raise PermissionError(13, "Permission denied")
+
+    root = tmp_path / "results"
+    cells = build_results_dir(root)
+    store = GridStore(root)
+    sid = cells["E"].stages["cell"]
+    lock_file = store.beside(sid, locks.LOCK)
+    lock_file.touch()
+    monkeypatch.setattr(locks, "FileLock", ReadOnlyLock)
+    assert not store.is_locked(sid)
+    fd = os.open(lock_file, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)          # another holder
+        assert store.is_locked(sid)
+        refused(["grid", "status", root], code=0, match="running")
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")

@@ -67,9 +67,10 @@ def finetune(
                                                       "(worldfacts | counterfact:PATH | zsre:PATH), e.g. for the "
                                                       "base model fine-tuned without a patch (M_f)"),
     limit: Optional[int] = typer.Option(None, help="measure only the first N requests"),
-    task_eval: bool = typer.Option(True, "--task-eval/--no-task-eval",
-                                   help="score a held-out split: the chatterbot corpus' with --data chatterbot, "
-                                        "else the embedded task's"),
+    task_eval: Optional[bool] = typer.Option(None, "--task-eval/--no-task-eval",
+                                             help="score a held-out split: the fine-tuning data's own (--data "
+                                                  "embedded, chatterbot; on by default), else the embedded task's, "
+                                                  "which the run never trains on (off unless asked)"),
     save: str = typer.Option("auto", help="auto | adapter | merged | both | none (auto: adapter for lora/dora, "
                                           "merged weights for full)"),
     overwrite: bool = typer.Option(False, help="replace a previous run in --out"),
@@ -117,10 +118,16 @@ def finetune(
         extra["requests_source"] = requests
     edits = EditsUnderTest(requests=reqs, layers=patch_obj.layers if patch_obj else None,
                            apply=patch_obj.apply if patch_obj else None)
-    measures = Measures(task=task if task_eval else None, eval_every=ev.eval_every, downstream=ds_spec)
+    # A held-out split the run never trains on scores near 0 whatever fine-tuning did: scored only when asked.
+    own = held == spec.text
+    if task_eval is None and not own:
+        log.info("--data %s has no held-out split of its own; the embedded task is not scored (--task-eval scores "
+                 "it anyway, as a task this run never trains on)", data)
+    measures = Measures(task=task if (task_eval if task_eval is not None else own) else None,
+                        eval_every=ev.eval_every, downstream=ds_spec)
     run_ = run_finetune(lm, recipe, source, out, edits=edits, measures=measures, save=save, overwrite=overwrite,
                         progress=progress, extra=extra)
-    _report(run_.result, out)
+    _report(run_.result, out, own_task=own)
 
 
 def _downstream(given: dict):
@@ -169,7 +176,7 @@ def _score(values: dict) -> str:
     return f"{first} {values[first]}" if first else "-"
 
 
-def _report(result: dict, out: Path) -> None:
+def _report(result: dict, out: Path, own_task: bool = True) -> None:
     from rich.markup import escape
 
     stages = {model_label(k): v for k, v in result["metrics"].items()}
@@ -178,6 +185,8 @@ def _report(result: dict, out: Path) -> None:
     task = {k: pct(v.get("task_accuracy")) for k, v in stages.items()}
     if any(v != "-" for v in task.values()):
         name = next((v.get("task_name") for v in stages.values() if v.get("task_name")), None) or "embedded"
+        if not own_task:
+            name += " (held out; this run trained on other data)"
         console.print(f"{name} task exact match (%): " + ", ".join(f"{k} {v}" for k, v in task.items()))
         tok = {k: pct(v.get("task_token_accuracy")) for k, v in stages.items()}
         if any(v != "-" for v in tok.values()):

@@ -50,7 +50,7 @@ from editdecay.data.instructions import tokenize
 from editdecay.data.source import HeldOutTask, Source
 from editdecay.finetune.callback import DecayCallback, measure, stage_from
 from editdecay.finetune.recipe import Recipe
-from editdecay.finetune.train import DivergedError, TrainOutcome, train
+from editdecay.finetune.train import DivergedError, TrainOutcome, total_optimizer_steps, train, warmup_steps
 from editdecay.finetune.trainable import changed_tensors, merge, resolve_plan
 from editdecay.measure.decay import edit_flip_ratio, relative_decrease, success
 from editdecay.measure.downstream import DownstreamSpec
@@ -131,6 +131,9 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
     log.info("%s fine-tuning: layers %s, %d target modules, %d examples (%d loss tokens)", recipe.method,
              list(plan.layers), len(plan.modules), len(data.examples), data.identity["n_loss_tokens"])
     scorer = _Downstream.load(measures.downstream, timer) if measures.downstream else None   # bad task: now
+    warnings = _zero_effect(recipe, len(data.examples))
+    for w in warnings:
+        log.warning(w)
     _prepare_dir(out, overwrite)        # every setting is valid: only now is an old run's output removed
     task = measures.task
     task_records = task.records()[1] if task is not None else ()
@@ -143,6 +146,7 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
         "kind": "finetune", "status": "running", "model": lm.identity.to_dict(), "recipe": recipe.to_dict(),
         "plan": plan.to_dict(), "data": data.identity, "task": task.identity() if task is not None else None,
         "eval_every": measures.eval_every, "models": {"before": before, "after": after}, "extra": extra or {},
+        "warnings": warnings,
     }
     if scorer is not None:
         result["downstream"] = scorer.record
@@ -182,7 +186,7 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
         curve=[{k: p[k] for k in p if k != "eval_seconds"} for p in callback.points],
         requests=_per_request(edits.requests, base_outcomes, callback.outcomes[0], callback.outcomes[last],
                               before, after),
-        outputs=outputs, merge_check=merge_check, measured_model=_measured_model(outcome, lm), timings=timer.seconds,
+        outputs=outputs, merge_check=merge_check, measured_model=_measured_model(outcome, lm, outputs), timings=timer.seconds,
         environment=environment(device=str(device)),
     )
     write_result(out / RESULT_FILE, result)
@@ -275,6 +279,19 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
             shutil.rmtree(p)
         else:
             p.unlink()
+
+
+def _zero_effect(recipe: Recipe, n_examples: int) -> list[str]:
+    """Warnings for a run that cannot do what its recipe says: a warm-up as long as the run keeps the learning rate
+    below `learning_rate` at every step (the study preset's 100 warm-up steps with --steps 3 train at 2e-6..6e-6)."""
+    total = total_optimizer_steps(recipe, n_examples)
+    warm = warmup_steps(recipe, total)
+    if warm >= total and recipe.lr_scheduler != "constant":
+        peak = recipe.learning_rate * total / warm if warm else recipe.learning_rate
+        return [f"the run never leaves warm-up: {warm} warm-up step(s) for a run of {total}, so the learning rate "
+                f"rises to {peak:.2g} at most, not learning_rate={recipe.learning_rate:g}; shorten the warm-up "
+                f"(--warmup-steps) or train longer (--steps)"]
+    return []
 
 
 def _training_summary(o: TrainOutcome) -> dict:
@@ -382,15 +399,23 @@ def _merge_checked(model: nn.Module, plan, tokenizer=None) -> tuple[nn.Module, d
     return merged, check, tensors
 
 
-def _measured_model(o: TrainOutcome, lm: LoadedModel) -> str:
-    """Which object the fine-tuned model's metrics, the curve and downstream scores were measured on (and which output
-    reproduces it)."""
+def _measured_model(o: TrainOutcome, lm: LoadedModel, outputs: dict) -> str:
+    """Which object the fine-tuned model's metrics, the curve and downstream scores were measured on, and which of
+    the outputs written (`outputs`, as `_save` returns them) reproduces it: only files that exist are named."""
+    saved = outputs.get("weights") == WEIGHTS_FILE
     if o.plan.method == "full":
-        return (f"the fine-tuned model in memory ({lm.identity.dtype}); weights.safetensors holds its changed "
-                f"tensors as they were")
-    return (f"the base model ({lm.identity.dtype}) with the unmerged {o.plan.method} adapters (float32) as trained; "
-            f"adapter/ reproduces it; weights.safetensors holds the merge computed and stored in float32, checked "
-            f"against it in merge_check")
+        kept = (f"{WEIGHTS_FILE} holds its changed tensors as they were" if saved else
+                "its weights were not saved (save='none')")
+        return f"the fine-tuned model in memory ({lm.identity.dtype}); {kept}"
+    parts = [f"the base model ({lm.identity.dtype}) with the unmerged {o.plan.method} adapters (float32) as trained"]
+    if "adapter" in outputs:
+        parts.append(f"{ADAPTER_DIR}/ reproduces it")
+    if saved:
+        parts.append(f"{WEIGHTS_FILE} holds the merge computed and stored in float32, checked against it in "
+                     f"merge_check")
+    if len(parts) == 1:
+        parts.append("neither the adapters nor a merge were saved (save='none')")
+    return "; ".join(parts)
 
 
 def _decay(callback: DecayCallback, metrics: dict, last: int, before: str, after: str) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import time
 from pathlib import Path
@@ -39,6 +40,23 @@ def check_stale_after(seconds: float) -> float:
         raise ConfigError(f"--stale-after {seconds!r}: a lock is stale after a positive number of seconds without a "
                           f"heartbeat (holders beat every {HEARTBEAT_S:g} s; default {STALE_AFTER_S:g})")
     return float(seconds)
+
+
+def _locked_read_only(path: Path) -> bool:
+    """Whether a process holds the lock file `path`, asked through a read-only descriptor (a shared flock fails
+    while another process holds the exclusive one filelock takes). False where flock does not exist."""
+    try:
+        import fcntl
+    except ImportError:                 # not a POSIX system: filelock's lock there needs write access
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)                    # closing releases a shared lock taken here
+    return False
 
 
 class StageLocks(StageRecords, EventLog):
@@ -97,6 +115,8 @@ class StageLocks(StageRecords, EventLog):
             lock.acquire()
         except Timeout:
             return True
+        except PermissionError:         # a results directory we may read but not write (status, report)
+            return _locked_read_only(path)
         lock.release()
         return False
 
