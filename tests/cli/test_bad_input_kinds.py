@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.grids import grid_dict, make_corpus, write_grid
-from support.models import save_tiny_model
-from support.results import build_results_dir
+from support.grids import grid_dict, write_grid
+from support.results import build_results_dir, tree
 from typer.testing import CliRunner
 
 from editdecay.cli import _register, app
@@ -27,15 +26,6 @@ runner = CliRunner(env={"COLUMNS": "1000"})      # no wrapping inside paths in m
 
 def _text(res) -> str:
     return " ".join(res.output.split())
-
-
-def tree(root: Path) -> dict:
-    """Every path under `root` with its size, mode and modification time (a change to any is seen)."""
-    out = {}
-    for p in sorted(Path(root).rglob("*")):
-        st = os.lstat(p)
-        out[str(p.relative_to(root))] = (st.st_size, st.st_mode, st.st_mtime_ns)
-    return out
 
 
 def refused(args, *, code: int = 2, match: str | tuple = (), untouched: Path | None = None) -> str:
@@ -52,26 +42,6 @@ def refused(args, *, code: int = 2, match: str | tuple = (), untouched: Path | N
     if before is not None:
         assert tree(untouched) == before
     return text
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("kinds")
-    w = {"root": root, "model": root / "tiny", "corpus": root / "corpus.txt", "cache": root / "cache"}
-    save_tiny_model(w["model"])
-    make_corpus(w["corpus"])
-    return w
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Model loading fails the test: the command must have refused its input before."""
-    import editdecay.core.models as models
-
-    def load_model(*a, **k):
-        raise AssertionError("a model was loaded before the input was refused")
-
-    monkeypatch.setattr(models, "load_model", load_model)
 
 
 def finished_run(directory: Path, kind: str = "finetune") -> Path:
@@ -253,8 +223,6 @@ def test_the_embedded_task_is_not_reported_for_a_run_trained_on_other_data(world
     assert "embedded (held out; this run trained on other data) task exact match" in text
 
 
-
-
 def test_a_cell_result_cut_short_or_of_another_schema_is_invalid_not_done(tmp_path):
     from editdecay.grid.store import GridStore
 
@@ -336,7 +304,7 @@ def test_non_positive_stale_ages_are_refused(tmp_path):
 # --------------------------------------------------------------------------- 7: named errors, not tracebacks
 
 
-@pytest.mark.parametrize("device", ["cuda", "cuda:7", "balanced"])
+@pytest.mark.parametrize("device", ["cuda", "cuda:7"])
 @pytest.mark.parametrize("command", [["edit", "--n", "1"], ["eval-edits", "--limit", "1"], ["finetune"]])
 def test_a_device_this_machine_lacks_is_refused_before_loading(world, tmp_path, no_model, device, command):
     if torch.cuda.is_available() and torch.cuda.device_count() > 7:

@@ -19,9 +19,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from support.grids import grid_dict, make_corpus, write_grid
-from support.models import save_tiny_model
-from support.results import build_results_dir
+from support.grids import grid_dict, write_grid
+from support.results import build_results_dir, tree
 from typer.testing import CliRunner
 
 from editdecay.cli import _register, app
@@ -82,14 +81,6 @@ JSON_MUTATIONS = (_cut, _empty, _wrong_whole_type, _wrong_field_type, _to_device
                   _utf16)
 
 
-def tree(root: Path) -> dict:
-    out = {}
-    for p in sorted(Path(root).rglob("*")):
-        st = os.lstat(p)
-        out[str(p.relative_to(root))] = (st.st_size, st.st_mode, st.st_mtime_ns)
-    return out
-
-
 def check(args: list, *, given: Path, writes: tuple[str, ...] = ()) -> None:
     """The property: exit 0, 1 or 2, no traceback, and `given` unchanged (apart from the outputs `writes`)."""
     before = {k: v for k, v in tree(given).items() if not k.startswith(writes) or not writes}
@@ -140,15 +131,6 @@ def test_a_mutated_results_directory(results_template, tmp_path, name, mutation,
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("mutants")
-    w = {"root": root, "model": root / "tiny", "corpus": root / "corpus.txt", "cache": root / "cache"}
-    save_tiny_model(w["model"])
-    make_corpus(w["corpus"])
-    return w
-
-
-@pytest.fixture(scope="module")
 def patch_template(tmp_path_factory) -> Path:
     import torch
 
@@ -160,16 +142,6 @@ def patch_template(tmp_path_factory) -> Path:
     EditPatch(deltas, (1, 2), "memit", {}, load_edit_data("worldfacts", limit=2).requests,
               {"fingerprint": "x"}).save(d)
     return d
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    import editdecay.core.models as models
-
-    def load_model(*a, **k):
-        raise AssertionError("a mutated patch reached model loading")
-
-    monkeypatch.setattr(models, "load_model", load_model)
 
 
 def _patch_cases():

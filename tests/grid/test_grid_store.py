@@ -180,7 +180,7 @@ def test_status_command_json(store):
     out = json.loads(res.output)
     assert {"id", "state"} <= set(out["cells"][0])
     assert sorted(c["state"] for c in out["cells"]) == ["failed", "failed", "pending", "pending"]
-    assert out["counts"] == {"done": 0, "running": 0, "failed": 2, "pending": 2, "invalid": 0}
+    assert out["counts"] == {"done": 0, "running": 0, "failed": 2, "pending": 2}
     res = CliRunner().invoke(app, ["grid", "status", str(store.root), "--errors"])
     assert res.exit_code == 0 and "ValueError: bad" in res.output
     res = CliRunner().invoke(app, ["grid", "status", str(store.root / "nothing")])

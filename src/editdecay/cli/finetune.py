@@ -144,9 +144,9 @@ def _downstream(given: dict):
 
 
 def _load_patch(path: Path):
-    from editdecay.edit.patch import EditPatch
+    from editdecay.edit.registry import load_patch
 
-    return EditPatch.load(path)
+    return load_patch(path)
 
 
 def _requests(spec: Optional[str], patch_obj, limit: Optional[int]) -> tuple:

@@ -130,7 +130,7 @@ def run_cmd(
                       + (f" ({summary.already_done} cells were already done)" if summary.already_done else ""))
         c = summary.cells
         console.print(f"cells: {c['done']} done, {c['failed']} failed, {c['pending']} pending, "
-                      f"{c['running']} running (elsewhere)")
+                      f"{c['running']} running (elsewhere)" + (f", {c['invalid']} invalid" if c.get("invalid") else ""))
         if summary.skipped_failed:
             console.print(f"{len(summary.skipped_failed)} cell(s) failed earlier and were left alone; "
                           f"rerun them with --retry-failed")
@@ -183,14 +183,14 @@ def status_cmd(
     """Done / running / failed / pending, per cell; held locks with their holder, stale ones marked."""
     from rich.table import Table
 
-    from editdecay.grid.store import STALE_AFTER_S, STATES, GridStore
+    from editdecay.grid.store import STALE_AFTER_S, GridStore, state_counts
 
     store = GridStore(out)
     plan = store.read_plan()
     stale_after = STALE_AFTER_S if stale_after is None else stale_after
     cells = store.cell_states(plan, stale_after=stale_after)
     locks = store.locks(stale_after)
-    counts = {s: sum(1 for c in cells if c["state"] == s) for s in STATES}
+    counts = state_counts(cells)
     if as_json:
         _print_json({"grid": plan.name, "counts": counts, "cells": cells, "locks": locks})
         return

@@ -47,13 +47,13 @@ def resolve_device(device, *, field: str = "device"):
         return device
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" or device == "balanced" or device.startswith("cuda:"):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
+    # "balanced" is not checked: accelerate's balanced map spreads over the GPUs there are, or keeps the CPU.
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
             why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
             raise ConfigError(f"{field}={device!r}: {why}; use {field}='cpu' (or 'auto': CUDA when available)")
-        index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
-        if index >= count:
+        index, count = (int(device.split(":")[1]) if ":" in device else 0), torch.cuda.device_count()
+        if 0 < count <= index:
             raise ConfigError(f"{field}={device!r}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError(f"{field}='mps': Apple's MPS backend is not available on this machine; use {field}='cpu'")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -171,11 +171,12 @@ class EditPatch:
 
         A patch directory is data that may have been copied, cut short or tampered with. Raises ConfigError naming
         the directory, the field and the value when: a file is missing, not a regular file or too large
-        (core.files); patch.json does not follow `_PatchFile` (no modules, no requests, an unknown editor, layers
-        that are no layer list); the tensors do not match their recorded hash; a module has no tensor; a delta
+        (core.files); patch.json does not follow `_PatchFile` (no modules, no requests, layers that are no layer
+        list); the tensors do not match their recorded hash; a module has no tensor; a delta
         holds NaN or inf (an edit that diverged: applying it would score 0/0/0 and make fine-tuning fail with a
         misleading message); or `layers` disagree with the layers the modules sit in (core.arch.layer_of_module),
-        which `finetune --layers edited` trains."""
+        which `finetune --layers edited` trains. That the editor is registered is checked by
+        `edit.registry.load_patch`, which every command reads patches with."""
         from pydantic import ValidationError
 
         from editdecay.core.arch import layer_of_module
@@ -241,14 +242,4 @@ class _PatchFile(BaseModel):
     model_identity: dict = Field(default_factory=dict)
     extra: dict = Field(default_factory=dict)
     tensors_sha256: str | None = None
-
-    @field_validator("editor")
-    @classmethod
-    def _registered(cls, v: str) -> str:
-        from editdecay.core.config import choice_reason
-        from editdecay.edit.registry import editor_names
-
-        if v not in editor_names():
-            raise ValueError(choice_reason(v, editor_names()))
-        return v
 

@@ -34,9 +34,9 @@ def evaluate_stage_result(model: ModelRef, requests: EditSelection | None, patch
     timer = Timer()
     patch = None
     if patch_dir is not None:
-        from editdecay.edit.patch import EditPatch
+        from editdecay.edit.registry import load_patch
 
-        patch = EditPatch.load(patch_dir)
+        patch = load_patch(patch_dir)
     with timer("load_data"):
         if patch is not None and requests is None:
             # The documented default with a patch: its own requests.

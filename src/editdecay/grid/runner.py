@@ -24,7 +24,7 @@ from editdecay.core.files import MAX_RESULT_BYTES, json_or_none
 from editdecay.grid.backends import make_backend
 from editdecay.grid.execute import Progress, StageOutcome
 from editdecay.grid.plan import Plan
-from editdecay.grid.store import STATES, GridStore
+from editdecay.grid.store import GridStore, state_counts
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def run_grid(plan: Plan, out: str | Path, *, backend: str = "local", grid_text: 
     for cell in plan.cells:
         store.publish_result(plan, cell.id)
     states = store.cell_states(plan)
-    counts = {s: sum(1 for c in states if c["state"] == s) for s in STATES}
+    counts = state_counts(states)
     table = store.gather(plan)
     failed = [{"cell": c["id"], "stage": c.get("failed_stage"), "error": c.get("error")}
               for c in states if c["state"] == "failed"]

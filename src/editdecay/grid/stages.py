@@ -194,7 +194,7 @@ def run_finetune_stage(ctx: StageContext) -> None:
     (M_f or M_ef), in memory.
     """
     from editdecay.data.sources import load_source
-    from editdecay.edit.patch import EditPatch
+    from editdecay.edit.registry import load_patch
     from editdecay.finetune.run import EditsUnderTest, Measures, run_finetune
 
     spec: FinetuneSpec = ctx.spec
@@ -207,7 +207,7 @@ def run_finetune_stage(ctx: StageContext) -> None:
     lm = ctx.load_model(spec.model)
     extra = {"grid_stage": ctx.stage.id}
     if spec.patch is not None:
-        patch = EditPatch.load(ctx.dep_dir(spec.patch) / "patch")
+        patch = load_patch(ctx.dep_dir(spec.patch) / "patch")
         check_same_weights(lm.identity, patch.model_identity, f"patch stage {spec.patch}")
         patch.apply(lm.model)
         edits = EditsUnderTest(requests=patch.requests, layers=patch.layers, applied=True)

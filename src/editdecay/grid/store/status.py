@@ -11,6 +11,15 @@ from editdecay.grid.store.results import CellResults
 STATES = ("done", "running", "failed", "pending", "invalid")
 
 
+def state_counts(cells: list[dict]) -> dict[str, int]:
+    """{state: number of cells} for `cell_states` entries: done, running, failed and pending always, invalid only
+    when some cell is (a result that cannot be used is the exception, and `grid run` publishes it again)."""
+    counts = {s: sum(1 for c in cells if c["state"] == s) for s in STATES}
+    if not counts["invalid"]:
+        del counts["invalid"]
+    return counts
+
+
 class CellStatus(StageLocks, CellResults):
     """Cell states of the grid directory `root`."""
 
@@ -66,4 +75,4 @@ class CellStatus(StageLocks, CellResults):
         return out
 
 
-__all__ = ["CellStatus", "STATES"]
+__all__ = ["CellStatus", "STATES", "state_counts"]
