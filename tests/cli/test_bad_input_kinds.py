@@ -530,17 +530,22 @@ def test_long_prompts_are_rejected_by_field(world, tmp_path, no_model):
 # --------------------------------------------------------------------------- 11: an interrupted run
 
 
-def test_partial_logs_of_an_interrupted_run_are_cleared_with_a_warning(tmp_path, caplog):
-    from editdecay.finetune.run import _prepare_dir
-
+def test_partial_logs_of_an_interrupted_run_are_cleared_with_a_warning(world, tmp_path, caplog):
+    # An interrupted run leaves logs and a curve but no result.json: the rerun (no --overwrite) says which files it
+    # removes and trains; a directory holding a finished run is still refused without --overwrite.
     out = tmp_path / "run"
     out.mkdir()
-    (out / "train_log.jsonl").write_text('{"step": 1}\n')
+    (out / "train_log.jsonl").write_text('{"step": 1, "interrupted": true}\n')
     (out / "curve.jsonl").write_text('{"step": 0}\n')
+    args = ["finetune", "--model", world["model"], "--data", "embedded", "--steps", "1", "--batch-size", "2",
+            "--cutoff", "64", "--task-train", "8", "--task-test", "4", "--no-task-eval", "--eval-every", "0",
+            "--save", "none", "--no-progress", "--out", out]
     with caplog.at_level("WARNING"):
-        _prepare_dir(out, overwrite=False)
-    assert not (out / "train_log.jsonl").exists() and not (out / "curve.jsonl").exists()
+        refused(args, code=0)
     assert "interrupted" in caplog.text and "train_log.jsonl, curve.jsonl" in caplog.text
+    assert "interrupted" not in (out / "train_log.jsonl").read_text()          # this run's log, not the old one
+    assert json.loads((out / "result.json").read_text())["kind"] == "finetune"
+    refused(args, code=2, match="--overwrite", untouched=out)
 
 
 # --------------------------------------------------------------------------- 12: results readable by the group
