@@ -32,7 +32,8 @@ from editdecay.grid.store import GridStore
 CHROMIUM = Path("/usr/bin/chromium")
 COUNTERFACT = COUNTERFACT_SMALL
 TARGET_DOC = "Rome is old . English is spoken in Rome and in Japan , Microsoft is not"
-FIGURES = ("decay_curves", "survival_heatmap", "editor_decay_by_n", "request_survival", "downstream")
+FIGURES = ("decay_curves", "survival_heatmap", "editor_decay_by_n", "request_survival", "downstream",
+           "knowledge_vs_edits", "survival_curves")
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +225,33 @@ def test_tables_hold_the_numbers_of_the_result_files(grid, rendered):
         assert ds["n"]["text"] == str(result["metrics"]["M_ef"]["n_task"])
     missing = dom.rows("missing_cells")
     assert [(r["cell"]["text"], r["state"]["text"]) for r in missing] == [(grid["gone"].label, "pending")]
+
+
+def test_protocol_tables_hold_survival_and_mechanism_and_say_where_the_control_is_missing(grid, rendered):
+    dom = rendered["dom"]
+    survival = dom.rows("survival_over_time")
+    mechanism = dom.rows("mechanism")
+    control = dom.rows("knowledge_control")
+    done = [c for c in grid["plan"].cells if grid["results"][c.id] is not None]
+    assert len(survival) == len(control) == 8
+    by_key = {(r["editor"]["text"], r["recipe"]["text"]): r for r in survival}
+    for cell in done:
+        result = grid["results"][cell.id]
+        row = by_key[(cell.axes["editor"], cell.axes["recipe"])]
+        s = result["decay"]["survival"]
+        assert row["edits at risk"]["text"] == str(s["n_at_risk"] == result["decay"]["edit_flip_ratio"][
+            "n_success_edited"] and s["n_at_risk"])
+        assert row["failed"]["text"] == str(s["n_failed"])
+        check(row["edits surviving at end"], s["by_step"][-1]["survival"])
+    # The fixture's CounterFact file has 3 usable records, all edited: no control fact is left, and the table
+    # says so instead of showing zeros.
+    assert all(r["KFR (M_e->M_ef)"]["attrs"].get("data-missing") in ("not measured", "pending") for r in control)
+    trained = [r for r in mechanism if r["trained"]["text"] == "yes"]
+    assert trained and all(_num(r["mean ratio"]) >= 0 for r in trained)
+    assert {r["trained"]["text"] for r in mechanism} <= {"yes", "no (not measured)", "pending"}
+    # Recipes and editors are also compared over time, on the requests at risk in both cells.
+    over_time = [r for r in dom.rows("significance") if r["quantity"]["text"].startswith("failure step")]
+    assert over_time and {r["comparison"]["text"] for r in over_time} <= {"recipe", "editor"}
 
 
 def test_target_frequencies_come_from_the_data_and_the_corpus_file(rendered):

@@ -225,11 +225,17 @@ def test_report_files_mark_missing_cells(hand, tmp_path):
     for name in ("report.md", "report.html", "report.json"):
         assert (out / name).is_file()
     keys = {t.key for t in report.tables}
-    assert keys == set(T.TABLES) | {"survival_requests", "survival_summary", "significance"}
+    from editdecay.report.protocol import TABLES as PROTOCOL_TABLES
+
+    assert keys == set(T.TABLES) | {"survival_requests", "survival_summary", "significance"} | set(PROTOCOL_TABLES)
     assert {p.name for p in (out / "tables").iterdir()} == {f"{k}.csv" for k in keys | {"missing_cells"}}
     assert {p.name for p in (out / "figures").iterdir()} == {
         "decay_curves.png", "survival_heatmap.png", "editor_decay_by_n.png", "request_survival.png",
-        "downstream.png"}
+        "downstream.png", "knowledge_vs_edits.png", "survival_curves.png"}
+    # Hand-written results have no protocol measures: the tables say "not measured", never zeros.
+    control = next(t for t in report.tables if t.key == "knowledge_control")
+    assert control.rows and all(str(v) in ("not measured", "failed", "pending", "invalid") for r in control.rows
+                                for v in r[5:])
     html = (out / "report.html").read_text()
     assert 'data-missing="failed"' in html and 'data-missing="pending"' in html
     assert "NonFiniteError: loss is nan" in html and "http" not in html.replace("http-equiv", "")

@@ -163,8 +163,11 @@ def finetune(
                           "n_requests": len(patch_obj.requests), **check}
     if requests:
         extra["requests_source"] = requests
+    # The mechanism measure needs the edit's deltas and the requests it wrote: only with the patch's own requests.
+    with_deltas = patch_obj is not None and [r.case_id for r in reqs] == [r.case_id for r in patch_obj.requests]
     edits = EditsUnderTest(requests=reqs, layers=patch_obj.layers if patch_obj else None,
-                           apply=patch_obj.apply if patch_obj else None)
+                           apply=patch_obj.apply if patch_obj else None,
+                           deltas=patch_obj.deltas if with_deltas else None)
     # A held-out split the run never trains on scores near 0 whatever fine-tuning did: scored only when asked.
     own = held == spec.text
     if task_eval is None and not own:

@@ -239,6 +239,15 @@ class CellResult(_Result):
                                step 0 = M_e; `curve_base`: the same for M_f (step 0 = M0)
         requests              per-request survival table: [{case_id, M0, M_e, M_f, M_ef (RequestOutcome dicts),
                                success: {M0, M_e, M_f, M_ef}, margin: {...}, flipped}]
+        control               knowledge control (measure/knowledge.py): [{case_id, M0, M_e, M_f, M_ef (outcomes),
+                               known: {M0, M_e, M_f, M_ef}, margin: {...}, flipped (M_e -> M_ef), flipped_base
+                               (M0 -> M_f)}]; with it decay holds knowledge_flip_ratio (M_e -> M_ef),
+                               knowledge_flip_ratio_base (M0 -> M_f), edits_vs_known (Fisher test), and always
+                               survival / survival_control (measure/decay_time.py: Kaplan-Meier over the checkpoints,
+                               per-request failure step and margin slope)
+        mechanism             measure/interference.py: per edited layer {trained, per_request {case_id: {ratio,
+                               cosine, projection}}, mean_ratio, mean_cosine}, per_request means, relation (Spearman
+                               with survival); null without edits
         training              {base: summary of M_f's training, edited: summary of M_ef's}
         timings               seconds per stage role
         environment           results.environment() of the process that assembled the result
@@ -259,6 +268,8 @@ class CellResult(_Result):
     training: dict[str, dict] = Field(default_factory=dict)
     downstream: dict | None = None
     requests: list[CellRequestRow] = Field(default_factory=list)
+    control: list[dict] = Field(default_factory=list)
+    mechanism: dict | None = None
     timings: dict[str, float | None] = Field(default_factory=dict)
     environment: dict = Field(default_factory=dict)
 

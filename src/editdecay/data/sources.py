@@ -19,6 +19,7 @@ string is split at its first ':'.
 from __future__ import annotations
 
 import importlib
+import logging
 import random
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Literal, Mapping
@@ -52,6 +53,7 @@ BUILTIN = (
     "editdecay.data.instructions:InstructionFile",
     "editdecay.data.instructions:TextFile",
     "editdecay.data.instructions:HubDataset",
+    "editdecay.data.hotpotqa:HotpotQA",
 )
 
 _sources: dict[str, DataSource] = {}        # prefix -> source, in registration order
@@ -248,6 +250,28 @@ class EditSelection(Config):
             check_digest(self.data, self.digest)
         return load_edit_data(self.data, zsre_target=self.zsre_target, strict=self.strict, limit=self.n, field="n",
                               seed=self.seed)
+
+    def control(self, n: int, *, at_most: bool = False) -> tuple:
+        """`n` requests of the same data that this selection does not edit (nor shares a subject with): the
+        knowledge control (data/control.py `control_requests`), the first `n` of the rest in file order.
+        `at_most`: fewer when fewer are left (logged), instead of a ConfigError."""
+        from editdecay.data.control import control_requests
+
+        if self.digest is not None:
+            check_digest(self.data, self.digest)
+        every = load_edit_data(self.data, zsre_target=self.zsre_target, strict=self.strict)
+        edited = [r.case_id for r in subset(every, self.n, self.seed).requests]
+        if at_most:
+            from editdecay.data.control import n_free
+
+            free = n_free(every.requests, edited)
+            if free < n:
+                logging.getLogger(__name__).warning("%s: only %d records are left for the knowledge control (of %d "
+                                                    "asked)", self.data, free, n)
+            n = min(n, free)
+            if n == 0:
+                return ()
+        return control_requests(every.requests, edited, n)
 
 
 def subset(ds: EditDataset, limit: int | None, seed: int | None, *, field: str = "limit") -> EditDataset:

@@ -34,8 +34,12 @@ class DecayCallback:
     batch_size: int = 32
     path: Path | None = None                      # curve JSONL, appended and flushed per point
     task_name: str | None = None                  # the held-out task's name (embedded, chatterbot), in the metrics
+    control: Sequence[EditRequest] = ()           # knowledge-control facts (measure/knowledge.py), measured alike
+    examples_per_step: int = 1                    # training examples per optimiser step (batch_size * grad_accum)
+    request_path: Path | None = None              # per-request curve JSONL (measure/decay_time.py), per point
     points: list[dict] = field(default_factory=list)
     outcomes: dict[int, list[RequestOutcome]] = field(default_factory=dict)   # step -> per-request outcomes
+    control_outcomes: dict[int, list[RequestOutcome]] = field(default_factory=dict)   # step -> control outcomes
 
     def __post_init__(self) -> None:
         if self.every < 0:
@@ -47,8 +51,9 @@ class DecayCallback:
     def evaluate(self, model, tokenizer, step: int) -> dict:
         """Measure the model now; returns the curve point (also stored in `points`, per-request in `outcomes`)."""
         t0 = time.perf_counter()
-        outcomes, task = measure(model, tokenizer, self.requests, self.task_records, template=self.template,
-                                 batch_size=self.batch_size)
+        measured, task = measure(model, tokenizer, [*self.requests, *self.control], self.task_records,
+                                 template=self.template, batch_size=self.batch_size)
+        outcomes, control = measured[:len(self.requests)], measured[len(self.requests):]
         agg = aggregate(outcomes)
         point = {
             "step": step, "efficacy": agg["efficacy"], "paraphrase": agg["paraphrase"],
@@ -58,9 +63,20 @@ class DecayCallback:
         }
         self.points.append(point)
         self.outcomes[step] = outcomes
+        self.control_outcomes[step] = control
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(dumps_json(point) + "\n")       # NaN -> null + status, never bare NaN
+                f.flush()
+        if self.request_path is not None and (outcomes or control):
+            from editdecay.measure.decay import success
+            from editdecay.measure.knowledge import knows
+
+            line = {"step": step, "examples_seen": step * self.examples_per_step,
+                    "requests": {o.case_id: {"success": success(o), "margin": o.margin} for o in outcomes},
+                    "control": {o.case_id: {"known": knows(o), "margin": o.margin} for o in control}}
+            with open(self.request_path, "a", encoding="utf-8") as f:
+                f.write(dumps_json(line) + "\n")
                 f.flush()
         return point
 

@@ -11,13 +11,20 @@ The same model objects are scored as the edit metrics: M0 before the edit, the h
 the fine-tuned one after the last step (a PeftModel with its adapters unmerged).
 plus the curve, per-request outcomes under each model, the Edit Flip Ratio and relative decreases between the
 model before and after fine-tuning, the recipe, the resolved plan and trainable parameter names, data identity,
-timings and the environment. Results written before the models were named this way (`pre`, `post`,
+timings and the environment. With control facts (`EditsUnderTest.control`, measure/knowledge.py) `control` holds
+their per-model outcomes and `decay` the knowledge flip ratio, the edits-vs-known test and the survival curves
+(measure/decay_time.py); with the edit's deltas (`EditsUnderTest.deltas`) `mechanism` holds the interference
+measure per edited layer and request (measure/interference.py). Results written before the models were named
+this way (`pre`, `post`,
 `finetuned`) read through core/schema.py under these names.
 
 Files in the output directory:
   result.json          written atomically at the end (also on divergence, with `status: diverged`)
   train_log.jsonl      one line per optimiser step (+ eval events), flushed as it goes
   curve.jsonl          one line per evaluation, flushed as it goes
+  request_curve.jsonl  one line per evaluation: each edit's success and margin, each control fact's (measure/decay_time.py)
+  downstream_predictions.jsonl   with `commonsense:` downstream tasks: one line per (model, task, record): the
+                       generated response, the extracted answer word, the gold answer, correct or not
   adapter/             LoRA/DoRA adapter (peft format, safetensors)
   weights.safetensors  merged / fine-tuned tensors (only the ones fine-tuning can change), by model name
 Both are written under unique temporary names and renamed into place when complete; with overwrite, every
@@ -53,6 +60,7 @@ from editdecay.finetune.recipe import Recipe
 from editdecay.finetune.train import DivergedError, TrainOutcome, total_optimizer_steps, train, warmup_steps
 from editdecay.finetune.trainable import changed_tensors, merge, resolve_plan
 from editdecay.measure.decay import edit_flip_ratio, relative_decrease, success
+from editdecay.measure.decay_time import REQUEST_CURVE_FILE
 from editdecay.measure.downstream import DownstreamSpec
 
 if TYPE_CHECKING:
@@ -62,6 +70,7 @@ log = logging.getLogger(__name__)
 
 SAVE_CHOICES = ("auto", "adapter", "merged", "both", "none")
 RESULT_FILE, LOG_FILE, CURVE_FILE = "result.json", "train_log.jsonl", "curve.jsonl"
+PREDICTIONS_FILE = "downstream_predictions.jsonl"
 ADAPTER_DIR, WEIGHTS_FILE = "adapter", "weights.safetensors"
 
 
@@ -84,6 +93,8 @@ class EditsUnderTest:
     layers: tuple[int, ...] | None = None
     apply: Callable[[nn.Module], object] | None = None
     applied: bool = False
+    control: Sequence[EditRequest] = ()        # knowledge-control facts (not edited), measured like `requests`
+    deltas: dict | None = None                 # the edit's weight deltas by module name (mechanism measure)
 
     @property
     def edited(self) -> bool:
@@ -144,7 +155,7 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
                         train_on_prompt=recipe.train_on_prompt)
     log.info("%s fine-tuning: layers %s, %d target modules, %d examples (%d loss tokens)", recipe.method,
              list(plan.layers), len(plan.modules), len(data.examples), data.identity["n_loss_tokens"])
-    scorer = _Downstream.load(measures.downstream, timer) if measures.downstream else None   # bad task: now
+    scorer = _Downstream.load(measures.downstream, timer, out) if measures.downstream else None   # bad task: now
     warnings = _zero_effect(recipe, len(data.examples))
     for w in warnings:
         log.warning(w)
@@ -158,7 +169,9 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
     task_records = task.records()[1] if task is not None else ()
     task_name = task.identity().get("name") if task is not None else None
     callback = DecayCallback(edits.requests, task_records, every=measures.eval_every, template=recipe.template,
-                             path=out / CURVE_FILE if main else None, task_name=task_name)
+                             path=out / CURVE_FILE if main else None, task_name=task_name, control=edits.control,
+                             examples_per_step=recipe.batch_size * recipe.grad_accum,
+                             request_path=out / REQUEST_CURVE_FILE if main else None)
     device = input_device(model)
     before, after = edits.models
     result = {
@@ -169,16 +182,19 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
     }
     if scorer is not None:
         result["downstream"] = scorer.record
-    base_outcomes = None
+    base_outcomes = base_control = None
     if edits.apply is not None:
         with timer("eval_pre"):
-            base_outcomes, base_task = measure(model, tok, edits.requests, task_records, template=recipe.template)
+            measured, base_task = measure(model, tok, [*edits.requests, *edits.control], task_records,
+                                          template=recipe.template)
+            base_outcomes, base_control = measured[:len(edits.requests)], measured[len(edits.requests):]
         if scorer is not None:
             scorer.score("M0", model, tok)
         with timer("apply_edit"):
             edits.apply(model)
     if scorer is not None:
         scorer.score(before, model, tok)
+    mechanism = _Mechanism.prepare(model, tok, edits) if edits.deltas and edits.requests else None
     try:
         with timer("train"):
             outcome = train(model, tok, recipe, data, plan=plan, callback=callback, log_path=out / LOG_FILE,
@@ -206,14 +222,18 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
     if scorer is not None:
         for name in metrics:
             metrics[name].update(scorer.stage(name))
+    mech = mechanism.measure(outcome.model, plan, _survived(callback, last)) if mechanism else None
     final_model, outputs, merge_check = _save(outcome, save, out, timer, tok)
     result.update(
         status="done", trainable_parameters=outcome.trainable_parameters,
         n_trainable_parameters=outcome.n_trainable, training=_training_summary(outcome), metrics=metrics,
-        decay=_decay(callback, metrics, last, before, after) if edits.requests else None,
+        decay=_decay(callback, metrics, last, before, after, edits) if edits.requests or edits.control else None,
         curve=[{k: p[k] for k in p if k != "eval_seconds"} for p in callback.points],
         requests=_per_request(edits.requests, base_outcomes, callback.outcomes[0], callback.outcomes[last],
                               before, after),
+        control=_control(edits, base_control if base_outcomes is not None else None, callback, last, before,
+                         after),
+        mechanism=mech,
         outputs=outputs, merge_check=merge_check, measured_model=_measured_model(outcome, lm, outputs), timings=timer.seconds,
         environment=environment(device=str(device)),
     )
@@ -227,18 +247,19 @@ class _Downstream:
 
     loaded: object                                 # downstream.LoadedTasks
     timer: Timer
+    out: Path
     results: dict = field(default_factory=dict)    # stage -> DownstreamResult
     record: dict = field(default_factory=dict)     # `result.downstream`, filled in as stages are scored
 
     @classmethod
-    def load(cls, downstream, timer: Timer) -> "_Downstream":
+    def load(cls, downstream, timer: Timer, out: Path) -> "_Downstream":
         from editdecay.measure.downstream import load_tasks
 
         spec = downstream if isinstance(downstream, DownstreamSpec) else DownstreamSpec.parse(downstream)
         with timer("downstream_load"):
             loaded = load_tasks(spec)
-        return cls(loaded, timer, record={"spec": spec.to_dict(), "tasks": loaded.names, "provenance": None,
-                                          "seconds": {}})
+        return cls(loaded, timer, out, record={"spec": spec.to_dict(), "tasks": loaded.names, "provenance": None,
+                                               "seconds": {}})
 
     def score(self, stage: str, model: nn.Module, tokenizer) -> None:
         from editdecay.measure.downstream import evaluate_downstream
@@ -249,6 +270,14 @@ class _Downstream:
         self.results[stage] = res
         self.record["provenance"] = res.provenance
         self.record["seconds"][stage] = round(res.seconds, 3)
+        if res.predictions:
+            from editdecay.core.cache import dumps_json
+
+            with open(self.out / PREDICTIONS_FILE, "a", encoding="utf-8") as f:
+                for task, rows in res.predictions.items():
+                    for row in rows:
+                        f.write(dumps_json({"model": stage, "task": task, **row}) + "\n")
+            self.record["predictions"] = PREDICTIONS_FILE
 
     def stage(self, stage: str) -> dict:
         res = self.results[stage]
@@ -297,7 +326,8 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
     are no result anyone could lose. Leftovers of killed saves go too."""
     check_output_dir(out, kind="finetune", overwrite=overwrite, overwrite_flag="overwrite=True (--overwrite)")
     out.mkdir(parents=True, exist_ok=True)
-    stale = [out / n for n in (RESULT_FILE, LOG_FILE, CURVE_FILE, WEIGHTS_FILE, ADAPTER_DIR) if os.path.lexists(out / n)]
+    stale = [out / n for n in (RESULT_FILE, LOG_FILE, CURVE_FILE, WEIGHTS_FILE, ADAPTER_DIR, PREDICTIONS_FILE,
+                               REQUEST_CURVE_FILE) if os.path.lexists(out / n)]
     if stale and not overwrite:         # no result.json (check_output_dir): an interrupted run's partial outputs
         log.warning("%s holds the partial outputs of an interrupted fine-tuning run (%s, no %s); removing them and "
                     "starting again (a run is not resumed from its logs)", out, ", ".join(p.name for p in stale),
@@ -458,9 +488,89 @@ def _unsharded(lm: LoadedModel, state: dict[str, torch.Tensor]) -> nn.Module:
     return model.eval()
 
 
-def _decay(callback: DecayCallback, metrics: dict, last: int, before: str, after: str) -> dict:
-    return {"edit_flip_ratio": edit_flip_ratio(callback.outcomes[0], callback.outcomes[last]),
-            "relative_decrease": relative_decrease(metrics[before], metrics[after])}
+def _decay(callback: DecayCallback, metrics: dict, last: int, before: str, after: str, edits: EditsUnderTest) -> dict:
+    """E7 between the models before and after fine-tuning; with control facts the knowledge flip ratio beside
+    the EFR and the per-run Fisher test of edits vs known facts (measure/knowledge.py); the survival curves of
+    edits and known facts over the checkpoints (measure/decay_time.py)."""
+    from editdecay.measure.decay_time import read_request_curve, survival_curve
+    from editdecay.measure.knowledge import compare_flips, knowledge_flip
+
+    out: dict = {}
+    curve = read_request_curve(callback.request_path) if callback.request_path else []
+    if edits.requests:
+        out["edit_flip_ratio"] = edit_flip_ratio(callback.outcomes[0], callback.outcomes[last])
+        out["relative_decrease"] = relative_decrease(metrics[before], metrics[after])
+        out["survival"] = survival_curve(curve)
+    if edits.control:
+        kfr = knowledge_flip(callback.control_outcomes[0], callback.control_outcomes[last])
+        out["knowledge_flip_ratio"] = kfr.to_dict()
+        out["survival_control"] = survival_curve(curve, group="control")
+        if edits.requests:
+            efr = out["edit_flip_ratio"]
+            out["edits_vs_known"] = compare_flips(efr["n_flipped"], efr["n_success_edited"], kfr.n_flipped,
+                                                  kfr.n_known)
+    return out
+
+
+def _survived(callback: DecayCallback, last: int) -> dict[str, bool]:
+    """Survival of the edits that succeeded before fine-tuning: case id -> still succeeding after."""
+    after = {o.case_id: success(o) for o in callback.outcomes[last]}
+    return {o.case_id: after[o.case_id] for o in callback.outcomes[0] if success(o)}
+
+
+@dataclass
+class _Mechanism:
+    """The mechanism measure of one run (measure/interference.py): keys and the edited modules taken before
+    training, the ratio and cosine per edited layer and request after it, related to survival."""
+
+    names: dict                     # layer -> module name
+    deltas: dict                    # layer -> the edit's delta
+    keys: dict                      # layer -> (d_k, n)
+    before: dict                    # layer -> module copy
+    case_ids: list
+    conv1d: bool
+
+    @classmethod
+    def prepare(cls, model: nn.Module, tok, edits: EditsUnderTest) -> "_Mechanism":
+        from editdecay.core.arch import arch_for, num_layers, resolve_name, unwrap_peft
+        from editdecay.edit.context import ContextTemplates
+        from editdecay.edit.keys import compute_keys
+        from editdecay.measure.interference import snapshot
+
+        base = unwrap_peft(model)
+        arch = arch_for(base)
+        by_name = {resolve_name(base, arch.mlp_out_name(l)): l for l in range(num_layers(base))}
+        names = {by_name[n]: n for n in edits.deltas if n in by_name}
+        keys = compute_keys(base, tok, list(edits.requests), sorted(names), ContextTemplates((("{}",),)))
+        return cls(names, {l: edits.deltas[n] for l, n in names.items()}, keys, snapshot(base, names),
+                   [r.case_id for r in edits.requests], arch.conv1d)
+
+    def measure(self, model: nn.Module, plan, survived: dict) -> dict:
+        from editdecay.measure.interference import interference, relate
+
+        trained = [l for l, n in self.names.items()
+                   if l in plan.layers and (plan.whole_blocks or n in plan.modules)]
+        res = interference(model, self.before, self.names, self.deltas, self.keys, self.case_ids,
+                           conv1d=self.conv1d, trained=trained)
+        res["layers"] = {str(l): v for l, v in res["layers"].items()}
+        res["relation"] = {k: relate(res["per_request"], survived, key=k) for k in ("ratio", "cosine")}
+        return res
+
+
+def _control(edits: EditsUnderTest, base, callback: DecayCallback, last: int, before: str, after: str) -> list[dict]:
+    """One row per control fact: its outcome under each model and whether each model knows it."""
+    from editdecay.measure.knowledge import knows
+
+    rows = []
+    for i, r in enumerate(edits.control):
+        row = {"case_id": r.case_id}
+        outs = ({"M0": base[i]} if base is not None else {}) | {before: callback.control_outcomes[0][i],
+                                                                  after: callback.control_outcomes[last][i]}
+        row.update({k: o.to_dict() for k, o in outs.items()})
+        row["known"] = {k: knows(o) for k, o in outs.items()}
+        row["flipped"] = row["known"][before] and not row["known"][after]
+        rows.append(row)
+    return rows
 
 
 def _per_request(requests, base, before_outcomes, after_outcomes, before: str, after: str) -> list[dict]:

@@ -405,8 +405,11 @@ class _GridData:
         held_names = data_sources.names(HELD_OUT)
         held = [t for t in grid.shared.downstream if t in held_names]
         lm_tasks = tuple(parse_task(t, base) for t in grid.shared.downstream if t not in held_names)
-        downstream = (DownstreamRef(tasks=lm_tasks, limit=grid.shared.downstream_limit,
-                                    digests={t: task_digest(t) for t in lm_tasks}) if lm_tasks else None)
+        shared = grid.shared
+        downstream = (DownstreamRef(tasks=lm_tasks, limit=shared.downstream_limit,
+                                    digests={t: task_digest(t) for t in lm_tasks}, num_beams=shared.downstream_num_beams,
+                                    max_new_tokens=shared.downstream_max_new_tokens, prompt=shared.downstream_prompt)
+                      if lm_tasks else None)
         return cls(edit, tuple(DataRef(spec=d, digest=digests[d], settings=_settings(grid, d)) for d in ft), digests,
                    {**data_sources.labels(edit), **data_sources.labels(ft)},
                    _ref(grid, held[0]) if held else None, downstream)
@@ -544,13 +547,13 @@ def _distinct_layer_sets(editors: tuple[_Editor, ...]) -> list[_Editor]:
 
 
 def _finetune(ctx: PlanContext, ft: DataRef, recipe: _Recipe, *, editor: _Editor | None = None,
-              patch: str | None = None) -> FinetuneSpec:
+              patch: str | None = None, control: int = 0) -> FinetuneSpec:
     """A finetune stage's spec; `editor`: whose layers an `edited`/`non-edited` recipe of M_f refers to."""
     layers = editor.ref.layers if editor else None
     by = EditorRef(name=editor.ref.name) if editor and layers is None else None     # the preset's, once loaded
     return FinetuneSpec(model=ctx.model.ref, recipe=recipe.recipe, data=ft, held_out=ctx.data.held_out_for(ft),
                         downstream=ctx.data.downstream, eval_every=ctx.grid.shared.evaluation.eval_every,
-                        edited_layers=layers, edited_by=by, patch=patch)
+                        edited_layers=layers, edited_by=by, patch=patch, control=control)
 
 
 def _finetune_base(b: _Builder, ctx: PlanContext, ft: DataRef, recipe: _Recipe, editor: _Editor | None) -> str:
@@ -589,10 +592,12 @@ def _edited_cell(b: _Builder, ctx: PlanContext, editor: _Editor, data: str, n: i
     patch = b.add(PatchSpec(model=model.ref, editor=editor.ref, requests=requests,
                             batch_size=ctx.grid.shared.evaluation.edit_batch_size),
                   (stats,) if stats else (), f"{editor.label} {model.label} {where}")
-    eval_base = b.add(EvaluateSpec(model=model.ref, requests=requests), (), f"M0 {model.label} {where}")
-    eval_mf = b.add(EvaluateSpec(model=model.ref, requests=requests, finetune=mf), (mf,),
+    n_control = ctx.grid.shared.evaluation.n_control
+    control = n if n_control is None else n_control
+    eval_base = b.add(EvaluateSpec(model=model.ref, requests=requests, control=control), (), f"M0 {model.label} {where}")
+    eval_mf = b.add(EvaluateSpec(model=model.ref, requests=requests, finetune=mf, control=control), (mf,),
                     f"M_f {model.label} {recipe.label} on {where}")
-    mef = b.add(_finetune(ctx, ft, recipe, patch=patch), (patch,),
+    mef = b.add(_finetune(ctx, ft, recipe, patch=patch, control=control), (patch,),
                 f"M_ef {model.label} {editor.label} {ctx.data.labels[data]} n{n} {recipe.label} s{ctx.seed}")
     roles = CellRoles(stats=stats, patch=patch, eval_base=eval_base, finetune_base=mf, eval_finetuned_base=eval_mf,
                       finetune_edited=mef)
@@ -631,6 +636,10 @@ def missing_files(plan: Plan) -> list[str]:
                 kind, rest = data_sources.split_spec(t)
                 if kind in ("local", "ppl"):
                     paths[rest] = "downstream task data"
+                elif kind == "commonsense":
+                    from editdecay.measure.downstream.commonsense import spec_parts
+
+                    paths[str(spec_parts(t)[0])] = "downstream task data"
         if isinstance(s, StatsSpec):
             corpus = s.statistics.corpus if s.statistics else s.editor.fields.get("stats_corpus")
             if isinstance(corpus, str) and corpus.startswith("/"):

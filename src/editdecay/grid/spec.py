@@ -199,6 +199,10 @@ class EvaluationSettings(Config):
     strict: bool = Field(False, description="a rejected edit record, or a subject that does not end on a token "
                                             "boundary of its prompt, is an error instead of a warning")
     edit_batch_size: Optional[int] = Field(None, ge=1, description="edits per sequential batch (default: one batch)")
+    n_control: Optional[int] = Field(None, ge=0, description="knowledge control: facts of the same edit data that "
+                                                             "are not edited, measured on M0, M_e, M_f and M_ef "
+                                                             "(default: as many as the cell's edits, fewer where the "
+                                                             "data has fewer left; 0: none)")
 
 
 def _downstream_task(t):
@@ -231,9 +235,16 @@ class SharedSettings(Config):
         description="downstream tasks scored for M0, M_e, M_f, M_ef: embedded (the generated task's held-out "
                     "split) or chatterbot (the chatterbot corpus' held-out split) and lm-eval tasks: everyday, "
                     "boolq, piqa, siqa, hellaswag, winogrande, arc-e, arc-c, obqa, lm-eval:NAME, local:DIR, "
-                    "ppl:FILE")
-    downstream_limit: Optional[int] = Field(None, ge=1, description="documents per lm-eval task (default: all); "
-                                                                    "the first N, the same for every model")
+                    "ppl:FILE, and commonsense:DIR[:task,...] (the study's generation protocol)")
+    downstream_limit: Optional[int] = Field(None, ge=1, description="documents per lm-eval task and records per "
+                                                                    "commonsense task (default: all); the first N, "
+                                                                    "the same for every model")
+    downstream_num_beams: int = Field(4, ge=1, description="commonsense:DIR tasks: beams of the beam search (the "
+                                                           "study: 4)")
+    downstream_max_new_tokens: int = Field(32, ge=1, description="commonsense:DIR tasks: tokens generated per "
+                                                                 "response (the study: 32)")
+    downstream_prompt: Literal["study", "llm-adapters"] = Field(
+        "study", description="commonsense:DIR tasks: the prompt of the study's code or of LLM-Adapters'")
     embedded_task: TaskSettings = Field(default_factory=TaskSettings)
     chatterbot: ChatterbotSettings = Field(default_factory=ChatterbotSettings)
     device: Device = Field(DEFAULT_DEVICE, description=DEVICE_HELP)

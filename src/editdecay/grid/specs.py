@@ -118,6 +118,9 @@ class DownstreamRef(Config):
     tasks: tuple[str, ...]
     limit: int | None = None
     digests: dict[str, str | None] = Field(default_factory=dict)
+    num_beams: int = 4                    # commonsense:DIR tasks (generation): the study's 4 beams, 32 new tokens
+    max_new_tokens: int = 32
+    prompt: str = "study"
 
     def spec(self, batch_size: int):
         """The `DownstreamSpec` to score, after checking that no task's data changed since planning."""
@@ -129,7 +132,8 @@ class DownstreamRef(Config):
             if planned is not None and now != planned:
                 raise DataError(f"downstream task {t!r} changed since this grid was planned (content {planned} -> "
                                 f"{now}); run `editdecay grid run` again: it plans anew")
-        return DownstreamSpec(self.tasks, limit=self.limit, batch_size=batch_size)
+        return DownstreamSpec(self.tasks, limit=self.limit, batch_size=batch_size, num_beams=self.num_beams,
+                              max_new_tokens=self.max_new_tokens, prompt=self.prompt)
 
 
 class StageSpec(Config):
@@ -204,6 +208,7 @@ class EvaluateSpec(StageSpec):
     model: ModelRef
     requests: EditSelection
     finetune: str | None = None
+    control: int = 0                          # knowledge-control facts measured beside the requests
 
     @property
     def seed(self) -> int:
@@ -228,6 +233,7 @@ class FinetuneSpec(StageSpec):
     edited_layers: tuple[int, ...] | None = None
     edited_by: EditorRef | None = None
     patch: str | None = None
+    control: int = 0                          # with a patch: knowledge-control facts measured beside its requests
 
     @model_validator(mode="after")
     def _one_source_of_layers(self):

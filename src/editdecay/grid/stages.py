@@ -180,11 +180,14 @@ def run_evaluate(ctx: StageContext) -> None:
         from editdecay.finetune.run import load_finetuned
 
         model = load_finetuned(lm, ctx.dep_dir(spec.finetune) / "run")
-    outcomes, _ = measure(model, lm.tokenizer, list(ds.requests), (),
+    control = spec.requests.control(spec.control, at_most=True) if spec.control else ()
+    measured, _ = measure(model, lm.tokenizer, [*ds.requests, *control], (),
                           batch_size=ctx.runtime.get("eval_batch_size", 32))
+    outcomes, control_outcomes = measured[:len(ds.requests)], measured[len(ds.requests):]
     metrics = aggregate(outcomes)
     _check_finite("evaluation", metrics)
     ctx.write_json("outcomes.json", {"requests": [o.to_dict() for o in outcomes], "metrics": metrics,
+                                     "control": [o.to_dict() for o in control_outcomes],
                                      "data": ds.to_dict(), "model": lm.identity.to_dict()})
     ctx.write_json("outputs.json", {"metrics": metrics, "n_requests": len(outcomes)})
 
@@ -225,7 +228,10 @@ def run_finetune_stage(ctx: StageContext, dist=None) -> None:
         patch = load_patch(ctx.dep_dir(spec.patch) / "patch")
         check_same_weights(lm.identity, patch.model_identity, f"patch stage {spec.patch}")
         patch.apply(lm.model)
-        edits = EditsUnderTest(requests=patch.requests, layers=patch.layers, applied=True)
+        selection = ctx.plan.stages[spec.patch].spec.requests
+        control = selection.control(spec.control, at_most=True) if spec.control else ()
+        edits = EditsUnderTest(requests=patch.requests, layers=patch.layers, applied=True, control=control,
+                               deltas=patch.deltas)
         extra["patch"] = {"stage": spec.patch, "editor": patch.editor, "layers": list(patch.layers),
                           "n_requests": len(patch.requests)}
     else:
@@ -295,11 +301,15 @@ def run_cell(ctx: StageContext) -> None:
     training = {"base": base_run["training"]}
     if spec.axes.n_edits == 0:
         metrics, decay, curve, rows, data = {"M0": {"n": 0, **m0_task}, "M_f": {"n": 0, **mf_task}}, {}, [], [], None
+        control_rows, mechanism = [], None
     else:
         edited = _Edited.read(ctx, roles)
         metrics = {"M0": {**edited.base_eval["metrics"], **m0_task}, "M_e": edited.run["metrics"]["M_e"],
                    "M_f": {**edited.mf_eval["metrics"], **mf_task}, "M_ef": edited.run["metrics"]["M_ef"]}
         decay, curve, rows, data = edited.run["decay"], edited.run["curve"], edited.rows(ctx), edited.patch["data"]
+        control_rows = edited.control_rows(ctx)
+        decay = {**decay, **_knowledge_base(control_rows)}
+        mechanism = edited.run.get("mechanism")
         training["edited"] = edited.run["training"]
         config.update(editor={"name": edited.patch["editor"], **edited.patch["editor_config"]},
                       requests=ctx.plan.stages[roles["patch"]].spec.requests.to_dict(),
@@ -310,7 +320,8 @@ def run_cell(ctx: StageContext) -> None:
         config=config, stages={role: _stage_info(ctx.store, sid) for role, sid in roles.items()},
         model=base_run["model"], data=data, metrics=metrics,
         decay={**decay, "downstream": _downstream(metrics)}, curve=curve, curve_base=base_run["curve"],
-        training=training, downstream=_downstream_provenance(base_run), requests=rows,
+        training=training, downstream=_downstream_provenance(base_run), requests=rows, control=control_rows,
+        mechanism=mechanism,
         timings={role: (ctx.store.manifest(sid) or {}).get("seconds") for role, sid in roles.items()},
         environment=environment(None))
     write_result(ctx.out / "result.json", result.model_dump(mode="json"))
@@ -350,6 +361,38 @@ class _Edited:
             table.append({"case_id": case_id, **{k: o.to_dict() for k, o in outs.items()}, "success": ok,
                           "margin": {k: o.margin for k, o in outs.items()}, "flipped": ok["M_e"] and not ok["M_ef"]})
         return table
+
+    def control_rows(self, ctx: StageContext) -> list[dict]:
+        """The knowledge control's rows: each control fact's outcome and whether each model knows it."""
+        from editdecay.measure.knowledge import knows
+        from editdecay.measure.metrics import RequestOutcome
+
+        run_rows = self.run.get("control") or []
+        m0, mf = self.base_eval.get("control") or [], self.mf_eval.get("control") or []
+        ids = [[r["case_id"] for r in m0], [r["case_id"] for r in mf], [r["case_id"] for r in run_rows]]
+        if any(x != ids[0] for x in ids):
+            raise EditDecayError(f"cell {ctx.stage.label}: the stages measured different control facts "
+                                 f"({[len(x) for x in ids]}); the edit data changed between stages")
+        table = []
+        for i, cid in enumerate(ids[0]):
+            outs = {"M0": m0[i], "M_e": run_rows[i]["M_e"], "M_f": mf[i], "M_ef": run_rows[i]["M_ef"]}
+            known = {k: knows(RequestOutcome(**o)) for k, o in outs.items()}
+            table.append({"case_id": cid, **outs, "known": known,
+                          "margin": {k: o.get("margin") for k, o in outs.items()},
+                          "flipped": known["M_e"] and not known["M_ef"],
+                          "flipped_base": known["M0"] and not known["M_f"]})
+        return table
+
+
+def _knowledge_base(rows: list[dict]) -> dict:
+    """decay.knowledge_flip_ratio_base: the knowledge flip ratio of the unedited model, M0 -> M_f."""
+    if not rows:
+        return {}
+    from editdecay.measure.knowledge import knowledge_flip
+    from editdecay.measure.metrics import RequestOutcome
+
+    kfr = knowledge_flip([RequestOutcome(**r["M0"]) for r in rows], [RequestOutcome(**r["M_f"]) for r in rows])
+    return {"knowledge_flip_ratio_base": kfr.to_dict()}
 
 
 def _cell_id(ctx: StageContext) -> str:

@@ -32,6 +32,7 @@ from editdecay.report.figures import (
     request_survival,
     survival_heatmap,
 )
+from editdecay.report.protocol import protocol_figures, protocol_tables
 from editdecay.report.records import load_results
 from editdecay.report.render import render_html, render_markdown, report_json
 from editdecay.report.significance import paired_comparisons, significance_table
@@ -114,12 +115,13 @@ def build_report(results_dir: str | Path, out_dir: str | Path, *, frequencies: b
     tables += [survival_requests(frame, freq), survival_summary(frame, freq)]
     steps.update()
     tables.append(significance_table(paired_comparisons(a)))
+    tables += protocol_tables(a)
     steps.update()
     fig_dir = out / "figures"
     figures = [decay_curves(a, fig_dir / "decay_curves.png"), survival_heatmap(a, fig_dir / "survival_heatmap.png"),
                editor_decay_by_n(a, fig_dir / "editor_decay_by_n.png"),
                request_survival(frame, fig_dir / "request_survival.png"),
-               downstream_bars(a, fig_dir / "downstream.png")]
+               downstream_bars(a, fig_dir / "downstream.png"), *protocol_figures(a, fig_dir)]
     steps.update()
     if activation_shift:
         from editdecay.report.activation import (

@@ -126,8 +126,32 @@ def _between(kind: str, config: str, ca: CellRecord, cb: CellRecord, name_a: str
     pairs = _matched(ca, cb)
     surv = mcnemar_exact([p.survived for p, _ in pairs], [q.survived for _, q in pairs])
     marg = wilcoxon_paired([_drop(p) for p, _ in pairs], [_drop(q) for _, q in pairs])
-    return [Comparison(kind, config, name_a, name_b, "survival (success after editing and after fine-tuning)", surv),
-            Comparison(kind, config, name_a, name_b, "margin drop margin(M_e) - margin(M_ef)", marg)]
+    out = [Comparison(kind, config, name_a, name_b, "survival (success after editing and after fine-tuning)", surv),
+           Comparison(kind, config, name_a, name_b, "margin drop margin(M_e) - margin(M_ef)", marg)]
+    return out + _over_time(kind, config, ca, cb, name_a, name_b)
+
+
+def _fates(c: CellRecord) -> dict:
+    return ((((c.result or {}).get("decay") or {}).get("survival") or {}).get("fates")) or {}
+
+
+def _over_time(kind: str, config: str, ca: CellRecord, cb: CellRecord, name_a: str, name_b: str) -> list[Comparison]:
+    """Decay over time on the requests at risk in both cells (measure/decay_time.py): the failure step, with an
+    edit that never failed ranked after every failure (its step + the largest step seen), and the margin slope;
+    both by the Wilcoxon signed-rank test. None for results without per-request curves."""
+    fa, fb = _fates(ca), _fates(cb)
+    common = [cid for cid in fa if cid in fb]
+    if not common:
+        return []
+    top = 1 + max(f["step"] for f in (*fa.values(), *fb.values()))
+
+    def when(f: dict) -> float:
+        return float(f["step"] if f["failed"] else f["step"] + top)
+
+    return [Comparison(kind, config, name_a, name_b, "failure step (never failed: ranked last)",
+                       wilcoxon_paired([when(fa[c]) for c in common], [when(fb[c]) for c in common])),
+            Comparison(kind, config, name_a, name_b, "margin slope (nats per 1,000 examples)",
+                       wilcoxon_paired([fa[c]["slope"] for c in common], [fb[c]["slope"] for c in common]))]
 
 
 def paired_comparisons(a: Analysis) -> list[Comparison]:
@@ -190,7 +214,9 @@ def significance_table(comparisons: Sequence[Comparison]) -> Table:
         "Two-sided, uncorrected. Survival/success: exact McNemar (binomial test on the discordant pairs b, c; "
         "statistic = b); margins: Wilcoxon signed-rank on paired differences (statistic = W); per-cell scores "
         "across configurations: paired t-test (statistic = t). n = paired requests, or paired cells for the "
-        "t-tests. `recipe`: two fine-tuning recipes on the same patch; `editor`: two editors on the same requests.",
+        "t-tests. `recipe`: two fine-tuning recipes on the same patch; `editor`: two editors on the same requests. "
+        "Over time (requests that succeeded after editing in both cells): the checkpoint of first failure (edits "
+        "that never failed ranked after every failure) and the margin slope, Wilcoxon signed-rank.",
         cols, rows)
 
 

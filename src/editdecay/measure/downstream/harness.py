@@ -28,6 +28,12 @@ Results are typed (`DownstreamResult`): per lm-eval task {metric: value, ...,
 "n": documents scored}, with stderr where lm-eval computes one, plus the
 provenance a reader needs to redo the numbers (lm-eval version, task versions
 and configs' sources, limit, few-shot count).
+
+`commonsense:DIR` specs are not lm-eval tasks: they are read by `commonsense.load` in step 1 and scored
+by generation (`commonsense.score`) in step 2, after the lm-eval tasks; their scores sit beside lm-eval's
+under 'commonsense:<task>', their per-record predictions in `DownstreamResult.predictions`, and every
+task's provenance names its `protocol` ("loglikelihood" or "generation"). Without lm-eval tasks,
+lm-eval is not imported at all.
 """
 
 from __future__ import annotations
@@ -44,11 +50,12 @@ from typing import Sequence
 
 from editdecay.core.config import did_you_mean
 from editdecay.core.errors import ConfigError, DataError
-from editdecay.measure.downstream import everyday, perplexity
-from editdecay.measure.downstream.score import mean_accuracy
+from editdecay.measure.downstream import commonsense, everyday, perplexity
+from editdecay.measure.downstream.score import GENERATION, LOGLIKELIHOOD, accuracy_by_protocol, mean_accuracy
 from editdecay.measure.downstream.spec import (
     EVERYDAY,
     DownstreamSpec,
+    is_generation,
     lm_eval_name,
     task_digest,
 )
@@ -64,13 +71,14 @@ class LoadedTasks:
 
     spec: DownstreamSpec
     tasks: dict                                   # lm-eval task name -> lm_eval.api.task.Task
-    source: dict[str, str]
-    manager: object                               # the lm_eval TaskManager the tasks were loaded with
+    source: dict[str, str]                        # task name (lm-eval's or 'commonsense:<task>') -> its spec
+    manager: object                               # the lm_eval TaskManager (None without lm-eval tasks)
     digests: dict[str, str | None] = field(default_factory=dict)
+    generation: tuple = ()                        # commonsense.CommonsenseTasks, scored by generation
 
     @property
     def names(self) -> list[str]:
-        return list(self.tasks)
+        return list(self.tasks) + [k for g in self.generation for k in g.keys]
 
 
 @dataclass(frozen=True)
@@ -81,12 +89,15 @@ class DownstreamResult:
     tasks: dict[str, dict]
     provenance: dict
     seconds: float
+    predictions: dict[str, list[dict]] = field(default_factory=dict)   # generation tasks: per-record rows
 
     @property
     def score(self) -> float | None:
+        """DS: the mean accuracy of one protocol's tasks (score.py `mean_accuracy`)."""
         return mean_accuracy(self.tasks)[0]
 
     def to_dict(self) -> dict:
+        """Scores and provenance (predictions are written apart: they can be long)."""
         return {"tasks": self.tasks, "score": self.score, "provenance": self.provenance,
                 "seconds": round(self.seconds, 3)}
 
@@ -103,6 +114,27 @@ def load_tasks(spec: DownstreamSpec | Sequence[str] | str) -> LoadedTasks:
 
 
 def _load_tasks(spec: DownstreamSpec) -> LoadedTasks:
+    generation, source, digests = [], {}, {}
+    for s in spec.tasks:
+        if is_generation(s):
+            loaded = commonsense.load(s)
+            digests[s] = task_digest(s)
+            for key in loaded.keys:
+                if key in source:
+                    raise ConfigError(f"downstream tasks {source[key]!r} and {s!r} both score {key!r}; list it once")
+                source[key] = s
+            generation.append(loaded)
+    if all(is_generation(s) for s in spec.tasks):
+        return LoadedTasks(spec, {}, source, None, digests, tuple(generation))
+    loaded = _load_lm_eval(spec)
+    clash = sorted(set(loaded.source) & set(source))
+    if clash:
+        raise ConfigError(f"downstream task {clash[0]!r} is named twice; list it once")
+    return LoadedTasks(spec, loaded.tasks, {**loaded.source, **source}, loaded.manager,
+                       {**loaded.digests, **digests}, tuple(generation))
+
+
+def _load_lm_eval(spec: DownstreamSpec) -> LoadedTasks:
     from lm_eval.tasks import TaskManager
 
     local_dirs = [Path(s.split(":", 1)[1]) for s in spec.tasks if s.startswith("local:")]
@@ -116,6 +148,8 @@ def _load_tasks(spec: DownstreamSpec) -> LoadedTasks:
                           include_defaults=bool(named))
     tasks, source, digests = {}, {}, {}
     for s in spec.tasks:
+        if is_generation(s):
+            continue
         digests[s] = task_digest(s)
         for item in _items(s, manager, digests[s]):
             loaded = _load_one(manager, item, s)
@@ -192,25 +226,36 @@ def evaluate_downstream(model, tokenizer, tasks: LoadedTasks | DownstreamSpec | 
     num_fewshot = spec.num_fewshot if num_fewshot is None else num_fewshot
     DownstreamSpec(spec.tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)   # validates overrides
 
-    rolling = [n for n, t in loaded.tasks.items() if t.OUTPUT_TYPE == "loglikelihood_rolling"]
     t0 = time.perf_counter()
-    with _model_preserved(model), _rng_preserved(model), _quiet("lm_eval.models.huggingface"):
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
+    scores, raw, lm = {}, None, None
+    if loaded.tasks:
+        rolling = [n for n, t in loaded.tasks.items() if t.OUTPUT_TYPE == "loglikelihood_rolling"]
+        with _model_preserved(model), _rng_preserved(model), _quiet("lm_eval.models.huggingface"):
+            import lm_eval
+            from lm_eval.models.huggingface import HFLM
 
-        lm = HFLM(pretrained=model, tokenizer=_tokenizer_for(tokenizer), batch_size=batch_size)
-        raw = lm_eval.simple_evaluate(
-            model=lm, tasks=list(loaded.tasks.values()), task_manager=loaded.manager, limit=limit,
-            num_fewshot=num_fewshot, log_samples=bool(rolling), bootstrap_iters=1000,
-            random_seed=None, numpy_random_seed=None, torch_random_seed=None)
+            lm = HFLM(pretrained=model, tokenizer=_tokenizer_for(tokenizer), batch_size=batch_size)
+            raw = lm_eval.simple_evaluate(
+                model=lm, tasks=list(loaded.tasks.values()), task_manager=loaded.manager, limit=limit,
+                num_fewshot=num_fewshot, log_samples=bool(rolling), bootstrap_iters=1000,
+                random_seed=None, numpy_random_seed=None, torch_random_seed=None)
+        for name in loaded.tasks:
+            scores[name] = _metrics(raw["results"][name])
+            scores[name]["n"] = int(raw["n-samples"][name]["effective"])
+            if name in rolling:
+                scores[name].update(perplexity.token_perplexity(raw["samples"][name], lm.tok_encode))
+    predictions, generation = {}, {}
+    if loaded.generation:
+        settings = commonsense.GenerationSettings(num_beams=spec.num_beams, max_new_tokens=spec.max_new_tokens,
+                                                  batch_size=batch_size, prompt=spec.prompt)
+        with _rng_preserved(model):
+            for g in loaded.generation:
+                got, preds, generation = commonsense.score(model, tokenizer, g, settings, limit=limit)
+                scores.update(got)
+                predictions.update(preds)
     seconds = time.perf_counter() - t0
-    scores = {}
-    for name in loaded.tasks:
-        scores[name] = _metrics(raw["results"][name])
-        scores[name]["n"] = int(raw["n-samples"][name]["effective"])
-        if name in rolling:
-            scores[name].update(perplexity.token_perplexity(raw["samples"][name], lm.tok_encode))
-    return DownstreamResult(scores, _provenance(loaded, raw, limit, num_fewshot, batch_size), seconds)
+    return DownstreamResult(scores, _provenance(loaded, raw, limit, num_fewshot, batch_size, generation, scores),
+                            seconds, predictions)
 
 
 def _metrics(row: dict) -> dict:
@@ -226,22 +271,34 @@ def _metrics(row: dict) -> dict:
     return out
 
 
-def _provenance(loaded: LoadedTasks, raw: dict, limit, num_fewshot, batch_size) -> dict:
-    import lm_eval
-
-    version = getattr(lm_eval, "__version__", None)
-    if version is None:
-        import importlib.metadata
-
-        version = importlib.metadata.version("lm_eval")
+def _provenance(loaded: LoadedTasks, raw: dict | None, limit, num_fewshot, batch_size, generation: dict,
+                scores: dict) -> dict:
     tasks = {}
-    for name, task in loaded.tasks.items():
-        tasks[name] = {"spec": loaded.source[name], "version": raw["versions"].get(name),
-                       "num_fewshot": raw["n-shot"].get(name), "output_type": task.OUTPUT_TYPE,
-                       "n_documents": int(raw["n-samples"][name]["original"]),
-                       "digest": loaded.digests.get(loaded.source[name])}
-    return {"harness": "lm-evaluation-harness", "lm_eval_version": version, "limit": limit,
-            "num_fewshot": num_fewshot, "batch_size": batch_size, "tasks": tasks}
+    version = None
+    if raw is not None:
+        import lm_eval
+
+        version = getattr(lm_eval, "__version__", None)
+        if version is None:
+            import importlib.metadata
+
+            version = importlib.metadata.version("lm_eval")
+        for name, task in loaded.tasks.items():
+            tasks[name] = {"spec": loaded.source[name], "protocol": LOGLIKELIHOOD, "version": raw["versions"].get(name),
+                           "num_fewshot": raw["n-shot"].get(name), "output_type": task.OUTPUT_TYPE,
+                           "n_documents": int(raw["n-samples"][name]["original"]),
+                           "digest": loaded.digests.get(loaded.source[name])}
+    for g in loaded.generation:
+        for task, records in g.records.items():
+            key = commonsense.task_key(task)
+            tasks[key] = {"spec": g.spec, "protocol": GENERATION, "output_type": "generate_until",
+                          "n_documents": len(records), "digest": loaded.digests.get(g.spec)}
+    by = accuracy_by_protocol(scores)
+    return {"harness": "lm-evaluation-harness" if raw is not None else None, "lm_eval_version": version,
+            "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size, "tasks": tasks,
+            "generation": generation or None,
+            "score_protocol": GENERATION if GENERATION in by else (LOGLIKELIHOOD if by else None),
+            "accuracy_by_protocol": {p: {"mean_acc": v, "n_tasks": n} for p, (v, n) in by.items()}}
 
 
 def _tokenizer_for(tokenizer):

@@ -9,6 +9,12 @@ A task spec is one of
     local:PATH        every task defined by the lm-eval YAML files in directory PATH (or one YAML file)
     ppl:PATH          perplexity on a local text corpus: .txt (documents separated by blank lines) or
                       .jsonl / .json (records with a "text" field, or a JSON list of strings)
+    commonsense:DIR[:task,...]
+                      the study's own protocol: LLM-Adapters-format DIR/<task>/test.json scored by
+                      generation and answer-word extraction (commonsense.py), offline; tasks boolq, piqa,
+                      social_i_qa, hellaswag, winogrande, ARC-Challenge, ARC-Easy, openbookqa (default: all
+                      eight). In a comma-separated string the task names after a commonsense spec belong to
+                      it ('commonsense:d:boolq,piqa' is one spec); '+' separates them too.
 
 This module is pure: it imports neither torch nor lm-eval and touches no file
 except in `task_digest`, so a grid file or a command line with a typo fails in
@@ -21,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import ClassVar, Literal, Sequence
 
 from pydantic import Field, field_validator
 
@@ -36,9 +42,11 @@ STUDY_TASKS = {
     "winogrande": "winogrande", "arc-e": "arc_easy", "arc-c": "arc_challenge", "obqa": "openbookqa",
 }
 _ALIASES = {v: k for k, v in STUDY_TASKS.items() if v != k} | {"arc_e": "arc-e", "arc_c": "arc-c"}
-PREFIXES = ("lm-eval", "local", "ppl")
+COMMONSENSE = "commonsense"
+PREFIXES = ("lm-eval", "local", "ppl", COMMONSENSE)
 VALID_TEXT = (f"{EVERYDAY}, {', '.join(STUDY_TASKS)}, lm-eval:NAME, local:DIR (lm-eval task YAMLs), "
-              f"ppl:FILE (.txt/.jsonl/.json text corpus)")
+              f"ppl:FILE (.txt/.jsonl/.json text corpus), commonsense:DIR[:task,...] (the study's generation "
+              f"protocol on LLM-Adapters test files)")
 PPL_SUFFIXES = (".txt", ".jsonl", ".json")
 
 
@@ -51,6 +59,10 @@ def parse_task(text: str, base_dir: Path | None = None) -> str:
     kind, rest = split_spec(raw)
     if ":" in raw and kind.lower() in PREFIXES:
         kind, rest = kind.lower(), rest.strip()
+        if kind == COMMONSENSE:
+            from editdecay.measure.downstream.commonsense import canonical_spec
+
+            return canonical_spec(rest, base_dir)
         if not rest:
             raise ConfigError(f"downstream task {raw!r}: give a {'name' if kind == 'lm-eval' else 'path'} after "
                               f"'{kind}:', e.g. {kind}:{'hellaswag' if kind == 'lm-eval' else 'path/to/data'}")
@@ -74,7 +86,7 @@ def parse_task(text: str, base_dir: Path | None = None) -> str:
 
 def parse_tasks(tasks: str | Sequence[str], base_dir: Path | None = None) -> tuple[str, ...]:
     """A comma-separated string or a list of specs, each canonical (`parse_task`); a task listed twice fails."""
-    items = [t for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks)
+    items = _split_list(tasks) if isinstance(tasks, str) else list(tasks)
     out = [parse_task(t, base_dir) for t in items]
     dup = sorted({t for t in out if out.count(t) > 1})
     if dup:
@@ -82,6 +94,35 @@ def parse_tasks(tasks: str | Sequence[str], base_dir: Path | None = None) -> tup
     if not out:
         raise ConfigError(f"no downstream task given; use one or more of {VALID_TEXT}")
     return tuple(out)
+
+
+def _split_list(text: str) -> list[str]:
+    """A comma-separated list of specs; the commonsense task names after a `commonsense:DIR:task` spec (one that
+    lists tasks) belong to it: 'commonsense:d:boolq,piqa' is one spec, 'commonsense:d,piqa' two (all eight
+    commonsense tasks, and lm-eval's piqa)."""
+    from editdecay.measure.downstream.commonsense import canonical_task
+
+    out: list[str] = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        if out and split_spec(out[-1])[0].strip().lower() == COMMONSENSE and ":" not in item \
+                and canonical_task(item) is not None and _has_task_list(out[-1]):
+            out[-1] = f"{out[-1]},{item}"
+            continue
+        out.append(item)
+    return out
+
+
+def _has_task_list(spec: str) -> bool:
+    from editdecay.measure.downstream.commonsense import _split_dir
+
+    return bool(_split_dir(split_spec(spec)[1].strip())[1])
+
+
+def is_generation(spec: str) -> bool:
+    """A spec scored by generation (the study's commonsense protocol), not by lm-eval."""
+    return split_spec(spec)[0] == COMMONSENSE
 
 
 def lm_eval_name(spec: str) -> str | None:
@@ -102,7 +143,14 @@ class DownstreamSpec(Config):
                                                       "is scored on the same ones; None: all")
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples; None keeps each task's default "
                                                             "(0 for the study's tasks and ours)")
-    batch_size: int = Field(32, ge=1, description="documents per forward pass")
+    batch_size: int = Field(32, ge=1, description="documents per forward pass (commonsense: prompts per generate "
+                                                  "call)")
+    num_beams: int = Field(4, ge=1, description="commonsense tasks: beams of the beam search (the study: 4)")
+    max_new_tokens: int = Field(32, ge=1, description="commonsense tasks: tokens generated per response (the "
+                                                      "study: 32)")
+    prompt: Literal["study", "llm-adapters"] = Field(
+        "study", description="commonsense tasks: the prompt of the study's code (memit_cyj; GPT-2/GPT-J get its "
+                            "'Question/Answer' prompt) or of LLM-Adapters' commonsense_evaluate.py")
 
     def __init__(self, tasks: Sequence[str] = (), **settings) -> None:
         super().__init__(tasks=tasks, **settings)
@@ -112,7 +160,7 @@ class DownstreamSpec(Config):
     def _canonical(cls, v):
         return parse_tasks(v)
 
-    @field_validator("limit", "num_fewshot", mode="before")
+    @field_validator("limit", "num_fewshot", "num_beams", "max_new_tokens", mode="before")
     @classmethod
     def _no_bool(cls, v):
         if isinstance(v, bool):
@@ -132,6 +180,10 @@ def task_digest(spec: str) -> str | None:
         from editdecay.measure.downstream.everyday import TASK_DIR
 
         return _hash_files(TASK_DIR)
+    if is_generation(spec):
+        from editdecay.measure.downstream.commonsense import digest
+
+        return digest(spec)
     kind, rest = split_spec(spec)
     if kind not in ("local", "ppl"):
         return None
@@ -150,5 +202,5 @@ def _hash_files(root: Path) -> str:
     return h.hexdigest()[:16]
 
 
-__all__ = ["DownstreamSpec", "EVERYDAY", "STUDY_TASKS", "VALID_TEXT", "lm_eval_name", "parse_task", "parse_tasks",
-           "task_digest"]
+__all__ = ["COMMONSENSE", "DownstreamSpec", "EVERYDAY", "STUDY_TASKS", "VALID_TEXT", "is_generation", "lm_eval_name",
+           "parse_task", "parse_tasks", "task_digest"]
