@@ -1,9 +1,18 @@
-"""The edit result: per-layer weight deltas that can be applied, reverted, saved and loaded.
+"""The edit result: what an editor changed, as something that can be applied, reverted, saved and loaded.
 
-A patch stores each delta in the weight's own layout (Conv1D deltas are (d_k, d),
-Linear deltas (d, d_k)), so applying it is a plain in-place add. Reverting copies
-back the exact original tensors saved at apply time, so it is bit-exact (adding
-and subtracting a float delta would not be).
+A patch holds two kinds of edit, either or both:
+- weight deltas (`deltas`, MEMIT, AlphaEdit, FT-M, MEND), each in the weight's own layout (Conv1D deltas
+  are (d_k, d), Linear deltas (d, d_k)), so applying one is a plain in-place add. Reverting copies back
+  the exact original tensors saved at apply time, so it is bit-exact (adding and subtracting a float
+  delta would not be);
+- module states (`states`, GRACE): an edit kept in a module of its own beside a host module
+  (core/module_edit.py), stored as its tensors plus a JSON config. Applying one rebuilds the module
+  through the editor that made it (edit/registry.py: the editor class's `module_edit`) and attaches it to
+  the host; reverting detaches it, which leaves the host exactly as it was.
+
+On disk: `patch.safetensors` (deltas under their module names, state tensors under
+"<module>::<tensor>") and `patch.json` (format, editor, config, requests, provenance, each state's
+config). Format 1 (deltas only) still loads.
 """
 
 from __future__ import annotations
@@ -28,7 +37,18 @@ from editdecay.core.request import EditRequest
 
 PATCH_FILE = "patch.safetensors"
 META_FILE = "patch.json"
-PATCH_FORMAT = 1
+PATCH_FORMAT = 2
+READABLE_FORMATS = (1, 2)
+STATE_SEPARATOR = "::"
+
+
+@dataclass
+class ModuleState:
+    """An edit kept as a module beside a host module: the tensors and JSON config that rebuild it
+    (`module_edit.from_state(config, tensors)` of the editor that made it)."""
+
+    config: dict
+    tensors: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -37,11 +57,14 @@ class AppliedPatch:
 
     model: nn.Module
     originals: dict[str, torch.Tensor]
+    attached: list = field(default_factory=list)     # core.module_edit.Attached, one per module state
     reverted: bool = False
 
     def revert(self) -> None:
         if self.reverted:
             return
+        for a in self.attached:
+            a.detach()
         with torch.no_grad():
             for name, w in self.originals.items():
                 get_module(self.model, name).weight.copy_(w)
@@ -50,7 +73,7 @@ class AppliedPatch:
 
 @dataclass
 class EditPatch:
-    """Weight deltas of one editing run, with what made them."""
+    """The edit of one editing run (weight deltas and/or module states), with what made it."""
 
     deltas: dict[str, torch.Tensor]            # module name -> delta, same shape/layout as its .weight
     layers: tuple[int, ...]
@@ -59,13 +82,49 @@ class EditPatch:
     requests: tuple[EditRequest, ...] = ()
     model_identity: dict = field(default_factory=dict)   # identity of the model the patch was computed on
     extra: dict = field(default_factory=dict)            # timings, statistics provenance, ...
+    states: dict[str, ModuleState] = field(default_factory=dict)   # host module name -> module state
 
     @property
     def module_names(self) -> tuple[str, ...]:
-        return tuple(self.deltas)
+        """Every module the patch changes: those with a weight delta, then the hosts of module states."""
+        return tuple(dict.fromkeys([*self.deltas, *self.states]))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the patch by its name on disk: deltas by module name, state tensors as
+        "<module>::<tensor>" (what `save` writes; what the non-finite checks read)."""
+        out = dict(self.deltas)
+        for module, state in self.states.items():
+            out.update({f"{module}{STATE_SEPARATOR}{k}": v for k, v in state.tensors.items()})
+        return out
+
+    def _module_edits(self, model: nn.Module) -> dict[str, tuple[nn.Module, object]]:
+        """host name -> (host module, the rebuilt, checked ModuleEdit), before anything is changed."""
+        if not self.states:
+            return {}
+        from editdecay.edit.registry import editor_class
+
+        try:
+            cls = editor_class(self.editor)
+        except ConfigError as e:
+            raise ConfigError(f"patch holds module states of editor {self.editor!r}, which rebuilds them: {e}") from None
+        builder = getattr(cls, "module_edit", None)
+        if builder is None:
+            raise ConfigError(f"patch holds module states, but editor {self.editor!r} declares no module_edit "
+                              f"class to rebuild them (edit/editor.py)")
+        out = {}
+        for name, state in self.states.items():
+            host = get_module(model, name)
+            edit = builder.from_state(state.config, state.tensors)
+            edit.check_host(host, name)
+            out[name] = (host, edit)
+        return out
 
     def apply(self, model: nn.Module) -> AppliedPatch:
-        """Add every delta in place (cast to the weight's dtype/device); keep originals for revert."""
+        """Add every delta in place (cast to the weight's dtype/device) and attach every module state; keep what
+        `revert` needs. Raises ConfigError (model unchanged) for a module the model lacks, a delta of another
+        shape or a state its host cannot carry (the patch was made for another model)."""
+        from editdecay.core.module_edit import attach
+
         # Resolve and check every module first: a failed apply must leave the model untouched.
         weights = {}
         for name, delta in self.deltas.items():
@@ -74,12 +133,20 @@ class EditPatch:
                 raise ConfigError(f"patch delta for {name} has shape {tuple(delta.shape)}, the model's weight "
                                   f"{tuple(w.shape)}: the patch was made for another model")
             weights[name] = w
+        edits = self._module_edits(model)
         originals = {}
         with torch.no_grad():
             for name, w in weights.items():
                 originals[name] = w.detach().clone()
                 w.add_(self.deltas[name].to(device=w.device, dtype=w.dtype))
-        return AppliedPatch(model, originals)
+        handle = AppliedPatch(model, originals)
+        try:
+            for name, (host, edit) in edits.items():
+                handle.attached.append(attach(host, edit, name))
+        except BaseException:
+            handle.revert()
+            raise
+        return handle
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -119,7 +186,8 @@ class EditPatch:
         return record
 
     def norms(self) -> dict[str, float]:
-        return {k: float(v.float().norm()) for k, v in self.deltas.items()}
+        """Frobenius norm of every tensor (`tensors()` names): deltas and module-state tensors."""
+        return {k: float(v.float().norm()) for k, v in self.tensors().items()}
 
     def save(self, directory: Path) -> Path:
         """Write `patch.safetensors` + `patch.json` atomically into `directory` (must not exist or be a patch dir).
@@ -134,10 +202,11 @@ class EditPatch:
         meta = {
             "format": PATCH_FORMAT, "editor": self.editor, "layers": list(self.layers), "config": self.config,
             "model_identity": self.model_identity, "modules": list(self.deltas),
+            "states": {m: {"config": s.config, "tensors": list(s.tensors)} for m, s in self.states.items()},
             "requests": [r.to_dict() for r in self.requests], "extra": self.extra,
         }
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.deltas.items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{PATCH_FILE}.", suffix=".tmp")   # unique per save
         os.close(fd)
         try:
@@ -167,8 +236,9 @@ class EditPatch:
         if meta.get("tensors_sha256") and sha256_file(directory / PATCH_FILE) != meta["tensors_sha256"]:
             raise ConfigError(f"patch {directory}: {PATCH_FILE} does not match {META_FILE} (interrupted save?); "
                               f"recompute the patch")
-        if meta.get("format") != PATCH_FORMAT:
-            raise ConfigError(f"patch {directory}: format {meta.get('format')} is not supported (expected {PATCH_FORMAT})")
+        if meta.get("format") not in READABLE_FORMATS:
+            raise ConfigError(f"patch {directory}: format {meta.get('format')} is not supported (readable: "
+                              f"{', '.join(map(str, READABLE_FORMATS))})")
         absent = [k for k in ("modules", "layers", "editor", "config", "requests") if k not in meta]
         if absent:
             raise ConfigError(f"patch {directory}: {META_FILE} lacks {', '.join(absent)}; recompute the patch")
@@ -176,9 +246,18 @@ class EditPatch:
             deltas = load_file(str(directory / PATCH_FILE))
         except Exception as e:       # safetensors raises its own error types for a damaged file
             raise ConfigError(f"patch {directory}: {PATCH_FILE} cannot be read ({e}); recompute the patch") from None
-        missing = [m for m in meta["modules"] if m not in deltas]
+        states_meta = meta.get("states") or {}
+        if not isinstance(states_meta, dict) or not all(isinstance(v, dict) and isinstance(v.get("tensors"), list)
+                                                        for v in states_meta.values()):
+            raise ConfigError(f"patch {directory}: {META_FILE} 'states' is malformed; recompute the patch")
+        wanted = list(meta["modules"]) + [f"{m}{STATE_SEPARATOR}{t}" for m, v in states_meta.items()
+                                          for t in v["tensors"]]
+        missing = [m for m in wanted if m not in deltas]
         if missing:
             raise ConfigError(f"patch {directory}: tensors missing for {missing}")
+        states = {m: ModuleState(config=v.get("config") or {},
+                                 tensors={t: deltas[f"{m}{STATE_SEPARATOR}{t}"] for t in v["tensors"]})
+                  for m, v in states_meta.items()}
         try:
             requests = tuple(EditRequest.from_dict(r) for r in meta["requests"])
         except (TypeError, ValueError, KeyError, AttributeError) as e:
@@ -187,5 +266,5 @@ class EditPatch:
             deltas={m: deltas[m] for m in meta["modules"]}, editor=meta["editor"],
             layers=parse_layers(meta["layers"], field=f"patch {directory}: {META_FILE} layers"),
             config=meta["config"], requests=requests,
-            model_identity=meta.get("model_identity", {}), extra=meta.get("extra", {}),
+            model_identity=meta.get("model_identity", {}), extra=meta.get("extra", {}), states=states,
         )

@@ -29,6 +29,7 @@ The model object is changed in place (edit applied, weights trained or adapters 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -51,7 +52,7 @@ from editdecay.data.source import HeldOutTask, Source
 from editdecay.finetune.callback import DecayCallback, measure, stage_from
 from editdecay.finetune.recipe import Recipe
 from editdecay.finetune.train import DivergedError, TrainOutcome, train
-from editdecay.finetune.trainable import changed_tensors, merge, resolve_plan
+from editdecay.finetune.trainable import changed_tensors, merge, module_edits, resolve_plan
 from editdecay.measure.decay import edit_flip_ratio, relative_decrease, success
 from editdecay.measure.downstream import DownstreamSpec
 
@@ -153,6 +154,9 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
             scorer.score("M0", model, tok)
         with timer("apply_edit"):
             edits.apply(model)
+        # A patch of module state (GRACE) attaches modules: the plan records them and whether they train.
+        plan = dataclasses.replace(plan, module_edits=module_edits(model))
+        result["plan"] = plan.to_dict()
     if scorer is not None:
         scorer.score(before, model, tok)
     try:

@@ -145,7 +145,7 @@ def run_patch(ctx: StageContext) -> None:
     cfg = spec.editor.resolve(lm.identity.family, lm.identity.name)
     patch, run = edit_model(lm, spec.editor.name, cfg, list(ds.requests), batch_size=spec.batch_size,
                             cache=ctx.cache(), progress=ctx.progress)
-    _check_finite(f"{spec.editor.name} patch", patch.deltas)
+    _check_finite(f"{spec.editor.name} patch", patch.tensors())
     timings = {**timer.seconds, **run.timer.seconds}
     patch.extra["timings"] = timings
     patch.save(ctx.out / "patch")
