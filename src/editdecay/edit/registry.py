@@ -2,6 +2,9 @@
 
     memit       edit/memit.py       E4, lambda-weighted least squares
     alphaedit   edit/alphaedit.py   E5, the same update projected onto the null space of the preserved keys
+    ft          edit/ft.py          FT-M / FT-L: gradient steps on one MLP layer's output weights
+    grace       edit/grace.py       GRACE: a codebook of keys and values beside one layer (module state)
+    mend        edit/mend.py        MEND: a trained hypernetwork maps the edit's gradient to a weight update
 
 Names are known without importing anything (a grid file is validated in milliseconds); a class, with its
 config class and presets, is imported the first time it is asked for. `register_editor` and
@@ -25,6 +28,9 @@ if TYPE_CHECKING:
 BUILTIN = {
     "memit": "editdecay.edit.memit:Memit",
     "alphaedit": "editdecay.edit.alphaedit:AlphaEdit",
+    "ft": "editdecay.edit.ft:FineTune",
+    "grace": "editdecay.edit.grace:Grace",
+    "mend": "editdecay.edit.mend:Mend",
 }
 
 _editors: dict[str, "str | type[Editor]"] = dict(BUILTIN)
