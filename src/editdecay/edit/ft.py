@@ -97,24 +97,27 @@ class FtRun(WeightDeltaRun):
         loss_fn = target_nll if cfg.objective == "target_new" else prompt_last_nll
         opt = torch.optim.Adam(weights, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         passes, mean = 0, float("nan")
-        with self.timer("optimise"), frozen_except(model, weights):
-            for passes in range(1, cfg.num_steps + 1):
-                total = 0.0
-                for batch in batches:
-                    opt.zero_grad(set_to_none=True)
-                    loss = loss_fn(model, batch).mean()
-                    total += float(loss.detach()) * batch.size
-                    if float(loss.detach()) >= cfg.stop_loss:
-                        loss.backward()
-                        opt.step()
-                    if cfg.norm_constraint is not None:
-                        with torch.no_grad():
-                            for w, w0 in zip(weights, start):
-                                w.copy_(torch.clamp(w, min=w0 - cfg.norm_constraint, max=w0 + cfg.norm_constraint))
-                mean = total / len(requests)
-                if mean < cfg.stop_loss:
-                    break
         try:
+            with self.timer("optimise"), frozen_except(model, weights):
+                for passes in range(1, cfg.num_steps + 1):
+                    total = 0.0
+                    for batch in batches:
+                        opt.zero_grad(set_to_none=True)
+                        loss = loss_fn(model, batch).mean()
+                        # a NaN loss would otherwise skip every step (NaN >= stop_loss is False): no edit, no error
+                        check_finite(f"{self.editor_name} edit loss", loss.detach())
+                        total += float(loss.detach()) * batch.size
+                        if float(loss.detach()) >= cfg.stop_loss:
+                            loss.backward()
+                            opt.step()
+                        if cfg.norm_constraint is not None:
+                            with torch.no_grad():
+                                for w, w0 in zip(weights, start):
+                                    w.copy_(torch.clamp(w, min=w0 - cfg.norm_constraint,
+                                                        max=w0 + cfg.norm_constraint))
+                    mean = total / len(requests)
+                    if mean < cfg.stop_loss:
+                        break
             check_finite(f"{self.editor_name} weights after the batch", {n: w for n, w in zip(self.modules, weights)})
         except BaseException:
             with torch.no_grad():

@@ -99,7 +99,9 @@ class GraceCodebook(ModuleEdit):
         self.trained: tuple[torch.Tensor, torch.Tensor] | None = None   # (rows, values) being optimised
 
     def _set_values(self, values: torch.Tensor) -> None:
-        values = values.detach().float()
+        # A copy: the values of a codebook rebuilt from a patch must not share memory with the patch's tensors,
+        # which fine-tuning (finetune_values) would otherwise change in place.
+        values = values.detach().to(torch.float32, copy=True)
         if "values" in self._parameters or "values" in self._buffers:
             delattr(self, "values")
         if self.trains:
