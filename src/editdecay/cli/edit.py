@@ -33,13 +33,13 @@ def _declared_by(config: type, field: str) -> type:
     return next(c for c in reversed(config.__mro__) if field in getattr(c, "__annotations__", {}))
 
 
-def _own_fields() -> tuple[Fields, ...]:
+def own_fields(editors: tuple[str, ...] | None = None) -> tuple[Fields, ...]:
     """One group per config class that declares fields beyond EditorConfig, in registration order of the editors
     using it: a family's shared settings (LocateThenEditConfig: E1-E3) once, then each editor's own. A new
     editor's settings become options here by themselves. A field name with capitals (`L2`) is also accepted in
     lower case (`--l2`). Two config classes declaring the same name share the first one's option."""
     groups, seen, users = {}, set(EditorConfig.model_fields), {}
-    for name in editor_names():
+    for name in editor_names() if editors is None else editors:
         config = editor_class(name).config_class
         for f in config.model_fields:
             if f in seen:
@@ -58,7 +58,7 @@ def _own_fields() -> tuple[Fields, ...]:
     return tuple(out)
 
 
-OWN = _own_fields()
+OWN = own_fields()
 EVALUATION = Fields(EvaluationSettings, into="evaluation", only=("zsre_target", "strict", "edit_batch_size"),
                     aliases={"edit_batch_size": ("--batch-size",)}, panel="Evaluation (grid: shared.evaluation)")
 RUN = Fields(SharedSettings, into="run", only=("device", "threads", "cache_dir"), panel="Run (grid: shared)")

@@ -19,13 +19,14 @@ import typer
 
 from editdecay.cli import app
 from editdecay.cli.common import console, guard, set_threads
-from editdecay.cli.edit import EDITOR, MODEL, OWN, RUN
+from editdecay.cli.edit import EDITOR, MODEL, RUN, own_fields
 from editdecay.cli.options import Fields, config_options
 from editdecay.core.model_ref import ModelRef
 from editdecay.edit.registry import editor_class, editor_names
 from editdecay.grid.spec import SharedSettings
 
 TRAINED = tuple(n for n in editor_names() if editor_class(n).training_class is not None)
+OWN = own_fields(TRAINED)          # only the config fields of editors that train
 TRAINING = tuple(Fields(editor_class(n).training_class, into="training", section=n, prefix="train-",
                         panel=f"Training of {n}") for n in TRAINED)
 
