@@ -36,8 +36,9 @@ def _text(res) -> str:
 
 @pytest.fixture
 def tiny_dir(tmp_path, monkeypatch) -> Path:
+    path = save_tiny_model(tmp_path / "tiny")     # before the private cache: its tokenizer is the embedded model's
     monkeypatch.setenv("EDITDECAY_CACHE", str(tmp_path / "cache"))
-    return save_tiny_model(tmp_path / "tiny")
+    return path
 
 
 def test_train_then_edit_with_excluded_subjects(tiny_dir, tmp_path):

@@ -284,7 +284,7 @@ def test_grace_patch_round_trip_in_fresh_processes(tokenizer, tmp_path):
     and measures M_e before training: the same metrics, request by request."""
     from support.models import save_tiny_model
 
-    model = save_tiny_model(tmp_path / "tiny")
+    model = save_tiny_model(tmp_path / "tiny")      # in this process's cache; the CLI processes get a private one
     data = tmp_path / "cf.json"
     data.write_text(json.dumps([{"case_id": i, "requested_rewrite": {
         "prompt": p, "subject": s, "relation_id": "P0", "target_new": {"str": new}, "target_true": {"str": true}},

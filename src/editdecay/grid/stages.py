@@ -266,7 +266,9 @@ def run_cell(ctx: StageContext) -> None:
         metrics = {"M0": {**edited.base_eval["metrics"], **m0_task}, "M_e": edited.run["metrics"]["M_e"],
                    "M_f": {**edited.mf_eval["metrics"], **mf_task}, "M_ef": edited.run["metrics"]["M_ef"]}
         decay, curve, rows, data = edited.run["decay"], edited.run["curve"], edited.rows(ctx), edited.patch["data"]
-        training["edited"] = edited.run["training"]
+        # edits kept as modules (GRACE's codebook): frozen or trained by the fine-tuning (finetune/trainable.py)
+        training["edited"] = {**edited.run["training"],
+                              "module_edits": (edited.run.get("plan") or {}).get("module_edits", {})}
         config.update(editor={"name": edited.patch["editor"], **edited.patch["editor_config"]},
                       requests=ctx.plan.stages[roles["patch"]].spec.requests.to_dict(),
                       edited_layers=edited.patch["layers"])
