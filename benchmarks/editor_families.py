@@ -6,7 +6,8 @@ memory (docs/METHODS.md, editor families).
 
 Each editor edits the same sample (`--n` requests, `--seed`, one batch: what a grid's patch stage does) with its
 embedded preset plus `--override` fields, on the same loaded model (restored after each). Memory: the process's
-peak resident set grows monotonically, so each editor's figure is the peak reached while it ran (ru_maxrss,
+peak resident set grows monotonically; on a shared machine the CPU time (process_time, user + system) is the
+figure that does not depend on the other load, the wall time is what it was, so each editor's figure is the peak reached while it ran (ru_maxrss,
 Linux KiB) and the increase over the peak before it; run one editor per process for a clean figure.
 """
 
@@ -57,18 +58,18 @@ def main() -> None:
     for editor in a.editors.split(","):
         cfg = edit_config(editor, lm, overrides.get(editor, {}))
         peak_before = peak_mib()
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         patch, run = edit_model(lm, editor, cfg, reqs, cache=Cache.default(), progress=False)
-        seconds = time.perf_counter() - t
+        seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
         post = scores(lm, reqs)
         run.restore()
         out["editors"][editor] = {
-            "post": post, "edit_seconds": round(seconds, 1), "timings": run.timer.seconds,
+            "post": post, "edit_seconds": round(seconds, 1), "edit_cpu_seconds": round(cpu, 1), "timings": run.timer.seconds,
             "peak_rss_mib": round(peak_mib()), "peak_rss_increase_mib": round(peak_mib() - peak_before),
             "patch_mib": round(sum(t.numel() * t.element_size() for t in patch.tensors().values()) / 2**20, 2),
             "config": cfg.model_dump(mode="json"), "warnings": patch.extra.get("warnings", []),
         }
-        print(editor, post, f"{seconds:.0f} s", flush=True)
+        print(editor, post, f"{seconds:.0f} s wall, {cpu:.0f} s CPU", flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(out, f, indent=2, default=str)
