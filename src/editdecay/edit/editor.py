@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from editdecay.core.results import Timer
     from editdecay.edit.patch import EditPatch
     from editdecay.edit.stats import LayerStats
+    from editdecay.edit.stats_adaptive import EditProbe
 
 LOCATE_THEN_EDIT = "locate-then-edit"
 FINE_TUNING = "fine-tuning"
@@ -95,6 +96,15 @@ class Editor:
         into the directory `out`; returns its record (a dict with "training": {"seconds", "n_requests", ...}).
         Only for an editor with a `training_class`; `cfg.<trained_field>` then names `out` when editing."""
         raise NotImplementedError(f"editor {cls.name} needs no training")
+
+    @classmethod
+    def statistics_probe(cls, cfg: EditorConfig, keys: dict[int, torch.Tensor], device) -> "EditProbe":
+        """What adaptive E1 statistics (`stats_tolerance`, edit/stats_adaptive.py) watch settle: the editor's solve
+        applied to the edit keys {layer: (d_k, n)}. Default: none, so ConfigError naming the field."""
+        from editdecay.core.errors import ConfigError
+
+        raise ConfigError(f"stats_tolerance={cfg.stats_tolerance}: editor {cls.name!r} has no measure for adaptive "
+                          f"E1 statistics; leave stats_tolerance unset (exactly stats_tokens tokens)")
 
 
 class LocateThenEdit(Editor):

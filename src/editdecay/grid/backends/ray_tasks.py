@@ -17,6 +17,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from editdecay.grid.backends import ClusterError
 from editdecay.grid.backends.tracker import DRIVER_KINDS, Tracker, threads_of
@@ -44,11 +45,15 @@ def _ray_resources(plan: Plan, kind: str) -> dict:
 
 def _reachable(address: str, timeout: float = 3.0) -> bool | None:
     """Whether something accepts TCP connections at host:port (None: not a host:port address)."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
+    try:
+        parts = urlsplit(f"//{address}")
+        host, port = parts.hostname, parts.port
+    except ValueError:          # a port that is not a number
+        return None
+    if not host or port is None:
         return None
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False
