@@ -130,7 +130,7 @@ def test_grace_patch_state_round_trip_and_refusals(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("finetune_values", [False, True])
 def test_finetuning_a_grace_codebook(finetune_values, tokenizer, tmp_path):
-    """Frozen by default: full fine-tuning of the edited layer's MLP leaves keys and values as they were and
+    """Frozen by default: full fine-tuning of the MLPs leaves the codebook's keys and values as they were and
     records the codebook as frozen; with finetune_values the values train. One request with a huge radius:
     every position of the fine-tuning text reads the codebook, so its values do get gradients."""
     from editdecay.data import load_source
@@ -144,7 +144,8 @@ def test_finetuning_a_grace_codebook(finetune_values, tokenizer, tmp_path):
     run.restore()
     fresh = make_tiny("llama", tokenizer)
     task = EmbeddedTask(n_train=8, n_test=4)
-    recipe = Recipe(method="full", layers="edited", targets="mlp", max_steps=2, batch_size=4, learning_rate=5e-2,
+    # all layers: the codebook replaces layer 2's MLP output everywhere, so that layer's own weights get no gradient
+    recipe = Recipe(method="full", layers="all", targets="mlp", max_steps=2, batch_size=4, learning_rate=5e-2,
                     template="compact", cutoff_len=48, warmup_steps=0)
     res = run_finetune(fresh, recipe, load_source("embedded", task=task), tmp_path / "ft", measures=Measures(task=task),
                        progress=False, save="merged",
