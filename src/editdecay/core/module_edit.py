@@ -26,6 +26,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from editdecay.core.devices import module_device
 from editdecay.core.errors import ConfigError
 
 ATTRIBUTE = "module_edit"      # the child name of an attached edit inside its host
@@ -77,8 +78,7 @@ def attach(host: nn.Module, edit: ModuleEdit, name: str = "module") -> Attached:
         raise ConfigError(f"{name} carries a module edit already ({type(getattr(host, ATTRIBUTE)).__name__}); "
                           f"revert that patch before applying another one to the same module")
     edit.check_host(host, name)
-    device = next(host.parameters()).device
-    edit.to(device)
+    edit.to(module_device(host))
     host.add_module(ATTRIBUTE, edit)
     return Attached(host, edit, host.register_forward_hook(edit._hook))
 
