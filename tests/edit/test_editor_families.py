@@ -167,7 +167,7 @@ def test_mend_gradient_factors_are_the_weight_gradient(family, tokenizer):
     """sum_t delta_t u_t^T over the editor's factors equals autograd's weight gradient (and the reference hooks'
     factors): what MEND decomposes is the gradient."""
     from editdecay.edit.losses import target_batch
-    from editdecay.edit.mend import edited_weights, gradient_factors
+    from editdecay.edit.mend_net import edited_weights, gradient_factors
     from editdecay.edit.mend_net import nonzero_rows
 
     lm = make_tiny(family, tokenizer)
@@ -263,9 +263,13 @@ def test_non_finite_loss_fails_and_leaves_the_model_unchanged(editor, tokenizer,
 
     lm = make_tiny("llama", tokenizer)
     cfg = small_edit_config(editor, lm, layers=(2, 3))
-    module = _sys.modules[editor_class(editor).__module__]
-    real = module.target_nll
-    monkeypatch.setattr(module, "target_nll", lambda *a, **k: real(*a, **k) * float("nan"))
+    from editdecay.edit import losses
+
+    editor_class(editor)                                   # imports the editor's modules
+    real = losses.target_nll
+    for name, module in list(_sys.modules.items()):        # every edit module that imported the loss by name
+        if name.startswith("editdecay.edit.") and getattr(module, "target_nll", None) is real:
+            monkeypatch.setattr(module, "target_nll", lambda *a, **k: real(*a, **k) * float("nan"))
     before = snapshot(lm.model)
     with pytest.raises(NonFiniteError, match="NaN or infinite"):
         editing.edit_model(lm, editor, cfg, REQUESTS, progress=False)

@@ -16,15 +16,13 @@ with `torch.autograd.grad` on the weights' outputs instead of module hooks setti
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Iterator, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from pydantic import Field
 
-from editdecay.core.arch import arch_for, get_module, resolve_name
 from editdecay.core.checks import check_finite
 from editdecay.core.config import Config
 from editdecay.core.errors import ConfigError
@@ -32,7 +30,8 @@ from editdecay.core.request import EditRequest
 from editdecay.edit.config import EditorConfig
 from editdecay.edit.deltas import WeightDeltaRun
 from editdecay.edit.editor import META_LEARNING, Editor
-from editdecay.edit.losses import TargetBatch, frozen_except, model_device, target_batch, target_nll
+from editdecay.edit.losses import model_device, target_batch
+from editdecay.edit.mend_net import edited_weights, gradient_factors
 
 if TYPE_CHECKING:
     from editdecay.edit.mend_net import Hypernetwork
@@ -82,48 +81,6 @@ class MendTraining(Config):
     seed: int = Field(0, description="seed of the network's initialisation and of the example order")
 
 
-def edited_weights(model, layers, modules: str) -> dict[str, tuple[int, int, bool]]:
-    """module name -> (d_in, d_out, conv1d) of the weights MEND edits in `layers` (architecture table)."""
-    spec = arch_for(model)
-    relative = spec.mlp if modules == "mlp" else None
-    out = {}
-    for layer in layers:
-        names = ([spec.in_block(layer, r) for r in relative] if relative is not None else [spec.mlp_out_name(layer)])
-        for table_name in names:
-            name = resolve_name(model, table_name)
-            w = get_module(model, name).weight
-            d_out, d_in = (w.shape[1], w.shape[0]) if spec.conv1d else (w.shape[0], w.shape[1])
-            out[name] = (int(d_in), int(d_out), spec.conv1d)
-    return out
-
-
-@contextlib.contextmanager
-def recording(model, names: list[str]) -> Iterator[tuple[dict, dict]]:
-    """Record each named module's first input (detached) and output (in the graph) of the next forward pass;
-    the hooks live only inside this context."""
-    inputs, outputs, handles = {}, {}, []
-    try:
-        for name in names:
-            def hook(module, args, out, name=name):
-                inputs[name] = args[0].detach()
-                outputs[name] = out
-            handles.append(get_module(model, name).register_forward_hook(hook))
-        yield inputs, outputs
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def gradient_factors(model, names: list[str], batch: TargetBatch) -> tuple[float, dict]:
-    """The edit loss (mean over the batch's pairs of the target NLL) and, for each named weight, its input rows
-    u (B, T, d_in) and the loss gradient at its output delta (B, T, d_out)."""
-    weights = [get_module(model, n).weight for n in names]
-    with frozen_except(model, weights), recording(model, names) as (ins, outs):
-        loss = target_nll(model, batch).mean()
-        grads = torch.autograd.grad(loss, [outs[n] for n in names])
-    return float(loss.detach()), {n: (ins[n], g.detach()) for n, g in zip(names, grads)}
-
-
 class Mend(Editor):
     name = "mend"
     family = META_LEARNING
@@ -157,10 +114,32 @@ class Mend(Editor):
     @classmethod
     def train(cls, lm, cfg: MendConfig, settings: MendTraining, requests: list[EditRequest], out: Path, *,
               progress: bool = True) -> dict:
-        """Train a hypernetwork for `cfg`'s layers and modules on `requests` into `out` (edit/mend_train.py)."""
+        """Train a hypernetwork for `cfg`'s layers and modules on `requests` (edit/mend_train.py), measure it on the
+        held-back requests (each edited alone, E6) and save it into `out`; returns its record."""
         from editdecay.edit.mend_train import train_hypernetwork
 
-        return train_hypernetwork(lm, cfg, settings, requests, Path(out), progress=progress)
+        net, record, held = train_hypernetwork(lm, cfg, settings, requests, progress=progress)
+        if held:
+            record["training"]["validation"] = _validate(lm, cfg, net, held)
+        record["tensors_sha256"] = net.save(Path(out), record)
+        return record
+
+
+def _validate(lm, cfg: MendConfig, net: "Hypernetwork", held: list[EditRequest]) -> dict:
+    """ES / PS / NS of the held-back requests, each edited alone on the unedited model (E6)."""
+    from editdecay.measure.metrics import aggregate, evaluate_requests
+
+    record = {"model": lm.identity.to_dict(), "training": {}}
+    outcomes = []
+    for r in held:
+        run = MendRun(lm, cfg.replace(hypernetwork="(in training)"), Mend.name, net, record, progress=False)
+        try:
+            run.edit_batch([r])
+            outcomes += evaluate_requests(lm.model, lm.tokenizer, [r])
+        finally:
+            run.restore()
+    agg = aggregate(outcomes)
+    return {k: agg.get(k) for k in ("n", "efficacy", "paraphrase", "neighborhood")}
 
 
 class MendRun(WeightDeltaRun):

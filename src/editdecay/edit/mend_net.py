@@ -23,17 +23,21 @@ included) and `hypernetwork.json` (structure, the model it was trained on, the t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from editdecay.core.arch import arch_for, get_module, resolve_name
 from editdecay.core.cache import atomic_write_json, sha256_file
 from editdecay.core.errors import ConfigError
+from editdecay.edit.losses import TargetBatch, frozen_except, target_nll
 
 WEIGHTS_FILE = "hypernetwork.safetensors"
 META_FILE = "hypernetwork.json"
@@ -200,4 +204,46 @@ class Hypernetwork(nn.Module):
         return net, meta
 
 
-__all__ = ["GradientTransform", "Hypernetwork", "LowRankResidual", "META_FILE", "WEIGHTS_FILE", "nonzero_rows"]
+def edited_weights(model, layers, modules: str) -> dict[str, tuple[int, int, bool]]:
+    """module name -> (d_in, d_out, conv1d) of the weights MEND edits in `layers` (architecture table)."""
+    spec = arch_for(model)
+    relative = spec.mlp if modules == "mlp" else None
+    out = {}
+    for layer in layers:
+        names = ([spec.in_block(layer, r) for r in relative] if relative is not None else [spec.mlp_out_name(layer)])
+        for table_name in names:
+            name = resolve_name(model, table_name)
+            w = get_module(model, name).weight
+            d_out, d_in = (w.shape[1], w.shape[0]) if spec.conv1d else (w.shape[0], w.shape[1])
+            out[name] = (int(d_in), int(d_out), spec.conv1d)
+    return out
+
+
+@contextlib.contextmanager
+def recording(model, names: list[str]) -> Iterator[tuple[dict, dict]]:
+    """Record each named module's first input (detached) and output (in the graph) of the next forward pass;
+    the hooks live only inside this context."""
+    inputs, outputs, handles = {}, {}, []
+    try:
+        for name in names:
+            def hook(module, args, out, name=name):
+                inputs[name] = args[0].detach()
+                outputs[name] = out
+            handles.append(get_module(model, name).register_forward_hook(hook))
+        yield inputs, outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def gradient_factors(model, names: list[str], batch: TargetBatch) -> tuple[float, dict]:
+    """The edit loss (mean over the batch's pairs of the target NLL) and, for each named weight, its input rows
+    u (B, T, d_in) and the loss gradient at its output delta (B, T, d_out)."""
+    weights = [get_module(model, n).weight for n in names]
+    with frozen_except(model, weights), recording(model, names) as (ins, outs):
+        loss = target_nll(model, batch).mean()
+        grads = torch.autograd.grad(loss, [outs[n] for n in names])
+    return float(loss.detach()), {n: (ins[n], g.detach()) for n, g in zip(names, grads)}
+
+
+__all__ = ["GradientTransform", "edited_weights", "gradient_factors", "recording", "Hypernetwork", "LowRankResidual", "META_FILE", "WEIGHTS_FILE", "nonzero_rows"]

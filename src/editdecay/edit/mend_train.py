@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -30,8 +29,7 @@ from tqdm.auto import tqdm
 from editdecay.core.errors import DataError
 from editdecay.core.request import EditRequest
 from editdecay.edit.losses import model_device, target_batch, target_log_probs, target_nll
-from editdecay.edit.mend import MendConfig, MendTraining, edited_weights, gradient_factors
-from editdecay.edit.mend_net import Hypernetwork
+from editdecay.edit.mend_net import Hypernetwork, edited_weights, gradient_factors
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +47,11 @@ def kl_base_edited(base_lp: torch.Tensor, edited_lp: torch.Tensor) -> torch.Tens
     return (base_lp.exp() * (base_lp - edited_lp)).sum(-1).mean()
 
 
-def train_hypernetwork(lm, cfg: MendConfig, settings: MendTraining, requests: list[EditRequest], out: Path, *,
-                       progress: bool = True) -> dict:
-    """Train a network for `cfg.layers`/`cfg.modules` of `lm.model` on `requests`; save it into `out` and return
-    its record. Raises DataError when there are too few requests (at least validation + edits_per_example + 1)."""
+def train_hypernetwork(lm, cfg, settings, requests: list[EditRequest], *,
+                       progress: bool = True) -> tuple[Hypernetwork, dict, list[EditRequest]]:
+    """Train a network for `cfg.layers`/`cfg.modules` (a MendConfig) of `lm.model` on `requests` with `settings`
+    (MendTraining); returns (network, its record, the held-back requests), which `Mend.train` (edit/mend.py)
+    measures and saves. Raises DataError when there are too few requests (validation + edits_per_example + 1)."""
     s = settings
     rng = random.Random(s.seed)
     requests = list(requests)
@@ -114,34 +113,13 @@ def train_hypernetwork(lm, cfg: MendConfig, settings: MendTraining, requests: li
                      "validation_case_ids": [r.case_id for r in held], "history": history,
                      "data": sorted({r.source for r in train})},
     }
-    if held:
-        record["training"]["validation"] = _validate(lm, cfg, net, held)
-    record["tensors_sha256"] = net.save(out, record)
-    return record
+    return net, record, held
 
 
 def _weight(model, name: str) -> torch.Tensor:
     from editdecay.core.arch import get_module
 
     return get_module(model, name).weight
-
-
-def _validate(lm, cfg: MendConfig, net: Hypernetwork, held: list[EditRequest]) -> dict:
-    """ES / PS / NS of the held-back requests, each edited alone on the unedited model (E6)."""
-    from editdecay.edit.mend import MendRun
-    from editdecay.measure.metrics import aggregate, evaluate_requests
-
-    record = {"model": lm.identity.to_dict(), "training": {}}
-    outcomes = []
-    for r in held:
-        run = MendRun(lm, cfg.replace(hypernetwork="(in training)"), "mend", net, record, progress=False)
-        try:
-            run.edit_batch([r])
-            outcomes += evaluate_requests(lm.model, lm.tokenizer, [r])
-        finally:
-            run.restore()
-    agg = aggregate(outcomes)
-    return {k: agg.get(k) for k in ("n", "efficacy", "paraphrase", "neighborhood")}
 
 
 __all__ = ["kl_base_edited", "train_hypernetwork"]

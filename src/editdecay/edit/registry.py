@@ -22,7 +22,8 @@ from editdecay.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from editdecay.edit.config import EditorConfig
-    from editdecay.edit.editor import Editor
+    # `Editor` (edit/editor.py) is not imported, not even for annotations: edit/patch.py asks this registry for
+    # the classes that rebuild module states, and the editor module reaches edit/patch.py.
 
 # The built-in editors: name -> "module:class".
 BUILTIN = {
