@@ -23,8 +23,7 @@ from editdecay.core.errors import ConfigError, NonFiniteError
 from editdecay.core.module_edit import attached_edits
 from editdecay.edit import make_config
 from editdecay.edit.editor import LOCATE_THEN_EDIT
-from editdecay.edit.patch import EditPatch
-from editdecay.edit.registry import editor_class, editor_names
+from editdecay.edit.registry import editor_class, editor_names, load_patch
 
 torch.set_num_threads(1)
 
@@ -111,7 +110,7 @@ def test_grace_patch_state_round_trip_and_refusals(tokenizer, tmp_path):
     patch.save(tmp_path / "p")
     meta = json.loads((tmp_path / "p" / "patch.json").read_text())
     assert meta["format"] == 2 and meta["modules"] == [] and list(meta["states"]) == [out_name(lm, 2)]
-    back = EditPatch.load(tmp_path / "p")
+    back = load_patch(tmp_path / "p")
     for k, v in patch.tensors().items():
         assert torch.equal(back.tensors()[k], v), k
     # a host of other dimensions (another model) is refused, the model left as it was

@@ -309,7 +309,8 @@ class GraceRun:
 
     def patch(self, extra: dict | None = None) -> EditPatch:
         return EditPatch(
-            deltas={}, states={self.host_name: self.codebook.state()}, layers=(self.layer,), editor=self.editor_name,
+            deltas={}, states={self.host_name: self.codebook.state()}, module_edit=GraceCodebook,
+            layers=(self.layer,), editor=self.editor_name,
             config=self.cfg.model_dump(mode="json"), requests=tuple(self.requests),
             model_identity=self.lm.identity.to_dict(),
             extra={"timings": dict(self.timer.seconds), "warnings": list(self.warnings), "codebook": self.log,

@@ -22,8 +22,8 @@ from editdecay.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from editdecay.edit.config import EditorConfig
-    # `Editor` (edit/editor.py) is not imported, not even for annotations: edit/patch.py asks this registry for
-    # the classes that rebuild module states, and the editor module reaches edit/patch.py.
+    from editdecay.edit.editor import Editor
+    from editdecay.edit.patch import EditPatch
 
 # The built-in editors: name -> "module:class".
 BUILTIN = {
@@ -45,6 +45,24 @@ def editor_names() -> tuple[str, ...]:
 def check_editor(name: str) -> str:
     """The registered name `name` spells (case-insensitive). Raises ConfigError with the valid names."""
     return check_choice("editor", str(name).lower(), _editors)
+
+
+def load_patch(directory) -> "EditPatch":
+    """`EditPatch.load(directory)`, and its editor is a registered one: what every command reads a patch directory
+    with. ConfigError naming the directory and the editor (with the registered names) otherwise. A patch of module
+    states gets the editor's `module_edit` class, which rebuilds them when the patch is applied."""
+    from editdecay.core.config import choice_reason
+    from editdecay.edit.patch import EditPatch
+
+    patch = EditPatch.load(directory)
+    if patch.editor not in _editors:
+        raise ConfigError(f"patch {directory}: patch.json editor={patch.editor!r} {choice_reason(patch.editor, _editors)}")
+    if patch.states:                 # module states (GRACE) are rebuilt by the editor's ModuleEdit class
+        patch.module_edit = editor_class(patch.editor).module_edit
+        if patch.module_edit is None:
+            raise ConfigError(f"patch {directory}: patch.json holds module states, but editor {patch.editor!r} "
+                              f"declares no module_edit class to rebuild them (edit/editor.py)")
+    return patch
 
 
 def editor_class(name: str) -> "type[Editor]":
@@ -125,5 +143,5 @@ def check_fields(name: str, fields: Mapping[str, Any]) -> None:
             raise ConfigError(f"{key}={value!r} (--{key.replace('_', '-')}) is {where}")
 
 
-__all__ = ["BUILTIN", "check_editor", "check_fields", "editor_class", "editor_names", "field_owners", "make_config",
-           "preset_for", "register_editor", "resolve_config", "unregister_editor"]
+__all__ = ["BUILTIN", "check_editor", "check_fields", "editor_class", "editor_names", "field_owners", "load_patch",
+           "make_config", "preset_for", "register_editor", "resolve_config", "unregister_editor"]
