@@ -29,7 +29,8 @@ from editdecay.core.tokens import pad_batch, pad_id
 from editdecay.data import load_source
 from editdecay.data.embedded_task import EmbeddedTask
 from editdecay.edit.api import edit_model
-from editdecay.edit.registry import editor_names
+from editdecay.edit.editor import LOCATE_THEN_EDIT
+from editdecay.edit.registry import editor_class, editor_names
 from editdecay.finetune.recipe import METHODS, Recipe
 from editdecay.finetune.run import EditsUnderTest, Measures, run_finetune
 from editdecay.measure.metrics import aggregate, evaluate_requests
@@ -89,21 +90,25 @@ def test_every_stage_on_every_architecture_row(family, names, tokenizer, corpus,
     # edit: every registered editor; patch keys are real module paths (never a table name with alternatives)
     patches = {}
     for editor in editor_names():
-        cfg = small_edit_config(editor, layers=LAYERS, v_num_grad_steps=4, n_context_templates=1, context_length=4,
-                                stats_corpus=str(corpus), stats_tokens=1400)   # > 10 d_k
+        cfg = small_edit_config(editor, lm, layers=LAYERS, v_num_grad_steps=4, n_context_templates=1,
+                                context_length=4, stats_corpus=str(corpus), stats_tokens=1400)   # > 10 d_k
         patch, run = edit_model(lm, editor, cfg, REQUESTS, cache=cache, progress=False)
         run.restore()
-        assert set(patch.deltas) == {arch.resolve_name(lm.model, spec.mlp_out_name(l)) for l in LAYERS}
-        assert all(name in real and "|" not in name for name in patch.deltas), list(patch.deltas)
-        assert all(float(d.norm()) > 0 for d in patch.deltas.values()), editor
+        mlp = {arch.resolve_name(lm.model, spec.in_block(l, r)) for l in LAYERS for r in spec.mlp}
+        assert patch.module_names and set(patch.module_names) <= mlp, (editor, patch.module_names)
+        if editor_class(editor).family == LOCATE_THEN_EDIT:
+            assert set(patch.deltas) == {arch.resolve_name(lm.model, spec.mlp_out_name(l)) for l in LAYERS}
+        assert all(name in real and "|" not in name for name in patch.module_names), list(patch.module_names)
+        assert all(float(d.norm()) > 0 for d in patch.tensors().values()), editor
         patches[editor] = patch
 
-    # evaluate (E6): the edited model is measured through the same table names
+    # evaluate (E6): the edited model is measured through the same table names, whatever the patch holds
+    for editor, patch in patches.items():
+        with patch.applied(lm.model):
+            after = evaluate_requests(lm.model, tokenizer, REQUESTS)
+        assert aggregate(after)["n"] == len(REQUESTS)
+        assert any(abs(a.margin - b.margin) > 1e-4 for a, b in zip(after, before)), f"{editor} moved no margin"
     patch = patches[editor_names()[0]]
-    with patch.applied(lm.model):
-        after = evaluate_requests(lm.model, tokenizer, REQUESTS)
-    assert aggregate(after)["n"] == len(REQUESTS)
-    assert any(abs(a.margin - b.margin) > 1e-4 for a, b in zip(after, before)), "the edit moved no margin"
 
     # task scoring: logits of the scored positions only equal the full forward pass's
     ids = [tokenizer.encode("The capital of France is Paris"), tokenizer.encode("Hello there")]
@@ -135,3 +140,17 @@ def test_every_stage_on_every_architecture_row(family, names, tokenizer, corpus,
         changed = {n.rsplit(".", 1)[0] for n, p in fresh.model.named_parameters() if not torch.equal(p, start[n])}
         assert changed <= set(planned), (method, sorted(changed - set(planned))[:4])
         assert changed - set(patch.deltas), f"{method}: training changed nothing besides the edit"
+
+    # a patch of module state (GRACE's codebook) under LoRA: peft wraps the host, the state stays frozen
+    for editor, patch in patches.items():
+        if not patch.states:
+            continue
+        fresh = make_tiny(family, tokenizer)
+        recipe = Recipe(method="lora", layers="edited", targets="mlp", max_steps=2, batch_size=4, lora_r=4,
+                        learning_rate=5e-2, template="compact", cutoff_len=48, warmup_steps=0)
+        res = run_finetune(fresh, recipe, source, tmp_path / f"{editor}-lora", measures=Measures(task=TASK),
+                           progress=False, save="adapter",
+                           edits=EditsUnderTest(requests=patch.requests, layers=patch.layers, apply=patch.apply)).result
+        assert res["status"] == "done" and res["training"]["steps"] == 2, editor
+        assert set(res["plan"]["module_edits"].values()) == {"frozen"}, res["plan"]["module_edits"]
+        assert len(res["plan"]["module_edits"]) == len(patch.states), res["plan"]["module_edits"]

@@ -17,7 +17,7 @@ from support.models import make_tiny
 from reference import reference_alphaedit, reference_keys, reference_memit
 
 import editdecay.edit.api as editing
-from editdecay.core.arch import arch_for, arch_for_model_type, as_out_in
+from editdecay.core.arch import arch_for, arch_for_model_type, as_out_in, resolve_name
 from editdecay.core.cache import Cache
 from editdecay.core.errors import ConfigError, DataError
 from editdecay.core.request import EditRequest
@@ -40,10 +40,10 @@ def cache(tmp_path_factory) -> Cache:
     return Cache(tmp_path_factory.mktemp("cache"))
 
 
-def config(editor: str, corpus: Path, **kw):
+def config(editor: str, corpus: Path, lm=None, **kw):
     fields = dict(layers=LAYERS, v_num_grad_steps=4, n_context_templates=2, context_length=4,
                   stats_corpus=str(corpus), stats_tokens=400)
-    return small_edit_config(editor, **{**fields, **kw})
+    return small_edit_config(editor, lm, **{**fields, **kw})
 
 
 def params(model) -> dict[str, torch.Tensor]:
@@ -57,33 +57,47 @@ def assert_same_params(model, expected: dict[str, torch.Tensor]) -> None:
 
 # --------------------------------------------------------------------------- what an edit touches
 
+def logits(model, tokenizer) -> torch.Tensor:
+    """Next-token logits (n, V) at the last prompt token of every request: what an edit kept as a module changes."""
+    with torch.no_grad():
+        return torch.stack([model(input_ids=torch.tensor([tokenizer.encode(r.rewrite_prompt)])).logits[0, -1]
+                            for r in REQUESTS])
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("editor", editor_names())
 def test_edit_touches_only_edited_weights_restores_and_patch_reproduces(editor, family, tokenizer, corpus, cache):
     lm = make_tiny(family, tokenizer)
     spec = arch_for(lm.model)
-    edited = {f"{spec.mlp_out_name(l)}.weight" for l in LAYERS}
-    before = params(lm.model)
-    patch, run = editing.edit_model(lm, editor, config(editor, corpus), REQUESTS, cache=cache, progress=False)
+    mlp = {resolve_name(lm.model, spec.in_block(l, r)) for l in LAYERS for r in spec.mlp}   # MLP modules, edited layers
+    before, out_before = params(lm.model), logits(lm.model, tokenizer)
+    cfg = config(editor, corpus, lm=lm)
+    patch, run = editing.edit_model(lm, editor, cfg, REQUESTS, cache=cache, progress=False)
 
-    after = params(lm.model)
+    # Weight deltas change exactly their weights; module states (GRACE) change no parameter. Either way only
+    # MLP modules of the edited layers, and the edit changes the model's predictions.
+    assert patch.module_names and set(patch.module_names) <= mlp, (editor, patch.module_names)
+    edited = {f"{m}.weight" for m in patch.deltas}
+    after, out_after = params(lm.model), logits(lm.model, tokenizer)
     for n in before:
         if n in edited:
             assert not torch.equal(after[n], before[n]), f"{editor}: edited weight {n} did not change"
         else:
             assert torch.equal(after[n], before[n]), f"{editor}: {n} is not an edited weight but changed"
-    assert set(patch.module_names) == {spec.mlp_out_name(l) for l in LAYERS}
-    assert patch.layers == LAYERS and patch.editor == editor and len(patch.requests) == len(REQUESTS)
+    assert not torch.allclose(out_after, out_before), f"{editor}: the edit changed no prediction"
+    assert set(patch.layers) <= set(LAYERS) and patch.editor == editor and len(patch.requests) == len(REQUESTS)
 
     # The live model equals the patch applied to a fresh copy of the base, bit for bit.
     fresh = make_tiny(family, tokenizer)
     assert_same_params(fresh.model, before)
     patch.apply(fresh.model)
     assert_same_params(fresh.model, after)
+    assert torch.equal(logits(fresh.model, tokenizer), out_after)
 
     # restore() puts the originals back exactly.
     run.restore()
     assert_same_params(lm.model, before)
+    assert torch.equal(logits(lm.model, tokenizer), out_before)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -52,12 +52,51 @@ def synthetic_patch(model) -> EditPatch:
     return EditPatch(deltas=deltas, layers=(1, 2), editor="memit", config={}, requests=capital_requests())
 
 
-def small_edit_config(editor: str, **fields):
+def small_edit_config(editor: str, lm=None, **fields):
     """A config of a registered editor for the tiny models: the given fields, plus a small E4 lambda where the
-    editor's config has one (at the study's lambda the tiny models' edits would be negligible)."""
+    editor's config has one (at the study's lambda the tiny models' edits would be negligible). An editor that
+    keeps one layer (GRACE) gets the last of `layers`. An editor that needs training (`training_class`, MEND)
+    gets a network trained for a few steps on `lm` (tiny_training)."""
+    from editdecay.core.errors import ConfigError
     from editdecay.edit.registry import editor_class
 
-    config_class = editor_class(editor).config_class
+    cls = editor_class(editor)
+    config_class = cls.config_class
     if "mom2_update_weight" in config_class.model_fields:
         fields.setdefault("mom2_update_weight", 100.0)
-    return config_class(**fields)
+    fields = {k: v for k, v in fields.items() if k in config_class.model_fields}   # other families' fields
+    try:
+        cfg = config_class(**fields)
+    except ConfigError as e:
+        if "layers" not in str(e) or len(fields.get("layers", ())) < 2:
+            raise
+        cfg = config_class(**{**fields, "layers": tuple(fields["layers"])[-1:]})
+    if cls.training_class is not None and getattr(cfg, cls.trained_field) is None:
+        if lm is None:
+            raise ValueError(f"editor {editor} needs training: pass the tiny model (lm=)")
+        cfg = cfg.replace(**{cls.trained_field: str(tiny_training(editor, lm, cfg))})
+    return cfg
+
+
+_TRAINED: dict[tuple, Path] = {}
+
+
+def tiny_training(editor: str, lm, cfg) -> Path:
+    """The directory of `editor`'s learned part (MEND's hypernetwork) trained for 3 steps on REQUESTS x 2 for
+    `lm` and `cfg`'s structure; trained once per (editor, model weights, config) in a test process."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from editdecay.edit.registry import editor_class
+
+    cls = editor_class(editor)
+    key = (editor, lm.identity.fingerprint, repr(sorted(cfg.model_dump(mode="json").items())))
+    if key not in _TRAINED:
+        small = dict(steps=3, accumulate=1, rank=4, validation=0, log_every=1, edit_lr=1e-2, lr_lr=1e-3)
+        settings = cls.training_class(**{k: v for k, v in small.items() if k in cls.training_class.model_fields})
+        out = Path(tempfile.mkdtemp(prefix=f"editdecay-{editor}-"))
+        atexit.register(shutil.rmtree, out, True)
+        cls.train(lm, cfg, settings, list(REQUESTS) * 2, out, progress=False)
+        _TRAINED[key] = out
+    return _TRAINED[key]

@@ -15,7 +15,7 @@ app = typer.Typer(
 def _register() -> None:
     # Imported for their side effect of adding commands to `app`.
     from editdecay.cli import eval_edits  # noqa: F401
-    for optional in ("edit", "finetune", "grid", "report", "demo"):
+    for optional in ("edit", "train_editor", "finetune", "grid", "report", "demo"):
         try:
             __import__(f"{__name__}.{optional}")
         except ModuleNotFoundError as e:

@@ -27,23 +27,38 @@ EDITOR = Fields(EditorConfig, into="editor_fields", names={"seed": "context-seed
                 panel="Editor (grid: editors[].overrides)")
 
 
-def _own_fields() -> tuple[Fields, ...]:
-    """One group per registered editor with the fields its config adds to EditorConfig (a field two editors add
-    is listed under the first): a new editor's settings become options here by themselves. A field name with
-    capitals (`L2`) is also accepted in lower case (`--l2`)."""
-    groups, seen = [], set(EditorConfig.model_fields)
-    for name in editor_names():
+def _declared_by(config: type, field: str) -> type:
+    """The most basic class in `config`'s hierarchy that declares `field` (EditorConfig < a family's config <
+    an editor's own)."""
+    return next(c for c in reversed(config.__mro__) if field in getattr(c, "__annotations__", {}))
+
+
+def own_fields(editors: tuple[str, ...] | None = None) -> tuple[Fields, ...]:
+    """One group per config class that declares fields beyond EditorConfig, in registration order of the editors
+    using it: a family's shared settings (LocateThenEditConfig: E1-E3) once, then each editor's own. A new
+    editor's settings become options here by themselves. A field name with capitals (`L2`) is also accepted in
+    lower case (`--l2`). Two config classes declaring the same name share the first one's option."""
+    groups, seen, users = {}, set(EditorConfig.model_fields), {}
+    for name in editor_names() if editors is None else editors:
         config = editor_class(name).config_class
-        own = tuple(f for f in config.model_fields if f not in seen)
-        seen.update(own)
-        if own:
-            groups.append(Fields(config, into="editor_fields", only=own, default=_PRESET,
-                                 aliases={f: ("--" + f.lower().replace("_", "-"),) for f in own if f != f.lower()},
-                                 panel=f"{name} only (grid: editors[].overrides)"))
-    return tuple(groups)
+        for f in config.model_fields:
+            if f in seen:
+                continue
+            owner = _declared_by(config, f)
+            seen.add(f)
+            groups.setdefault(owner, (config, []))[1].append(f)
+        for owner in {_declared_by(config, f) for f in config.model_fields} - {EditorConfig}:
+            users.setdefault(owner, []).append(name)
+    out = []
+    for owner, (config, own) in groups.items():
+        label = " and ".join(users.get(owner, []))
+        out.append(Fields(config, into="editor_fields", only=tuple(own), default=_PRESET,
+                          aliases={f: ("--" + f.lower().replace("_", "-"),) for f in own if f != f.lower()},
+                          panel=f"{label} (grid: editors[].overrides)"))
+    return tuple(out)
 
 
-OWN = _own_fields()
+OWN = own_fields()
 EVALUATION = Fields(EvaluationSettings, into="evaluation", only=("zsre_target", "strict", "edit_batch_size"),
                     aliases={"edit_batch_size": ("--batch-size",)}, panel="Evaluation (grid: shared.evaluation)")
 RUN = Fields(SharedSettings, into="run", only=("device", "threads", "cache_dir"), panel="Run (grid: shared)")

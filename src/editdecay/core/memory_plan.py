@@ -205,12 +205,16 @@ class EditSetting:
 
     @classmethod
     def from_config(cls, cfg, n_requests: int, **sizes) -> "EditSetting":
-        """From an `EditorConfig` (layers, templates, statistics and solve dtypes) and the number of edits."""
-        return cls(layers=tuple(cfg.layers), n_requests=n_requests, templates=1 + cfg.n_context_templates,
-                   prefix_tokens=cfg.context_length + 3 if cfg.n_context_templates else 0,
-                   stats_dtype=cfg.stats_dtype, stats_adaptive=cfg.stats_tolerance is not None,
-                   solve_dtype=cfg.solve_dtype,
-                   target_batch=cfg.target_batch_size or 128, **sizes)
+        """From an `EditorConfig` (layers, templates, statistics and solve dtypes) and the number of edits.
+        An editor of another family (FT-M, GRACE, MEND: no E1-E3 fields) is modelled with the locate-then-edit
+        defaults of the fields it lacks: an approximation, not a model of its own backward passes."""
+        n_templates = getattr(cfg, "n_context_templates", 0)
+        return cls(layers=tuple(cfg.layers), n_requests=n_requests, templates=1 + n_templates,
+                   prefix_tokens=getattr(cfg, "context_length", 0) + 3 if n_templates else 0,
+                   stats_dtype=getattr(cfg, "stats_dtype", "float32"),
+                   stats_adaptive=getattr(cfg, "stats_tolerance", None) is not None,
+                   solve_dtype=getattr(cfg, "solve_dtype", "float64"),
+                   target_batch=getattr(cfg, "target_batch_size", None) or 128, **sizes)
 
     @classmethod
     def from_requests(cls, tokenizer, requests, templates, *, layers, **sizes) -> "EditSetting":

@@ -15,7 +15,7 @@ _LAZY = {
     "EditingRun": "editdecay.edit.run", "validate_requests": "editdecay.edit.run",
     "EditPatch": "editdecay.edit.patch", "edit_model": "editdecay.edit.api", "build_run": "editdecay.edit.api",
     "Editor": "editdecay.edit.editor", "LocateThenEdit": "editdecay.edit.editor",
-    "EditorConfig": "editdecay.edit.config",
+    "EditorConfig": "editdecay.edit.config", "LocateThenEditConfig": "editdecay.edit.config",
     "editor_class": "editdecay.edit.registry", "editor_names": "editdecay.edit.registry",
     "make_config": "editdecay.edit.registry", "preset_for": "editdecay.edit.registry",
     "register_editor": "editdecay.edit.registry", "unregister_editor": "editdecay.edit.registry",

@@ -15,13 +15,13 @@ import torch
 from pydantic import Field
 
 from editdecay.core.checks import check_finite
-from editdecay.edit.config import EditorConfig
+from editdecay.edit.config import LocateThenEditConfig
 from editdecay.edit.editor import LocateThenEdit, solve_dtype
 from editdecay.edit.solve import key_gram, nullspace_delta
 from editdecay.edit.stats import cached_projector
 
 
-class AlphaEditConfig(EditorConfig):
+class AlphaEditConfig(LocateThenEditConfig):
     """AlphaEdit (E5): the MEMIT update projected onto the null space of the preserved keys."""
 
     config_name: ClassVar[str] = "alphaedit config"

@@ -1,6 +1,9 @@
-"""The settings every editor shares (core.config.Config): one help text per field; conflicts rejected at
-construction with a ConfigError naming the field. Each editor's own config class derives from `EditorConfig`
-in the editor's own module (edit/registry.py lists them)."""
+"""Editor settings (core.config.Config): one help text per field; conflicts rejected at construction with a
+ConfigError naming the field.
+
+`EditorConfig` holds what every editor has (the edited layers, a seed); `LocateThenEditConfig` adds the E1
+statistics, E2 keys and E3 targets that the locate-then-edit family (MEMIT, AlphaEdit) shares. Each editor's
+own config class derives from one of them in the editor's own module (edit/registry.py lists them)."""
 
 from __future__ import annotations
 
@@ -13,12 +16,20 @@ from editdecay.core.layers import Layers
 
 
 class EditorConfig(Config):
-    """Settings of the locate-then-edit family: the edited layers, E1 statistics, E2 keys and E3 target values."""
+    """What every editor has: the edited layers and the seed of its random draws."""
 
     config_name: ClassVar[str] = "editor config"
 
-    layers: Layers = Field(description="edited layers l_1 < ... < l_m, e.g. 4-8 or 4,5,6; targets live at l_m "
-                                       "(E3/E4)")
+    layers: Layers = Field(description="edited layers l_1 < ... < l_m, e.g. 4-8 or 4,5,6 (locate-then-edit: targets "
+                                       "live at l_m, E3/E4)")
+    seed: int = Field(0, description="seed of the editor's random draws (E2 context prefixes, initial values)")
+
+
+class LocateThenEditConfig(EditorConfig):
+    """Settings of the locate-then-edit family: E1 statistics, E2 keys and E3 target values."""
+
+    config_name: ClassVar[str] = "locate-then-edit config"
+
     v_lr: float = Field(0.5, gt=0, description="Adam learning rate of the E3 target optimisation")
     v_num_grad_steps: int = Field(25, ge=1, description="maximum E3 optimisation steps per request")
     kl_factor: float = Field(0.0625, ge=0, description="weight of the essence-drift KL term (E3)")
@@ -27,7 +38,6 @@ class EditorConfig(Config):
     early_stop_loss: float = Field(0.05, ge=0, description="a request stops optimising once its loss is below this")
     n_context_templates: int = Field(5, ge=0, description="sampled context prefixes besides the bare prompt (E2)")
     context_length: int = Field(10, ge=1, description="tokens sampled per context prefix (E2)")
-    seed: int = Field(0, description="seed of the context prefixes")
     target_batch_size: int | None = Field(None, ge=1, description="requests optimised together in E3; None: as "
                                              "many as the device's free memory holds (128 on the CPU)")
     stats_corpus: str = Field("generated", description="E1 corpus: generated | PATH (.txt/.jsonl/.parquet) | hf:NAME[:CONFIG]")

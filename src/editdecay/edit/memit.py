@@ -11,12 +11,12 @@ from typing import ClassVar
 import torch
 from pydantic import Field
 
-from editdecay.edit.config import EditorConfig
+from editdecay.edit.config import LocateThenEditConfig
 from editdecay.edit.editor import LocateThenEdit, solve_dtype
 from editdecay.edit.solve import memit_delta
 
 
-class MemitConfig(EditorConfig):
+class MemitConfig(LocateThenEditConfig):
     """MEMIT (E4): Delta = R K^T (lambda C + K K^T)^-1, spread over the edited layers."""
 
     config_name: ClassVar[str] = "memit config"

@@ -1,9 +1,19 @@
-"""The edit result: per-layer weight deltas that can be applied, reverted, saved and loaded.
+"""The edit result: what an editor changed, as something that can be applied, reverted, saved and loaded.
 
-A patch stores each delta in the weight's own layout (Conv1D deltas are (d_k, d),
-Linear deltas (d, d_k)), so applying it is a plain in-place add. Reverting copies
-back the exact original tensors saved at apply time, so it is bit-exact (adding
-and subtracting a float delta would not be).
+A patch holds two kinds of edit, either or both:
+- weight deltas (`deltas`, MEMIT, AlphaEdit, FT-M, MEND), each in the weight's own layout (Conv1D deltas
+  are (d_k, d), Linear deltas (d, d_k)), so applying one is a plain in-place add. Reverting copies back
+  the exact original tensors saved at apply time, so it is bit-exact (adding and subtracting a float
+  delta would not be);
+- module states (`states`, GRACE): an edit kept in a module of its own beside a host module
+  (core/module_edit.py), stored as its tensors plus a JSON config. Applying one rebuilds the module with
+  the patch's `module_edit` class (the editor's, edit/editor.py; set by the run that made the patch, and by
+  `edit.registry.load_patch` for a patch read from disk) and attaches it to the host; reverting detaches
+  it, which leaves the host exactly as it was.
+
+On disk: `patch.safetensors` (deltas under their module names, state tensors under
+"<module>::<tensor>") and `patch.json` (format, editor, config, requests, provenance, each state's
+config). Format 1 (deltas only) still loads.
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -27,7 +37,18 @@ from editdecay.core.request import EditRequest
 
 PATCH_FILE = "patch.safetensors"
 META_FILE = "patch.json"
-PATCH_FORMAT = 1
+PATCH_FORMAT = 2
+READABLE_FORMATS = (1, 2)
+STATE_SEPARATOR = "::"
+
+
+@dataclass
+class ModuleState:
+    """An edit kept as a module beside a host module: the tensors and JSON config that rebuild it
+    (`module_edit.from_state(config, tensors)` of the editor that made it)."""
+
+    config: dict
+    tensors: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -36,11 +57,14 @@ class AppliedPatch:
 
     model: nn.Module
     originals: dict[str, torch.Tensor]
+    attached: list = field(default_factory=list)     # core.module_edit.Attached, one per module state
     reverted: bool = False
 
     def revert(self) -> None:
         if self.reverted:
             return
+        for a in self.attached:
+            a.detach()
         with torch.no_grad():
             for name, w in self.originals.items():
                 get_module(self.model, name).weight.copy_(w)
@@ -49,7 +73,7 @@ class AppliedPatch:
 
 @dataclass
 class EditPatch:
-    """Weight deltas of one editing run, with what made them."""
+    """The edit of one editing run (weight deltas and/or module states), with what made it."""
 
     deltas: dict[str, torch.Tensor]            # module name -> delta, same shape/layout as its .weight
     layers: tuple[int, ...]
@@ -58,13 +82,47 @@ class EditPatch:
     requests: tuple[EditRequest, ...] = ()
     model_identity: dict = field(default_factory=dict)   # identity of the model the patch was computed on
     extra: dict = field(default_factory=dict)            # timings, statistics provenance, ...
+    states: dict[str, ModuleState] = field(default_factory=dict)   # host module name -> module state
+    module_edit: Any = field(default=None, repr=False, compare=False)  # ModuleEdit class rebuilding `states`
 
     @property
     def module_names(self) -> tuple[str, ...]:
-        return tuple(self.deltas)
+        """Every module the patch changes: those with a weight delta, then the hosts of module states."""
+        return tuple(dict.fromkeys([*self.deltas, *self.states]))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the patch by its name on disk: deltas by module name, state tensors as
+        "<module>::<tensor>" (what `save` writes; what the non-finite checks read)."""
+        out = dict(self.deltas)
+        for module, state in self.states.items():
+            out.update({f"{module}{STATE_SEPARATOR}{k}": v for k, v in state.tensors.items()})
+        return out
+
+    def _module_edits(self, model: nn.Module) -> dict[str, tuple[nn.Module, Any]]:
+        """host name -> (host module, the rebuilt, checked ModuleEdit), before anything is changed."""
+        if not self.states:
+            return {}
+        if self.module_edit is None:
+            raise ConfigError(f"patch of editor {self.editor!r} holds module states but no class to rebuild them: "
+                              f"read patch directories with edit.registry.load_patch")
+        out = {}
+        for name, state in self.states.items():
+            try:
+                host = model.get_submodule(name)
+            except AttributeError:
+                raise ConfigError(f"patch state for module {name!r}: {type(model).__name__} has no such module; the "
+                                  f"patch was made for another architecture") from None
+            edit = self.module_edit.from_state(state.config, state.tensors)
+            edit.check_host(host, name)
+            out[name] = (host, edit)
+        return out
 
     def apply(self, model: nn.Module) -> AppliedPatch:
-        """Add every delta in place (cast to the weight's dtype/device); keep originals for revert."""
+        """Add every delta in place (cast to the weight's dtype/device) and attach every module state; keep what
+        `revert` needs. Raises ConfigError (model unchanged) for a module the model lacks, a delta of another
+        shape or a state its host cannot carry (the patch was made for another model)."""
+        from editdecay.core.module_edit import attach
+
         # Resolve and check every module first: a failed apply must leave the model untouched.
         weights = {}
         for name, delta in self.deltas.items():
@@ -81,12 +139,20 @@ class EditPatch:
                 raise ConfigError(f"patch delta for {name} has shape {tuple(delta.shape)}, the model's weight "
                                   f"{tuple(w.shape)}: the patch was made for another model")
             weights[name] = w
+        edits = self._module_edits(model)
         originals = {}
         with torch.no_grad():
             for name, w in weights.items():
                 originals[name] = w.detach().clone()
                 w.add_(self.deltas[name].to(device=w.device, dtype=w.dtype))
-        return AppliedPatch(model, originals)
+        handle = AppliedPatch(model, originals)
+        try:
+            for name, (host, edit) in edits.items():
+                handle.attached.append(attach(host, edit, name))
+        except BaseException:
+            handle.revert()
+            raise
+        return handle
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -126,7 +192,8 @@ class EditPatch:
         return record
 
     def norms(self) -> dict[str, float]:
-        return {k: float(v.float().norm()) for k, v in self.deltas.items()}
+        """Frobenius norm of every tensor (`tensors()` names): deltas and module-state tensors."""
+        return {k: float(v.float().norm()) for k, v in self.tensors().items()}
 
     def save(self, directory: Path) -> Path:
         """Write `patch.safetensors` + `patch.json` atomically into `directory` (must not exist or be a patch dir).
@@ -138,7 +205,7 @@ class EditPatch:
         from filelock import FileLock
 
         directory = Path(directory)
-        bad = {k: int((~torch.isfinite(v)).sum()) for k, v in self.deltas.items() if v.is_floating_point()}
+        bad = {k: int((~torch.isfinite(v)).sum()) for k, v in self.tensors().items() if v.is_floating_point()}
         bad = {k: n for k, n in bad.items() if n}
         if bad:         # never written: a patch that is not finite cannot be what any edit meant
             name, n = next(iter(bad.items()))
@@ -147,10 +214,11 @@ class EditPatch:
         meta = {
             "format": PATCH_FORMAT, "editor": self.editor, "layers": list(self.layers), "config": self.config,
             "model_identity": self.model_identity, "modules": list(self.deltas),
+            "states": {m: {"config": s.config, "tensors": list(s.tensors)} for m, s in self.states.items()},
             "requests": [r.to_dict() for r in self.requests], "extra": self.extra,
         }
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.deltas.items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}
         tmp = temp_file(directory / PATCH_FILE)         # unique per save; 0644 like every other result
         try:
             save_file(tensors, tmp, metadata={"editor": self.editor, "format": str(PATCH_FORMAT)})
@@ -189,9 +257,9 @@ class EditPatch:
             if not os.path.lexists(directory / name):
                 raise ConfigError(f"{where}: {name} is missing; is this a directory written by `editdecay edit --out`?")
         meta = read_json(directory / META_FILE, f"{where}: {META_FILE}", limit=MAX_RESULT_BYTES, expect=dict)
-        if meta.get("format") != PATCH_FORMAT:
+        if meta.get("format") not in READABLE_FORMATS:
             raise ConfigError(f"{where}: {META_FILE} format={meta.get('format')!r} is not supported (this editdecay "
-                              f"reads format {PATCH_FORMAT})")
+                              f"reads formats {', '.join(map(str, READABLE_FORMATS))})")
         try:
             f = _PatchFile.model_validate(meta)
         except ValidationError as e:
@@ -203,19 +271,20 @@ class EditPatch:
             deltas = load_file(str(directory / PATCH_FILE))
         except Exception as e:       # safetensors raises its own error types for a damaged file
             raise ConfigError(f"{where}: {PATCH_FILE} cannot be read ({e}); recompute the patch") from None
-        missing = [m for m in f.modules if m not in deltas]
+        wanted = list(f.modules) + [f"{m}{STATE_SEPARATOR}{t}" for m, s in f.states.items() for t in s.tensors]
+        missing = [m for m in wanted if m not in deltas]
         if missing:
             raise ConfigError(f"{where}: {META_FILE} names module {missing[0]!r}, which has no tensor in {PATCH_FILE}")
-        for m in f.modules:
-            d = deltas[m]
+        for m in wanted:
+            d, what = deltas[m], f"the delta of {m!r}" if m in f.modules else f"the state tensor {m!r}"
             if not d.is_floating_point():
-                raise ConfigError(f"{where}: the delta of {m!r} holds {d.dtype} values, not floating-point ones")
+                raise ConfigError(f"{where}: {what} holds {d.dtype} values, not floating-point ones")
             bad = int((~torch.isfinite(d)).sum())
             if bad:
-                raise ConfigError(f"{where}: the delta of {m!r} holds {bad} NaN or infinite value(s) of {d.numel()}: "
+                raise ConfigError(f"{where}: {what} holds {bad} NaN or infinite value(s) of {d.numel()}: "
                                   f"the edit diverged; recompute it (a smaller v_lr or more v_num_grad_steps) rather "
                                   f"than apply it")
-        sits = {layer_of_module(m) for m in f.modules}
+        sits = {layer_of_module(m) for m in [*f.modules, *f.states]}
         if None not in sits and sits != set(f.layers):
             raise ConfigError(f"{where}: {META_FILE} layers={list(f.layers)}, but its modules sit in layers "
                               f"{sorted(sits)}; `finetune --layers edited` would train other layers than the edited "
@@ -224,8 +293,19 @@ class EditPatch:
             requests = tuple(EditRequest.from_dict(r) for r in f.requests)
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise ConfigError(f"{where}: a request in {META_FILE} is malformed ({e})") from None
+        states = {m: ModuleState(config=s.config, tensors={t: deltas[f"{m}{STATE_SEPARATOR}{t}"] for t in s.tensors})
+                  for m, s in f.states.items()}
         return cls(deltas={m: deltas[m] for m in f.modules}, editor=f.editor, layers=f.layers, config=f.config,
-                   requests=requests, model_identity=f.model_identity, extra=f.extra)
+                   requests=requests, model_identity=f.model_identity, extra=f.extra, states=states)
+
+
+class _StateFile(BaseModel):
+    """One module state in patch.json: its config and the names of its tensors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: dict = Field(default_factory=dict)
+    tensors: list[str] = Field(min_length=1)
 
 
 class _PatchFile(BaseModel):
@@ -236,10 +316,17 @@ class _PatchFile(BaseModel):
     format: int
     editor: str
     layers: Layers
-    modules: list[str] = Field(min_length=1)
+    modules: list[str] = Field(default_factory=list)
+    states: dict[str, _StateFile] = Field(default_factory=dict)
     config: dict
     requests: list[dict[str, Any]] = Field(min_length=1)
     model_identity: dict = Field(default_factory=dict)
     extra: dict = Field(default_factory=dict)
     tensors_sha256: str | None = None
+
+    @model_validator(mode="after")
+    def _something_edited(self) -> "_PatchFile":
+        if not self.modules and not self.states:
+            raise ValueError("modules and states are both empty: the patch changes nothing")
+        return self
 

@@ -2,6 +2,9 @@
 
     memit       edit/memit.py       E4, lambda-weighted least squares
     alphaedit   edit/alphaedit.py   E5, the same update projected onto the null space of the preserved keys
+    ft          edit/ft.py          FT-M / FT-L: gradient steps on one MLP layer's output weights
+    grace       edit/grace.py       GRACE: a codebook of keys and values beside one layer (module state)
+    mend        edit/mend.py        MEND: a trained hypernetwork maps the edit's gradient to a weight update
 
 Names are known without importing anything (a grid file is validated in milliseconds); a class, with its
 config class and presets, is imported the first time it is asked for. `register_editor` and
@@ -26,6 +29,9 @@ if TYPE_CHECKING:
 BUILTIN = {
     "memit": "editdecay.edit.memit:Memit",
     "alphaedit": "editdecay.edit.alphaedit:AlphaEdit",
+    "ft": "editdecay.edit.ft:FineTune",
+    "grace": "editdecay.edit.grace:Grace",
+    "mend": "editdecay.edit.mend:Mend",
 }
 
 _editors: dict[str, "str | type[Editor]"] = dict(BUILTIN)
@@ -43,13 +49,19 @@ def check_editor(name: str) -> str:
 
 def load_patch(directory) -> "EditPatch":
     """`EditPatch.load(directory)`, and its editor is a registered one: what every command reads a patch directory
-    with. ConfigError naming the directory and the editor (with the registered names) otherwise."""
+    with. ConfigError naming the directory and the editor (with the registered names) otherwise. A patch of module
+    states gets the editor's `module_edit` class, which rebuilds them when the patch is applied."""
     from editdecay.core.config import choice_reason
     from editdecay.edit.patch import EditPatch
 
     patch = EditPatch.load(directory)
     if patch.editor not in _editors:
         raise ConfigError(f"patch {directory}: patch.json editor={patch.editor!r} {choice_reason(patch.editor, _editors)}")
+    if patch.states:                 # module states (GRACE) are rebuilt by the editor's ModuleEdit class
+        patch.module_edit = editor_class(patch.editor).module_edit
+        if patch.module_edit is None:
+            raise ConfigError(f"patch {directory}: patch.json holds module states, but editor {patch.editor!r} "
+                              f"declares no module_edit class to rebuild them (edit/editor.py)")
     return patch
 
 

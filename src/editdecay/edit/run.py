@@ -1,6 +1,6 @@
-"""An editing run: validated requests in, weight deltas out (docs/METHODS.md E2-E5).
+"""A locate-then-edit run: validated requests in, weight deltas out (docs/METHODS.md E2-E5).
 
-Invariant: at any time the model's edited weights equal original + accumulated
+Invariant (edit/deltas.py): at any time the model's edited weights equal original + accumulated
 delta (cast once to the weight dtype), so the live model and `patch()` applied to
 a fresh copy of the base are bit-identical; `restore()` puts the originals back.
 
@@ -24,12 +24,11 @@ from editdecay.core.checks import check_finite
 from editdecay.core.devices import module_device
 from editdecay.core.errors import DataError, TokenBoundaryError
 from editdecay.core.request import EditRequest, slot_problem
-from editdecay.core.results import Timer
 from editdecay.core.tokens import boundary_problem, encode_target
-from editdecay.edit.config import EditorConfig
+from editdecay.edit.config import LocateThenEditConfig
 from editdecay.edit.context import ContextTemplates, context_templates
 from editdecay.edit.keys import block_outputs_at_subject, compute_keys
-from editdecay.edit.patch import EditPatch
+from editdecay.edit.deltas import WeightDeltaRun
 from editdecay.edit.targets import TargetSettings, compute_targets
 
 log = logging.getLogger(__name__)
@@ -39,7 +38,7 @@ class Solver(Protocol):
     """The per-layer solve of a locate-then-edit editor (edit/editor.py `LocateThenEdit`)."""
 
     name: str
-    cfg: EditorConfig
+    cfg: LocateThenEditConfig
 
     def layer_delta(self, layer: int, K: torch.Tensor, R: torch.Tensor, *, device=None) -> torch.Tensor: ...
     def after_batch(self, keys_after: dict[int, torch.Tensor], devices: dict | None = None) -> None: ...
@@ -82,26 +81,20 @@ def validate_requests(tokenizer, requests: list[EditRequest], templates: Context
     return warnings
 
 
-class EditingRun:
-    """Edits one model in place, batch after batch, and can hand back the total patch."""
+class EditingRun(WeightDeltaRun):
+    """Edits one model in place, batch after batch (locate-then-edit: deltas on W_out of the edited layers), and
+    can hand back the total patch (edit/deltas.py holds the weight bookkeeping and its invariant)."""
 
     def __init__(self, lm, solver: Solver, *, progress: bool = True):
-        self.lm, self.solver, self.cfg = lm, solver, solver.cfg
         model = lm.model
-        self.spec = arch_for(model)
-        self.layers = tuple(self.cfg.layers)       # sorted, unique (EditorConfig); checked against the model by
+        spec = arch_for(model)
+        layers = tuple(solver.cfg.layers)          # sorted, unique (EditorConfig); checked against the model by
                                                    # build_run before statistics
-        self.names = {l: resolve_name(model, self.spec.mlp_out_name(l)) for l in self.layers}   # patch keys
-        self.originals = {n: get_module(model, n).weight.detach().clone() for n in self.names.values()}
-        self.devices = {l: module_device(get_module(model, n)) for l, n in self.names.items()}
-        # float64 on the CPU: exact accumulation without a float64 weight copy on an accelerator
-        self.accum = {n: torch.zeros(w.shape, dtype=torch.float64) for n, w in self.originals.items()}
-        self.requests: list[EditRequest] = []
-        self.timer = Timer()
-        self.progress = progress
+        names = {l: resolve_name(model, spec.mlp_out_name(l)) for l in layers}   # patch keys
+        super().__init__(lm, solver.name, solver.cfg, list(names.values()), layers, progress=progress)
+        self.solver, self.spec, self.names = solver, spec, names
+        self.devices = {l: module_device(get_module(model, n)) for l, n in names.items()}
         self.target_log: list[dict] = []
-        self.warnings: list[str] = []          # judgement calls (e.g. few statistics tokens), kept in the patch
-        self.stats_provenance: dict | None = None   # where the E1 statistics came from (set by `api.build_run`)
         with self.timer("context"):
             # Grouped by context type (E2): [("{}",), (<sampled prefixes>)]; recorded in the patch.
             self.templates = context_templates(model, lm.tokenizer, n=self.cfg.n_context_templates,
@@ -144,39 +137,13 @@ class EditingRun:
             with self.timer("solve"):
                 delta = self.solver.layer_delta(layer, K, R, device=self.devices[layer])  # (d, d_k)
             check_finite(f"{self.solver.name} delta at layer {layer}", delta)
-            self._add(self.names[layer], as_out_in(delta, self.spec))
+            self.add_delta(self.names[layer], as_out_in(delta, self.spec))
         with self.timer("keys"):
             keys_after = compute_keys(model, tok, requests, list(self.layers), self.templates)
         check_finite("E2 keys after the edit", {f"layer {l}": K for l, K in keys_after.items()})
         self.solver.after_batch(keys_after, self.devices)
         self.requests.extend(requests)
 
-    def _add(self, name: str, delta: torch.Tensor) -> None:
-        self.accum[name] += delta.to(device="cpu", dtype=torch.float64)
-        w = get_module(self.lm.model, name).weight
-        with torch.no_grad():
-            w.copy_(self.originals[name] + self._stored_delta(name).to(device=w.device, dtype=w.dtype))
-
-    def _stored_delta(self, name: str) -> torch.Tensor:
-        """The delta as the patch stores it (float32); applied exactly as `EditPatch.apply` does."""
-        return self.accum[name].to(torch.float32)
-
-    def patch(self, extra: dict | None = None) -> EditPatch:
-        return EditPatch(
-            deltas={n: self._stored_delta(n).cpu() for n in self.names.values()},
-            layers=self.layers, editor=self.solver.name, config=self.cfg.model_dump(mode="json"),
-            requests=tuple(self.requests), model_identity=self.lm.identity.to_dict(),
-            extra={"timings": dict(self.timer.seconds), "context_templates": self.templates.to_dict(),
-                   "targets": self.target_log, "warnings": list(self.warnings), **(extra or {})},
-        )
-
-    def provenance(self) -> dict:
-        """What results record about this run: E3 target logs per batch, the statistics' provenance, the E2
-        context templates."""
-        return {"targets": self.target_log, "statistics": self.stats_provenance,
-                "context_templates": self.templates.to_dict()}
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for n, w in self.originals.items():
-                get_module(self.lm.model, n).weight.copy_(w)
+    def patch_extra(self) -> dict:
+        """E3 target logs per batch and the E2 context templates."""
+        return {"context_templates": self.templates.to_dict(), "targets": self.target_log}

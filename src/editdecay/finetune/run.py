@@ -36,6 +36,7 @@ The model object is changed in place (edit applied, weights trained or adapters 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -58,7 +59,7 @@ from editdecay.data.source import HeldOutTask, Source
 from editdecay.finetune.callback import DecayCallback, measure, stage_from
 from editdecay.finetune.recipe import Recipe
 from editdecay.finetune.train import DivergedError, TrainOutcome, total_optimizer_steps, train, warmup_steps
-from editdecay.finetune.trainable import changed_tensors, merge, resolve_plan
+from editdecay.finetune.trainable import changed_tensors, merge, module_edits, resolve_plan
 from editdecay.measure.decay import edit_flip_ratio, relative_decrease, success
 from editdecay.measure.decay_time import REQUEST_CURVE_FILE
 from editdecay.measure.downstream import DownstreamSpec
@@ -192,6 +193,9 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
             scorer.score("M0", model, tok)
         with timer("apply_edit"):
             edits.apply(model)
+        # A patch of module state (GRACE) attaches modules: the plan records them and whether they train.
+        plan = dataclasses.replace(plan, module_edits=module_edits(model))
+        result["plan"] = plan.to_dict()
     if scorer is not None:
         scorer.score(before, model, tok)
     mechanism = _Mechanism.prepare(model, tok, edits) if edits.deltas and edits.requests else None

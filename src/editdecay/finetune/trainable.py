@@ -8,11 +8,15 @@ the base weights are frozen.
 
 Module names come from the architecture table (`ArchSpec.module_names`,
 `.attention`, `.mlp`, `.block`); nothing here spells a model's module paths.
+
+Edits kept as modules (core/module_edit.py, e.g. a GRACE codebook applied from a patch) are not part of
+the base model: whatever the recipe, their parameters train only when the edit says so (`trains`), and
+their buffers never do. The plan records each attached edit and whether it trains (`module_edits`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -41,9 +45,14 @@ class TrainingPlan:
     whole_blocks: bool                    # targets='all': every parameter of the blocks trains
     outside_blocks: bool                  # targets='all' with layers='all': embeddings, final norm, unembedding too
     edited_layers: tuple[int, ...] | None
+    module_edits: dict[str, str] = field(default_factory=dict)   # attached module edit -> "frozen" | "trained"
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @property
+    def trained_edits(self) -> tuple[str, ...]:
+        return tuple(n for n, how in self.module_edits.items() if how == "trained")
 
 
 def resolve_layers(spec, depth: int, edited_layers: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -125,7 +134,15 @@ def resolve_plan(recipe: Recipe, model: nn.Module, edited_layers: tuple[int, ...
                 f"method={recipe.method!r}: module {name} is a {type(module).__name__}, which peft's "
                 f"{recipe.method.upper()} cannot wrap (supported: {', '.join(t.__name__ for t in supported)}); "
                 f"choose other targets or method='full'")
-    return TrainingPlan(recipe.method, layers, rel, modules, whole, whole and recipe.layers == "all", edited_layers)
+    return TrainingPlan(recipe.method, layers, rel, modules, whole, whole and recipe.layers == "all", edited_layers,
+                        module_edits(model))
+
+
+def module_edits(model: nn.Module) -> dict[str, str]:
+    """Every module edit attached to `model` (core/module_edit.py) -> "trained" | "frozen" (`ModuleEdit.trains`)."""
+    from editdecay.core.module_edit import attached_edits
+
+    return {name: "trained" if edit.trains else "frozen" for name, edit in attached_edits(model)}
 
 
 def prepare_model(model: nn.Module, recipe: Recipe, plan: TrainingPlan) -> nn.Module:
@@ -135,6 +152,7 @@ def prepare_model(model: nn.Module, recipe: Recipe, plan: TrainingPlan) -> nn.Mo
     """
     if recipe.method == "full":
         _freeze_outside(model, plan)
+        _set_module_edits(model)
         return model
     from peft import LoraConfig, get_peft_model
 
@@ -153,7 +171,18 @@ def prepare_model(model: nn.Module, recipe: Recipe, plan: TrainingPlan) -> nn.Mo
     if set(got) != set(plan.modules):
         raise RuntimeError(f"peft wrapped {sorted(set(got) ^ set(plan.modules))[:5]} unlike the plan; "
                            f"please report this with the model type")
+    _set_module_edits(peft_model)
     return peft_model
+
+
+def _set_module_edits(model: nn.Module) -> None:
+    """The parameters of attached module edits train iff the edit says so (`ModuleEdit.trains`), whatever the
+    recipe: they are not part of the base model."""
+    from editdecay.core.module_edit import attached_edits
+
+    for _, edit in attached_edits(model):
+        for p in edit.parameters():
+            p.requires_grad_(edit.trains)
 
 
 def _freeze_outside(model: nn.Module, plan: TrainingPlan) -> None:
@@ -223,5 +252,10 @@ def changed_tensors(model: nn.Module, plan: TrainingPlan) -> dict[str, torch.Ten
             names = [f"{b}.{n}" for b in blocks for n, _ in get_module(model, b).named_parameters()]
     else:
         names = [f"{m}.{n}" for m in plan.modules for n, _ in get_module(model, m).named_parameters()]
+    # A module edit's parameters belong to the patch, not to the model: saved here only when they trained.
+    from editdecay.core.module_edit import attached_edits
+
+    edit_params = {f"{e}.{n}": edit.trains for e, edit in attached_edits(model) for n, _ in edit.named_parameters()}
+    names = [n for n in names if edit_params.get(n, True)] + [n for n, t in edit_params.items() if t and n not in names]
     params = dict(model.named_parameters())
-    return {n: params[n].detach().cpu().contiguous() for n in names}
+    return {n: params[n].detach().cpu().contiguous() for n in dict.fromkeys(names)}

@@ -319,9 +319,13 @@ def _editor(ctx_model: _Model, entry: EditorEntry, seed: int, grid: GridSpec, wh
         fields["layers"] = list(ctx_model.entry.edit_layers)
     if "layers" in fields:
         fields["layers"] = list(parse_layers(fields["layers"], field=f"editor {entry.label or entry.name}: layers"))
+    try:
+        own = editor_class(entry.name).config_class.model_fields
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
     for key, value in (("stats_corpus", st.corpus), ("stats_tokens", st.tokens), ("stats_dtype", st.dtype),
                        ("stats_tolerance", st.tolerance)):
-        if value is not None:
+        if value is not None and key in own:          # editors without E1 statistics have no such field
             fields[key] = value
     corpus = fields.get("stats_corpus")
     if isinstance(corpus, str) and data_sources.split_spec(corpus)[0] not in ("generated", "hf"):   # a local file

@@ -154,7 +154,7 @@ def run_patch(ctx: StageContext) -> None:
     cfg = spec.editor.resolve(lm.identity.family, lm.identity.name)
     patch, run = edit_model(lm, spec.editor.name, cfg, list(ds.requests), batch_size=spec.batch_size,
                             cache=ctx.cache(), progress=ctx.progress)
-    _check_finite(f"{spec.editor.name} patch", patch.deltas)
+    _check_finite(f"{spec.editor.name} patch", patch.tensors())
     timings = {**timer.seconds, **run.timer.seconds}
     patch.extra["timings"] = timings
     patch.save(ctx.out / "patch")
@@ -310,7 +310,9 @@ def run_cell(ctx: StageContext) -> None:
         control_rows = edited.control_rows(ctx)
         decay = {**decay, **_knowledge_base(control_rows)}
         mechanism = edited.run.get("mechanism")
-        training["edited"] = edited.run["training"]
+        # edits kept as modules (GRACE's codebook): frozen or trained by the fine-tuning (finetune/trainable.py)
+        training["edited"] = {**edited.run["training"],
+                              "module_edits": (edited.run.get("plan") or {}).get("module_edits", {})}
         config.update(editor={"name": edited.patch["editor"], **edited.patch["editor_config"]},
                       requests=ctx.plan.stages[roles["patch"]].spec.requests.to_dict(),
                       edited_layers=edited.patch["layers"])

@@ -13,12 +13,12 @@ from typing import ClassVar
 import torch
 from pydantic import Field
 
-from editdecay.edit.config import EditorConfig
+from editdecay.edit.config import LocateThenEditConfig
 from editdecay.edit.editor import LocateThenEdit
 from editdecay.edit.solve import memit_delta
 
 
-class RidgeConfig(EditorConfig):
+class RidgeConfig(LocateThenEditConfig):
     config_name: ClassVar[str] = "toy-ridge config"
 
     ridge: float = Field(1.0, gt=0, description="weight of the identity that keeps the update small")
