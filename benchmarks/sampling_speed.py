@@ -4,14 +4,14 @@ before : what `data.corpus.sample_batch` did up to GENERATED_FORMAT_VERSION 1: `
          16 sequences at a time (finished sequences padded to the end of the batch), transformers' top-p warper
          (a sort of the whole vocabulary per row and step) and `torch.multinomial` (an exponential per vocabulary
          entry per row and step).
-after  : `data.corpus.sample_batch` now, per --dtype (data/sampling.py): `--batch` sequences at a time, ended sequences leave the
+after  : `data.corpus.sample_batch` now (data/sampling.py): `--batch` sequences at a time, ended sequences leave the
          batch and the cache, the nucleus from a partial top-k, one uniform number per row and step.
 
 Both sample from the embedded model with the embedded preset's settings (seq_len 256, top_p 0.95, temperature 1),
 nothing cached. Rounds alternate before / after, so a machine shared with other work slows both alike; the load
 average is printed with every round. Prints tokens/s per round and the ratio of the medians.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sampling_speed.py --rounds 2 --batch 64 --dtype float32 bfloat16 --json out.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sampling_speed.py --rounds 2 --batch 64 --json out.json
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64, help="sequences per batch of the new sampler")
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--dtype", nargs="+", default=["float32"], help="sample_dtype of the new sampler (each a round)")
     ap.add_argument("--json", default=None, help="write the figures to this file")
     args = ap.parse_args()
 
@@ -64,8 +63,8 @@ def main() -> None:
     torch.set_num_threads(1)
     lm = load_model("smollm2-135m")
     old = CorpusSpec(kind="generated", seq_len=args.seq_len, gen_batch_size=16)
-    runs = [("before", before, old)] + [(f"after-{d}", sample_batch, CorpusSpec(
-        kind="generated", seq_len=args.seq_len, gen_batch_size=args.batch, sample_dtype=d)) for d in args.dtype]
+    runs = [("before", before, old),
+            ("after", sample_batch, CorpusSpec(kind="generated", seq_len=args.seq_len, gen_batch_size=args.batch))]
     rounds = []
     for r in range(args.rounds):
         for name, fn, spec in runs:

@@ -105,14 +105,3 @@ def test_the_generated_corpus_stream_does_not_depend_on_the_sampling_batch_size(
         streams.append([t for chunk in iter_token_chunks(spec, lm, 200, progress=False) for t in chunk])
     assert streams[0] == streams[1] and len(streams[0]) == 200
 
-
-def test_bfloat16_sampling_is_its_own_stream():
-    """sample_dtype names the stream (cache keys, results); a bfloat16 stream is sampled under autocast."""
-    lm = wrap(tiny_model("llama", scale=2.0), tok(), name="tiny-llama", source="config")
-    f32 = CorpusSpec(kind="generated", seed=1, seq_len=12, gen_batch_size=4)
-    bf16 = CorpusSpec(kind="generated", seed=1, seq_len=12, gen_batch_size=4, sample_dtype="bfloat16")
-    assert f32.identity(lm) != bf16.identity(lm)
-    chunks = list(iter_token_chunks(bf16, lm, 40, progress=False))
-    assert sum(map(len, chunks)) == 40 and len({c[0] for c in chunks}) == 1     # each from the start token
-    with pytest.raises(Exception, match="sample_dtype"):
-        CorpusSpec(kind="generated", sample_dtype="float16")

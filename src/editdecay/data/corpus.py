@@ -45,7 +45,6 @@ from editdecay.data.source import split_spec
 log = logging.getLogger(__name__)
 
 CORPUS_KINDS = ("generated", "file", "hf")
-SAMPLE_DTYPES = ("float32", "bfloat16")
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 FILE_SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
 GENERATED_FORMAT_VERSION = 2   # bump when the sampling procedure changes: old cached streams become stale
@@ -74,10 +73,6 @@ class CorpusSpec(Config):
     top_p: float = Field(0.95, description="nucleus sampling mass; 1.0: none (kind=generated)")
     gen_batch_size: int = Field(64, description="sequences sampled together (kind=generated); the text does not depend "
                                                 "on it (each sequence has its own seed), the cache files do")
-    sample_dtype: str = Field("float32", description="compute dtype of the sampling forward passes (kind=generated): "
-                                                     "float32 (the model's own distribution) | bfloat16 (autocast, "
-                                                     "about twice as fast on CPUs with bfloat16 instructions; the "
-                                                     "distribution of a bfloat16 forward pass)")
 
     @model_validator(mode="after")
     def _validate(self) -> "CorpusSpec":
@@ -94,7 +89,6 @@ class CorpusSpec(Config):
             raise ConfigError(f"corpus.seq_len: {self.seq_len!r}; give an integer >= 2")
         if self.gen_batch_size < 1:
             raise ConfigError(f"corpus.gen_batch_size: {self.gen_batch_size!r}; give an integer >= 1")
-        check_choice("corpus.sample_dtype", self.sample_dtype, SAMPLE_DTYPES)
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ConfigError(f"corpus.temperature: {self.temperature!r}; give a finite number > 0")
         if self.top_k < 0:
@@ -114,7 +108,7 @@ class CorpusSpec(Config):
     def sampling(self) -> dict:
         """Settings that determine a generated token stream (besides the model)."""
         return {"seed": self.seed, "seq_len": self.seq_len, "temperature": self.temperature, "top_k": self.top_k,
-                "top_p": self.top_p, "gen_batch_size": self.gen_batch_size, "sample_dtype": self.sample_dtype,
+                "top_p": self.top_p, "gen_batch_size": self.gen_batch_size,
                 "version": GENERATED_FORMAT_VERSION}
 
     def identity(self, lm: LoadedModel) -> dict:
@@ -362,7 +356,7 @@ def sample_batch(spec: CorpusSpec, lm: LoadedModel, batch: int) -> list[list[int
     first = batch * spec.gen_batch_size
     seeds = [_sequence_seed(spec.seed, first + j) for j in range(spec.gen_batch_size)]
     return sample_sequences(lm.model, seeds, start=_start_token(lm), eos=_eos_ids(lm), max_len=spec.seq_len,
-                            temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, dtype=spec.sample_dtype)
+                            temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p)
 
 
 def _generated_parts(spec: CorpusSpec, fingerprint: str, batch: int) -> tuple[str, ...]:

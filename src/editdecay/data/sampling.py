@@ -18,7 +18,6 @@ tests/data/test_sampling.py pins the distribution against transformers' warpers 
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from typing import Sequence
 
@@ -82,11 +81,9 @@ def draw(probs: torch.Tensor, tokens: torch.Tensor, uniforms: torch.Tensor) -> t
 
 @torch.no_grad()
 def sample_sequences(model, seeds: Sequence[int], *, start: int, eos: Sequence[int], max_len: int,
-                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                     dtype: str = "float32") -> list[list[int]]:
+                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> list[list[int]]:
     """One sampled sequence per seed, each `[start, t1, t2, ...]`: it ends after its first EOS token (kept) or at
-    `max_len` tokens. Returns the sequences in the order of `seeds`. `dtype` "bfloat16" runs the forward passes
-    under bfloat16 autocast (the logits are sampled in float32 either way).
+    `max_len` tokens. Returns the sequences in the order of `seeds`.
 
     Memory: the key/value cache of at most len(seeds) x max_len tokens per layer, and the (len(seeds), vocab)
     float32 logits of one step. The model is left in the mode it was in.
@@ -104,13 +101,11 @@ def sample_sequences(model, seeds: Sequence[int], *, start: int, eos: Sequence[i
     params = inspect.signature(model.forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}    # unembed the last position only
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
     was_training = model.training
     model.eval()
     try:
         while alive and len(rows[alive[0]]) < max_len:      # every running row has the same length
-            with autocast:
-                out = model(input_ids=step_ids, use_cache=True, **last_only, **{cache_kw: cache})
+            out = model(input_ids=step_ids, use_cache=True, **last_only, **{cache_kw: cache})
             cache = getattr(out, "cache", None) or out.past_key_values
             uniforms = torch.cat([torch.rand(1, generator=generators[i], device=device) for i in alive])   # (A,)
             chosen = sample_next(out.logits[:, -1, :], uniforms, temperature=temperature, top_k=top_k,
