@@ -230,11 +230,17 @@ def test_embedded_study_v3_plans_both_data_sets_at_the_stated_dose():
     assert {(s.recipe.method, s.recipe.epochs, s.recipe.max_steps) for s in finetunes} == {
         ("full", 1, None), ("lora", 1, None), ("dora", 1, None), ("lora", 3, None)}
     every = finetunes[0].eval_every
-    from editdecay.data.sources import held_out_task
+    from support.models import tok
 
-    n_train = len(held_out_task("chatterbot", load_grid(EMBEDDED_STUDY_V3).shared.chatterbot.to_dict()).records()[0])
-    steps_per_epoch = -(-n_train // 8)
-    assert steps_per_epoch == 129          # the number the grid file's comment derives its checkpoints from
+    from editdecay.data.instructions import tokenize
+    from editdecay.data.sources import held_out_task, load_source
+
+    recipe = finetunes[0].recipe
+    task = held_out_task("chatterbot", load_grid(EMBEDDED_STUDY_V3).shared.chatterbot.to_dict())
+    examples = tokenize(load_source("chatterbot", task=task), tok(), cutoff_len=recipe.cutoff_len,
+                        template=recipe.template, train_on_prompt=recipe.train_on_prompt).examples
+    steps_per_epoch = -(-len(examples) // recipe.batch_size)
+    assert steps_per_epoch == 128          # the number the grid file's comment derives its checkpoints from
     assert every[:3] == (2, 4, 8)
     assert every[3:] == tuple(k * steps_per_epoch // 8 for k in range(1, 25))
     assert every[-1] == 3 * steps_per_epoch and (steps_per_epoch in every)
