@@ -6,7 +6,8 @@ again by the next run.
 
 workers = N > 1: up to N independent stages at once, each in a fresh process of its own (spawned, so no torch
 state or thread pool is shared with this one), started in plan order as soon as their dependencies are done;
-each process runs one torch thread unless `threads` says otherwise, so N workers use N cores. Cell stages only
+each process runs one torch thread unless `threads` says otherwise, so N workers use N cores, and plans its CPU
+batches with 1/N of the host's available memory (core.memory.set_host_memory_share). Cell stages only
 assemble JSON and run in this process. A stage process that ends without an outcome (killed, out of memory)
 is a lost stage, started again up to `shared.max_attempts` (tracker.py), as on Ray and Slurm. Every stage is
 computed by `execute_stage` either way, so the results are the serial run's (tests/grid/test_grid_run.py).
@@ -64,9 +65,10 @@ class LocalBackend:
                     time.sleep(self.poll)
 
 
-def _stage_process(root: str, sid: str, plan_id: str | None, threads: int, conn) -> None:
+def _stage_process(root: str, sid: str, plan_id: str | None, threads: int, memory_share: float, conn) -> None:
     """Body of one stage process: compute the stage, send its outcome back as a dict."""
-    outcome = execute_stage(root, sid, plan_id=plan_id, wait=False, progress=False, threads=threads)
+    outcome = execute_stage(root, sid, plan_id=plan_id, wait=False, progress=False, threads=threads,
+                            memory_share=memory_share)
     conn.send(outcome.to_dict())
     conn.close()
 
@@ -146,7 +148,8 @@ class _Pool:
                 break
             receive, send = self.ctx.Pipe(duplex=False)
             process = self.ctx.Process(target=_stage_process, name=f"editdecay-stage-{sid}",
-                                       args=(str(self.store.root), sid, self.plan_id, self.threads, send))
+                                       args=(str(self.store.root), sid, self.plan_id, self.threads,
+                                             1.0 / self.workers, send))
             process.start()
             send.close()                  # the child holds the sending end; EOF here when it dies
             self.running[sid] = _Running(process, receive)
