@@ -46,9 +46,10 @@ PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:c
 test: $(STAMP) $(CHROMIUM)
 	$(PYTEST)
 
-# The edit-test loop: everything that does not load the embedded model or need a GPU.
+# The edit-test loop: everything that does not load the embedded model, need a GPU, or start services and
+# kill processes.
 test-fast: $(STAMP) $(CHROMIUM)
-	$(PYTEST) -m "not slow and not gpu"
+	$(PYTEST) -m "not slow and not gpu and not processes"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/metric_throughput.py

@@ -37,6 +37,20 @@ is done (a run cut short keeps what it measured):
              multiple of 500 requests that fits and scales keys and solve linearly; the
              basis is written next to the figures ("extrapolated").
 
+  adaptive   (e) adaptive E1 statistics at the edit shape (`edit.stats_adaptive`): doubling token counts
+             until MEMIT's solve on the keys of 100 synthetic requests changes by less than the default
+             tolerance where it acts (`EditProbe`); the tokens needed and the seconds, against the cap.
+  fullft     (f) full fine-tuning of the edit-shape model itself (8B on the GPU presets) with the single-GPU
+             option the memory plan chose: bfloat16 weights, 8-bit AdamW with stochastic rounding (torchao),
+             gradient checkpointing, micro-batch 4 x 1024 tokens (the study's batch 16 as 4 x grad_accum 4);
+             tokens/s and peak memory. It trains the editing model itself (a second 8B copy would not fit
+             beside it), before `scale`, which shrinks to the time left (random weights: the editing costs do
+             not depend on them). Without torchao it falls back to float32 master weights (which the plan
+             says do not fit 80 GB at 8B) and says so.
+
+Every measured peak has the memory plan's prediction beside it (`plan_gib`, `core.memory_plan`, from the
+model's config and the section's sizes) and their relative error.
+
 Before each section the script projects its time from what it has measured; one that
 would not end within `--budget-s` (420 s on the GPU presets) is skipped and the JSON
 says why (the scale section shrinks instead). Exceptions are recorded under "errors" and
@@ -110,6 +124,10 @@ class Preset:
     train_steps: int                 # timed steps after warm-up
     budget_s: float
     projector: str = "eigh"          # E5 projector: "eigh" of C (null_space_projector) | "random" rank-d_k/2
+    adaptive_max_tokens: int = 2 ** 19
+    fullft_batch: int = 4
+    fullft_seq_len: int = 1024
+    fullft_steps: int = 3            # timed steps after one warm-up step
     extra: dict = field(default_factory=dict)
 
 
@@ -118,17 +136,21 @@ PRESETS = {
                    stats_tokens=2 ** 18, stats_seq_len=1024, stats_batch=16, n_requests=1000, n_scale=10_000,
                    v_num_grad_steps=25, n_context_templates=5, context_length=10, train_shape=LLAMA32_1B,
                    train_batch=8, train_seq_len=512, train_warmup_steps=2, train_steps=8, budget_s=420.0,
-                   projector="random", extra={"train_estimate_s": 60.0}),
+                   projector="random", extra={"train_estimate_s": 60.0, "fullft_estimate_s": 90.0,
+                                              "adaptive_estimate_s": 60.0}),
     "tiny": Preset(device="cpu", dtype="float32",
                    edit_shape=Shape(64, 128, 6, 4, 2, 2000, 256), edit_layers=(1, 2, 3, 4, 5),
                    stats_tokens=2048, stats_seq_len=64, stats_batch=4, n_requests=12, n_scale=120,
                    v_num_grad_steps=3, n_context_templates=2, context_length=4,
                    train_shape=Shape(64, 128, 4, 4, 2, 2000, 256, tie_embeddings=True),
-                   train_batch=2, train_seq_len=32, train_warmup_steps=1, train_steps=2, budget_s=120.0),
+                   train_batch=2, train_seq_len=32, train_warmup_steps=1, train_steps=2, budget_s=120.0,
+                   adaptive_max_tokens=2 ** 13, fullft_batch=2, fullft_seq_len=32, fullft_steps=2),
 }
 PRESETS["h100"] = PRESETS["h200"]
 
-SECTIONS = ("stats", "memit", "train", "alphaedit", "scale")
+# fullft before scale: scale shrinks itself to the time left, and fullft's change of the weights does not matter
+# to the editing sections' costs (random weights either way).
+SECTIONS = ("stats", "memit", "train", "alphaedit", "adaptive", "fullft", "scale")
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -245,8 +267,12 @@ def section_stats(p: Preset, ctx: dict) -> dict:
         t0 = clock.now()
         sums, n = accumulate_second_moments(lm, p.edit_layers, chunks, batch_size=p.stats_batch, progress=False)
         sec = clock.now() - t0
+        from editdecay.core.memory_plan import EditSetting
+
         out[mode] = {"seconds": round(sec, 3), "tokens_per_s": round(n / sec, 1), "tokens_used": n,
-                     "peak_gib": _gib(clock.peak())}
+                     "peak_gib": _gib(clock.peak()),
+                     **_plan("statistics", lm.model, clock.peak(), edit=EditSetting(
+                         layers=p.edit_layers, stats_batch=p.stats_batch, stats_seq_len=p.stats_seq_len))}
     torch.backends.cuda.matmul.allow_tf32 = False
     out["tokens_per_s"] = out["tf32"]["tokens_per_s"]
     ctx["stats"] = layer_stats(ctx["lm"], {l: (sums[l] / out["fp32"]["tokens_used"]).float().cpu()
@@ -287,7 +313,15 @@ def _edit(p: Preset, ctx: dict, editor: str, requests, steps: int) -> dict:
     for phase in ("context", "targets", "keys", "solve"):
         if phase not in phases:
             raise RuntimeError(f"{editor}: phase {phase!r} did not run (timer has {sorted(phases)})")
-    return {"editor": editor, "n_requests": len(requests), "v_num_grad_steps": steps,
+    from editdecay.core.memory_plan import EditSetting, ModelDims, stage_memory
+
+    setting = EditSetting.from_requests(lm.tokenizer, list(requests), run.templates, layers=p.edit_layers,
+                                        target_batch=seen["E3 targets"].items if "E3 targets" in seen else 128)
+    dims = ModelDims.of_model(lm.model)
+    pred = {st: stage_memory(dims, st, edit=setting).peak for st in ("targets", "keys", "solve")}
+    plan = {"plan_gib": _gib(max(pred.values())), "plan_stages_gib": {k: _gib(v) for k, v in pred.items()},
+            "plan_error": round((max(pred.values()) - peak) / peak, 4) if peak else None}
+    return {**plan, "editor": editor, "n_requests": len(requests), "v_num_grad_steps": steps,
             "context_templates": 1 + p.n_context_templates, "layers": list(p.edit_layers),
             "seconds": round(total, 3), "phase_seconds": phases, "peak_gib": _gib(peak),
             "seconds_per_edit": round(total / len(requests), 4),
@@ -392,6 +426,11 @@ def section_train(p: Preset, ctx: dict) -> dict:
                         batch_size=p.train_batch, cutoff_len=p.train_seq_len, dtype="bfloat16",
                         train_on_prompt=True, lora_dropout=0.0)
         log = ctx["tmp"] / f"train-{method}.jsonl"
+        from editdecay.core.memory_plan import ModelDims
+        from editdecay.grid.memory import train_setting
+
+        setting = train_setting(recipe, ModelDims.of_model(model), model=model,
+                                           labelled_tokens=p.train_seq_len)
         clock.reset()
         outcome = train(model, tok, recipe, data, plan=resolve_plan(recipe, model), log_path=log, progress=False)
         steps = [json.loads(line) for line in log.read_text().splitlines() if '"step"' in line]
@@ -400,15 +439,111 @@ def section_train(p: Preset, ctx: dict) -> dict:
         sec = last["train_seconds"] - w["train_seconds"]
         out[method] = {"tokens_per_s": round((last["tokens"] - w["tokens"]) / sec, 1) if sec > 0 else None,
                        "timed_seconds": round(sec, 3), "n_trainable": outcome.n_trainable,
-                       "steps": outcome.steps, "final_loss": outcome.final_loss, "peak_gib": _gib(clock.peak())}
+                       "steps": outcome.steps, "final_loss": outcome.final_loss, "peak_gib": _gib(clock.peak()),
+                       **_plan("training", random_llama(p.train_shape, torch.float32, "meta"), clock.peak(),
+                               train=setting)}
         del model, outcome
         if p.device.startswith("cuda"):
             torch.cuda.empty_cache()
     return out
 
 
+def _plan(stage: str, model, measured_bytes, *, edit=None, train=None) -> dict:
+    """The memory plan's prediction for a stage next to the measured peak (None on the CPU)."""
+    from editdecay.core.memory_plan import ModelDims, stage_memory
+
+    pred = stage_memory(ModelDims.of_model(model), stage, edit=edit, train=train).peak
+    err = None if not measured_bytes else round((pred - measured_bytes) / measured_bytes, 4)
+    return {"plan_gib": _gib(pred), "plan_error": err}
+
+
+def section_adaptive(p: Preset, ctx: dict) -> dict:
+    """(e) Tokens adaptive E1 needs at the edit shape (random weights, random tokens)."""
+    import torch
+
+    from editdecay.data.corpus import CorpusSpec
+    from editdecay.edit.context import ContextTemplates
+    from editdecay.edit.keys import compute_keys
+    from editdecay.edit.stats_adaptive import DEFAULT_TOLERANCE, adaptive_second_moments, memit_probe
+
+    lm, clock = ctx["lm"], ctx["clock"]
+    words = ["w5", "w6", "w7", "w8", "w9"][:p.n_context_templates]
+    templates = ContextTemplates.of(["{}"], [f"{' '.join([w] * p.context_length)}. {{}}" for w in words])
+    keys = compute_keys(lm.model, lm.tokenizer, ctx["requests"][:100], list(p.edit_layers), templates)
+    corpus_path = ctx["tmp"] / "random_tokens.jsonl"
+    gen = torch.Generator().manual_seed(7)
+    n_seq = p.adaptive_max_tokens // p.stats_seq_len + 1
+    with open(corpus_path, "w") as f:
+        for row in torch.randint(4, p.edit_shape.vocab, (n_seq, p.stats_seq_len), generator=gen).tolist():
+            f.write(json.dumps({"input_ids": row}) + "\n")
+    corpus = CorpusSpec(kind="file", source=str(corpus_path), seq_len=p.stats_seq_len)
+    clock.reset()
+    t0 = clock.now()
+    st = adaptive_second_moments(lm, p.edit_layers, corpus=corpus, probe=memit_probe(keys, 15000.0, p.device),
+                                 tolerance=DEFAULT_TOLERANCE, max_tokens=p.adaptive_max_tokens,
+                                 batch_size=p.stats_batch, progress=False)
+    sec = clock.now() - t0
+    peak = clock.peak()
+    ad = st.provenance["adaptive"]
+    from editdecay.core.memory_plan import EditSetting
+
+    plan = _plan("statistics", lm.model, peak, edit=EditSetting(layers=p.edit_layers, stats_batch=p.stats_batch,
+                                                                stats_seq_len=p.stats_seq_len, stats_adaptive=True))
+    return {**plan, "tolerance": ad["tolerance"], "stopped": ad["stopped"], "tokens_used": ad["tokens_used"],
+            "tokens_cap": p.adaptive_max_tokens, "seconds": round(sec, 3), "checkpoints": ad["checkpoints"],
+            "peak_gib": _gib(peak), "note": "random weights and random tokens: the tokens a trained model "
+            "needs on text can differ; the mechanics and the cost per checkpoint are what this measures"}
+
+
+def section_fullft(p: Preset, ctx: dict) -> dict:
+    """(f) Full fine-tuning of the edit-shape model with the single-GPU option of the memory plan."""
+    import importlib.util
+
+    import torch
+
+    from editdecay.core.memory_plan import ModelDims
+    from editdecay.data.instructions import Example, TrainingSet
+    from editdecay.finetune.recipe import Recipe
+    from editdecay.finetune.train import train
+    from editdecay.finetune.trainable import resolve_plan
+    from editdecay.grid.memory import train_setting
+
+    lm, clock = ctx["lm"], ctx["clock"]
+    model = lm.model
+    eight_bit = importlib.util.find_spec("torchao") is not None
+    gen = torch.Generator().manual_seed(5)
+    steps = 1 + p.fullft_steps
+    ids = torch.randint(4, p.edit_shape.vocab, (p.fullft_batch * steps, p.fullft_seq_len), generator=gen).tolist()
+    data = TrainingSet(tuple(Example(tuple(x), tuple(x)) for x in ids), {"name": "random tokens"})
+    recipe = Recipe(method="full", targets="all", learning_rate=5e-6, max_steps=steps, batch_size=p.fullft_batch,
+                    cutoff_len=p.fullft_seq_len, dtype="bfloat16", train_on_prompt=True, warmup_steps=0,
+                    gradient_checkpointing=True, optimizer="adamw8bit" if eight_bit else "adamw")
+    setting = train_setting(recipe, ModelDims.of_model(model), model=model,
+                                       labelled_tokens=p.fullft_seq_len)
+    log = ctx["tmp"] / "fullft.jsonl"
+    clock.reset()
+    outcome = train(model, lm.tokenizer, recipe, data, plan=resolve_plan(recipe, model), log_path=log,
+                    progress=False)
+    peak = clock.peak()
+    # Hand the model back as the editing sections expect it: no checkpointing (E3 runs a KV cache), eval mode.
+    model.gradient_checkpointing_disable()
+    model.eval().requires_grad_(False)
+    del outcome.model
+    if p.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    rows = [json.loads(line) for line in log.read_text().splitlines() if '"step"' in line]
+    sec = rows[-1]["train_seconds"] - rows[0]["train_seconds"]
+    return {"option": "bf16 weights + 8-bit AdamW (torchao, stochastic rounding)" if eight_bit else
+            "bf16 weights + float32 master weights (torchao not installed)",
+            "precision": outcome.precision, "micro_batch": p.fullft_batch, "seq_len": p.fullft_seq_len,
+            "gradient_checkpointing": True, "timed_steps": p.fullft_steps,
+            "tokens_per_s": round((rows[-1]["tokens"] - rows[0]["tokens"]) / sec, 1) if sec > 0 else None,
+            "n_trainable": outcome.n_trainable, "final_loss": outcome.final_loss, "peak_gib": _gib(peak),
+            **_plan("training", model, peak, train=setting)}
+
+
 RUNNERS = {"stats": section_stats, "memit": section_memit, "alphaedit": section_alphaedit, "scale": section_scale,
-           "train": section_train}
+           "train": section_train, "adaptive": section_adaptive, "fullft": section_fullft}
 
 
 def projected_seconds(name: str, p: Preset, results: dict) -> float | None:
@@ -416,6 +551,8 @@ def projected_seconds(name: str, p: Preset, results: dict) -> float | None:
     memit = results.get("memit")
     if name == "train":
         return p.extra.get("train_estimate_s")
+    if name in ("fullft", "adaptive"):
+        return p.extra.get(f"{name}_estimate_s")
     if name == "alphaedit" and memit:
         return memit["seconds"] * 1.2
     if name == "scale" and memit:
@@ -498,7 +635,9 @@ def main(argv=None) -> dict:
         write()
     report["goals"] = goals(report["results"], p.device.startswith("cuda"))
     report["model_gib"] = _gib(sum(t.numel() * t.element_size() for t in model.parameters()))
-    report["notes"] = {"peak_gib": "torch.cuda.max_memory_allocated over the section, model weights included "
+    report["notes"] = {"plan_gib": "the memory plan's prediction (core.memory_plan) for the same sizes; "
+                                   "plan_error = (plan - peak) / peak",
+                       "peak_gib": "torch.cuda.max_memory_allocated over the section, model weights included "
                                    "(model_gib); null on the CPU"}
     write()
     print(json.dumps({k: report[k] for k in ("device", "wall_seconds", "skipped", "errors", "goals")}, indent=1))

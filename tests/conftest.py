@@ -4,8 +4,9 @@ Helpers that are not fixtures live in tests/support (imported as `support`); tes
 each other.
 
 Markers (pyproject.toml): `slow` on every test that loads the embedded model (SmolLM2-135M), `gpu` on the
-tests that need a CUDA device (skipped without one). `make test` runs everything; `make test-fast` runs
-`-m "not slow and not gpu"`. A test that loads the embedded model without the `slow` marker fails here, so
+tests that need a CUDA device (skipped without one), `processes` on the tests that start real Slurm/Ray
+services or kill worker processes. `make test` runs everything; `make test-fast` runs
+`-m "not slow and not gpu and not processes"`. A test that loads the embedded model without the `slow` marker fails here, so
 the fast selection stays fast.
 
 Torch uses one thread in tests: on 2 cores, several threaded torch processes slow each other badly.

@@ -70,6 +70,16 @@ def test_tiny_preset_runs_every_section(gpu_scale, tiny_report):
     assert ex["n"] == p.n_scale and ex["targets_seconds"] > 0 and "basis" in ex
     assert ex["total_seconds"] >= ex["targets_seconds"] + ex["keys_seconds"]
 
+    ad = r["results"]["adaptive"]
+    assert ad["tokens_cap"] == p.adaptive_max_tokens and 0 < ad["tokens_used"] <= p.adaptive_max_tokens
+    assert ad["stopped"] in ("converged", "max_tokens", "corpus exhausted") and len(ad["checkpoints"]) >= 2
+    ft = r["results"]["fullft"]
+    assert ft["tokens_per_s"] > 0 and ft["precision"]["weights"] == p.dtype
+    assert ft["plan_gib"] > 0 and ft["plan_error"] is None                # no GPU peak to compare with on the CPU
+    for name in ("memit", "alphaedit", "scale"):
+        assert set(r["results"][name]["plan_stages_gib"]) == {"targets", "keys", "solve"}
+    assert r["results"]["stats"]["tf32"]["plan_gib"] > 0 and train["full"]["plan_gib"] > 0
+
     goals = r["goals"]
     assert set(goals) == {"stats_tokens_per_s_5_layers", "memit_1000_edits_seconds_statistics_cached",
                           "memit_10000_edits_seconds", "memit_10000_edits_peak_gib"}

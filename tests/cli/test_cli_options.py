@@ -128,7 +128,8 @@ def test_train_on_prompt_reaches_the_recipe(captured):
 # (as written on the command line, as the recipe holds it).
 WORDS = {"method": ("dora", "dora"), "layers": ("1-2", (1, 2)),
          "targets": ("mlp.down_proj,mlp.up_proj", ("mlp.down_proj", "mlp.up_proj")),
-         "lr_scheduler": ("cosine", "cosine"), "template": ("alpaca", "alpaca"), "dtype": ("bfloat16", "bfloat16")}
+         "lr_scheduler": ("cosine", "cosine"), "template": ("alpaca", "alpaca"), "dtype": ("bfloat16", "bfloat16"),
+         "optimizer": ("adamw8bit", "adamw8bit")}
 
 
 def _other_value(name: str, value):
@@ -137,6 +138,8 @@ def _other_value(name: str, value):
         return [WORDS[name][0]], WORDS[name][1]
     if isinstance(value, bool):
         return None, not value
+    if value is None and "bool" in str(Recipe.model_fields[name].annotation):    # unset flag: off is other
+        return None, False
     if isinstance(value, int) or (value is None and "int" in str(Recipe.model_fields[name].annotation)):
         return [str((value or 0) + 1)], (value or 0) + 1
     number = value * 0.5 if value else 0.1

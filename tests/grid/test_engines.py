@@ -29,6 +29,8 @@ from support.cluster_engines import (
     write_engine_grid,
 )
 
+pytestmark = pytest.mark.processes
+
 from editdecay.grid.plan import build_plan
 from editdecay.grid.spec import load_grid
 from editdecay.grid.store import GridStore

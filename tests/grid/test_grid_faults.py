@@ -105,6 +105,7 @@ def kill_in(world, store, plan, want, rng, longest: float) -> dict:
             "in_stage": not store.is_done(sid), "done_at_kill": done}
 
 
+@pytest.mark.processes
 def test_sigkill_in_every_stage_kind_then_resume_and_repeated_kills_end_as_a_failure(world, tmp_path):
     plan = build_plan(load_grid(world["grid"]))
     assert sorted(st.kind for st in plan.stages.values()) == [

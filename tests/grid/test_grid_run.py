@@ -136,6 +136,7 @@ def _runner(world, grid: Path, out: Path) -> subprocess.Popen:
                              "--threads", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.processes
 def test_kill_9_mid_grid_then_two_runners_resume_without_recomputing(world, baseline):
     out = world["root"] / "killed"
     store = GridStore(out)
@@ -226,6 +227,7 @@ def _single_cell(world, tmp_path) -> Path:
     return write_grid(tmp_path / "one.yaml", d)
 
 
+@pytest.mark.processes
 def test_ray_backend_gives_the_same_results(world, baseline, tmp_path):
     plan = build_plan(load_grid(_single_cell(world, tmp_path)))
     (cell,) = plan.cells
@@ -252,6 +254,7 @@ def test_slurm_waves_follow_dependencies(baseline):
                                           ["finetune"], ["cell"]]
 
 
+@pytest.mark.processes
 def test_slurm_backend_with_submitit_local_executor(world, baseline, tmp_path):
     """A fine-tune-only cell as submitit job arrays on the local executor (each job its own process)."""
     d = grid_dict(world, n_edits=[0])

@@ -57,6 +57,25 @@ def metrics_table(title: str, stages: dict[str, dict]) -> Table:
     return t
 
 
+def memory_plan_gate(make_plan, memory: str | None, device: str, dry_run: bool, what: str) -> bool:
+    """Before a model is loaded: with --dry-run print the memory plan (against --memory, the CUDA device's
+    memory, or 80 GB) and return True (the command stops); else refuse a plan that does not fit
+    (MemoryPlanError, exit 2) when the device's size is known. `make_plan(device_bytes)` builds the plan."""
+    from editdecay.core.memory_plan import device_memory, parse_memory, render
+
+    budget = device_memory(device, memory)
+    if dry_run:
+        plan = make_plan(budget if budget is not None else parse_memory("80GB"))
+        for line in render(plan):
+            console.print(line, highlight=False, markup=False)
+        console.print(("everything fits" if plan.fits else f"{len(plan.failing())} stage(s) do not fit")
+                      + f" ({what}; dry run: nothing was loaded)", highlight=False)
+        return True
+    if budget is not None:
+        make_plan(budget).check(what)
+    return False
+
+
 def guard(fn):
     """Turn EditDecayError into a clean message (exit 2); other exceptions keep their traceback."""
     import functools
@@ -70,5 +89,5 @@ def guard(fn):
     return wrapper
 
 
-__all__ = ["ALLOW_FOREIGN_PATCH", "console", "fail", "guard", "metrics_table", "model_label", "pct", "set_threads",
-           "sys"]
+__all__ = ["ALLOW_FOREIGN_PATCH", "console", "fail", "guard", "memory_plan_gate", "metrics_table", "model_label", "pct",
+           "set_threads", "sys"]

@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from editdecay.cli import app
-from editdecay.cli.common import console, guard, metrics_table, set_threads
+from editdecay.cli.common import console, guard, memory_plan_gate, metrics_table, set_threads
 from editdecay.cli.options import Fields, config_options, option_of
 from editdecay.core.model_ref import ModelRef
 from editdecay.edit.config import EditorConfig
@@ -61,7 +61,12 @@ def edit(
     data: str = typer.Option("worldfacts", help="worldfacts | counterfact:PATH | zsre:PATH"),
     n: Optional[int] = typer.Option(None, help="number of edits (first N, or a seeded sample with --seed)"),
     seed: Optional[int] = typer.Option(None, help="seed for the sample of N requests"),
-    out: Path = typer.Option(..., help="patch directory to write (patch.safetensors, patch.json, result.json)"),
+    memory: Optional[str] = typer.Option(None, help="device memory to plan for, e.g. 80GB (default: a CUDA "
+                                                    "device's own; on the CPU no check)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the memory plan of every stage and exit: "
+                                                          "nothing is loaded but config.json"),
+    out: Optional[Path] = typer.Option(None, help="patch directory to write (patch.safetensors, patch.json, "
+                                                  "result.json); required unless --dry-run"),
 ) -> None:
     """Edit a model (docs/METHODS.md E1-E5); print efficacy/paraphrase/neighbourhood before and after."""
     from editdecay.core.cache import Cache
@@ -90,6 +95,17 @@ def edit(
     job = EditJob(model=ref, editor=name, overrides={k: getattr(checked, k) for k in editor_fields},
                   requests=EditSelection(data=data, n=n, seed=seed, zsre_target=ev.zsre_target, strict=ev.strict),
                   batch_size=ev.edit_batch_size)
+    # The memory plan reads config.json only; it refuses an edit that cannot fit before the model loads.
+    from editdecay.grid.memory import editor_config, meta_model, plan_edit
+
+    def make_plan(budget: int):
+        meta = meta_model(ref)
+        return plan_edit(meta, editor_config(name, meta, job.overrides), len(job.requests.load().requests), budget)
+
+    if memory_plan_gate(make_plan, memory, settings.device, dry_run, f"edit with {name} on {ref.name}"):
+        return
+    if out is None:
+        raise ConfigError("--out is required (the patch directory to write), unless --dry-run")
     result = run_edit(job, out=out, device=settings.device,
                       cache=Cache(Path(settings.cache_dir)) if settings.cache_dir else None)
     console.print(metrics_table(f"{name} on {result['model']['name']}, {result['data']['name']}", result["metrics"]))

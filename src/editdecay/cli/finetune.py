@@ -13,7 +13,16 @@ from typing import Optional
 import typer
 
 from editdecay.cli import app
-from editdecay.cli.common import ALLOW_FOREIGN_PATCH, console, guard, metrics_table, model_label, pct, set_threads
+from editdecay.cli.common import (
+    ALLOW_FOREIGN_PATCH,
+    console,
+    guard,
+    memory_plan_gate,
+    metrics_table,
+    model_label,
+    pct,
+    set_threads,
+)
 from editdecay.cli.options import Fields, config_options
 from editdecay.core.errors import ConfigError
 from editdecay.core.model_ref import ModelRef
@@ -42,7 +51,8 @@ SOURCES = tuple(Fields(s.settings, into="sources", section=s.settings_key,
                 for s in data_sources.sources_with_settings().values())
 DOWNSTREAM = Fields(DownstreamSpec, into="downstream", prefix="downstream-", names={"tasks": "downstream"},
                     defaults={"tasks": "none"}, panel="Downstream tasks (grid: shared.downstream, downstream_limit)")
-RUN = Fields(SharedSettings, into="run", only=("device", "threads", "cache_dir"), panel="Run (grid: shared)")
+RUN = Fields(SharedSettings, into="run", only=("device", "threads", "cache_dir", "finetune_devices"),
+             names={"finetune_devices": "devices"}, panel="Run (grid: shared)")
 
 
 @app.command("finetune")
@@ -74,7 +84,12 @@ def finetune(
                                           "merged weights for full)"),
     overwrite: bool = typer.Option(False, help="replace a previous run in --out"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
-    out: Path = typer.Option(..., help="output directory (result.json, train_log.jsonl, curve.jsonl, adapter/ ...)"),
+    memory: Optional[str] = typer.Option(None, help="device memory to plan for, e.g. 80GB (default: a CUDA "
+                                                    "device's own; on the CPU no check)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the memory plan of training and exit: nothing "
+                                                          "is loaded but config.json"),
+    out: Optional[Path] = typer.Option(None, help="output directory (result.json, train_log.jsonl, curve.jsonl, "
+                                                  "adapter/ ...); required unless --dry-run"),
 ) -> None:
     """Fine-tune (full, LoRA, DoRA; selective layers) and print edit metrics before/after editing and after
     fine-tuning, with a decay curve every --eval-every steps."""
@@ -102,8 +117,35 @@ def finetune(
     source = load_source(data, task=task if held == spec.text else None)
     patch_obj = _load_patch(patch) if patch else None
     reqs = _requests(requests, patch_obj, limit)
+    devices, device = settings.finetune_devices, settings.device
+    # The memory plan reads config.json only; it refuses a run that cannot fit before the model loads.
+    from editdecay.grid.memory import meta_model, plan_finetune
 
-    lm = ref.load(device=settings.device, cache=Cache(Path(settings.cache_dir)) if settings.cache_dir else None)
+    def make_plan(budget: int):
+        return plan_finetune(meta_model(ref), recipe, budget, devices=devices)
+
+    if memory_plan_gate(make_plan, memory, device, dry_run, f"{recipe.method} fine-tuning of {ref.name}"):
+        return
+    if out is None:
+        raise ConfigError("--out is required (the run directory), unless --dry-run")
+    dist = None
+    if devices > 1:
+        import os
+        import sys
+
+        from editdecay.finetune.distributed import init_from_env, launch
+
+        if "WORLD_SIZE" not in os.environ:         # this process launches the N workers and waits for them
+            code = launch(devices, sys.argv[1:])
+            if code:
+                raise ConfigError(f"--devices {devices}: a worker process failed (exit code {code}); its error is "
+                                  f"printed above")
+            return
+        dist = init_from_env()
+        if str(device).startswith("cuda") or device == "auto":
+            device = str(dist.device)
+
+    lm = ref.load(device=device, cache=Cache(Path(settings.cache_dir)) if settings.cache_dir else None)
     extra = {}
     if patch_obj is not None:
         # The rule every entry point shares: a patch made on other weights is refused unless allowed.
@@ -117,8 +159,9 @@ def finetune(
                            apply=patch_obj.apply if patch_obj else None)
     measures = Measures(task=task if task_eval else None, eval_every=ev.eval_every, downstream=ds_spec)
     run_ = run_finetune(lm, recipe, source, out, edits=edits, measures=measures, save=save, overwrite=overwrite,
-                        progress=progress, extra=extra)
-    _report(run_.result, out)
+                        progress=progress, extra=extra, dist=dist)
+    if dist is None or dist.main:
+        _report(run_.result, out)
 
 
 def _downstream(given: dict):

@@ -47,6 +47,8 @@ def _load(grid_file: Path):
 def plan_cmd(
     grid_file: Path = typer.Argument(..., help="grid YAML file"),
     as_json: bool = typer.Option(False, "--json", help="print {cells, stages, summary} as JSON"),
+    memory: Optional[str] = typer.Option(None, help="also plan the memory of every edit and fine-tuning stage on a "
+                                                    "device of this size, e.g. 80GB (reads config.json only)"),
 ) -> None:
     """List the cells of a grid and the stages they need, and how many stages are shared. Runs nothing."""
     from rich.table import Table
@@ -55,10 +57,13 @@ def plan_cmd(
 
     plan = _load(grid_file)
     missing = missing_files(plan)
+    mem_rows = _memory_rows(plan, memory) if memory is not None else None
     if as_json:
         d = plan.to_dict()
+        extra = {"memory": [{"what": r["what"], "plan": r["plan"].to_dict() if r["plan"] else None,
+                             "note": r.get("note")} for r in mem_rows]} if mem_rows is not None else {}
         _print_json({"name": d["name"], "summary": d["summary"], "cells": d["cells"], "stages": d["stages"],
-                     "missing_files": missing})
+                     "missing_files": missing, **extra})
         return
     out = _wide()
     t = Table(title=f"grid {plan.name!r}: {len(plan.cells)} cells")
@@ -80,6 +85,26 @@ def plan_cmd(
               f"({s['shared_stages']} shared by several cells, {s['uses_saved_by_sharing']} computations saved)")
     for line in missing:
         out.print(f"[yellow]warning:[/] {line} (needed when the grid runs)", highlight=False)
+    if mem_rows is not None:
+        from editdecay.core.memory_plan import render
+
+        bad = 0
+        for r in mem_rows:
+            if r["plan"] is None:
+                out.print(f"{r['what']}: not planned ({r['note']})", highlight=False, markup=False)
+                continue
+            bad += not r["plan"].fits
+            out.print(f"{r['what']}:", highlight=False, markup=False)
+            for line in render(r["plan"])[1:]:
+                out.print(line, highlight=False, markup=False)
+        out.print(f"memory plan on {memory}: {len(mem_rows) - bad} of {len(mem_rows)} planned runs fit", highlight=False)
+
+
+def _memory_rows(plan, memory: str) -> list[dict]:
+    from editdecay.core.memory_plan import parse_memory
+    from editdecay.grid.memory import plan_grid
+
+    return plan_grid(plan, parse_memory(memory))
 
 
 @grid_app.command("run")

@@ -51,6 +51,13 @@ class AlphaEdit(LocateThenEdit):
                            clamp_norm_factor=0.75, nullspace_threshold=2e-2, L2=10.0, stats_tokens=20_000,
                            n_context_templates=5, context_length=10)
 
+    @classmethod
+    def statistics_probe(cls, cfg: AlphaEditConfig, keys, device):
+        """Adaptive E1 watches the null-space projector P (E5) applied to the edit keys."""
+        from editdecay.edit.stats_adaptive import projector_probe
+
+        return projector_probe(keys, cfg.nullspace_threshold, device)
+
     def __init__(self, cfg: AlphaEditConfig, statistics, cache=None):
         """P_l from the cache beside C_l (computed once per model, statistics and threshold: E5)."""
         super().__init__(cfg, statistics, cache)

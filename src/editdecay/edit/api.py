@@ -37,13 +37,16 @@ def validate_inputs(lm, cfg: EditorConfig, requests: list[EditRequest], *, stric
 
 
 def build_run(lm, editor: str, cfg: EditorConfig, *, cache: Cache | None = None, progress: bool = True,
-              stats_batch_size: int = 16) -> EditingRun:
+              stats_batch_size: int = 16, requests: list[EditRequest] | None = None) -> EditingRun:
     """Compute (or read from the cache) the statistics the editor needs, build it and start a fresh run.
 
     Raises NonFiniteError if a C_l (or a tensor the editor derives from it, e.g. an E5 projector) holds
     NaN/inf, StatisticsError if a C_l rests on fewer than d_k tokens or is numerically rank-deficient
     (`edit.safety.check_statistics`); fewer than 10 x d_k tokens is a warning kept in `run.warnings` (and the
     patch). The layers must have been checked against the model (`validate_inputs`, as `edit_model` does).
+    With `cfg.stats_tolerance` the statistics are adaptive (edit/stats_adaptive.py) and measured on the keys
+    of `requests` (their first 256), which must then be given; the editor class gives the measure
+    (`statistics_probe`).
     """
     cls = editor_class(editor)
     timer = Timer()
@@ -54,8 +57,12 @@ def build_run(lm, editor: str, cfg: EditorConfig, *, cache: Cache | None = None,
             max_pos = _max_positions(lm.model)
             if max_pos is not None and corpus.seq_len > max_pos:
                 corpus = parse_corpus(cfg.stats_corpus, seq_len=max_pos)     # short-context models
-            stats = second_moments(lm, cfg.layers, corpus=corpus, n_tokens=cfg.stats_tokens,
-                                   dtype=cfg.stats_dtype, cache=cache, batch_size=stats_batch_size, progress=progress)
+            if cfg.stats_tolerance is not None:
+                stats = _adaptive_stats(lm, cls, cfg, corpus, requests, cache, stats_batch_size, progress)
+            else:
+                stats = second_moments(lm, cfg.layers, corpus=corpus, n_tokens=cfg.stats_tokens,
+                                       dtype=cfg.stats_dtype, cache=cache, batch_size=stats_batch_size,
+                                       progress=progress)
             check_finite("E1 statistics", {f"layer {l}": stats[l] for l in cfg.layers})
             warnings = check_statistics(stats, cfg.layers, modules={l: k.module for l, k in stats.keys.items()})
         editor_obj = cls(cfg, stats, cache)
@@ -64,6 +71,28 @@ def build_run(lm, editor: str, cfg: EditorConfig, *, cache: Cache | None = None,
     run.timer.seconds.update(timer.seconds)
     run.stats_provenance = stats.provenance if stats is not None else None
     return run
+
+
+def _adaptive_stats(lm, cls, cfg: EditorConfig, corpus, requests, cache, batch_size: int, progress: bool):
+    """E1 until the editor's solve on the edit keys settles (stats_adaptive); the keys are E2's, on the
+    unedited model, with the run's own context templates; the editor class says what is measured."""
+    from editdecay.core.arch import arch_for, get_module, resolve_name
+    from editdecay.core.devices import module_device
+    from editdecay.edit.context import context_templates
+    from editdecay.edit.keys import compute_keys
+    from editdecay.edit.stats_adaptive import adaptive_second_moments
+
+    if not requests:
+        raise ValueError("adaptive statistics (stats_tolerance) measure on the edit keys: pass `requests`")
+    templates = context_templates(lm.model, lm.tokenizer, n=cfg.n_context_templates, length=cfg.context_length,
+                                  seed=cfg.seed)
+    keys = compute_keys(lm.model, lm.tokenizer, list(requests)[:256], list(cfg.layers), templates)
+    spec = arch_for(lm.model)
+    device = module_device(get_module(lm.model, resolve_name(lm.model, spec.mlp_out_name(cfg.layers[0]))))
+    probe = cls.statistics_probe(cfg, keys, device)
+    return adaptive_second_moments(lm, cfg.layers, corpus=corpus, probe=probe, tolerance=cfg.stats_tolerance,
+                                   max_tokens=cfg.stats_tokens, dtype=cfg.stats_dtype, cache=cache,
+                                   batch_size=batch_size, progress=progress)
 
 
 def edit_model(lm, editor: str, cfg: EditorConfig, requests: list[EditRequest], *, batch_size: int | None = None,
@@ -77,7 +106,7 @@ def edit_model(lm, editor: str, cfg: EditorConfig, requests: list[EditRequest], 
     no partial edit is left behind. Warnings (judgement calls) are in `run.warnings` and the patch.
     """
     validate_inputs(lm, cfg, requests, strict=strict)
-    run = build_run(lm, editor, cfg, cache=cache, progress=progress)
+    run = build_run(lm, editor, cfg, cache=cache, progress=progress, requests=requests)
     size = batch_size or len(requests)
     try:
         for start in range(0, len(requests), size):

@@ -33,6 +33,11 @@ class EditorConfig(Config):
     stats_corpus: str = Field("generated", description="E1 corpus: generated | PATH (.txt/.jsonl/.parquet) | hf:NAME[:CONFIG]")
     stats_tokens: int = Field(100_000, ge=1, description="tokens of the E1 corpus used for the key statistics")
     stats_dtype: str = Field("float32", description="dtype in which E1 statistics are accumulated")
+    stats_tolerance: float | None = Field(
+        None, gt=0, lt=1, exclude_if=lambda v: v is None,
+        description="adaptive E1 (edit/stats_adaptive.py): doubling token counts until the relative change of "
+                    "the solve applied to the edit keys is below this (0.5: measured on the embedded model, docs/scale.md); "
+                    "stats_tokens is then the cap. None: exactly stats_tokens tokens (the original procedure)")
     solve_dtype: str = Field("float64", description="dtype of the linear solves (E4/E5); never an explicit inverse")
 
     @field_validator("stats_dtype", "solve_dtype")

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from editdecay.core.cache import Cache
     from editdecay.edit.run import EditingRun
     from editdecay.edit.stats import LayerStats
+    from editdecay.edit.stats_adaptive import EditProbe
 
 LOCATE_THEN_EDIT = "locate-then-edit"
 FAMILIES = (LOCATE_THEN_EDIT,)
@@ -57,6 +58,15 @@ class Editor:
     def start(self, lm, *, progress: bool = True) -> "EditingRun":
         """A run that edits `lm.model` in place (see module docstring)."""
         raise NotImplementedError(f"{type(self).__name__}.start")
+
+    @classmethod
+    def statistics_probe(cls, cfg: EditorConfig, keys: dict[int, torch.Tensor], device) -> "EditProbe":
+        """What adaptive E1 statistics (`stats_tolerance`, edit/stats_adaptive.py) watch settle: the editor's solve
+        applied to the edit keys {layer: (d_k, n)}. Default: none, so ConfigError naming the field."""
+        from editdecay.core.errors import ConfigError
+
+        raise ConfigError(f"stats_tolerance={cfg.stats_tolerance}: editor {cls.name!r} has no measure for adaptive "
+                          f"E1 statistics; leave stats_tolerance unset (exactly stats_tokens tokens)")
 
 
 class LocateThenEdit(Editor):

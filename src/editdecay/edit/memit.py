@@ -46,6 +46,13 @@ class Memit(LocateThenEdit):
                            clamp_norm_factor=0.75, mom2_update_weight=2000.0, stats_tokens=20_000,
                            n_context_templates=5, context_length=10)
 
+    @classmethod
+    def statistics_probe(cls, cfg: MemitConfig, keys, device):
+        """Adaptive E1 watches (lambda C + K K^T)^-1 K on the edit keys (E4's solve)."""
+        from editdecay.edit.stats_adaptive import memit_probe
+
+        return memit_probe(keys, cfg.mom2_update_weight, device)
+
     def __init__(self, cfg: MemitConfig, statistics, cache=None):
         super().__init__(cfg, statistics, cache)
         self.C = {l: statistics[l] for l in cfg.layers}        # layer -> (d_k, d_k), E1

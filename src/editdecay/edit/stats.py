@@ -157,12 +157,16 @@ def _batched(chunks: Iterable[list[int]], size: int) -> Iterator[list[list[int]]
 @torch.no_grad()
 def accumulate_second_moments(lm: LoadedModel, layers: tuple[int, ...], chunks: Iterable[list[int]], *,
                               dtype: torch.dtype = torch.float32, batch_size: int = 16,
-                              progress_total: int | None = None, progress: bool = True) -> tuple[dict[int, torch.Tensor], int]:
+                              progress_total: int | None = None, progress: bool = True,
+                              into: dict[int, torch.Tensor] | None = None) -> tuple[dict[int, torch.Tensor], int]:
     """Sums S_l = sum_t k_t k_t^T over the non-padding tokens of `chunks`, all `layers` in one pass.
 
     Returns ({layer: S_l on the device of W_out(layer), `dtype`}, N). The pass stops right
     after the last layer's W_out. Sequences are right-padded, so with a causal model a
     real token never sees padding and its key does not depend on the batch.
+    `into`: sums to continue (added to in place, in the same order a single pass would add), so
+    accumulating a stream in segments of whole batches gives the bit-identical sums of one pass.
+    N counts the tokens of `chunks` only.
     """
     from tqdm.auto import tqdm
 
@@ -172,7 +176,7 @@ def accumulate_second_moments(lm: LoadedModel, layers: tuple[int, ...], chunks: 
     names = [resolve_name(model, spec.mlp_out_name(l)) for l in layers]
     device = input_device(model)
     pad = pad_id(lm.tokenizer) if lm.tokenizer is not None else 0
-    sums: dict[int, torch.Tensor] = {}
+    sums: dict[int, torch.Tensor] = into if into is not None else {}
     n = 0
     with tqdm(total=progress_total, desc="E1 key statistics", unit="tok", disable=not progress, leave=False) as bar:
         # The hooks are installed per batch, never while `chunks` is advanced: a generated
@@ -193,7 +197,7 @@ def accumulate_second_moments(lm: LoadedModel, layers: tuple[int, ...], chunks: 
             n_b = int(mask.sum())
             n += n_b
             bar.update(n_b)
-    if n == 0:
+    if n == 0 and into is None:
         raise DataError("E1 key statistics: the corpus gave no tokens")
     return sums, n
 

@@ -32,6 +32,7 @@ TARGET_CHOICES = ("attention", "mlp", "all-linear", "all")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
               "inverse_sqrt")
 TRAIN_DTYPES = ("float32", "bfloat16")
+OPTIMIZERS = ("adamw", "adamw8bit")     # finetune.precision.OPTIMIZERS (kept here: this module imports no torch)
 
 
 def target_choice(value) -> Union[str, tuple[str, ...]]:
@@ -55,8 +56,8 @@ LayerSpec = Annotated[Union[str, tuple[int, ...]], BeforeValidator(lambda v: lay
 TargetSpec = Annotated[Union[str, tuple[str, ...]], BeforeValidator(target_choice)]
 
 
-def _field(text: str, default):
-    return Field(default, description=text)
+def _field(text: str, default, **kw):
+    return Field(default, description=text, **kw)
 
 
 class Recipe(Config):
@@ -96,6 +97,16 @@ class Recipe(Config):
                        "optimiser state keep the dtype the model was loaded in.", "float32")
     weight_decay: float = _field("AdamW decoupled weight decay.", 0.0)
     max_grad_norm: float | None = _field("Clip the global gradient norm to this value; None disables clipping.", 1.0)
+    optimizer: str = _field("adamw: torch AdamW, state in the trained weights' dtype (float32 with master weights) | "
+                           "adamw8bit: torchao's block-wise 8-bit AdamW (2 bytes of state per parameter; with "
+                           "bfloat16 weights it rounds updates stochastically). See finetune/precision.py.", "adamw",
+                           # left out of the JSON at its default, so recipes without it keep their stage ids
+                           exclude_if=lambda v: v == "adamw")
+    master_weights: bool | None = _field("Keep float32 master copies of the trained weights for the optimiser when the "
+                                        "model's weights are bfloat16/float16 (updates of ~lr 5e-6 are below a "
+                                        "bfloat16 weight's spacing and would be rounded away). None: on for "
+                                        "low-precision weights with optimizer adamw.", None,
+                                        exclude_if=lambda v: v is None)
     gradient_checkpointing: bool = _field("Recompute activations in the backward pass (less memory, ~30% slower).",
                                          False)
     seed: int = _field("Seed of adapter initialisation, dropout and data order.", 0)
@@ -137,6 +148,7 @@ class Recipe(Config):
             raise ConfigError("dtype='float16' needs loss scaling, which this trainer does not do; "
                               "use dtype='bfloat16' or 'float32'")
         _choice("dtype", self.dtype, TRAIN_DTYPES)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         if self.max_grad_norm is not None:
             _check(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "a number > 0 or None")

@@ -36,7 +36,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import nn
@@ -54,6 +54,9 @@ from editdecay.finetune.train import DivergedError, TrainOutcome, train
 from editdecay.finetune.trainable import changed_tensors, merge, resolve_plan
 from editdecay.measure.decay import edit_flip_ratio, relative_decrease, success
 from editdecay.measure.downstream import DownstreamSpec
+
+if TYPE_CHECKING:
+    from editdecay.finetune.distributed import DistContext
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +108,14 @@ class Measures:
 
 def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, edits: EditsUnderTest | None = None,
                  measures: Measures | None = None, save: str = "auto", overwrite: bool = False,
-                 progress: bool = True, extra: dict | None = None) -> FinetuneRun:
+                 progress: bool = True, extra: dict | None = None, dist: "DistContext | None" = None) -> FinetuneRun:
     """Run one fine-tuning experiment and write `out/result.json` (see module docstring).
 
     `edits`: the edits under test (default: none); `measures`: the held-out task, curve spacing and lm-eval tasks
     (default: none). `extra` is recorded as is under `extra` (e.g. patch provenance).
+    `dist`: this process's share of a sharded run (`finetune.distributed`; full fine-tuning, no downstream
+    tasks): every process trains and evaluates, process 0 writes the directory and gets the result; the
+    others return a FinetuneRun with an empty result.
     Raises ConfigError for a bad `save` or recipe/data conflict before anything is measured.
     """
     edits, measures = edits or EditsUnderTest(), measures or Measures()
@@ -120,7 +126,20 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
         save = "merged" if recipe.method == "full" else "adapter"
     if recipe.method == "full" and save in ("adapter", "both"):
         raise ConfigError(f"save={save!r}: method='full' has no adapter; use save='merged' or 'none'")
-    _prepare_dir(out, overwrite)
+    if dist is not None:
+        from editdecay.finetune.distributed import check_shardable
+
+        if recipe.method != "full" or measures.downstream:
+            raise ConfigError(f"--devices {dist.world}: sharded runs support method='full' without downstream "
+                              f"tasks (got method={recipe.method!r}, downstream={measures.downstream!r})")
+        check_shardable(lm.model, recipe, dist.world)
+    main = dist is None or dist.main
+    if main:
+        _prepare_dir(out, overwrite)
+    if dist is not None:
+        import torch.distributed
+
+        torch.distributed.barrier()         # process 0 has cleared the directory
     timer = Timer()
     model, tok = lm.model, lm.tokenizer
     # Everything that can be wrong with the recipe or the data fails here, before any evaluation or training.
@@ -135,7 +154,7 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
     task_records = task.records()[1] if task is not None else ()
     task_name = task.identity().get("name") if task is not None else None
     callback = DecayCallback(edits.requests, task_records, every=measures.eval_every, template=recipe.template,
-                             path=out / CURVE_FILE, task_name=task_name)
+                             path=out / CURVE_FILE if main else None, task_name=task_name)
     device = input_device(model)
     before, after = edits.models
     result = {
@@ -158,13 +177,22 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
     try:
         with timer("train"):
             outcome = train(model, tok, recipe, data, plan=plan, callback=callback, log_path=out / LOG_FILE,
-                            progress=progress)
+                            progress=progress, dist=dist)
     except DivergedError as e:
+        if not main:
+            raise
         result.update(status="diverged", error=str(e), curve=callback.points, timings=timer.seconds,
                       environment=environment(device=str(device)))
         write_result(out / RESULT_FILE, result)
         raise
     last = outcome.steps
+    if dist is not None:
+        from editdecay.finetune.distributed import gather_state
+
+        state = gather_state(outcome.model, dist)          # every process takes part; process 0 gets the tensors
+        if not main:
+            return FinetuneRun({}, out, outcome.model)
+        outcome.model = _unsharded(lm, state)
     if scorer is not None:
         scorer.score(after, outcome.model, tok)
     metrics = {before: callback.stage_metrics(0), after: callback.stage_metrics(last)}
@@ -270,7 +298,8 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
 def _training_summary(o: TrainOutcome) -> dict:
     return {"steps": o.steps, "epochs_seen": round(o.epochs_seen, 4), "tokens": o.tokens,
             "loss_tokens": o.loss_tokens, "train_seconds": o.train_seconds,
-            "tokens_per_second": round(o.tokens_per_second, 2), "final_loss": o.final_loss}
+            "tokens_per_second": round(o.tokens_per_second, 2), "final_loss": o.final_loss,
+            "precision": o.precision}
 
 
 def _save(o: TrainOutcome, save: str, out: Path, timer: Timer, tokenizer=None) -> tuple[nn.Module, dict, dict | None]:
@@ -385,6 +414,17 @@ def _measured_model(o: TrainOutcome, lm: LoadedModel) -> str:
     return (f"the base model ({lm.identity.dtype}) with the unmerged {o.plan.method} adapters (float32) as trained; "
             f"adapter/ reproduces it; weights.safetensors holds the merge computed and stored in float32, checked "
             f"against it in merge_check")
+
+
+def _unsharded(lm: LoadedModel, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain model holding the gathered weights of a sharded run (built on the meta device, then assigned)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(lm.model.config)
+    model.load_state_dict(state, assign=True, strict=False)
+    model.tie_weights()
+    return model.eval()
 
 
 def _decay(callback: DecayCallback, metrics: dict, last: int, before: str, after: str) -> dict:

@@ -32,6 +32,9 @@ from editdecay.core.errors import EditDecayError
 from editdecay.core.forward import logits_at
 from editdecay.data.instructions import IGNORE_INDEX, Example, TrainingSet
 from editdecay.finetune.callback import DecayCallback
+from editdecay.finetune.distributed import DistContext, shard_model
+from editdecay.finetune.guard import UpdateProbe, check_trainable
+from editdecay.finetune.precision import MasterWeights, eager_on_cpu, make_optimizer, needs_master
 from editdecay.finetune.recipe import Recipe
 from editdecay.finetune.trainable import (
     TrainingPlan,
@@ -57,6 +60,7 @@ class TrainOutcome:
     loss_tokens: int                 # tokens that carried a loss
     train_seconds: float             # forward/backward/step time, evaluations excluded
     final_loss: float | None
+    precision: dict | None = None    # weights dtype, master weights, optimiser, devices, the update check
 
     @property
     def tokens_per_second(self) -> float:
@@ -118,18 +122,26 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
 def train(
     model: nn.Module, tokenizer, recipe: Recipe, data: TrainingSet, *, plan: TrainingPlan,
     callback: DecayCallback | None = None, log_path: Path | None = None, progress: bool = True,
+    dist: DistContext | None = None,
 ) -> TrainOutcome:
     """Fine-tune `model` with `recipe` on `data`; returns the trained model and counts.
 
     The callback (if any) measures step 0 on the untouched model before adapters are attached, then every
     `callback.every` steps and at the last step. `log_path` receives one JSON line per optimiser step,
     flushed as written. A non-finite loss or gradient norm raises `DivergedError` after logging that step.
+    A run that would train nothing raises a `guard.NothingTrainedError` after its first step with lr > 0
+    (no trainable parameter: before it).
+
+    Precision (`finetune.precision`): with low-precision trainable weights and plain AdamW the optimiser
+    updates float32 master weights by default (`recipe.master_weights`); `recipe.optimizer='adamw8bit'`
+    keeps 8-bit state. `dist` (`finetune.distributed`): this process's share of a sharded run; the model is
+    sharded here, each process trains on its share of every micro-batch, and only process 0 writes the log.
     """
     from transformers import get_scheduler
 
     from editdecay.core.tokens import pad_id
 
-    device = input_device(model)
+    device = dist.device if dist is not None else input_device(model)
     random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     total = total_optimizer_steps(recipe, len(data.examples))
@@ -141,25 +153,42 @@ def train(
         base = unwrap_peft(model)
         # Non-reentrant checkpointing needs no requires_grad on the (frozen) embedding output.
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    params = [p for p in model.parameters() if p.requires_grad]
     names = trainable_parameter_names(model)
-    optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    check_trainable(n_trainable, f"{recipe.method} fine-tuning of layers {list(plan.layers)}")
+    if dist is not None:
+        model = shard_model(model, recipe, dist)
+    params = [p for p in model.parameters() if p.requires_grad]
+    master = MasterWeights(params) if dist is None and needs_master(
+        recipe.method, recipe.master_weights, recipe.optimizer, params) else None
+    weight_dtype = str(params[0].dtype).removeprefix("torch.")
+    stochastic = recipe.optimizer == "adamw8bit" and master is None and params[0].dtype == torch.bfloat16
+    optimizer = make_optimizer(recipe.optimizer, master.master if master else params, lr=recipe.learning_rate,
+                               weight_decay=recipe.weight_decay, stochastic_round=stochastic,
+                               per_tensor=master is not None)
     scheduler = get_scheduler(recipe.lr_scheduler, optimizer, num_warmup_steps=warmup_steps(recipe, total),
                               num_training_steps=total)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if recipe.dtype == "bfloat16" \
+    # A sharded run's mixed-precision policy casts the weights itself.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if recipe.dtype == "bfloat16" and dist is None \
         else contextlib.nullcontext()
+    probe = UpdateProbe(list(zip(names, params)), watched=master.master if master else None, stochastic=stochastic,
+                        all_sum=dist.all_sum if dist else None)
     stream = _micro_batches(data.examples, recipe.batch_size, recipe.seed)
     pad = pad_id(tokenizer)
     tokens = loss_tokens = seen = 0
     train_seconds, loss_value = 0.0, None
-    log = open(log_path, "a", encoding="utf-8") if log_path is not None else None
-    bar = tqdm(total=total, desc=f"{recipe.method} fine-tuning", disable=not progress, leave=False)
+    main = dist is None or dist.main
+    log = open(log_path, "a", encoding="utf-8") if log_path is not None and main else None
+    bar = tqdm(total=total, desc=f"{recipe.method} fine-tuning", disable=not progress or not main, leave=False)
+    guard_record = None
     try:
         model.train()
         for step in range(1, total + 1):
             t0 = time.perf_counter()
-            group = [collate(next(stream), pad, device) for _ in range(recipe.grad_accum)]
-            n_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group)
+            full = [next(stream) for _ in range(recipe.grad_accum)]
+            # Every process sees the whole step's labelled-token count: the loss is normalised by it.
+            n_labels = sum(sum(1 for e in mb for x in e.labels[1:] if x != IGNORE_INDEX) for mb in full)
+            group = [collate(dist.shard(mb) if dist else mb, pad, device) for mb in full]
             step_loss = 0.0
             for b in group:
                 with autocast:
@@ -170,17 +199,34 @@ def train(
                     raise DivergedError(f"loss became {bad} at step {step} of {total} "
                                         f"(learning_rate={recipe.learning_rate}); the log up to this step is in "
                                         f"{log_path}. Lower learning_rate or use dtype='float32'.")
-                loss.backward()
+                # FSDP averages gradients over processes; each holds a partial sum of the step's loss.
+                (loss * dist.world if dist else loss).backward()
                 step_loss += float(loss.detach())
-                tokens += int(b["attention_mask"].sum())
-                seen += b["input_ids"].shape[0]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm or float("inf"))
-            if not torch.isfinite(grad_norm):
+            tokens += sum(len(e.input_ids) for mb in full for e in mb)       # the whole step's, in every process
+            seen += sum(len(mb) for mb in full)
+            if dist is not None:
+                step_loss = dist.all_sum(step_loss)
+            lr = scheduler.get_last_lr()[0]
+            if master is not None:
+                grad_norm = _grad_norm(params)
+                coef = min(1.0, recipe.max_grad_norm / (float(grad_norm) + 1e-6)) if recipe.max_grad_norm else 1.0
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm or float("inf"))
+                if hasattr(grad_norm, "full_tensor"):
+                    grad_norm = grad_norm.full_tensor()
+            if not torch.isfinite(torch.as_tensor(grad_norm)):
                 _write(log, {"step": step, "loss": step_loss, "grad_norm": float(grad_norm), "event": "diverged"})
                 raise DivergedError(f"gradient norm became {float(grad_norm)} at step {step} of {total} "
                                     f"(learning_rate={recipe.learning_rate}); the log up to this step is in "
                                     f"{log_path}. Lower learning_rate.")
-            optimizer.step()
+            checked = probe.before_step(lr)
+            with eager_on_cpu(recipe.optimizer, device):
+                if master is not None:
+                    master.step(optimizer, coef)
+                else:
+                    optimizer.step()
+            if checked:
+                guard_record = probe.check(step, lr, float(grad_norm), weight_dtype)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss_tokens += n_labels
@@ -199,10 +245,19 @@ def train(
         if log is not None:
             log.close()
     return TrainOutcome(
-        model=model, plan=plan, trainable_parameters=names, n_trainable=sum(p.numel() for p in params),
-        steps=total, total_steps=total, epochs_seen=seen / len(data.examples), tokens=tokens,
-        loss_tokens=loss_tokens, train_seconds=round(train_seconds, 3), final_loss=loss_value,
+        model=model, plan=plan, trainable_parameters=names, n_trainable=n_trainable,
+        steps=total, total_steps=total, epochs_seen=seen / len(data.examples),
+        tokens=tokens, loss_tokens=loss_tokens, train_seconds=round(train_seconds, 3), final_loss=loss_value,
+        precision={"weights": weight_dtype, "master_weights": master is not None, "optimizer": recipe.optimizer,
+                   "stochastic_rounding": stochastic, "devices": dist.world if dist else 1,
+                   "update_check": guard_record},
     )
+
+
+def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of the gradients, accumulated in float32."""
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(norms).norm() if norms else torch.tensor(0.0)
 
 
 def _write(log, record: dict) -> None:

@@ -260,7 +260,8 @@ def _editor(ctx_model: _Model, entry: EditorEntry, seed: int, grid: GridSpec, wh
         fields["layers"] = list(ctx_model.entry.edit_layers)
     if "layers" in fields:
         fields["layers"] = list(parse_layers(fields["layers"], field=f"editor {entry.label or entry.name}: layers"))
-    for key, value in (("stats_corpus", st.corpus), ("stats_tokens", st.tokens), ("stats_dtype", st.dtype)):
+    for key, value in (("stats_corpus", st.corpus), ("stats_tokens", st.tokens), ("stats_dtype", st.dtype),
+                       ("stats_tolerance", st.tolerance)):
         if value is not None:
             fields[key] = value
     corpus = fields.get("stats_corpus")
@@ -302,6 +303,12 @@ def _recipes(entry: RecipeEntry, index: int, seed: int, model: _Model) -> list[_
             recipe = preset(name, method, **chosen, **entry.overrides)
         except ConfigError as e:
             raise ConfigError(f"recipes[{index}] (method={method}, layers={layers}, targets={targets}): {e}") from None
+        if model.ref.dtype != "float32" and recipe.method == "full" and recipe.optimizer == "adamw" \
+                and recipe.master_weights is None:
+            # Training then keeps float32 master weights by default (finetune/precision.py needs_master); writing
+            # that into the stage spec gives such stages an id of their own, so a low-precision full fine-tuning
+            # stage computed before master weights existed is recomputed rather than reused under the new meaning.
+            recipe = recipe.replace(master_weights=True)
         out.append(_Recipe(_recipe_label(entry, method, layers, targets), recipe))
     return out
 
@@ -443,6 +450,8 @@ def build_plan(spec: GridSpec) -> Plan:
         "cache_dir": _resolve_path(sh.cache_dir, spec.base_dir) if sh.cache_dir else None, "device": sh.device,
         "threads": sh.threads, "max_attempts": sh.max_attempts, "eval_batch_size": sh.evaluation.batch_size,
         "stats_batch_size": sh.statistics.batch_size,
+        # How fine-tuning stages run (one process, or sharded over N: the same numbers), so no stage id has it.
+        "finetune_devices": sh.finetune_devices,
         "resources": {k: spec.resources.for_kind(k).model_dump() for k in ("stats", "patch", "finetune", "evaluate")},
         "slurm": spec.slurm.model_dump(), "ray": spec.ray.model_dump(), "base_dir": str(spec.base_dir),
         # Permission to unpickle weights: asked for per model in the grid file, given to the stages at run time
@@ -505,7 +514,7 @@ def _stats(b: _Builder, ctx: PlanContext, editor: _Editor) -> str | None:
         stats = StatsSpec(model=ctx.model.ref, statistics=StatisticsRef.of(make_config(ref.name, **ref.config)))
         label = f"E1 {ctx.model.label} {list(stats.statistics.layers)}"
     else:
-        keep = ("layers", "stats_corpus", "stats_tokens", "stats_dtype")
+        keep = ("layers", "stats_corpus", "stats_tokens", "stats_dtype", "stats_tolerance")
         fields = {k: v for k, v in ref.fields.items() if k in keep}
         stats = StatsSpec(model=ctx.model.ref, editor=EditorRef(name=ref.name, fields=fields))
         label = f"E1 {ctx.model.label} {ref.name}"

@@ -179,6 +179,10 @@ class StatisticsSettings(Config):
     corpus: Optional[str] = Field(None, description="generated | PATH (.txt/.jsonl/.parquet) | hf:NAME[:CONFIG]")
     tokens: Optional[int] = Field(None, ge=1, description="corpus tokens used (the study: 100k Wikipedia samples)")
     dtype: Optional[Literal["float32", "float64"]] = Field(None, description="accumulation dtype")
+    tolerance: Optional[float] = Field(None, gt=0, lt=1, description="adaptive E1: stop when the edit keys' solve "
+                                       "changes by less than this between doubling token counts (tokens is then "
+                                       "the cap; 0.5 measured on the embedded model, docs/scale.md); None: exactly "
+                                       "`tokens`")
     batch_size: int = Field(16, ge=1, description="sequences per forward pass of the statistics run")
 
 
@@ -236,6 +240,9 @@ class SharedSettings(Config):
     chatterbot: ChatterbotSettings = Field(default_factory=ChatterbotSettings)
     device: Device = Field(DEFAULT_DEVICE, description=DEVICE_HELP)
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: torch's)")
+    finetune_devices: int = Field(1, ge=1, description="fine-tuning sharded over this many processes of one node, a "
+                                                       "GPU each (FSDP over torch's launcher; gloo on the CPU); "
+                                                       "full fine-tuning only")
     max_attempts: int = Field(3, ge=1, description="starts of a stage whose process dies before it ends (killed "
                                                    "for memory, a time limit) before it is recorded as failed")
     cache_dir: Optional[str] = Field(None, description="editdecay cache (converted models, E1 statistics); default "

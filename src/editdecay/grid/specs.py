@@ -100,10 +100,14 @@ class StatisticsRef(Config):
     corpus: str
     tokens: int
     dtype: str
+    # Adaptive E1 (edit/stats_adaptive.py): `tokens` is then the cap and the patch stage computes the statistics
+    # on its edit keys. Unset, it is left out of the JSON, so the stage ids of grids without it do not change.
+    tolerance: float | None = Field(None, exclude_if=lambda v: v is None)
 
     @classmethod
     def of(cls, cfg) -> "StatisticsRef":
-        return cls(layers=cfg.layers, corpus=cfg.stats_corpus, tokens=cfg.stats_tokens, dtype=cfg.stats_dtype)
+        return cls(layers=cfg.layers, corpus=cfg.stats_corpus, tokens=cfg.stats_tokens, dtype=cfg.stats_dtype,
+                   tolerance=cfg.stats_tolerance)
 
 
 class DownstreamRef(Config):

@@ -88,12 +88,12 @@ class StageContext:
         root = self.runtime.get("cache_dir")
         return Cache(Path(root)) if root else Cache.default()
 
-    def load_model(self, ref):
-        """Load a stage's `ModelRef`. allow_pickle is a permission (the weights are the same either way), so it is
-        a run-time setting, not part of the stage's identity: the plan lists the models whose pickled weights
-        may load."""
+    def load_model(self, ref, device: str | None = None):
+        """Load a stage's `ModelRef` (on `device`, default the plan's). allow_pickle is a permission (the weights
+        are the same either way), so it is a run-time setting, not part of the stage's identity: the plan lists
+        the models whose pickled weights may load."""
         permitted = ref.name in self.runtime.get("allow_pickle", ())
-        return ref.replace(allow_pickle=permitted).load(device=self.device(), cache=self.cache())
+        return ref.replace(allow_pickle=permitted).load(device=device or self.device(), cache=self.cache())
 
     def write_json(self, name: str, obj) -> None:
         (self.out / name).write_text(dumps_json(obj, indent=2) + "\n")     # strict JSON: NaN -> null + status
@@ -117,6 +117,14 @@ def run_stats(ctx: StageContext) -> None:
     spec: StatsSpec = ctx.spec
     lm = ctx.load_model(spec.model)
     want = spec.resolve(lm.identity.family, lm.identity.name)
+    if want.tolerance is not None:
+        # Adaptive E1 stops where the edit keys' solve settles, so it needs the requests: the patch stage runs
+        # it (edit.api.build_run) and its checkpoints land in the same cache. Nothing to precompute here.
+        ctx.write_json("stats.json", {"equation": "E1", "computed_by": "patch stage",
+                                      "adaptive": {"tolerance": want.tolerance, "max_tokens": want.tokens}})
+        ctx.write_json("outputs.json", {"layers": list(want.layers), "n_tokens_used": None, "adaptive": True,
+                                        "model": lm.identity.to_dict(), "sources": {}})
+        return
     stats = second_moments(lm, want.layers, corpus=parse_corpus(want.corpus), n_tokens=want.tokens, dtype=want.dtype,
                            cache=ctx.cache(), batch_size=ctx.runtime.get("stats_batch_size", 16),
                            progress=ctx.progress)
@@ -183,8 +191,11 @@ def run_evaluate(ctx: StageContext) -> None:
 # --------------------------------------------------------------------------- finetune
 
 
-def run_finetune_stage(ctx: StageContext) -> None:
+def run_finetune_stage(ctx: StageContext, dist=None) -> None:
     """M_f (base model) or M_ef (the patch applied first): `finetune.run_finetune` with a decay curve.
+
+    With the grid's `shared.finetune_devices` N > 1 the stage runs sharded in N processes
+    (`grid.stage_worker`, FSDP; `dist` is this worker's share); process 0 writes the stage's files.
 
     M_ef measures the patch's requests every `eval_every` steps (step 0 = M_e) and keeps no weights; M_f
     measures only the downstream task and keeps its adapter or weights, which `evaluate` stages read.
@@ -197,13 +208,17 @@ def run_finetune_stage(ctx: StageContext) -> None:
     from editdecay.finetune.run import EditsUnderTest, Measures, run_finetune
 
     spec: FinetuneSpec = ctx.spec
+    devices = int(ctx.runtime.get("finetune_devices") or 1)
+    if devices > 1 and dist is None:
+        launch_sharded(ctx, devices)
+        return
     spec.data.check()
     source_task = spec.data.task() if spec.data.has_held_out() else None
     scored = source_task if spec.held_out == spec.data else (spec.held_out.task() if spec.held_out else None)
     source = load_source(spec.data.spec, task=source_task)
     # lm-eval takes a number; None (the grid's default) would leave E6 to size its own batches.
     downstream = spec.downstream.spec(ctx.runtime.get("eval_batch_size") or 32) if spec.downstream else None
-    lm = ctx.load_model(spec.model)
+    lm = ctx.load_model(spec.model, device=str(dist.device) if dist is not None else None)
     extra = {"grid_stage": ctx.stage.id}
     if spec.patch is not None:
         patch = EditPatch.load(ctx.dep_dir(spec.patch) / "patch")
@@ -216,13 +231,31 @@ def run_finetune_stage(ctx: StageContext) -> None:
         edits = EditsUnderTest(layers=spec.resolve_edited_layers(lm.identity.family, lm.identity.name))
     run = run_finetune(lm, spec.recipe, source, ctx.out / "run", edits=edits,
                        measures=Measures(task=scored, eval_every=spec.eval_every, downstream=downstream),
-                       save="none" if spec.patch is not None else "auto", progress=ctx.progress, extra=extra)
+                       save="none" if spec.patch is not None else "auto", progress=ctx.progress, extra=extra,
+                       dist=dist)
+    if dist is not None and not dist.main:
+        return
     r = run.result
     _check_finite("fine-tuning metrics", {"metrics": r["metrics"], "final_loss": r["training"]["final_loss"]})
     ctx.write_json("outputs.json", {"method": spec.recipe.method, "made": spec.made,
                                     "edited_layers": list(edits.layers) if edits.layers else None,
                                     "metrics": r["metrics"], "training": r["training"],
                                     "model": lm.identity.to_dict()})
+
+
+def launch_sharded(ctx: StageContext, devices: int) -> None:
+    """Run `ctx`'s fine-tuning stage in `devices` processes (`grid.stage_worker`, each running
+    `run_finetune_stage` with its share); raise EditDecayError if a worker fails."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}", "-m",
+           "editdecay.grid.stage_worker", str(ctx.store.root), ctx.stage.id, str(ctx.out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise EditDecayError(f"finetune stage {ctx.stage.id} over {devices} processes failed (exit code "
+                             f"{proc.returncode}):\n{tail}")
 
 
 # --------------------------------------------------------------------------- cell
