@@ -91,7 +91,8 @@ CUT_ORDER = [("worldfacts", "lora-all-3ep", ("alphaedit", "memit")), ("worldfact
              ("worldfacts", "full-all", ("alphaedit", "memit")), ("zsre", "lora-all-3ep", ("alphaedit",)),
              ("zsre", "dora-all", ("alphaedit", "memit")), ("zsre", "lora-edited", ("alphaedit", "memit")),
              ("zsre", "lora-non-edited", ("alphaedit", "memit")), ("worldfacts", "lora-all", ("alphaedit", "memit")),
-             ("zsre", "full-all", ("alphaedit", "memit"))]
+             ("zsre", "full-all", ("alphaedit", "memit")), ("zsre", "lora-all-3ep", ("memit",)),
+             ("zsre", "lora-all", ("alphaedit",))]
 
 
 def cut_sequence(plan) -> list[str]:
