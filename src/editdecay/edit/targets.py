@@ -44,8 +44,10 @@ class TargetSettings:
 
 
 TARGETS_CPU_BATCH = 128          # most requests of one E3 batch on the CPU
-TARGETS_CPU_BUDGET = 3 * 2 ** 30  # most bytes an E3 batch plans to add on the CPU: beyond ~16 requests a larger batch
-                                  # is no faster on CPU cores, and a 100-request zsRE batch (~15 GB) starved the host
+TARGETS_CPU_BUDGET = 2 * 2 ** 30  # most bytes an E3 batch plans to add on the CPU (a 100-request zsRE batch, ~15 GB,
+                                  # starved a 24 GB host shared by other work). Measured on the
+                                  # embedded model: 18 zsRE requests (3 GiB planned) peaked at 4.6 GiB resident with the
+                                  # model and libraries; 2 GiB plans 9 (predicted ~3 GiB resident, not measured)
 
 
 @dataclass
