@@ -257,7 +257,7 @@ def test_error_messages_quote_user_text_verbatim(tmp_path):
     path = tmp_path / "[bold]facts[/x].json"
     res = runner.invoke(app, ["eval-edits", "--data", f"counterfact:{path}"])
     assert res.exit_code == 2, res.output
-    assert str(path) in _text(res) and "no such file" in _text(res)
+    assert str(path) in _text(res) and "does not exist" in _text(res)
 
 
 # --------------------------------------------------------------------------- 9: results directories are not trusted

@@ -44,7 +44,7 @@ def test_cli_runs_and_prints_the_three_stages(saved, tmp_path):
     res = json.loads((out / "result.json").read_text())
     assert res["recipe"]["layers"] == "edited" and res["recipe"]["targets"] == "mlp"
     assert res["plan"]["layers"] == [1, 2] and [p["step"] for p in res["curve"]] == [0, 2, 4]
-    assert res["extra"]["patch"]["editor"] == "synthetic" and set(res["metrics"]) == {"M0", "M_e", "M_ef"}
+    assert res["extra"]["patch"]["editor"] == "memit" and set(res["metrics"]) == {"M0", "M_e", "M_ef"}
     assert (out / "adapter" / "adapter_config.json").exists()
 
 

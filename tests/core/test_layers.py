@@ -17,7 +17,7 @@ def test_spellings(written, layers):
 
 
 @pytest.mark.parametrize("written, reason", [
-    ("4-x", "is not a layer list"), ("", "is not a layer list"), ("8-4", "is not a layer list"),
+    ("4-x", "is not a layer list"), ("", "is not a layer list"), ("8-4", "runs backwards: write it low-high, 4-8"),
     ("-2-5", "negative"), ([-1], "negative"), ([], "is empty"), ("4-8,6", "names layer 6 twice"),
     (True, "is not a layer list"), ([1.5], "is not a layer list"), ({"a": 1}, "is not a layer list"),
 ])

@@ -110,7 +110,8 @@ def test_a_bad_conversation_is_named_by_file_and_index(tmp_path):
                                                                           "bad.yml: conversation 2"]
 
 
-@pytest.mark.parametrize("text, match", [("conversations: [[a, b]\n", "bad.yml: not a valid YAML file"),
+@pytest.mark.parametrize("text, match", [("conversations: [[a, b]\n",
+                                          "bad.yml': not valid YAML: expected ',' or ']'.* line 2, column 1"),
                                          ("categories: [x]\n", "bad.yml: expected a mapping with a `conversations`")])
 def test_an_unreadable_file_is_named(tmp_path, text, match):
     root = corpus_dir(tmp_path, **{"bad.yml": text})

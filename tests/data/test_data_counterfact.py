@@ -67,13 +67,14 @@ def test_bad_records_are_rejected_by_field(ds):
     assert "equals the true answer" in reasons[(3, "requested_rewrite.target_new.str")]
 
 
-def test_strict_raises_naming_every_rejection():
+def test_strict_raises_naming_the_first_rejections():
     with pytest.raises(DataError) as e:
         load_counterfact(FIXTURE, strict=True)
     msg = str(e.value)
     assert str(FIXTURE) in msg and "6 record(s) rejected (8 problems)" in msg   # records, not problems
+    first = sorted({i for i, _ in EXPECTED_REJECTIONS})[:5]      # the message lists 5 records' problems
     for i, f in EXPECTED_REJECTIONS:
-        assert f"record {i}: field {f!r}" in msg
+        assert (f"record {i}: field {f!r}" in msg) == (i in first)
 
 
 def test_public_entry_points():

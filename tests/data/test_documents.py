@@ -39,5 +39,5 @@ def test_a_json_list_file_and_a_bom_read_alike(tmp_path):
     a.write_text("\ufeff" + json.dumps([rec, rec]))
     b.write_text("\n".join(json.dumps(r) for r in (rec, rec)) + "\n")
     assert load_source(f"instructions:{a}").records == load_source(f"instructions:{b}").records
-    with pytest.raises(DataError, match="no such file"):
+    with pytest.raises(DataError, match="missing.json. does not exist"):
         read_records(tmp_path / "missing.json")

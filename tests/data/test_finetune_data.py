@@ -60,7 +60,7 @@ def test_empty_dataset_fails_before_any_model(tmp_path):
 
 def test_bad_records_are_reported_with_index_and_field(tmp_path):
     rows = RECORDS + [{"instruction": "x", "input": "", "output": ""}, {"instruction": 3, "output": "y"}]
-    with pytest.raises(DataError, match=r"(?s)2 unusable record\(s\).*record 2: field 'output'.*record 3: field "
+    with pytest.raises(DataError, match=r"(?s)2 of 4 records are unusable.*record 2: field 'output'.*record 3: field "
                                         r"'instruction'"):
         load_source(f"instructions:{write_json(tmp_path, rows)}")
 

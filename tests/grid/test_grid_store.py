@@ -143,7 +143,9 @@ def test_cell_states_and_selection(store):
         lease.record_failure("stats", "RuntimeError: boom", "Traceback (most recent call last):\n...boom\n")
     # a fine-tune-only cell whose result exists is done
     zero = next(c for c in plan.cells if c.axes["n_edits"] == 0)
-    publish(store, zero.stages["cell"], "cell", {"result.json": json.dumps({"cell": {"id": zero.id}})})
+    result = {"kind": "grid-cell", "grid": plan.name, "cell": {"id": zero.id, "label": zero.label, "axes": zero.axes},
+              "metrics": {}}
+    publish(store, zero.stages["cell"], "cell", {"result.json": json.dumps(result)})
     states = {c["id"]: c for c in store.cell_states(plan)}
     for c in plan.cells:
         want = "done" if c is zero else "failed" if c.axes["n_edits"] else "pending"
@@ -162,7 +164,7 @@ def test_cell_states_and_selection(store):
     reset_failures(store, retry.stages)                             # the run's own step clears them
     assert store.failure(stats) is None
 
-    assert store.publish_result(plan, zero.id) and store.read_result(zero.id) == {"cell": {"id": zero.id}}
+    assert store.publish_result(plan, zero.id) and store.read_result(zero.id) == result
 
 
 def test_status_command_json(store):
@@ -182,4 +184,7 @@ def test_status_command_json(store):
     res = CliRunner().invoke(app, ["grid", "status", str(store.root), "--errors"])
     assert res.exit_code == 0 and "ValueError: bad" in res.output
     res = CliRunner().invoke(app, ["grid", "status", str(store.root / "nothing")])
+    assert res.exit_code == 2 and "nothing' does not exist" in " ".join(res.output.split())
+    (store.root / "empty").mkdir()
+    res = CliRunner().invoke(app, ["grid", "status", str(store.root / "empty")])
     assert res.exit_code == 2 and "not a grid output directory" in " ".join(res.output.split())

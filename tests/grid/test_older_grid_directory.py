@@ -31,6 +31,7 @@ def test_an_older_grid_directory_is_recomputed_not_mixed(tmp_path, caplog):
     grid = yaml.safe_load((V2 / "grid.yaml").read_text())          # the same grid, on this machine's files
     grid["models"][0]["name"] = str(save_tiny_model(tmp_path / "model"))
     grid["edit_data"] = [f"counterfact:{COUNTERFACT_SMALL}"]
+    grid["n_edits"] = [0, 3]            # its 3 usable records (a count the data cannot give fails the cell)
     make_corpus(tmp_path / "corpus.txt")
     grid["shared"].update(cache_dir=str(tmp_path / "cache"), statistics={**grid["shared"]["statistics"],
                                                                            "corpus": str(tmp_path / "corpus.txt")})

@@ -44,11 +44,12 @@ def capital_requests() -> tuple[EditRequest, ...]:
 
 def synthetic_patch(model) -> EditPatch:
     """Large random deltas on the MLP output of layers 1 and 2 of a tiny Llama, so the edit visibly changes
-    predictions; the requests are `capital_requests()`."""
+    predictions; the requests are `capital_requests()`. Recorded as a MEMIT patch (patch files name a registered
+    editor)."""
     gen = torch.Generator().manual_seed(5)
     deltas = {f"model.layers.{l}.mlp.down_proj": torch.randn(model.model.layers[l].mlp.down_proj.weight.shape,
                                                                  generator=gen) for l in (1, 2)}
-    return EditPatch(deltas=deltas, layers=(1, 2), editor="synthetic", config={}, requests=capital_requests())
+    return EditPatch(deltas=deltas, layers=(1, 2), editor="memit", config={}, requests=capital_requests())
 
 
 def small_edit_config(editor: str, **fields):

@@ -24,6 +24,16 @@ def make_corpus(path: Path) -> None:
     path.write_text("\n\n".join(" ".join(rng.choice(GRID_WORDS) for _ in range(80)) for _ in range(40)))
 
 
+def make_world(root: Path) -> dict:
+    """The files the tiny grid needs under `root`: {"root", "model" (a saved tiny Llama), "corpus", "cache"}."""
+    from support.models import save_tiny_model
+
+    w = {"root": root, "model": root / "tiny", "corpus": root / "corpus.txt", "cache": root / "cache"}
+    save_tiny_model(w["model"])
+    make_corpus(w["corpus"])
+    return w
+
+
 def grid_dict(world: dict, **changes) -> dict:
     """The tiny grid over `world` ({"model": dir, "corpus": file, "cache": dir}); `changes` replace top keys."""
     edit = {"layers": [1, 2], "v_num_grad_steps": 20, "clamp_norm_factor": 4.0, "n_context_templates": 1,

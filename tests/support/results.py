@@ -103,6 +103,18 @@ def _result(name: str, cell: Cell) -> dict:
             "requests": requests}
 
 
+def tree(root: Path) -> dict:
+    """Every path under `root` with its size, mode and modification time: two snapshots differ if anything under
+    `root` was written, removed, replaced or had its permissions changed."""
+    import os
+
+    out = {}
+    for p in sorted(Path(root).rglob("*")):
+        st = os.lstat(p)
+        out[str(p.relative_to(root))] = (st.st_size, st.st_mode, st.st_mtime_ns)
+    return out
+
+
 def build_results_dir(root: Path, *, corrupt: bool = False) -> dict[str, Cell]:
     """Plan, stage manifests, a failure record and result files, as `editdecay grid run` leaves them."""
     stages, cells = {}, {}

@@ -35,6 +35,15 @@ def set_threads(threads: int | None) -> None:
     pin(threads)
 
 
+def check_run(settings) -> str:
+    """Apply --threads and check that this machine has --device (core.placement.resolve_device), before a model
+    loads or an output is touched; returns the device. ConfigError naming --device otherwise."""
+    from editdecay.core.placement import resolve_device
+
+    set_threads(settings.threads)
+    return resolve_device(settings.device, field="--device")
+
+
 def pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
@@ -89,5 +98,5 @@ def guard(fn):
     return wrapper
 
 
-__all__ = ["ALLOW_FOREIGN_PATCH", "console", "fail", "guard", "memory_plan_gate", "metrics_table", "model_label", "pct",
-           "set_threads", "sys"]
+__all__ = ["ALLOW_FOREIGN_PATCH", "check_run", "console", "fail", "guard", "memory_plan_gate", "metrics_table",
+           "model_label", "pct", "set_threads", "sys"]

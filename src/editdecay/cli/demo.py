@@ -46,11 +46,11 @@ def finetune_demo(console, patch_dir: Path, out: Path, *, steps: int | None = No
     from rich.table import Table
 
     from editdecay.core.models import load_model
-    from editdecay.edit.patch import EditPatch
+    from editdecay.edit.registry import load_patch
     from editdecay.finetune import EmbeddedTask, load_source, preset
     from editdecay.finetune.run import EditsUnderTest, Measures, run_finetune
 
-    patch = EditPatch.load(patch_dir)
+    patch = load_patch(patch_dir)
     lm = load_model("smollm2-135m")
     patch.check_model(lm.identity, where=f"patch {patch_dir}")
     task = EmbeddedTask(n_test=100)

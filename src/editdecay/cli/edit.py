@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from editdecay.cli import app
-from editdecay.cli.common import console, guard, memory_plan_gate, metrics_table, set_threads
+from editdecay.cli.common import check_run, console, guard, memory_plan_gate, metrics_table, set_threads
 from editdecay.cli.options import Fields, config_options, option_of
 from editdecay.core.model_ref import ModelRef
 from editdecay.edit.config import EditorConfig
@@ -67,11 +67,13 @@ def edit(
                                                           "nothing is loaded but config.json"),
     out: Optional[Path] = typer.Option(None, help="patch directory to write (patch.safetensors, patch.json, "
                                                   "result.json); required unless --dry-run"),
+    overwrite: bool = typer.Option(False, help="replace a patch already in --out"),
 ) -> None:
     """Edit a model (docs/METHODS.md E1-E5); print efficacy/paraphrase/neighbourhood before and after."""
     from editdecay.core.cache import Cache
     from editdecay.core.config import check_choice
     from editdecay.core.errors import ConfigError
+    from editdecay.core.outputs import check_output_dir
     from editdecay.data.sources import EditSelection
     from editdecay.edit.registry import field_owners, make_config
     from editdecay.edit.workflow import EditJob, run_edit
@@ -79,7 +81,6 @@ def edit(
     ref = ModelRef(**model)
     ev = EvaluationSettings(**evaluation)
     settings = SharedSettings(**run)
-    set_threads(settings.threads)
     name = check_choice("--editor", editor.lower(), editor_names())
     if seed is not None and n is None:
         raise ConfigError(f"--seed {seed} draws a sample of --n requests; without --n every request is edited and "
@@ -95,6 +96,11 @@ def edit(
     job = EditJob(model=ref, editor=name, overrides={k: getattr(checked, k) for k in editor_fields},
                   requests=EditSelection(data=data, n=n, seed=seed, zsre_target=ev.zsre_target, strict=ev.strict),
                   batch_size=ev.edit_batch_size)
+    # --device must exist here, unless this is a dry run (a plan may be made for another machine).
+    if dry_run:
+        set_threads(settings.threads)
+    else:
+        check_run(settings)
     # The memory plan reads config.json only; it refuses an edit that cannot fit before the model loads.
     from editdecay.grid.memory import editor_config, meta_model, plan_edit
 
@@ -106,6 +112,7 @@ def edit(
         return
     if out is None:
         raise ConfigError("--out is required (the patch directory to write), unless --dry-run")
+    check_output_dir(out, kind="edit", overwrite=overwrite)     # before hours of editing, not after
     result = run_edit(job, out=out, device=settings.device,
                       cache=Cache(Path(settings.cache_dir)) if settings.cache_dir else None)
     console.print(metrics_table(f"{name} on {result['model']['name']}, {result['data']['name']}", result["metrics"]))

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from editdecay.cli import app
-from editdecay.cli.common import ALLOW_FOREIGN_PATCH, console, guard, metrics_table, set_threads
+from editdecay.cli.common import ALLOW_FOREIGN_PATCH, check_run, console, guard, metrics_table
 from editdecay.cli.options import Fields, config_options
 from editdecay.core.model_ref import ModelRef
 from editdecay.grid.spec import EvaluationSettings, SharedSettings
@@ -43,7 +43,6 @@ def eval_edits(
     ref = ModelRef(**model)
     ev = EvaluationSettings(**evaluation)
     settings = SharedSettings(**run)
-    set_threads(settings.threads)
     if seed is not None and limit is None:
         raise ConfigError(f"--seed {seed} draws a sample of --limit requests; without --limit every request is "
                           f"evaluated and the seed would do nothing: give --limit N, or drop --seed")
@@ -53,6 +52,11 @@ def eval_edits(
     if data is not None or patch is None:
         requests = EditSelection(data=data or "worldfacts", n=limit, seed=seed, zsre_target=ev.zsre_target,
                                  strict=ev.strict)
+    check_run(settings)
+    if out:
+        from editdecay.core.outputs import check_output_file
+
+        check_output_file(out, kind="eval-edits")
     result = evaluate_stage_result(ref, requests, patch, limit=limit, seed=seed, batch_size=ev.batch_size,
                                    device=settings.device, allow_foreign_patch=allow_foreign_patch)
     console.print(metrics_table(f"{result['model']['name']} on {result['data']['name']}", result["metrics"]))

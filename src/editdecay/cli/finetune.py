@@ -15,6 +15,7 @@ import typer
 from editdecay.cli import app
 from editdecay.cli.common import (
     ALLOW_FOREIGN_PATCH,
+    check_run,
     console,
     guard,
     memory_plan_gate,
@@ -77,9 +78,10 @@ def finetune(
                                                       "(worldfacts | counterfact:PATH | zsre:PATH), e.g. for the "
                                                       "base model fine-tuned without a patch (M_f)"),
     limit: Optional[int] = typer.Option(None, help="measure only the first N requests"),
-    task_eval: bool = typer.Option(True, "--task-eval/--no-task-eval",
-                                   help="score a held-out split: the chatterbot corpus' with --data chatterbot, "
-                                        "else the embedded task's"),
+    task_eval: Optional[bool] = typer.Option(None, "--task-eval/--no-task-eval",
+                                             help="score a held-out split: the fine-tuning data's own (--data "
+                                                  "embedded, chatterbot; on by default), else the embedded task's, "
+                                                  "which the run never trains on (off unless asked)"),
     save: str = typer.Option("auto", help="auto | adapter | merged | both | none (auto: adapter for lora/dora, "
                                           "merged weights for full)"),
     overwrite: bool = typer.Option(False, help="replace a previous run in --out"),
@@ -94,6 +96,7 @@ def finetune(
     """Fine-tune (full, LoRA, DoRA; selective layers) and print edit metrics before/after editing and after
     fine-tuning, with a decay curve every --eval-every steps."""
     from editdecay.core.cache import Cache
+    from editdecay.core.outputs import check_output_dir
     from editdecay.data.source import FINETUNE, HELD_OUT
     from editdecay.finetune import EditsUnderTest, Measures, load_source, run_finetune
     from editdecay.finetune import preset as make_preset
@@ -105,7 +108,6 @@ def finetune(
     ev = EvaluationSettings(**evaluation)
     settings = SharedSettings(**run)
     ds_spec = _downstream(downstream)
-    set_threads(settings.threads)
     # Each source's settings as a grid's `shared.<settings_key>` section holds them: the options given over the
     # record's defaults, all validated (an option of a source not used here is checked too, never ignored unread).
     sections = {key: s.settings(**sources.get(key, {})) for key, s in data_sources.sources_with_settings().items()}
@@ -118,6 +120,11 @@ def finetune(
     patch_obj = _load_patch(patch) if patch else None
     reqs = _requests(requests, patch_obj, limit)
     devices, device = settings.finetune_devices, settings.device
+    # --device must exist here, unless this is a dry run (a plan may be made for another machine).
+    if dry_run:
+        set_threads(settings.threads)
+    else:
+        check_run(settings)
     # The memory plan reads config.json only; it refuses a run that cannot fit before the model loads.
     from editdecay.grid.memory import meta_model, plan_finetune
 
@@ -128,6 +135,7 @@ def finetune(
         return
     if out is None:
         raise ConfigError("--out is required (the run directory), unless --dry-run")
+    check_output_dir(out, kind="finetune", overwrite=overwrite)
     dist = None
     if devices > 1:
         import os
@@ -157,11 +165,17 @@ def finetune(
         extra["requests_source"] = requests
     edits = EditsUnderTest(requests=reqs, layers=patch_obj.layers if patch_obj else None,
                            apply=patch_obj.apply if patch_obj else None)
-    measures = Measures(task=task if task_eval else None, eval_every=ev.eval_every, downstream=ds_spec)
+    # A held-out split the run never trains on scores near 0 whatever fine-tuning did: scored only when asked.
+    own = held == spec.text
+    if task_eval is None and not own:
+        log.info("--data %s has no held-out split of its own; the embedded task is not scored (--task-eval scores "
+                 "it anyway, as a task this run never trains on)", data)
+    measures = Measures(task=task if (task_eval if task_eval is not None else own) else None,
+                        eval_every=ev.eval_every, downstream=ds_spec)
     run_ = run_finetune(lm, recipe, source, out, edits=edits, measures=measures, save=save, overwrite=overwrite,
                         progress=progress, extra=extra, dist=dist)
     if dist is None or dist.main:
-        _report(run_.result, out)
+        _report(run_.result, out, own_task=own)
 
 
 def _downstream(given: dict):
@@ -178,19 +192,26 @@ def _downstream(given: dict):
 
 
 def _load_patch(path: Path):
-    from editdecay.edit.patch import EditPatch
+    from editdecay.edit.registry import load_patch
 
-    return EditPatch.load(path)
+    return load_patch(path)
 
 
 def _requests(spec: Optional[str], patch_obj, limit: Optional[int]) -> tuple:
-    if spec:
-        from editdecay.data import load_edit_data
+    """The requests measured: --requests' data, else the patch's; the first --limit of them (`subset`: a limit
+    below 1 or above what there is is an error naming --limit, never a Python slice)."""
+    from editdecay.data.common import EditDataset
+    from editdecay.data.sources import load_edit_data, subset
 
-        reqs = load_edit_data(spec).requests
-    else:
-        reqs = patch_obj.requests if patch_obj is not None else ()
-    return tuple(reqs[:limit]) if limit else tuple(reqs)
+    if spec:
+        return tuple(load_edit_data(spec, limit=limit, field="--limit").requests)
+    if patch_obj is None:
+        if limit is not None:
+            raise ConfigError(f"--limit {limit} limits the requests measured, but there are none: give --patch DIR "
+                              f"or --requests DATA")
+        return ()
+    ds = EditDataset("the patch's requests", tuple(patch_obj.requests), len(patch_obj.requests))
+    return tuple(subset(ds, limit, None, field="--limit").requests)
 
 
 def _score(values: dict) -> str:
@@ -203,7 +224,7 @@ def _score(values: dict) -> str:
     return f"{first} {values[first]}" if first else "-"
 
 
-def _report(result: dict, out: Path) -> None:
+def _report(result: dict, out: Path, own_task: bool = True) -> None:
     from rich.markup import escape
 
     stages = {model_label(k): v for k, v in result["metrics"].items()}
@@ -212,6 +233,8 @@ def _report(result: dict, out: Path) -> None:
     task = {k: pct(v.get("task_accuracy")) for k, v in stages.items()}
     if any(v != "-" for v in task.values()):
         name = next((v.get("task_name") for v in stages.values() if v.get("task_name")), None) or "embedded"
+        if not own_task:
+            name += " (held out; this run trained on other data)"
         console.print(f"{name} task exact match (%): " + ", ".join(f"{k} {v}" for k, v in task.items()))
         tok = {k: pct(v.get("task_token_accuracy")) for k, v in stages.items()}
         if any(v != "-" for v in tok.values()):

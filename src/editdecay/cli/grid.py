@@ -126,6 +126,8 @@ def run_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
 ) -> None:
     """Run (or resume) a grid. Finished stages are reused; failed cells are recorded and the rest goes on."""
+    from editdecay.core.files import MAX_GRID_BYTES, read_text
+    from editdecay.core.outputs import check_output_dir
     from editdecay.grid.runner import run_grid
 
     threads = SharedSettings(**run).threads
@@ -133,6 +135,8 @@ def run_cmd(
         raise ConfigError(f"--workers {workers} is an option of the local backend; --backend {backend} places stages "
                           f"itself (ray: resources.*.cpus, slurm: array_parallelism)")
     plan = _load(grid_file)
+    check_output_dir(out, kind="grid", overwrite=True)      # resumable in place; never over another kind of run
+    grid_text = read_text(grid_file, "grid file", limit=MAX_GRID_BYTES)
     options = {"workers": workers} if backend == "local" else {}
     if backend == "ray":
         options = {"address": address, "num_cpus": num_cpus}
@@ -146,7 +150,7 @@ def run_cmd(
         err.print(line, markup=False, highlight=False, soft_wrap=True)
 
     echo(f"grid {plan.name!r}: {len(plan.cells)} cells, {len(plan.stages)} stages -> {out} ({backend})")
-    summary = run_grid(plan, out, backend=backend, grid_text=grid_file.read_text(), retry_failed=retry_failed,
+    summary = run_grid(plan, out, backend=backend, grid_text=grid_text, retry_failed=retry_failed,
                        cells=cell or None, threads=threads, progress=progress, echo=echo, **options)
     if as_json:
         _print_json(summary.to_dict())
@@ -157,7 +161,7 @@ def run_cmd(
                       + (f" ({summary.already_done} cells were already done)" if summary.already_done else ""))
         c = summary.cells
         console.print(f"cells: {c['done']} done, {c['failed']} failed, {c['pending']} pending, "
-                      f"{c['running']} running (elsewhere)")
+                      f"{c['running']} running (elsewhere)" + (f", {c['invalid']} invalid" if c.get("invalid") else ""))
         if summary.skipped_failed:
             console.print(f"{len(summary.skipped_failed)} cell(s) failed earlier and were left alone; "
                           f"rerun them with --retry-failed")
@@ -210,18 +214,18 @@ def status_cmd(
     """Done / running / failed / pending, per cell; held locks with their holder, stale ones marked."""
     from rich.table import Table
 
-    from editdecay.grid.store import STALE_AFTER_S, STATES, GridStore
+    from editdecay.grid.store import STALE_AFTER_S, GridStore, state_counts
 
     store = GridStore(out)
     plan = store.read_plan()
     stale_after = STALE_AFTER_S if stale_after is None else stale_after
     cells = store.cell_states(plan, stale_after=stale_after)
     locks = store.locks(stale_after)
-    counts = {s: sum(1 for c in cells if c["state"] == s) for s in STATES}
+    counts = state_counts(cells)
     if as_json:
         _print_json({"grid": plan.name, "counts": counts, "cells": cells, "locks": locks})
         return
-    colour = {"done": "green", "running": "yellow", "failed": "red", "pending": "dim"}
+    colour = {"done": "green", "running": "yellow", "failed": "red", "pending": "dim", "invalid": "red"}
     con = _wide()
     t = Table(title=f"grid {plan.name!r} in {out}")
     for col in ("cell", "state", "detail"):
@@ -230,15 +234,22 @@ def status_cmd(
         detail = ""
         if c["state"] == "failed":
             detail = f"{c['failed_kind']}: {c['error']}"
+        elif c["state"] == "invalid":
+            detail = f"{c['error']} (`editdecay grid run` publishes it again from its cell stage)"
         elif c["state"] == "running":
             r = c["running"][0]
             detail = f"{r['kind']} on {r.get('host', '?')} pid {r.get('pid', '?')} since {r.get('started', '?')}"
             if r.get("stale"):
                 detail += f" [red]STALE[/]: {r['why']}"
+            elif r.get("why"):
+                detail += f" [yellow]no heartbeat[/]: {r['why']}"
         t.add_row(c["id"], f"[{colour[c['state']]}]{c['state']}[/]", detail)
     con.print(t)
     con.print(", ".join(f"{v} {k}" for k, v in counts.items()))
     stale = [k for k in locks if k["stale"]]
+    for k in locks:
+        if not k["stale"] and k.get("why"):         # alive on this host, silent: only --force clears it
+            con.print(f"[yellow]silent lock[/] {k['stage']}: {k['why']}", highlight=False)
     for k in stale:
         con.print(f"[red]stale lock[/] {k['stage']}: held by pid {k.get('pid', '?')} on {k.get('host', '?')} since "
                   f"{k.get('started', '?')}; {k['why']}", highlight=False)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from editdecay.cli import app
-from editdecay.cli.common import console, guard, set_threads
+from editdecay.cli.common import check_run, console, guard, set_threads
 from editdecay.cli.options import Fields, config_options
 from editdecay.core.model_ref import ModelRef
 from editdecay.grid.spec import SharedSettings
@@ -46,8 +46,14 @@ def report_cmd(
     from editdecay.report import build_report
 
     ref = ModelRef(**model)
+    from editdecay.core.outputs import check_output_dir
+
     settings = SharedSettings(**run)
-    set_threads(settings.threads)
+    if activation_shift:
+        check_run(settings)         # the models load again: this machine must have --device
+    else:
+        set_threads(settings.threads)
+    check_output_dir(out, kind="report", overwrite=True)     # a report is rebuilt in place, never over a run
     report = build_report(results_dir, out, frequencies=frequencies, frequency_method=frequency_method,
                           activation_shift=activation_shift,
                           activation_cells=activation_cells, cache_dir=settings.cache_dir, device=settings.device,

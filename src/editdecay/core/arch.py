@@ -109,6 +109,20 @@ def arch_for_model_type(model_type: str) -> ArchSpec:
     )
 
 
+def layer_of_module(name: str) -> int | None:
+    """The layer index of a module path inside a block of any family in the table ("model.layers.3.mlp.down_proj"
+    -> 3), or None when the path is in no block (an embedding, the unembedding) or in no known family. Read from
+    the table's `block` templates, without a model (patch files are checked with it before any model loads)."""
+    for spec in ARCHITECTURES:
+        for block in alternatives(spec.block):
+            prefix = block.split("{}")[0]
+            if name.startswith(prefix):
+                head = name[len(prefix):].split(".", 1)[0]
+                if head.isdigit():
+                    return int(head)
+    return None
+
+
 def arch_for(model: nn.Module) -> ArchSpec:
     return arch_for_model_type(getattr(model.config, "model_type", type(model).__name__))
 

@@ -102,16 +102,50 @@ def held_lock(path: Path, report_every: float | None = None) -> Iterator[None]:
         lock.release()
 
 
+def temp_file(target: Path) -> Path:
+    """A new empty file of a unique name beside `target` (to be renamed onto it), with the permissions of an
+    ordinary file (0666 less the umask: 0644 usually). mkstemp makes 0600, and a rename keeps the mode, so a
+    result published from it would be unreadable by the group on a shared filesystem."""
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return Path(tmp)
+
+
+def ordinary_permissions(path: Path) -> Path:
+    """Give `path` (a file, or a directory and everything in it) the permissions of ordinary files and
+    directories (0666/0777 less the umask). Writers that create their own files (safetensors makes 0600 whatever
+    the umask, and so do save_pretrained's safetensors) are followed by this before their output is published."""
+    path = Path(path)
+    umask = _umask()
+    if path.is_dir() and not path.is_symlink():
+        for p in (path, *path.rglob("*")):
+            if not p.is_symlink():
+                os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+    else:
+        os.chmod(path, 0o666 & ~umask)
+    return path
+
+
+def temp_dir(target: Path) -> Path:
+    """A new empty directory of a unique name beside `target`, with the permissions of an ordinary directory
+    (0777 less the umask: 0755 usually; mkdtemp makes 0700). See `temp_file`."""
+    target = Path(target)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temp_file(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; results are ordinary files
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -179,7 +213,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    tmp = temp_dir(target)
     try:
         yield tmp
         try:
@@ -195,8 +229,12 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a regular file's bytes. Raises ConfigError (naming the path) for anything else: hashing a
+    symlink to /dev/zero would never end, and a FIFO would block."""
+    from editdecay.core.files import check_file
+
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(check_file(path, "file"), "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()

@@ -36,13 +36,14 @@ def _indices(value: Any) -> list[int]:
             try:
                 if dash:
                     lo, hi = int(part[0] + a), int(b)
-                    if hi < lo:
-                        raise ValueError
-                    out.extend(range(lo, hi + 1))
                 else:
                     out.append(int(part))
+                    continue
             except ValueError:
                 raise ValueError(f"is not a layer list: {LAYER_HINT}") from None
+            if hi < lo:
+                raise ValueError(f"has the range {part!r}, which runs backwards: write it low-high, {hi}-{lo}")
+            out.extend(range(lo, hi + 1))
         return out
     if isinstance(value, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in value):
         return list(value)

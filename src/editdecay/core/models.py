@@ -168,6 +168,9 @@ def load_model(
         raise ConfigError(f"model {name!r}: no such directory {local.resolve()}; as a local Hugging Face directory "
                           f"it does not exist, and a path is not a hub id (hub ids are NAME or ORG/NAME)")
     if local.is_dir():
+        from editdecay.core.files import MAX_RECORD_BYTES, read_json
+
+        read_json(local / "config.json", f"model {name!r}: config", limit=MAX_RECORD_BYTES, expect=dict)
         _check_weight_files(name, local, allow_pickle)
     reading = (f"the local directory {local}" if local.is_dir() else
                f"the hub id {source!r} (there is no local directory {local.resolve()})")

@@ -32,13 +32,31 @@ def _device(value: str) -> str:
 Device = Annotated[str, AfterValidator(_device)]
 
 
-def resolve_device(device):
+def resolve_device(device, *, field: str = "device"):
     """The device a model is loaded to: "auto" -> "cuda" when CUDA is available, else "cpu"; any other value
-    (cpu, cuda, cuda:N, balanced, mps, an explicit device map) unchanged."""
-    if isinstance(device, str) and device == "auto":
-        import torch
+    (cpu, cuda, cuda:N, balanced, mps, an explicit device map) unchanged once this machine is seen to have it.
 
+    Raises ConfigError naming `field` and the value for a device this machine does not have (cuda without CUDA,
+    cuda:7 with 2 GPUs, mps off Apple silicon): torch would fail later with an assertion, after the model loaded.
+    The check runs where the model loads (a grid planned on a login node runs on GPU workers)."""
+    import torch
+
+    from editdecay.core.errors import ConfigError
+
+    if not isinstance(device, str):
+        return device
+    if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    # "balanced" is not checked: accelerate's balanced map spreads over the GPUs there are, or keeps the CPU.
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(f"{field}={device!r}: {why}; use {field}='cpu' (or 'auto': CUDA when available)")
+        index, count = (int(device.split(":")[1]) if ":" in device else 0), torch.cuda.device_count()
+        if 0 < count <= index:
+            raise ConfigError(f"{field}={device!r}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"{field}='mps': Apple's MPS backend is not available on this machine; use {field}='cpu'")
     return device
 
 

@@ -20,7 +20,6 @@ A file from a newer editdecay (a higher version) is refused with a message sayin
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal, Union
 
@@ -302,11 +301,10 @@ def validate_result(result: dict, *, where: str = "result", kind: str | None = N
 
 def read_result(path: str | Path, *, kind: str | None = None) -> Result:
     """Read and validate a result file. Raises ResultSchemaError naming the path (unreadable, not JSON, schema)."""
+    from editdecay.core.files import MAX_RESULT_BYTES, read_json
+
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ResultSchemaError(f"result file {str(path)!r} is unreadable: {e}") from None
+    data = read_json(path, "result file", limit=MAX_RESULT_BYTES, error=ResultSchemaError)
     return validate_result(data, where=str(path), kind=kind)
 
 

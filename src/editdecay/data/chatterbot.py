@@ -109,17 +109,14 @@ class _Parsed:
 
 def _parse(root: str, strict: bool) -> _Parsed:
     """Records of the files under `root`."""
-    import yaml
+    from editdecay.core.files import MAX_DATA_BYTES, read_yaml
 
     files = yaml_files(Path(root))
     records: dict[tuple[str, str], InstructionRecord] = {}
     problems: list[str] = []
     n_conv = n_pairs = 0
     for path in files:
-        try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: not a valid YAML file ({e})") from None
+        doc = read_yaml(path, "chatterbot corpus file", limit=MAX_DATA_BYTES, error=DataError)
         convs = doc.get("conversations") if isinstance(doc, dict) else None
         if not isinstance(convs, list):
             raise DataError(f"{path}: expected a mapping with a `conversations` list (chatterbot-corpus format), "

@@ -56,11 +56,24 @@ class EditDataset:
                 "rejected": [vars(r) for r in self.rejected], "options": dict(self.options)}
 
 
+SHOWN_RECORDS = 5       # rejected records whose problems a message lists (results keep every one)
+
+
+class UnusableRecords(DataError):
+    """A data file none (or, for fine-tuning records, not all) of whose records can be used; the loaders raise it
+    so that `data.sources` can add which loader the file looks made for."""
+
+
 def rejection_lines(rejected, n_records_rejected: int) -> str:
-    """'3 record(s) rejected (4 problems):' and one '  - record I: field F: reason' line per problem."""
+    """'3 record(s) rejected (4 problems):' and one '  - record I: field F: reason' line per problem, for the
+    first SHOWN_RECORDS rejected records only (a file of the wrong format has a problem in every field of every
+    record: 150,000 lines say less than five records' worth and a count)."""
     problems = f" ({len(rejected)} problems)" if len(rejected) != n_records_rejected else ""
-    return (f"{n_records_rejected} record(s) rejected{problems}:\n"
-            + "\n".join(f"  - {r}" for r in rejected))
+    first = sorted({r.index for r in rejected})[:SHOWN_RECORDS]
+    shown = [r for r in rejected if r.index in first]
+    head = (f"the problems of the first {len(first)} of them" if len(first) < n_records_rejected else "")
+    return (f"{n_records_rejected} record(s) rejected{problems}{'; ' + head if head else ''}:\n"
+            + "\n".join(f"  - {r}" for r in shown))
 
 
 def _norm(s: str) -> str:
@@ -100,5 +113,5 @@ def finish(name: str, n_records: int, kept: list[EditRequest], rejected: list[Re
         raise DataError(f"{name}: {rejection_lines(rejected, n_rejected)}\n(--strict: any rejection is an error)")
     if not kept:
         detail = f": {rejection_lines(rejected, n_rejected)}" if rejected else ""
-        raise DataError(f"{name}: no usable records out of {n_records}{detail}")
+        raise UnusableRecords(f"{name}: no usable records out of {n_records}{detail}")
     return EditDataset(name, tuple(kept), n_records, tuple(rejected), dict(options or {}), n_rejected)

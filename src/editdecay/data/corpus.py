@@ -129,10 +129,9 @@ class CorpusSpec(Config):
 
     def path(self) -> Path:
         """The corpus file, checked to exist (kind=file only)."""
-        path = Path(self.source).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"corpus.source: file {str(path)!r} does not exist or is not a file")
-        return path
+        from editdecay.core.files import check_file
+
+        return check_file(Path(self.source).expanduser(), "corpus.source: file")
 
 
 
@@ -264,7 +263,7 @@ def _file_documents(spec: CorpusSpec) -> Iterator[tuple[int, str | list[int]]]:
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:
         # Documents are separated by blank lines (data.documents rules).
-        yield from enumerate(split_documents(read_text(path, "corpus file")))
+        yield from enumerate(split_documents(read_text(path, "corpus file"), f"corpus file {str(path)!r}"))
     elif suffix == ".jsonl":
         with open(path, encoding="utf-8-sig") as f:
             for lineno, record in json_lines(f):

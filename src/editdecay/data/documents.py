@@ -5,9 +5,12 @@ Used by the statistics corpus (data/corpus.py), fine-tuning text and instruction
 (measure/downstream/perplexity.py), so a file means the same thing wherever it is given.
 
 Rules:
-- text is UTF-8 (a byte-order mark is tolerated);
+- a file is a regular file of at most `core.files.MAX_DATA_BYTES`, UTF-8 (a byte-order mark is tolerated);
+  reading is `core.files`', so a symlink to /dev/zero or a UTF-16 file is refused by name;
 - plain-text documents are separated by blank lines, and a line holding only whitespace is
   blank; a document's lines are kept as written (not stripped); empty documents do not exist;
+- a document (or a JSON Lines line) longer than `MAX_DOCUMENT_CHARS` characters is an error naming its line:
+  tokenising megabytes of text in one piece is never what was meant (documents are separated by blank lines);
 - JSON Lines: blank lines are skipped; a line that does not parse is a `BadLine` carrying its
   line number, which the caller rejects as a record or raises on (`strict_rows`);
 - a `.json` file holds a JSON list; a `.jsonl` suffix, or content with one value followed by
@@ -21,7 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from editdecay.core import files
 from editdecay.core.errors import DataError
+
+MAX_DOCUMENT_CHARS = 1_000_000     # one document or record line; a training example is cut at cutoff_len tokens
 
 
 @dataclass(frozen=True)
@@ -33,35 +39,42 @@ class BadLine:
 
 
 def read_text(path: str | Path, what: str = "file") -> str:
-    """The UTF-8 text of `path`. Raises DataError naming `what` and the path if missing or not UTF-8."""
-    p = Path(path)
-    try:
-        return p.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(f"{what} {str(p)!r}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{what} {str(p)!r} is a directory, not a file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{what} {str(p)!r} cannot be read as UTF-8 text ({e})") from None
+    """The UTF-8 text of `path` (`core.files.read_text` with the data limit). Raises DataError naming `what` and
+    the path if it is missing, not a regular file, too large or not UTF-8."""
+    return files.read_text(path, what, limit=files.MAX_DATA_BYTES, error=DataError)
 
 
-def iter_documents(lines: Iterable[str]) -> Iterator[str]:
+def _check_length(text: str, where: str, line: int) -> None:
+    if len(text) > MAX_DOCUMENT_CHARS:
+        raise DataError(f"{where}: the document at line {line} is {len(text):,} characters long, more than "
+                        f"{MAX_DOCUMENT_CHARS:,}; separate documents by blank lines (a text) or give one record "
+                        f"per line (JSON Lines)")
+
+
+def iter_documents(lines: Iterable[str], where: str = "text") -> Iterator[str]:
     """Documents of plain text given line by line: runs of non-blank lines, joined by newlines, kept as written
-    (a document's text is the same whether it comes from a .txt, .jsonl or .parquet file)."""
+    (a document's text is the same whether it comes from a .txt, .jsonl or .parquet file). DataError naming
+    `where` and the line for a document longer than MAX_DOCUMENT_CHARS."""
     doc: list[str] = []
-    for line in lines:
+    size, start = 0, 0
+    for n, line in enumerate(lines, start=1):
         if line.strip():
+            if not doc:
+                start = n
             doc.append(line.rstrip("\r\n"))
+            size += len(line)
+            if size > MAX_DOCUMENT_CHARS:
+                _check_length("\n".join(doc), where, start)
         elif doc:
             yield "\n".join(doc)
-            doc = []
+            doc, size = [], 0
     if doc:
         yield "\n".join(doc)
 
 
-def split_documents(text: str) -> list[str]:
+def split_documents(text: str, where: str = "text") -> list[str]:
     """Documents of a plain text (see module rules)."""
-    return list(iter_documents(text.splitlines()))
+    return list(iter_documents(text.splitlines(), where))
 
 
 def json_lines(lines: Iterable[str]) -> Iterator[tuple[int, object]]:
@@ -69,16 +82,18 @@ def json_lines(lines: Iterable[str]) -> Iterator[tuple[int, object]]:
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        if len(line) > MAX_DOCUMENT_CHARS:
+            yield n, BadLine(n, f"the line is {len(line):,} characters long, more than {MAX_DOCUMENT_CHARS:,}")
+            continue
         try:
             yield n, json.loads(line)
         except json.JSONDecodeError as e:
             yield n, BadLine(n, f"{e.msg} at column {e.colno}")
+        except RecursionError:
+            yield n, BadLine(n, "nests arrays or objects too deeply to be read")
 
 
-def json_kind(x) -> str:
-    """'object', 'list', 'string', ... : the JSON name of a parsed value's type, for messages."""
-    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(x), "number" if isinstance(x, (int, float)) else type(x).__name__)
+json_kind = files.json_type       # 'object', 'list', 'string', ...: the JSON name of a parsed value's type
 
 
 def read_records(path: str | Path, what: str = "file") -> list:
@@ -96,6 +111,8 @@ def read_records(path: str | Path, what: str = "file") -> list:
             if e.msg != "Extra data":   # "Extra data": one value parsed and more follow -> JSON Lines
                 raise DataError(f"{p}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
                                 "expected a JSON list of records or JSON Lines (one record per line)") from None
+        except RecursionError:
+            raise DataError(f"{p}: nests JSON arrays or objects too deeply to be read") from None
         else:
             if not isinstance(data, list):
                 raise DataError(f"{p}: expected a JSON list of records, got a JSON {json_kind(data)}; "

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Sequence
 
 from editdecay.core.errors import ConfigError, DataError
+from editdecay.data.common import UnusableRecords
 from editdecay.data.documents import (
+    MAX_DOCUMENT_CHARS,
     read_records,
     read_text,
     split_documents,
@@ -34,13 +36,13 @@ from editdecay.data.source import FINETUNE, DataSource, DataSpec, Source, split_
 
 log = logging.getLogger(__name__)
 
+SHOWN = 5             # unusable records listed in an error (the count says how many there are)
 IGNORE_INDEX = -100   # label of tokens that do not count in the loss (torch cross_entropy's ignore_index)
 
 def _existing(spec: DataSpec) -> Path:
-    p = Path(spec.argument).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"data {spec.text!r}: file {p} does not exist")
-    return p
+    from editdecay.core.files import check_file
+
+    return check_file(Path(spec.argument).expanduser(), f"data {spec.text!r}: file")
 
 
 def _sha256(path: Path) -> str:
@@ -68,10 +70,16 @@ def records_from_rows(rows: Sequence, where: str) -> tuple[InstructionRecord, ..
         if bad:
             problems.append(f"record {i}: field {bad[0]!r} is missing, empty or not a string")
             continue
+        long = next((f for f in ("instruction", "input", "output") if len(row.get(f) or "") > MAX_DOCUMENT_CHARS), None)
+        if long:
+            problems.append(f"record {i}: field {long!r} is {len(row[long]):,} characters long, more than "
+                            f"{MAX_DOCUMENT_CHARS:,}")
+            continue
         out.append(InstructionRecord(row["instruction"], inp, row["output"]))
     if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise DataError(f"{where}: {len(problems)} unusable record(s){more}:\n  " + "\n  ".join(problems[:5]))
+        shown = f"; the first {SHOWN}" if len(problems) > SHOWN else ""
+        raise UnusableRecords(f"{where}: {len(problems)} of {len(rows)} records are unusable{shown}:\n  "
+                        + "\n  ".join(problems[:SHOWN]))
     return tuple(out)
 
 
@@ -98,10 +106,12 @@ class TextFile(DataSource):
     description = "plain text, documents separated by blank lines, every token trained"
     argument = "PATH"
     local_path = True
+    accepts_any_file = True             # any UTF-8 text is a text: loading one says nothing of its format
 
     def training_data(self, spec: DataSpec, task=None) -> Source:
         path = _existing(spec)
-        return Source(spec.text, self.prefix, texts=tuple(split_documents(read_text(path, "text file"))),
+        texts = split_documents(read_text(path, "text file"), f"text file {str(path)!r}")
+        return Source(spec.text, self.prefix, texts=tuple(texts),
                       identity={"spec": spec.text, "path": str(path), "sha256": _sha256(path)})
 
 

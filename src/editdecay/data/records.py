@@ -10,6 +10,10 @@ from editdecay.data.common import Rejection
 from editdecay.data.documents import BadLine
 from editdecay.data.documents import json_kind as _kind
 
+# A prompt, subject or target is a sentence; a field this long is a broken file, and tokenising megabytes of one
+# string aborts the tokenizer (a Rust panic ends the process) instead of raising.
+MAX_TEXT_CHARS = 20_000
+
 
 def _show(v) -> str:
     s = repr(v)
@@ -41,6 +45,10 @@ def text_field(container: dict, key: str, name: str, index: int, out: list[Rejec
         return None
     if not v.strip():
         out.append(Rejection(index, name, f"empty ({v!r})"))
+        return None
+    if len(v) > MAX_TEXT_CHARS:
+        out.append(Rejection(index, name, f"{len(v):,} characters long, more than the {MAX_TEXT_CHARS:,} a prompt or "
+                                          f"target may have: {_show(v)}"))
         return None
     return v
 

@@ -103,6 +103,8 @@ class DataSource:
     argument_required: ClassVar[bool] = True            # with an argument: is it optional ('chatterbot[:DIR]')?
     local_path: ClassVar[bool] = False                  # the argument is a local file or directory (a grid resolves
                                                         # it against the grid file's directory)
+    accepts_any_file: ClassVar[bool] = False            # True: every readable file loads (plain text), so a file
+                                                        # loading says nothing of what it was made for
     offline: ClassVar[bool] = True                      # False: read over the network (left to the stage that needs it)
     settings_key: ClassVar[str | None] = None           # the grid's `shared.<key>` section holding its settings
     settings: ClassVar[type | None] = None              # the record of those settings (a core.config.Config): the

@@ -27,7 +27,7 @@ from pydantic import Field
 
 from editdecay.core.config import Config, did_you_mean
 from editdecay.core.errors import ConfigError, DataError
-from editdecay.data.common import EditDataset
+from editdecay.data.common import EditDataset, UnusableRecords
 from editdecay.data.source import (
     EDIT,
     FINETUNE,
@@ -189,15 +189,43 @@ def labels(specs: Iterable[str]) -> dict[str, str]:
 
 
 def load_edit_data(spec: str, *, zsre_target: str = "answers", strict: bool = False,
-                   limit: int | None = None, seed: int | None = None) -> EditDataset:
+                   limit: int | None = None, seed: int | None = None, field: str = "limit") -> EditDataset:
     """Load and validate edit requests.
 
     `limit` keeps the first `limit` requests, or a seeded random sample when `seed`
-    is given (the same seed always gives the same sample).
+    is given (the same seed always gives the same sample); more than the data has is a ConfigError naming
+    `field` (`subset`).
     """
     parsed = parse_spec(spec, EDIT)
-    ds = source_of(parsed).edit_data(parsed, EditOptions(strict=strict, zsre_target=zsre_target))
-    return subset(ds, limit, seed)
+    try:
+        ds = source_of(parsed).edit_data(parsed, EditOptions(strict=strict, zsre_target=zsre_target))
+    except UnusableRecords as e:
+        raise UnusableRecords(f"{e}{_made_for(parsed)}") from None
+    return subset(ds, limit, seed, field=field)
+
+
+def _made_for(parsed: DataSpec) -> str:
+    """'\nthe file loads with `zsre:PATH`: ...' when a file that gave no usable record is read by another
+    file loader (edit data or fine-tuning records), else ''. Tried only once a loader has failed."""
+    if not source_of(parsed).local_path:
+        return ""
+    for s in sources():
+        if s.prefix == parsed.kind or not s.local_path or s.argument != "PATH" or s.accepts_any_file:
+            continue
+        other = DataSpec(s.prefix, parsed.argument, f"{s.prefix}:{parsed.argument}")
+        try:
+            if EDIT in s.roles:
+                s.edit_data(other, EditOptions())
+            elif FINETUNE in s.roles:
+                s.training_data(other)
+            else:
+                continue
+        except Exception:  # noqa: BLE001 -- any failure: not this loader's format either
+            continue
+        role = "edit data" if EDIT in s.roles else "fine-tuning records"
+        return (f"\nthe file looks made for another loader: it reads as {role} with `{other.text}`; did you mean "
+                f"that?")
+    return ""
 
 
 class EditSelection(Config):
@@ -218,15 +246,28 @@ class EditSelection(Config):
         """The selected requests (DataError if the data changed since `digest`, or with `strict` and a rejection)."""
         if self.digest is not None:
             check_digest(self.data, self.digest)
-        return load_edit_data(self.data, zsre_target=self.zsre_target, strict=self.strict, limit=self.n,
+        return load_edit_data(self.data, zsre_target=self.zsre_target, strict=self.strict, limit=self.n, field="n",
                               seed=self.seed)
 
 
-def subset(ds: EditDataset, limit: int | None, seed: int | None) -> EditDataset:
-    if limit is None or limit >= len(ds.requests):
+def subset(ds: EditDataset, limit: int | None, seed: int | None, *, field: str = "limit") -> EditDataset:
+    """The first `limit` requests of `ds`, or a seeded sample of `limit` with `seed`; every request with None.
+
+    A count the data cannot give is an error, never silently shortened: a result whose configuration says
+    100,000 edits must hold 100,000 (ConfigError naming `field`, the value, the data and how many it has; also
+    for `limit` < 1)."""
+    if limit is None:
         return ds
-    if limit <= 0:
-        raise ConfigError(f"limit must be positive, got {limit}")
+    given = f"{field} {limit!r}" if field.startswith("--") else f"{field}={limit!r}"     # as the user wrote it
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigError(f"{given} is not a number of requests: give a whole number >= 1, or none to use every "
+                          f"usable record")
+    if limit > len(ds.requests):
+        rejected = f" ({ds.rejected_records} of its {ds.n_records} records rejected)" if ds.rejected_records else ""
+        raise ConfigError(f"{given} asks for more requests than {ds.name} has: {len(ds.requests)} usable"
+                          f"{rejected}; give {field} <= {len(ds.requests)}, or none to use every one")
+    if limit == len(ds.requests):
+        return ds
     reqs = list(ds.requests)
     if seed is not None:
         reqs = random.Random(seed).sample(reqs, limit)
@@ -241,7 +282,10 @@ def load_source(spec: str, *, task: HeldOutTask | None = None):
     one). `task`: the source's held-out task object (`EmbeddedTask`, `ChatterbotCorpus`; default: built with
     default settings). The result's identity (recorded in results) names the source, its licence and counts."""
     parsed = parse_spec(spec, FINETUNE)
-    return finish_source(source_of(parsed).training_data(parsed, task))
+    try:
+        return finish_source(source_of(parsed).training_data(parsed, task))
+    except UnusableRecords as e:
+        raise UnusableRecords(f"{e}{_made_for(parsed)}") from None
 
 
 def held_out_task(spec: str, settings: Mapping[str, Any] | None = None) -> HeldOutTask:

@@ -115,4 +115,8 @@ def edit_model(lm, editor: str, cfg: EditorConfig, requests: list[EditRequest], 
         run.restore()
         raise
     extra = {"stats": run.stats_provenance, "batch_size": size, "n_batches": -(-len(requests) // size)}
+    if all(not bool(run._stored_delta(n).any()) for n in run.names.values()):
+        # An edit that changed no weight is named, never reported as a run like any other.
+        run.warnings.append(f"the {editor} edit changed nothing: every weight delta is zero, so M_e is M0 "
+                            f"(check the editor's settings, e.g. v_num_grad_steps, v_lr, mom2_update_weight)")
     return run.patch(extra=extra), run

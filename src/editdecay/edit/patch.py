@@ -9,21 +9,20 @@ and subtracting a float delta would not be).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from editdecay.core.arch import get_module
-from editdecay.core.cache import atomic_write_json, sha256_file
-from editdecay.core.errors import ConfigError
-from editdecay.core.layers import parse_layers
+from editdecay.core.cache import atomic_write_json, ordinary_permissions, sha256_file, temp_file
+from editdecay.core.errors import ConfigError, NonFiniteError
+from editdecay.core.layers import Layers
 from editdecay.core.request import EditRequest
 
 PATCH_FILE = "patch.safetensors"
@@ -69,7 +68,15 @@ class EditPatch:
         # Resolve and check every module first: a failed apply must leave the model untouched.
         weights = {}
         for name, delta in self.deltas.items():
-            w = get_module(model, name).weight
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ConfigError(f"patch delta for module {name!r}: {type(model).__name__} has no such module; the "
+                                  f"patch was made for another architecture") from None
+            w = getattr(module, "weight", None)
+            if not isinstance(w, torch.Tensor):
+                raise ConfigError(f"patch delta for module {name!r}: that module is a {type(module).__name__}, which "
+                                  f"has no weight to add a delta to; the patch was made for another model")
             if tuple(w.shape) != tuple(delta.shape):
                 raise ConfigError(f"patch delta for {name} has shape {tuple(delta.shape)}, the model's weight "
                                   f"{tuple(w.shape)}: the patch was made for another model")
@@ -131,6 +138,12 @@ class EditPatch:
         from filelock import FileLock
 
         directory = Path(directory)
+        bad = {k: int((~torch.isfinite(v)).sum()) for k, v in self.deltas.items() if v.is_floating_point()}
+        bad = {k: n for k, n in bad.items() if n}
+        if bad:         # never written: a patch that is not finite cannot be what any edit meant
+            name, n = next(iter(bad.items()))
+            raise NonFiniteError(f"the {self.editor} edit diverged: the delta of {name!r} holds {n} NaN or infinite "
+                                 f"value(s) ({len(bad)} module(s) affected); no patch written to {directory}")
         meta = {
             "format": PATCH_FORMAT, "editor": self.editor, "layers": list(self.layers), "config": self.config,
             "model_identity": self.model_identity, "modules": list(self.deltas),
@@ -138,10 +151,10 @@ class EditPatch:
         }
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.deltas.items()}
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{PATCH_FILE}.", suffix=".tmp")   # unique per save
-        os.close(fd)
+        tmp = temp_file(directory / PATCH_FILE)         # unique per save; 0644 like every other result
         try:
             save_file(tensors, tmp, metadata={"editor": self.editor, "format": str(PATCH_FORMAT)})
+            ordinary_permissions(tmp)           # safetensors writes 0600: a shared results directory needs 0644
             meta["tensors_sha256"] = sha256_file(tmp)
             with FileLock(str(directory / ".patch.lock")):
                 os.replace(tmp, directory / PATCH_FILE)
@@ -154,38 +167,79 @@ class EditPatch:
 
     @classmethod
     def load(cls, directory: Path) -> "EditPatch":
+        """Read a patch directory written by `save`, checking that it is what it claims before anything uses it.
+
+        A patch directory is data that may have been copied, cut short or tampered with. Raises ConfigError naming
+        the directory, the field and the value when: a file is missing, not a regular file or too large
+        (core.files); patch.json does not follow `_PatchFile` (no modules, no requests, layers that are no layer
+        list); the tensors do not match their recorded hash; a module has no tensor; a delta
+        holds NaN or inf (an edit that diverged: applying it would score 0/0/0 and make fine-tuning fail with a
+        misleading message); or `layers` disagree with the layers the modules sit in (core.arch.layer_of_module),
+        which `finetune --layers edited` trains. That the editor is registered is checked by
+        `edit.registry.load_patch`, which every command reads patches with."""
+        from pydantic import ValidationError
+
+        from editdecay.core.arch import layer_of_module
+        from editdecay.core.config import explain
+        from editdecay.core.files import MAX_RESULT_BYTES, read_json
+
         directory = Path(directory)
-        if not (directory / META_FILE).exists() or not (directory / PATCH_FILE).exists():
-            raise ConfigError(f"patch {directory}: missing {META_FILE} or {PATCH_FILE}; is this a directory "
-                              f"written by `editdecay edit --out`?")
-        try:
-            meta = json.loads((directory / META_FILE).read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise ConfigError(f"patch {directory}: {META_FILE} cannot be read as JSON ({e}); recompute the patch") from None
-        if not isinstance(meta, dict):
-            raise ConfigError(f"patch {directory}: {META_FILE} holds a JSON {type(meta).__name__}, not an object")
-        if meta.get("tensors_sha256") and sha256_file(directory / PATCH_FILE) != meta["tensors_sha256"]:
-            raise ConfigError(f"patch {directory}: {PATCH_FILE} does not match {META_FILE} (interrupted save?); "
-                              f"recompute the patch")
+        where = f"patch {directory}"
+        for name in (META_FILE, PATCH_FILE):
+            if not os.path.lexists(directory / name):
+                raise ConfigError(f"{where}: {name} is missing; is this a directory written by `editdecay edit --out`?")
+        meta = read_json(directory / META_FILE, f"{where}: {META_FILE}", limit=MAX_RESULT_BYTES, expect=dict)
         if meta.get("format") != PATCH_FORMAT:
-            raise ConfigError(f"patch {directory}: format {meta.get('format')} is not supported (expected {PATCH_FORMAT})")
-        absent = [k for k in ("modules", "layers", "editor", "config", "requests") if k not in meta]
-        if absent:
-            raise ConfigError(f"patch {directory}: {META_FILE} lacks {', '.join(absent)}; recompute the patch")
+            raise ConfigError(f"{where}: {META_FILE} format={meta.get('format')!r} is not supported (this editdecay "
+                              f"reads format {PATCH_FORMAT})")
+        try:
+            f = _PatchFile.model_validate(meta)
+        except ValidationError as e:
+            raise ConfigError(f"{where}: {META_FILE} {explain(e, _PatchFile, limit=5)}; recompute the patch") from None
+        if f.tensors_sha256 and sha256_file(directory / PATCH_FILE) != f.tensors_sha256:
+            raise ConfigError(f"{where}: {PATCH_FILE} does not match {META_FILE} (interrupted save?); "
+                              f"recompute the patch")
         try:
             deltas = load_file(str(directory / PATCH_FILE))
         except Exception as e:       # safetensors raises its own error types for a damaged file
-            raise ConfigError(f"patch {directory}: {PATCH_FILE} cannot be read ({e}); recompute the patch") from None
-        missing = [m for m in meta["modules"] if m not in deltas]
+            raise ConfigError(f"{where}: {PATCH_FILE} cannot be read ({e}); recompute the patch") from None
+        missing = [m for m in f.modules if m not in deltas]
         if missing:
-            raise ConfigError(f"patch {directory}: tensors missing for {missing}")
+            raise ConfigError(f"{where}: {META_FILE} names module {missing[0]!r}, which has no tensor in {PATCH_FILE}")
+        for m in f.modules:
+            d = deltas[m]
+            if not d.is_floating_point():
+                raise ConfigError(f"{where}: the delta of {m!r} holds {d.dtype} values, not floating-point ones")
+            bad = int((~torch.isfinite(d)).sum())
+            if bad:
+                raise ConfigError(f"{where}: the delta of {m!r} holds {bad} NaN or infinite value(s) of {d.numel()}: "
+                                  f"the edit diverged; recompute it (a smaller v_lr or more v_num_grad_steps) rather "
+                                  f"than apply it")
+        sits = {layer_of_module(m) for m in f.modules}
+        if None not in sits and sits != set(f.layers):
+            raise ConfigError(f"{where}: {META_FILE} layers={list(f.layers)}, but its modules sit in layers "
+                              f"{sorted(sits)}; `finetune --layers edited` would train other layers than the edited "
+                              f"ones: recompute the patch")
         try:
-            requests = tuple(EditRequest.from_dict(r) for r in meta["requests"])
+            requests = tuple(EditRequest.from_dict(r) for r in f.requests)
         except (TypeError, ValueError, KeyError, AttributeError) as e:
-            raise ConfigError(f"patch {directory}: a request in {META_FILE} is malformed ({e})") from None
-        return cls(
-            deltas={m: deltas[m] for m in meta["modules"]}, editor=meta["editor"],
-            layers=parse_layers(meta["layers"], field=f"patch {directory}: {META_FILE} layers"),
-            config=meta["config"], requests=requests,
-            model_identity=meta.get("model_identity", {}), extra=meta.get("extra", {}),
-        )
+            raise ConfigError(f"{where}: a request in {META_FILE} is malformed ({e})") from None
+        return cls(deltas={m: deltas[m] for m in f.modules}, editor=f.editor, layers=f.layers, config=f.config,
+                   requests=requests, model_identity=f.model_identity, extra=f.extra)
+
+
+class _PatchFile(BaseModel):
+    """The shape of patch.json (`EditPatch.save`), checked when a patch is read back."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: int
+    editor: str
+    layers: Layers
+    modules: list[str] = Field(min_length=1)
+    config: dict
+    requests: list[dict[str, Any]] = Field(min_length=1)
+    model_identity: dict = Field(default_factory=dict)
+    extra: dict = Field(default_factory=dict)
+    tensors_sha256: str | None = None
+

@@ -20,6 +20,7 @@ from editdecay.core.errors import ConfigError
 if TYPE_CHECKING:
     from editdecay.edit.config import EditorConfig
     from editdecay.edit.editor import Editor
+    from editdecay.edit.patch import EditPatch
 
 # The built-in editors: name -> "module:class".
 BUILTIN = {
@@ -38,6 +39,18 @@ def editor_names() -> tuple[str, ...]:
 def check_editor(name: str) -> str:
     """The registered name `name` spells (case-insensitive). Raises ConfigError with the valid names."""
     return check_choice("editor", str(name).lower(), _editors)
+
+
+def load_patch(directory) -> "EditPatch":
+    """`EditPatch.load(directory)`, and its editor is a registered one: what every command reads a patch directory
+    with. ConfigError naming the directory and the editor (with the registered names) otherwise."""
+    from editdecay.core.config import choice_reason
+    from editdecay.edit.patch import EditPatch
+
+    patch = EditPatch.load(directory)
+    if patch.editor not in _editors:
+        raise ConfigError(f"patch {directory}: patch.json editor={patch.editor!r} {choice_reason(patch.editor, _editors)}")
+    return patch
 
 
 def editor_class(name: str) -> "type[Editor]":
@@ -118,5 +131,5 @@ def check_fields(name: str, fields: Mapping[str, Any]) -> None:
             raise ConfigError(f"{key}={value!r} (--{key.replace('_', '-')}) is {where}")
 
 
-__all__ = ["BUILTIN", "check_editor", "check_fields", "editor_class", "editor_names", "field_owners", "make_config",
-           "preset_for", "register_editor", "resolve_config", "unregister_editor"]
+__all__ = ["BUILTIN", "check_editor", "check_fields", "editor_class", "editor_names", "field_owners", "load_patch",
+           "make_config", "preset_for", "register_editor", "resolve_config", "unregister_editor"]

@@ -34,15 +34,16 @@ def evaluate_stage_result(model: ModelRef, requests: EditSelection | None, patch
     timer = Timer()
     patch = None
     if patch_dir is not None:
-        from editdecay.edit.patch import EditPatch
+        from editdecay.edit.registry import load_patch
 
-        patch = EditPatch.load(patch_dir)
+        patch = load_patch(patch_dir)
     with timer("load_data"):
         if patch is not None and requests is None:
             # The documented default with a patch: its own requests.
             from editdecay.data import EditDataset, subset
 
-            ds = subset(EditDataset(f"patch:{patch_dir}", tuple(patch.requests), len(patch.requests)), limit, seed)
+            ds = subset(EditDataset(f"patch:{patch_dir}", tuple(patch.requests), len(patch.requests)), limit, seed,
+                        field="--limit")
         else:
             ds = (requests or EditSelection(data="worldfacts")).load()
             if ds.rejected:

@@ -29,11 +29,9 @@ The model object is changed in place (edit applied, weights trained or adapters 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -41,8 +39,10 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 from torch import nn
 
+from editdecay.core.cache import ordinary_permissions, temp_dir, temp_file
 from editdecay.core.devices import input_device
 from editdecay.core.errors import ConfigError, EditDecayError
+from editdecay.core.outputs import check_output_dir
 from editdecay.core.models import LoadedModel, check_same_weights
 from editdecay.core.request import EditRequest
 from editdecay.core.results import Timer, environment, write_result
@@ -50,7 +50,7 @@ from editdecay.data.instructions import tokenize
 from editdecay.data.source import HeldOutTask, Source
 from editdecay.finetune.callback import DecayCallback, measure, stage_from
 from editdecay.finetune.recipe import Recipe
-from editdecay.finetune.train import DivergedError, TrainOutcome, train
+from editdecay.finetune.train import DivergedError, TrainOutcome, total_optimizer_steps, train, warmup_steps
 from editdecay.finetune.trainable import changed_tensors, merge, resolve_plan
 from editdecay.measure.decay import edit_flip_ratio, relative_decrease, success
 from editdecay.measure.downstream import DownstreamSpec
@@ -126,6 +126,7 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
         save = "merged" if recipe.method == "full" else "adapter"
     if recipe.method == "full" and save in ("adapter", "both"):
         raise ConfigError(f"save={save!r}: method='full' has no adapter; use save='merged' or 'none'")
+    check_output_dir(out, kind="finetune", overwrite=overwrite, overwrite_flag="overwrite=True (--overwrite)")
     if dist is not None:
         from editdecay.finetune.distributed import check_shardable
 
@@ -134,12 +135,6 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
                               f"tasks (got method={recipe.method!r}, downstream={measures.downstream!r})")
         check_shardable(lm.model, recipe, dist.world)
     main = dist is None or dist.main
-    if main:
-        _prepare_dir(out, overwrite)
-    if dist is not None:
-        import torch.distributed
-
-        torch.distributed.barrier()         # process 0 has cleared the directory
     timer = Timer()
     model, tok = lm.model, lm.tokenizer
     # Everything that can be wrong with the recipe or the data fails here, before any evaluation or training.
@@ -150,6 +145,15 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
     log.info("%s fine-tuning: layers %s, %d target modules, %d examples (%d loss tokens)", recipe.method,
              list(plan.layers), len(plan.modules), len(data.examples), data.identity["n_loss_tokens"])
     scorer = _Downstream.load(measures.downstream, timer) if measures.downstream else None   # bad task: now
+    warnings = _zero_effect(recipe, len(data.examples))
+    for w in warnings:
+        log.warning(w)
+    if main:                            # every setting is valid: only now is an old run's output removed
+        _prepare_dir(out, overwrite)
+    if dist is not None:
+        import torch.distributed
+
+        torch.distributed.barrier()         # process 0 has cleared the directory
     task = measures.task
     task_records = task.records()[1] if task is not None else ()
     task_name = task.identity().get("name") if task is not None else None
@@ -161,6 +165,7 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
         "kind": "finetune", "status": "running", "model": lm.identity.to_dict(), "recipe": recipe.to_dict(),
         "plan": plan.to_dict(), "data": data.identity, "task": task.identity() if task is not None else None,
         "eval_every": measures.eval_every, "models": {"before": before, "after": after}, "extra": extra or {},
+        "warnings": warnings,
     }
     if scorer is not None:
         result["downstream"] = scorer.record
@@ -209,7 +214,7 @@ def run_finetune(lm: LoadedModel, recipe: Recipe, source: Source, out: Path, *, 
         curve=[{k: p[k] for k in p if k != "eval_seconds"} for p in callback.points],
         requests=_per_request(edits.requests, base_outcomes, callback.outcomes[0], callback.outcomes[last],
                               before, after),
-        outputs=outputs, merge_check=merge_check, measured_model=_measured_model(outcome, lm), timings=timer.seconds,
+        outputs=outputs, merge_check=merge_check, measured_model=_measured_model(outcome, lm, outputs), timings=timer.seconds,
         environment=environment(device=str(device)),
     )
     write_result(out / RESULT_FILE, result)
@@ -254,7 +259,9 @@ def load_finetuned(lm: LoadedModel, run_dir: Path) -> nn.Module:
     """Base model + the fine-tuned weights of a finished run directory (`run_finetune(out=run_dir)`): the adapter
     (LoRA/DoRA, unmerged, as it was measured during training) or the saved tensors (full fine-tuning).
     Returns the model to measure. Raises EditDecayError if the run was made on other weights."""
-    result = json.loads((run_dir / "result.json").read_text())
+    from editdecay.core.schema import read_result
+
+    result = read_result(run_dir / RESULT_FILE, kind="finetune").model_dump(mode="json")
     check_same_weights(lm.identity, result.get("model"), f"fine-tuning run {run_dir}")
     outputs = result.get("outputs", {})
     if "adapter" in outputs:
@@ -281,18 +288,38 @@ def load_finetuned(lm: LoadedModel, run_dir: Path) -> nn.Module:
 
 
 def _prepare_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a directory holding a run (unless overwrite); with overwrite remove every output of the old run,
-    `adapter/` included, so nothing of it can be mistaken for this run's, and leftovers of killed saves."""
+    """Make `out` ready for this run, once every setting is known to be valid (`check_output_dir` refused a
+    directory holding another run, or this kind's without overwrite, before anything was computed).
+
+    With overwrite, every output of the old run is removed, `adapter/` included, so nothing of it can be mistaken
+    for this run's. Outputs of a run that was interrupted (logs or a curve, but no result.json) are removed with a
+    warning naming them: such a run cannot be resumed (its optimiser state was never saved), and its partial logs
+    are no result anyone could lose. Leftovers of killed saves go too."""
+    check_output_dir(out, kind="finetune", overwrite=overwrite, overwrite_flag="overwrite=True (--overwrite)")
     out.mkdir(parents=True, exist_ok=True)
-    stale = [out / n for n in (RESULT_FILE, LOG_FILE, CURVE_FILE, WEIGHTS_FILE, ADAPTER_DIR) if (out / n).exists()]
-    if stale and not overwrite:
-        raise ConfigError(f"out={out} already holds a fine-tuning run ({stale[0].name}); choose another directory "
-                          f"or pass overwrite=True (--overwrite)")
+    stale = [out / n for n in (RESULT_FILE, LOG_FILE, CURVE_FILE, WEIGHTS_FILE, ADAPTER_DIR) if os.path.lexists(out / n)]
+    if stale and not overwrite:         # no result.json (check_output_dir): an interrupted run's partial outputs
+        log.warning("%s holds the partial outputs of an interrupted fine-tuning run (%s, no %s); removing them and "
+                    "starting again (a run is not resumed from its logs)", out, ", ".join(p.name for p in stale),
+                    RESULT_FILE)
     for p in stale + [p for n in (ADAPTER_DIR, WEIGHTS_FILE) for p in out.glob(f".{n}.*.tmp")]:
-        if p.is_dir():
+        if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         else:
             p.unlink()
+
+
+def _zero_effect(recipe: Recipe, n_examples: int) -> list[str]:
+    """Warnings for a run that cannot do what its recipe says: a warm-up as long as the run keeps the learning rate
+    below `learning_rate` at every step (the study preset's 100 warm-up steps with --steps 3 train at 2e-6..6e-6)."""
+    total = total_optimizer_steps(recipe, n_examples)
+    warm = warmup_steps(recipe, total)
+    if warm >= total and recipe.lr_scheduler != "constant":
+        peak = recipe.learning_rate * total / warm if warm else recipe.learning_rate
+        return [f"the run never leaves warm-up: {warm} warm-up step(s) for a run of {total}, so the learning rate "
+                f"rises to {peak:.2g} at most, not learning_rate={recipe.learning_rate:g}; shorten the warm-up "
+                f"(--warmup-steps) or train longer (--steps)"]
+    return []
 
 
 def _training_summary(o: TrainOutcome) -> dict:
@@ -330,16 +357,12 @@ def _publish(target: Path, write: Callable[[Path], object], directory: bool = Fa
     """Write an output under a unique temporary name beside `target`, then rename it into place (replacing an
     older one). A save that fails or is killed leaves no half-written `adapter/` or weights file behind."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    else:
-        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(fd)
-        tmp = Path(name)
+    tmp = temp_dir(target) if directory else temp_file(target)      # ordinary permissions, like every result
     try:
         write(tmp)
+        ordinary_permissions(tmp)           # safetensors and save_pretrained write 0600 files
         if directory and target.exists():     # a directory cannot be renamed over: move the old one aside first
-            aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+            aside = temp_dir(target)
             os.replace(target, aside / target.name)
             os.rename(tmp, target)
             shutil.rmtree(aside, ignore_errors=True)
@@ -405,15 +428,23 @@ def _merge_checked(model: nn.Module, plan, tokenizer=None) -> tuple[nn.Module, d
     return merged, check, tensors
 
 
-def _measured_model(o: TrainOutcome, lm: LoadedModel) -> str:
-    """Which object the fine-tuned model's metrics, the curve and downstream scores were measured on (and which output
-    reproduces it)."""
+def _measured_model(o: TrainOutcome, lm: LoadedModel, outputs: dict) -> str:
+    """Which object the fine-tuned model's metrics, the curve and downstream scores were measured on, and which of
+    the outputs written (`outputs`, as `_save` returns them) reproduces it: only files that exist are named."""
+    saved = outputs.get("weights") == WEIGHTS_FILE
     if o.plan.method == "full":
-        return (f"the fine-tuned model in memory ({lm.identity.dtype}); weights.safetensors holds its changed "
-                f"tensors as they were")
-    return (f"the base model ({lm.identity.dtype}) with the unmerged {o.plan.method} adapters (float32) as trained; "
-            f"adapter/ reproduces it; weights.safetensors holds the merge computed and stored in float32, checked "
-            f"against it in merge_check")
+        kept = (f"{WEIGHTS_FILE} holds its changed tensors as they were" if saved else
+                "its weights were not saved (save='none')")
+        return f"the fine-tuned model in memory ({lm.identity.dtype}); {kept}"
+    parts = [f"the base model ({lm.identity.dtype}) with the unmerged {o.plan.method} adapters (float32) as trained"]
+    if "adapter" in outputs:
+        parts.append(f"{ADAPTER_DIR}/ reproduces it")
+    if saved:
+        parts.append(f"{WEIGHTS_FILE} holds the merge computed and stored in float32, checked against it in "
+                     f"merge_check")
+    if len(parts) == 1:
+        parts.append("neither the adapters nor a merge were saved (save='none')")
+    return "; ".join(parts)
 
 
 def _unsharded(lm: LoadedModel, state: dict[str, torch.Tensor]) -> nn.Module:

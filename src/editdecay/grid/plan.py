@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from editdecay.core.cache import stable_hash
 from editdecay.core.errors import ConfigError
 from editdecay.core.layers import parse_layers
@@ -165,16 +167,71 @@ class Plan:
                 "runtime": self.runtime, "grid": self.grid}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Plan":
+    def from_dict(cls, d: dict, *, where: str = "plan") -> "Plan":
         """A plan as written by `to_dict`. Format 1 (older editdecay) is read for its cells and states (status,
-        report); its stages' specs do not decode, so none of them is run by this version."""
+        report); its stages' specs do not decode, so none of them is run by this version.
+
+        A plan file is data anyone may have edited or cut short: its shape is checked (`_PlanFile`) and so are
+        its references (every stage a cell or a stage names is in it); ConfigError names `where`, the key path
+        and what is wrong."""
+        from pydantic import ValidationError
+
+        from editdecay.core.config import explain
+
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: a plan is a JSON object, not a {type(d).__name__}")
         fmt = d.get("format")
         if fmt not in READABLE_FORMATS:
-            raise ConfigError(f"plan format {fmt!r} is not supported (this editdecay reads "
-                              f"{', '.join(map(str, READABLE_FORMATS))}); update editdecay")
-        stages = {s["id"]: Stage.from_dict(s) for s in d["stages"]}
-        return cls(d["name"], tuple(Cell.from_dict(c) for c in d["cells"]), stages, d.get("runtime", {}),
-                   d.get("grid", {}), fmt)
+            raise ConfigError(f"{where}: plan format {fmt!r} is not supported (this editdecay reads "
+                              f"{', '.join(map(str, READABLE_FORMATS))}); a plan written by a newer editdecay needs "
+                              f"that version, anything else is not a plan written by editdecay")
+        try:
+            f = _PlanFile.model_validate(d)
+        except ValidationError as e:
+            raise ConfigError(f"{where} is not a plan written by editdecay: {explain(e, _PlanFile, limit=5)}") from None
+        stages = {s.id: Stage(s.id, s.kind, s.config, tuple(s.deps), s.label) for s in f.stages}
+        for s in f.stages:
+            unknown = [x for x in s.deps if x not in stages]
+            if unknown:
+                raise ConfigError(f"{where}: stage {s.id} depends on {unknown[0]!r}, which is not a stage of the plan")
+        for c in f.cells:
+            unknown = [x for x in c.stages.values() if x not in stages]
+            if unknown or "cell" not in c.stages:
+                what = (f"names stage {unknown[0]!r}, which is not" if unknown else
+                        "has no 'cell' stage, which every cell has")
+                raise ConfigError(f"{where}: cell {c.id} {what} in the plan")
+        cells = tuple(Cell(c.id, c.label, c.axes, dict(c.stages)) for c in f.cells)
+        return cls(f.name, cells, stages, f.runtime, f.grid, fmt)
+
+
+class _StageEntry(BaseModel):
+    model_config = ConfigDict(extra="allow")          # `cells` (who uses it) is written for readers, not read back
+
+    id: str
+    kind: str
+    label: str
+    deps: list[str]
+    config: dict
+
+
+class _CellEntry(BaseModel):
+    id: str
+    label: str
+    axes: dict
+    stages: dict[str, str]
+
+
+class _PlanFile(BaseModel):
+    """The shape of plan.json (`Plan.to_dict`), checked when a plan is read back."""
+
+    model_config = ConfigDict(extra="allow")          # `summary` is written for readers, not read back
+
+    format: int
+    name: str
+    cells: list[_CellEntry]
+    stages: list[_StageEntry]
+    runtime: dict = Field(default_factory=dict)
+    grid: dict = Field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- what a (model, seed) shares
@@ -215,10 +272,12 @@ def _resolve_model(entry: ModelEntry, base: Path) -> _Model:
         if family is None and cfg.is_file():
             from editdecay.core.arch import arch_for_model_type
 
-            try:
-                model_type = json.loads(cfg.read_text()).get("model_type", "?")
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"models: {cfg} is not readable JSON ({e})") from None
+            from editdecay.core.files import MAX_RECORD_BYTES, read_json
+
+            config = read_json(cfg, "models: model config", limit=MAX_RECORD_BYTES, expect=dict)
+            model_type = config.get("model_type", "?")
+            if not isinstance(model_type, str):
+                raise ConfigError(f"models: model config {str(cfg)!r}: model_type={model_type!r} is not a name")
             family = arch_for_model_type(model_type).family
     elif embedded:
         family = family or "llama"

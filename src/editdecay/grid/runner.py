@@ -20,10 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from editdecay.core.files import MAX_RESULT_BYTES, json_or_none
 from editdecay.grid.backends import make_backend
 from editdecay.grid.execute import Progress, StageOutcome
 from editdecay.grid.plan import Plan
-from editdecay.grid.store import STATES, GridStore
+from editdecay.grid.store import GridStore, state_counts
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def run_grid(plan: Plan, out: str | Path, *, backend: str = "local", grid_text: 
     for cell in plan.cells:
         store.publish_result(plan, cell.id)
     states = store.cell_states(plan)
-    counts = {s: sum(1 for c in states if c["state"] == s) for s in STATES}
+    counts = state_counts(states)
     table = store.gather(plan)
     failed = [{"cell": c["id"], "stage": c.get("failed_stage"), "error": c.get("error")}
               for c in states if c["state"] == "failed"]
@@ -125,7 +126,9 @@ def run_grid(plan: Plan, out: str | Path, *, backend: str = "local", grid_text: 
 def preflight(plan: Plan, store: GridStore, stage_ids: list[str]) -> list[StageOutcome]:
     """Read every edit and fine-tuning data set the stages need (no model, a few seconds at most) and record a
     failure for each stage whose data cannot be read, before hours go into fine-tuning runs whose cells could
-    never finish. Sources read over the network (`hf:`) are left to their stage."""
+    never finish. Sources read over the network (`hf:`) are left to their stage. An edit stage whose n_edits is
+    more than the data's usable requests fails here too (`data.sources.subset`), never running fewer edits than its
+    cell says."""
     from editdecay.data import sources as data_sources
     from editdecay.grid.specs import EvaluateSpec, FinetuneSpec, PatchSpec
 
@@ -149,14 +152,26 @@ def preflight(plan: Plan, store: GridStore, stage_ids: list[str]) -> list[StageO
         else:
             continue
         readers.setdefault(key, []).append(sid)
+    def count_check(sid: str, data) -> None:
+        spec = plan.stages[sid].spec
+        if isinstance(spec, (PatchSpec, EvaluateSpec)):
+            data_sources.subset(data, spec.requests.n, spec.requests.seed, field="n_edits")
+
     out = []
     for key, sids in readers.items():
+        failures: list[tuple[list[str], str, str]] = []      # (stages, error, traceback)
         try:
-            loaders[key]()
+            data = loaders[key]()
         except Exception as e:  # noqa: BLE001 -- recorded per stage, like a failure while computing
-            error = f"{type(e).__name__}: {e}"
-            tb = traceback.format_exc()
+            failures.append((sids, f"{type(e).__name__}: {e}", traceback.format_exc()))
+        else:
             for sid in sids:
+                try:
+                    count_check(sid, data)
+                except Exception as e:  # noqa: BLE001
+                    failures.append(([sid], f"{type(e).__name__}: {e}", traceback.format_exc()))
+        for failed, error, tb in failures:
+            for sid in failed:
                 kind = plan.stages[sid].kind
                 lease = store.try_take(sid)
                 if lease is None:
@@ -173,9 +188,8 @@ def _check_same_grid(store: GridStore, plan: Plan) -> None:
     """A directory may be re-used with a changed version of its grid (finished stages are content-addressed), but
     say so. Another grid (another name) is refused, before anything is written (`GridStore.check_same_grid`)."""
     store.check_same_grid(plan)
-    try:
-        old = json.loads(store.plan_path.read_text())
-    except (OSError, ValueError):
+    old = json_or_none(store.plan_path, limit=MAX_RESULT_BYTES)
+    if old is None:
         return
     if old.get("format") != plan.format:
         log.warning("%s was planned by another version of editdecay (plan format %s, now %s): its stages do not "
@@ -183,7 +197,8 @@ def _check_same_grid(store: GridStore, plan: Plan) -> None:
                     "disk and are not reported (results of cells not in plan.json are listed as stray)",
                     store.root, old.get("format"), plan.format)
         return
-    before = {c["id"] for c in old.get("cells", [])}
+    cells = old.get("cells")
+    before = {c.get("id") for c in cells if isinstance(c, dict)} if isinstance(cells, list) else set()
     now = {c.id for c in plan.cells}
     if before != now:
         log.warning("the grid in %s changed since its last run: %d cells kept, %d new, %d no longer in the grid "

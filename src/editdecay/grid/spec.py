@@ -355,12 +355,18 @@ class GridSpec(Config):
 
     @model_validator(mode="after")
     def _consistent(self):
+        # What to do about a repeat depends on the list: a label tells two editors apart (other overrides), but
+        # the same model under two labels is the same weights, and its cells would be computed twice.
+        remove = "remove the repeat: every cell would be computed twice"
+        hints = {"models": "the same model under another label is the same weights, and its cells would be computed "
+                           "twice: remove one entry", "editors": "give a distinct label to repeat an editor with "
+                           "other overrides"}
         for name, values in (("n_edits", self.n_edits), ("seeds", self.seeds), ("edit_data", self.edit_data),
                              ("finetune_data", self.finetune_data), ("models", [m.name for m in self.models]),
                              ("editors", [e.label or e.name for e in self.editors])):
             dup = sorted({str(x) for x in values if list(values).count(x) > 1})
             if dup:
-                raise ValueError(f"{name}: {dup[0]!r} is listed twice (give a distinct label to repeat an entry)")
+                raise ValueError(f"{name}: {dup[0]!r} is listed twice ({hints.get(name, remove)})")
         if any(n > 0 for n in self.n_edits):
             if not self.editors:
                 raise ValueError("editors: n_edits has a number > 0 but no editor is given; add e.g. [memit]")
@@ -392,15 +398,10 @@ def grid_from_dict(data: dict, *, source: str = "grid", base_dir: Path | None = 
 
 def load_grid(path: str | Path) -> GridSpec:
     """Read and validate a grid YAML file (relative paths inside it are relative to its directory)."""
-    import yaml
+    from editdecay.core.files import read_yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"grid file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml(path, "grid file")      # a regular UTF-8 file; YAML alias bombs refused
     return grid_from_dict(data, source=str(path), base_dir=path.parent)
 
 

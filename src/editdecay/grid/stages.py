@@ -22,7 +22,6 @@ Stage kinds (plan.py explains which cells share which):
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +68,9 @@ class StageContext:
         return self.store.stage_dir(sid)
 
     def dep_json(self, sid: str, name: str) -> dict:
-        return json.loads((self.dep_dir(sid) / name).read_text())
+        from editdecay.core.files import MAX_RESULT_BYTES, read_json
+
+        return read_json(self.dep_dir(sid) / name, f"stage {sid} output", limit=MAX_RESULT_BYTES, expect=dict)
 
     def dep_result(self, sid: str) -> dict:
         """A finetune stage's `run/result.json`, read through the schema (older model names renamed)."""
@@ -204,7 +205,7 @@ def run_finetune_stage(ctx: StageContext, dist=None) -> None:
     (M_f or M_ef), in memory.
     """
     from editdecay.data.sources import load_source
-    from editdecay.edit.patch import EditPatch
+    from editdecay.edit.registry import load_patch
     from editdecay.finetune.run import EditsUnderTest, Measures, run_finetune
 
     spec: FinetuneSpec = ctx.spec
@@ -221,7 +222,7 @@ def run_finetune_stage(ctx: StageContext, dist=None) -> None:
     lm = ctx.load_model(spec.model, device=str(dist.device) if dist is not None else None)
     extra = {"grid_stage": ctx.stage.id}
     if spec.patch is not None:
-        patch = EditPatch.load(ctx.dep_dir(spec.patch) / "patch")
+        patch = load_patch(ctx.dep_dir(spec.patch) / "patch")
         check_same_weights(lm.identity, patch.model_identity, f"patch stage {spec.patch}")
         patch.apply(lm.model)
         edits = EditsUnderTest(requests=patch.requests, layers=patch.layers, applied=True)

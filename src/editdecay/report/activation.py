@@ -130,7 +130,7 @@ def cell_shift(a: Analysis, cell: CellRecord, *, cache_dir=None, device: str = "
     from editdecay.core.errors import ConfigError
     from editdecay.core.models import load_model
     from editdecay.core.seeding import seed_everything
-    from editdecay.edit.patch import EditPatch
+    from editdecay.edit.registry import load_patch
     from editdecay.finetune import Recipe
     from editdecay.finetune.run import (
         EditsUnderTest,
@@ -148,7 +148,7 @@ def cell_shift(a: Analysis, cell: CellRecord, *, cache_dir=None, device: str = "
                           f"code because a results directory says so: pass --trust-remote-code if you trust it")
     cache = Cache(Path(cache_dir)) if cache_dir else Cache.default()
     stage_dir = root / "stages"
-    patch = EditPatch.load(stage_dir / result["stages"]["patch"]["id"] / "patch")
+    patch = load_patch(stage_dir / result["stages"]["patch"]["id"] / "patch")
     recipe = Recipe.from_dict(cfg["recipe"])
 
     def load():

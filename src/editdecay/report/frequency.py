@@ -42,6 +42,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from editdecay.core.files import MAX_RESULT_BYTES, json_or_none
 from editdecay.report.records import CellRecord
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ class TargetFrequencies:
         stage = ((cell.result or {}).get("stages") or {}).get("patch") or {}
         path = self.root / "stages" / str(stage.get("id")) / "patch" / "patch.json"
         try:
-            reqs = json.loads(path.read_text())["requests"]
+            reqs = (json_or_none(path, limit=MAX_RESULT_BYTES) or {})["requests"]
             return {r["case_id"]: r["target_new"] for r in reqs}
         except (OSError, ValueError, KeyError, TypeError) as e:   # no usable patch.json: load the data again
             log.debug("%s: no requests in %s (%s); loading the edit data", cell.label, path, e)
@@ -240,7 +241,7 @@ class TargetFrequencies:
     def _statistics_provenance(self, cell: CellRecord) -> Mapping | None:
         stage = ((cell.result or {}).get("stages") or {}).get("patch") or {}
         try:
-            manifest = json.loads((self.root / "stages" / str(stage.get("id")) / "stage.json").read_text())
+            manifest = json_or_none(self.root / "stages" / str(stage.get("id")) / "stage.json") or {}
             return manifest["outputs"]["statistics"]
         except (OSError, ValueError, KeyError, TypeError):
             return None

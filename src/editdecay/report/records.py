@@ -19,6 +19,7 @@ never stops the report.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 EDITED_MODELS = ("M_e", "M_ef")
 SCORES = ("efficacy", "paraphrase", "neighborhood")
 SCORE_ABBR = {"efficacy": "ES", "paraphrase": "PS", "neighborhood": "NS"}
-STATES = (*GRID_STATES, "invalid")        # grid states (grid/store.py) + "invalid" (result unusable)
+STATES = GRID_STATES          # grid/store/status.py: done, running, failed, pending, invalid (result unusable)
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def load_results(root: str | Path) -> ResultsSet:
     store = GridStore(root)
     notes: list[str] = []
     result_files = {p.stem: p for p in sorted((root / "results").glob("*.json"))}
-    if not store.plan_path.is_file():
+    if not os.path.lexists(store.plan_path):     # present but unreadable (a link to a device): read_plan names it
         if not result_files:
             raise ConfigError(f"{root} holds neither plan.json nor results/*.json; it is not a grid output directory")
         notes.append("no plan.json: the report lists the cells that have result files; cells that failed or never "
@@ -140,6 +141,8 @@ def load_results(root: str | Path) -> ResultsSet:
             if not path.is_file():      # the cell stage finished but its result was not published yet
                 path = store.stage_dir(cell.stages["cell"]) / "result.json"
             rec = _from_file(cell.id, path, label=cell.label, axes=cell.axes)
+        elif entry["state"] == "invalid":
+            rec = CellRecord(cell.id, cell.label, cell.axes, "invalid", error=entry["error"], path=entry["result"])
         else:
             rec = CellRecord(cell.id, cell.label, cell.axes, entry["state"], error=_first_line(entry.get("error")),
                              failed_stage=entry.get("failed_stage"), failed_kind=entry.get("failed_kind"))

@@ -31,7 +31,7 @@ from editdecay.grid.store.plans import PlanFiles
 from editdecay.grid.store.records import MAX_ATTEMPTS
 from editdecay.grid.store.results import result_row
 from editdecay.grid.store.stage_dir import MANIFEST
-from editdecay.grid.store.status import STATES, CellStatus
+from editdecay.grid.store.status import STATES, CellStatus, state_counts
 
 
 class GridStore(PlanFiles, CellStatus):
@@ -42,4 +42,4 @@ class GridStore(PlanFiles, CellStatus):
 
 
 __all__ = ["CELL_SCHEMA_VERSION", "GridStore", "MANIFEST", "MAX_ATTEMPTS", "STALE_AFTER_S", "STATES", "StageLease",
-           "result_row"]
+           "result_row", "state_counts"]

@@ -32,7 +32,9 @@ class EventLog:
         """Every event of every process, file by file (a line cut short by a kill is skipped)."""
         out = []
         for path in sorted((self.root / "logs").glob("events-*.jsonl")):
-            for line in path.read_text().splitlines():
+            if not path.is_file():          # only regular files (a link to a device would never end)
+                continue
+            for line in path.read_text(errors="replace").splitlines():
                 with contextlib.suppress(ValueError):
                     out.append(json.loads(line))
         return out

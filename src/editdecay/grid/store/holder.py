@@ -12,12 +12,12 @@ can show such a lock as stale and `grid unlock` can break it.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
 from pathlib import Path
 
+from editdecay.core.files import json_or_none
 from editdecay.grid.store.stage_dir import timestamp
 
 RUNNING = ".running.json"
@@ -33,10 +33,7 @@ def new_record() -> dict:
 
 def read(path: Path) -> dict | None:
     """The holder record at `path`, or None (no holder, or a record cut short)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
+    return json_or_none(path)
 
 
 def beat(record: dict) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import time
 from pathlib import Path
@@ -18,9 +19,10 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from editdecay.core.cache import atomic_write_json
+from editdecay.core.errors import ConfigError
 from editdecay.grid.store import holder as holder_record
 from editdecay.grid.store.events import EventLog
-from editdecay.grid.store.holder import RUNNING, is_mine, new_record, pid_alive
+from editdecay.grid.store.holder import HEARTBEAT_S, RUNNING, is_mine, new_record, pid_alive
 from editdecay.grid.store.lease import StageLease
 from editdecay.grid.store.records import StageRecords
 
@@ -29,6 +31,32 @@ log = logging.getLogger(__name__)
 LOCK = ".lock"
 STALE_AFTER_S = 900.0       # a lock whose holder shows no heartbeat for this long is stale (grid status/unlock)
 WAIT_REPORT_S = 60.0        # a runner waiting for a lock says who holds it this often
+
+
+def check_stale_after(seconds: float) -> float:
+    """`seconds` if it is a usable heartbeat age (> 0, finite); ConfigError naming --stale-after otherwise (0 or
+    less would call every holder stale the moment it took its lock)."""
+    if not (isinstance(seconds, (int, float)) and 0 < seconds < float("inf")):
+        raise ConfigError(f"--stale-after {seconds!r}: a lock is stale after a positive number of seconds without a "
+                          f"heartbeat (holders beat every {HEARTBEAT_S:g} s; default {STALE_AFTER_S:g})")
+    return float(seconds)
+
+
+def _locked_read_only(path: Path) -> bool:
+    """Whether a process holds the lock file `path`, asked through a read-only descriptor (a shared flock fails
+    while another process holds the exclusive one filelock takes). False where flock does not exist."""
+    try:
+        import fcntl
+    except ImportError:                 # not a POSIX system: filelock's lock there needs write access
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)                    # closing releases a shared lock taken here
+    return False
 
 
 class StageLocks(StageRecords, EventLog):
@@ -87,6 +115,8 @@ class StageLocks(StageRecords, EventLog):
             lock.acquire()
         except Timeout:
             return True
+        except PermissionError:         # a results directory we may read but not write (status, report)
+            return _locked_read_only(path)
         lock.release()
         return False
 
@@ -96,7 +126,12 @@ class StageLocks(StageRecords, EventLog):
 
     def holder(self, sid: str, stale_after: float = STALE_AFTER_S) -> dict:
         """Who holds the stage's lock, from its holder record: {stage, host, pid, started, heartbeat_age_s,
-        held_s, alive (None: another host), stale, why}. Call only for a lock that is held."""
+        held_s, alive (None: another host), stale, why}. Call only for a lock that is held.
+
+        A holder that is a live process of this host is never stale, however old its heartbeat: it may be slow
+        (a long save, a swapped-out process), and breaking its lock lets a second runner delete its temporary
+        directory. `why` then says it shows no heartbeat; only `grid unlock --stage ID --force` clears it."""
+        check_stale_after(stale_after)
         rec = self.running_info(sid) or {}
         now = time.time()
         out = {"stage": sid, **{k: rec.get(k) for k in ("host", "pid", "started", "heartbeat")}}
@@ -111,6 +146,9 @@ class StageLocks(StageRecords, EventLog):
         age = out.get("heartbeat_age_s")
         if out["alive"] is False:
             out.update(stale=True, why=f"its holder, pid {rec['pid']} on this host, no longer exists")
+        elif out["alive"] and age is not None and age > stale_after:
+            out.update(stale=False, why=f"its holder, pid {rec['pid']} on this host, is alive but showed no heartbeat "
+                                        f"for {age:.0f} s: it may hang (kill it, or clear with --stage {sid} --force)")
         elif age is not None and age > stale_after:
             out.update(stale=True, why=f"no heartbeat for {age:.0f} s (more than {stale_after:.0f} s): its holder "
                                        f"hangs or lost this filesystem")
@@ -120,6 +158,7 @@ class StageLocks(StageRecords, EventLog):
 
     def locks(self, stale_after: float = STALE_AFTER_S) -> list[dict]:
         """Every stage lock held now, with its holder (`holder`)."""
+        check_stale_after(stale_after)
         out = []
         for path in sorted((self.root / "stages").glob(f"*{LOCK}")):
             sid = path.name[:-len(LOCK)]
@@ -145,4 +184,4 @@ class StageLocks(StageRecords, EventLog):
         return True
 
 
-__all__ = ["STALE_AFTER_S", "StageLocks", "WAIT_REPORT_S"]
+__all__ = ["STALE_AFTER_S", "StageLocks", "WAIT_REPORT_S", "check_stale_after"]

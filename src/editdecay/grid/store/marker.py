@@ -12,7 +12,6 @@ that it reads the same token at the same path before it touches anything.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import socket
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from editdecay.core.cache import atomic_write_json
 from editdecay.core.errors import EditDecayError
+from editdecay.core.files import json_or_none
 from editdecay.grid.store.stage_dir import timestamp
 
 MARKER = ".driver-marker.json"
@@ -41,10 +41,7 @@ def check_marker(root: str | Path, token: str) -> None:
     """Raise ResultsNotVisible (naming the directory, this host and the driver's) unless `root` holds the marker
     with `token`, as written by the driver."""
     path = Path(root) / MARKER
-    try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError):
-        found = None
+    found = json_or_none(path)
     if found is not None and found.get("token") == token:
         return
     what = ("has no marker file " + str(path) if found is None else

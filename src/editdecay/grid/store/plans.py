@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 
 from filelock import FileLock
 
 from editdecay.core.cache import atomic_write_bytes, atomic_write_json, stable_hash
 from editdecay.core.errors import ConfigError
+from editdecay.core.files import MAX_RESULT_BYTES, json_or_none, path_problem, read_json
 from editdecay.grid.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -63,12 +65,7 @@ class PlanFiles:
         grid would overwrite plan.json and grid.yaml, and `grid status`, `gather` and the results table would
         then describe only one of the two.
         """
-        if not self.plan_path.is_file():
-            return
-        try:
-            old = json.loads(self.plan_path.read_text()).get("name")
-        except (OSError, ValueError):
-            return
+        old = (json_or_none(self.plan_path, limit=MAX_RESULT_BYTES) or {}).get("name")
         if old is not None and old != plan.name:
             raise ConfigError(
                 f"--out {self.root} holds the results of grid {old!r}; this grid is named {plan.name!r}. One "
@@ -84,15 +81,16 @@ class PlanFiles:
         `runtime["rejected"]` for display -- so only a grid file the user gives to `grid run` can run them.
         """
         path = self.plan_path if plan_id is None else self.root / "plans" / f"{plan_id}.json"
-        if not path.is_file():
-            raise ConfigError(f"{self.root} is not a grid output directory (no {path.name}); run "
-                              f"`editdecay grid run GRID.yaml --out {self.root}` first")
-        data = json.loads(path.read_text())
+        if not os.path.lexists(path):
+            where = (f"{self.root} is not a grid output directory (no {path.name})" if self.root.is_dir() else
+                     f"results directory {str(self.root)!r} {path_problem(self.root) or 'is not a directory'}")
+            raise ConfigError(f"{where}; run `editdecay grid run GRID.yaml --out {self.root}` first")
+        data = read_json(path, "plan", limit=MAX_RESULT_BYTES, expect=dict)
         if plan_id is not None and stable_hash(data, len(plan_id)) != plan_id:
             # workers run what the driver planned, nothing else
             raise ConfigError(f"{path} does not match its plan id {plan_id} (changed after it was written); "
                               f"run `editdecay grid run GRID.yaml --out {self.root}` again")
-        return _without_code(Plan.from_dict(data), path)
+        return _without_code(Plan.from_dict(data, where=str(path)), path)
 
 
 def _without_code(plan: Plan, path: Path) -> Plan:
@@ -100,7 +98,8 @@ def _without_code(plan: Plan, path: Path) -> Plan:
     runtime = json.loads(json.dumps(plan.runtime))
     rejected = {}
     for section, key in (("slurm", "setup"), ("ray", "runtime_env")):
-        value = (runtime.get(section) or {}).get(key)
+        block = runtime.get(section)
+        value = block.get(key) if isinstance(block, dict) else None
         if value:
             rejected[f"{section}.{key}"] = value
             runtime[section][key] = type(value)()

@@ -13,9 +13,9 @@ the stage is recorded as failed instead of started once more.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from editdecay.core.files import json_or_none
 from editdecay.grid.store.stage_dir import StageDirectories
 
 MAX_ATTEMPTS = 3            # starts whose process died before a stage is recorded as failed (grid: max_attempts)
@@ -30,17 +30,12 @@ class StageRecords(StageDirectories):
 
     def failure(self, sid: str) -> dict | None:
         """The last failed attempt: {id, kind, error, traceback, time, host, pid, attempts}, or None."""
-        try:
-            return json.loads(self.beside(sid, FAILED).read_text())
-        except (OSError, ValueError):
-            return None
+        return json_or_none(self.beside(sid, FAILED))
 
     def attempts(self, sid: str) -> list[dict]:
         """Starts of the stage whose process died before the attempt ended ({host, pid, started} each)."""
-        try:
-            return list(json.loads(self.beside(sid, ATTEMPTS).read_text())["attempts"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return []
+        runs = (json_or_none(self.beside(sid, ATTEMPTS)) or {}).get("attempts")
+        return [r for r in runs if isinstance(r, dict)] if isinstance(runs, list) else []
 
 
 __all__ = ["MAX_ATTEMPTS", "StageRecords"]

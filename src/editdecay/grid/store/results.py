@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
-from editdecay.core.cache import atomic_write_bytes
+from editdecay.core.cache import atomic_write_bytes, temp_file
+from editdecay.core.errors import ConfigError, EditDecayError
+from editdecay.core.files import MAX_RESULT_BYTES, read_bytes, read_json
 from editdecay.core.schema import MODELS
 from editdecay.grid.plan import Plan
 from editdecay.grid.store.stage_dir import StageDirectories
@@ -30,10 +31,24 @@ class CellResults(StageDirectories):
         return self.root / "results" / f"{cell_id}.json"
 
     def read_result(self, cell_id: str) -> dict | None:
+        """The cell's result if it exists and follows the schema (`checked_result`), else None."""
+        return self.checked_result(cell_id)[0]
+
+    def checked_result(self, cell_id: str) -> tuple[dict | None, str | None]:
+        """(result, None) for a result that follows the schema (core.schema.CellResult); (None, why) for a file that
+        exists but cannot be used (cut short, not JSON, another schema, not a regular file, too large); (None, None)
+        when there is none."""
+        from editdecay.core.schema import ResultSchemaError, validate_result
+
+        path = self.result_path(cell_id)
+        if not os.path.lexists(path):
+            return None, None
         try:
-            return json.loads(self.result_path(cell_id).read_text())
-        except (OSError, ValueError):
-            return None
+            data = read_json(path, "cell result", limit=MAX_RESULT_BYTES, error=ResultSchemaError)
+            validate_result(data, where=str(path), kind="grid-cell")
+        except EditDecayError as e:
+            return None, str(e)
+        return data, None
 
     def publish_result(self, plan: Plan, cell_id: str) -> bool:
         """Copy a finished cell stage's result to results/<cell-id>.json (atomically) if it is not there yet.
@@ -43,8 +58,8 @@ class CellResults(StageDirectories):
             return False
         target = self.result_path(cell_id)
         src = self.stage_dir(cell.stages["cell"]) / "result.json"
-        if not target.is_file() or target.stat().st_size != src.stat().st_size:
-            atomic_write_bytes(target, src.read_bytes())
+        if not target.is_file() or target.stat().st_size != src.stat().st_size or self.checked_result(cell_id)[1]:
+            atomic_write_bytes(target, read_bytes(src, "cell stage result", limit=MAX_RESULT_BYTES))
         return True
 
     def gather(self, plan: Plan) -> Path | None:
@@ -58,10 +73,14 @@ class CellResults(StageDirectories):
         df = pd.DataFrame(rows)
         atomic_write_bytes(self.root / "results.csv", df.to_csv(index=False).encode())
         path = self.root / "results.parquet"
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.name}.", suffix=".tmp")   # unique per writer
-        os.close(fd)
+        tmp = temp_file(path)          # unique per writer, readable like every other result
         try:
-            df.to_parquet(tmp, index=False)
+            try:
+                df.to_parquet(tmp, index=False)
+            # pyarrow's conversion errors (ArrowInvalid, ArrowTypeError, ...) derive from these
+            except (OverflowError, ValueError, TypeError, NotImplementedError) as e:
+                raise ConfigError(f"{path} cannot be written: {e}; a value of a result in {self.root / 'results'} "
+                                  f"does not fit its column (results.csv holds the table)") from None
             os.replace(tmp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):

@@ -22,11 +22,13 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import Iterator
 
 from editdecay.core.cache import atomic_dir, atomic_write_json
+from editdecay.core.files import json_or_none
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +56,16 @@ class StageDirectories:
     def manifest(self, sid: str) -> dict | None:
         """The manifest of a finished stage, or None if it is not finished (or half-written)."""
         d = self.stage_dir(sid)
-        try:
-            m = json.loads((d / MANIFEST).read_text())
-        except (OSError, ValueError):
+        m = json_or_none(d / MANIFEST)
+        if m is None or m.get("id") != sid or m.get("format") != MANIFEST_FORMAT or not isinstance(m.get("files"), dict):
             return None
-        if m.get("id") != sid or m.get("format") != MANIFEST_FORMAT:
-            return None
-        for name, size in m.get("files", {}).items():
+        for name, size in m["files"].items():
             try:
-                if (d / name).stat().st_size != size:
-                    return None
-            except OSError:
+                st = (d / name).stat()
+            except (OSError, ValueError):
+                return None
+            # A listed file must still be the regular file of that size (never a link to a device).
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
                 return None
         return m
 

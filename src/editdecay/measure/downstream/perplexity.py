@@ -31,12 +31,10 @@ METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 def read_corpus(path: Path) -> list[str]:
     """The documents of a corpus file, stripped; empty documents are dropped. DataError names what is wrong."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"perplexity corpus {str(path)!r} does not exist")
     text = read_text(path, "perplexity corpus")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        docs = split_documents(text)
+        docs = split_documents(text, f"perplexity corpus {str(path)!r}")
     elif suffix == ".jsonl":
         docs = []
         for i, value in json_lines(text.splitlines()):
@@ -57,10 +55,9 @@ def read_corpus(path: Path) -> list[str]:
 
 
 def _json(text: str, where: str):
-    try:
-        return json.loads(text)
-    except ValueError as e:
-        raise DataError(f"{where}: not valid JSON ({e})") from None
+    from editdecay.core.files import parse_json
+
+    return parse_json(text, where, error=DataError)
 
 
 def _text_of(x, where: str) -> str:
