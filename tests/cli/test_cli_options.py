@@ -234,7 +234,7 @@ def _grid_error(**changes) -> str:
      "chatterbot.format", "shared.chatterbot.format", "='choise' is not valid (did you mean 'choice'?); use one of "
                                                       "reply, choice"),
     (["--eval-every", "-3"], {"shared": {"evaluation": {"eval_every": -3}}}, "evaluation.eval_every",
-     "shared.evaluation.eval_every", "=-3 is not valid: input should be greater than or equal to 0"),
+     "shared.evaluation.eval_every", "=-3 is not valid; use an integer >= 0"),
     (["--layers", "edted"], {"recipes": [{"method": "lora", "layers": "edted"}]}, "recipe.layers",
      "recipes[0].layers[0]", "='edted' is not valid (did you mean 'edited'?); use one of all, edited, non-edited"),
     (["--lora-dropout", "1.5"], {"recipes": [{"method": "lora", "overrides": {"lora_dropout": 1.5}}]}, "recipe: ",

@@ -73,6 +73,18 @@ def test_result_holds_stages_curve_decay_and_trainable_names(tmp_path):
     assert len((r.out / "curve.jsonl").read_text().splitlines()) == 3
 
 
+def test_a_list_schedule_and_epochs_give_the_curve_its_steps_and_dose(tmp_path):
+    """One epoch of 24 examples at batch 4 is 6 steps; the curve is measured at the listed steps, the last step
+    and step 0, each point with the epochs trained so far."""
+    recipe = Recipe(method="lora", targets="mlp", epochs=1, batch_size=4, lora_r=4, template="compact",
+                    cutoff_len=64)
+    r, _ = run(tmp_path, recipe, eval_every=[1, 3, 9])
+    curve = r.result["curve"]
+    assert [p["step"] for p in curve] == [0, 1, 3, 6]
+    assert [p["epoch"] for p in curve] == [0.0, pytest.approx(4 / 24, abs=1e-4), 0.5, 1.0]
+    assert r.result["eval_every"] == (1, 3, 9) or r.result["eval_every"] == [1, 3, 9]
+
+
 def test_saved_outputs_reproduce_the_fine_tuned_model(tmp_path):
     from peft import PeftModel
 

@@ -96,6 +96,40 @@ def test_a_second_run_reuses_everything(world, baseline):
     assert set(computed_counts(baseline["store"]).values()) == {1}
 
 
+def test_two_local_workers_give_the_serial_results(world, baseline, tmp_path):
+    """--workers 2: independent stages (M_f beside statistics and patch) in processes of their own, at most two at
+    once; the cell's numbers equal the serial run's, every stage computed once."""
+    plan = build_plan(load_grid(_single_cell(world, tmp_path)))
+    (cell,) = plan.cells
+    summary = run_grid(plan, tmp_path / "two", threads=1, workers=2)
+    assert (summary.cells["done"], summary.stages) == (1, {"computed": 7, "reused": 0, "failed": 0, "blocked": 0,
+                                                             "busy": 0})
+    store = GridStore(tmp_path / "two")
+    assert set(computed_counts(store).values()) == {1}
+    assert numbers(store.read_result(cell.id)) == numbers(baseline["results"][cell.id])
+    events = sorted(store.events(), key=lambda e: e["time"])
+    stage_pids = {e["pid"] for e in events if e["event"] == "computed" and e["kind"] != "cell"}
+    assert os.getpid() not in stage_pids and len(stage_pids) == 6          # one process per stage
+    running, most = set(), 0
+    for e in events:
+        if e["kind"] == "cell":
+            continue
+        if e["event"] == "started":
+            running.add(e["stage"])
+        elif e["event"] in ("computed", "failed"):
+            running.discard(e["stage"])
+        most = max(most, len(running))
+    assert most == 2                                                     # two at once, never more
+
+
+def test_workers_must_be_a_positive_count(world, tmp_path):
+    from editdecay.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="workers=0 is not valid"):
+        run_grid(build_plan(load_grid(world["grid"])), tmp_path / "none", workers=0)
+    assert not (tmp_path / "none").exists()                             # refused before anything is written
+
+
 def _runner(world, grid: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "editdecay.cli", "grid", "run", str(grid), "--out", str(out),

@@ -19,6 +19,7 @@ from editdecay.grid.spec import grid_from_dict, load_grid
 STUDY = ROOT / "examples" / "grids" / "study.yaml"
 DEMO = ROOT / "examples" / "grids" / "demo.yaml"
 EMBEDDED_STUDY = ROOT / "examples" / "grids" / "embedded-study.yaml"
+EMBEDDED_STUDY_V3 = ROOT / "examples" / "grids" / "embedded-study-v3.yaml"
 
 
 def small(**changes) -> dict:
@@ -217,6 +218,32 @@ def test_demo_grid_is_the_embedded_default():
         return ft.spec.recipe, {k: v for k, v in ft.spec.data.settings.items() if k != "n_test"}
 
     assert finetune_config(plan) == finetune_config(study)
+
+
+def test_embedded_study_v3_plans_both_data_sets_at_the_stated_dose():
+    """The v3 grid: 2 editors x {worldfacts, zsRE} x 6 recipes; one epoch (three for the dose arm); its curve
+    checkpoints are every eighth of an epoch of the 1026 chatterbot training records at batch 8 (129 steps)."""
+    plan = build_plan(load_grid(EMBEDDED_STUDY_V3))
+    assert len(plan.cells) == 24
+    assert {c.axes["edit_data_label"] for c in plan.cells} == {"worldfacts", "zsre"}
+    finetunes = [s.spec for s in plan.stages.values() if s.kind == "finetune"]
+    assert {(s.recipe.method, s.recipe.epochs, s.recipe.max_steps) for s in finetunes} == {
+        ("full", 1, None), ("lora", 1, None), ("dora", 1, None), ("lora", 3, None)}
+    every = finetunes[0].eval_every
+    from support.models import tok
+
+    from editdecay.data.instructions import tokenize
+    from editdecay.data.sources import held_out_task, load_source
+
+    recipe = finetunes[0].recipe
+    task = held_out_task("chatterbot", load_grid(EMBEDDED_STUDY_V3).shared.chatterbot.to_dict())
+    examples = tokenize(load_source("chatterbot", task=task), tok(), cutoff_len=recipe.cutoff_len,
+                        template=recipe.template, train_on_prompt=recipe.train_on_prompt).examples
+    steps_per_epoch = -(-len(examples) // recipe.batch_size)
+    assert steps_per_epoch == 128          # the number the grid file's comment derives its checkpoints from
+    assert every[:3] == (2, 4, 8)
+    assert every[3:] == tuple(k * steps_per_epoch // 8 for k in range(1, 25))
+    assert every[-1] == 3 * steps_per_epoch and (steps_per_epoch in every)
 
 
 PLAN_PROBE = textwrap.dedent("""

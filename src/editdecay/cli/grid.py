@@ -11,6 +11,7 @@ import typer
 from editdecay.cli import app
 from editdecay.cli.common import console, guard
 from editdecay.cli.options import Fields, config_options
+from editdecay.core.errors import ConfigError
 from editdecay.grid.spec import SharedSettings
 
 RUN = Fields(SharedSettings, into="run", only=("threads",), default="the grid file's shared.threads",
@@ -114,6 +115,8 @@ def run_cmd(
     grid_file: Path = typer.Argument(..., help="grid YAML file"),
     out: Path = typer.Option(..., help="output directory (created; re-run with the same --out to resume)"),
     backend: str = typer.Option("local", help="local (in-process) | ray | slurm"),
+    workers: int = typer.Option(1, help="local backend: independent stages computed at once, each in a process of "
+                                        "its own with one torch thread (default 1: one after another, in-process)"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: the grid's, else a local cluster)"),
     num_cpus: Optional[int] = typer.Option(None, help="CPUs of a local Ray cluster started here"),
     slurm_cluster: str = typer.Option("auto", help="submitit executor: auto | slurm | local"),
@@ -128,10 +131,13 @@ def run_cmd(
     from editdecay.grid.runner import run_grid
 
     threads = SharedSettings(**run).threads
+    if workers != 1 and backend != "local":
+        raise ConfigError(f"--workers {workers} is an option of the local backend; --backend {backend} places stages "
+                          f"itself (ray: resources.*.cpus, slurm: array_parallelism)")
     plan = _load(grid_file)
     check_output_dir(out, kind="grid", overwrite=True)      # resumable in place; never over another kind of run
     grid_text = read_text(grid_file, "grid file", limit=MAX_GRID_BYTES)
-    options = {}
+    options = {"workers": workers} if backend == "local" else {}
     if backend == "ray":
         options = {"address": address, "num_cpus": num_cpus}
     elif backend == "slurm":

@@ -28,6 +28,7 @@ import contextlib
 import contextvars
 import gc
 import logging
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence, TypeVar
 
@@ -88,6 +89,31 @@ def free_bytes(device) -> int | None:
         reserved = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(free + max(reserved, 0))
     return None
+
+
+HOST_SHARE_ENV = "EDITDECAY_HOST_MEMORY_SHARE"
+
+
+def set_host_memory_share(share: float | None) -> None:
+    """Let this process plan CPU batches with `share` (0 < share <= 1) of the host's available memory: 1/N in each
+    of N grid stage processes running at once (grid/backends/local.py), so N of them never plan more than the
+    machine has. None: all of it. Process-wide like `core.devices.set_threads`, and passed the same way (an
+    environment variable of the process). Raises ValueError outside (0, 1]."""
+    if share is None:
+        os.environ.pop(HOST_SHARE_ENV, None)
+        return
+    if not 0 < float(share) <= 1:
+        raise ValueError(f"host memory share {share!r} is not valid; give a fraction in (0, 1]")
+    os.environ[HOST_SHARE_ENV] = repr(float(share))
+
+
+def host_available_bytes() -> int:
+    """This process's share (`set_host_memory_share`) of the memory the host can give without swapping
+    (psutil's `available`: free memory plus reclaimable caches), in bytes, measured now."""
+    import psutil
+
+    share = float(os.environ.get(HOST_SHARE_ENV) or 1.0)
+    return int(psutil.virtual_memory().available * share)
 
 
 def empty_cache(device) -> None:

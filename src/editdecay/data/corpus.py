@@ -37,10 +37,8 @@ from pydantic import Field, model_validator
 
 from editdecay.core.cache import Cache, atomic_write_bytes, sha256_file, stable_hash
 from editdecay.core.config import Config, check_choice
-from editdecay.core.devices import input_device
 from editdecay.core.errors import ConfigError, DataError
 from editdecay.core.models import LoadedModel
-from editdecay.core.tokens import pad_id
 from editdecay.data.documents import BadLine, json_lines, read_text, split_documents
 from editdecay.data.source import split_spec
 
@@ -49,7 +47,8 @@ log = logging.getLogger(__name__)
 CORPUS_KINDS = ("generated", "file", "hf")
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 FILE_SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
-GENERATED_FORMAT_VERSION = 1   # bump when the sampling procedure changes: old cached streams become stale
+GENERATED_FORMAT_VERSION = 2   # bump when the sampling procedure changes: old cached streams become stale
+                               # (2: one generator per sequence, sampled with a key/value cache, data/sampling.py)
 _TOKENIZE_GROUP = 64           # documents per batched tokenizer call
 
 
@@ -72,7 +71,8 @@ class CorpusSpec(Config):
     temperature: float = Field(1.0, description="sampling temperature (kind=generated)")
     top_k: int = Field(0, description="0: no top-k truncation (kind=generated)")
     top_p: float = Field(0.95, description="nucleus sampling mass; 1.0: none (kind=generated)")
-    gen_batch_size: int = Field(16, description="sequences sampled per generate() call; part of the stream's identity")
+    gen_batch_size: int = Field(64, description="sequences sampled together (kind=generated); the text does not depend "
+                                                "on it (each sequence has its own seed), the cache files do")
 
     @model_validator(mode="after")
     def _validate(self) -> "CorpusSpec":
@@ -108,7 +108,8 @@ class CorpusSpec(Config):
     def sampling(self) -> dict:
         """Settings that determine a generated token stream (besides the model)."""
         return {"seed": self.seed, "seq_len": self.seq_len, "temperature": self.temperature, "top_k": self.top_k,
-                "top_p": self.top_p, "gen_batch_size": self.gen_batch_size, "version": GENERATED_FORMAT_VERSION}
+                "top_p": self.top_p, "gen_batch_size": self.gen_batch_size,
+                "version": GENERATED_FORMAT_VERSION}
 
     def identity(self, lm: LoadedModel) -> dict:
         """What determines the token stream, for cache keys and result files.
@@ -335,43 +336,26 @@ def _eos_ids(lm: LoadedModel) -> list[int]:
     return sorted(ids)
 
 
-def _batch_seed(seed: int, batch: int) -> int:
-    return int(stable_hash({"seed": seed, "batch": batch}), 16) % (2 ** 62)
+def _sequence_seed(seed: int, index: int) -> int:
+    """The seed of sequence number `index` (0-based, over the whole stream) of the stream seeded `seed`."""
+    return int(stable_hash({"seed": seed, "sequence": index}), 16) % (2 ** 62)
 
 
-@torch.no_grad()
 def sample_batch(spec: CorpusSpec, lm: LoadedModel, batch: int) -> list[list[int]]:
-    """Sample generation batch number `batch`: `gen_batch_size` sequences from the start token.
+    """Sample generation batch number `batch`: sequences batch * gen_batch_size ... + gen_batch_size - 1 of the
+    stream, each from the start token, together in one batch with a key/value cache (data/sampling.py).
 
-    Each batch has its own seed derived from (spec.seed, batch), set inside a forked
-    RNG so the caller's random state is untouched. The stream is therefore
-    prefix-stable: asking for more tokens appends batches and never changes earlier
-    ones. Sequences end at the first EOS (kept) or at seq_len tokens. Same weights,
-    settings and device give the same tokens; other devices may sample differently.
+    Each sequence draws from its own generator, seeded from (spec.seed, its index in the stream), so the caller's
+    random state is untouched and the stream is prefix-stable: asking for more tokens appends batches and never
+    changes earlier ones. Sequences end at the first EOS (kept) or at seq_len tokens. Same weights, settings and
+    device give the same tokens; other devices may sample differently.
     """
-    model = lm.model
-    device = input_device(model)
-    start = _start_token(lm)
-    eos = _eos_ids(lm)
-    ids = torch.full((spec.gen_batch_size, 1), start, dtype=torch.long, device=device)    # (B, 1)
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices, device_type=device.type if device.type == "cuda" else None):
-        torch.manual_seed(_batch_seed(spec.seed, batch))
-        out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-            temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, repetition_penalty=1.0,
-            num_beams=1, max_new_tokens=spec.seq_len - 1, min_new_tokens=0,
-            eos_token_id=eos or None, pad_token_id=pad_id(lm.tokenizer) if lm.tokenizer is not None else (eos or [0])[0],
-        )                                                                                 # (B, <= seq_len)
-    rows = []
-    for row in out.tolist():
-        cut = len(row)
-        for i in range(1, len(row)):
-            if row[i] in eos:
-                cut = i + 1
-                break
-        rows.append(row[:cut])
-    return rows
+    from editdecay.data.sampling import sample_sequences
+
+    first = batch * spec.gen_batch_size
+    seeds = [_sequence_seed(spec.seed, first + j) for j in range(spec.gen_batch_size)]
+    return sample_sequences(lm.model, seeds, start=_start_token(lm), eos=_eos_ids(lm), max_len=spec.seq_len,
+                            temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p)
 
 
 def _generated_parts(spec: CorpusSpec, fingerprint: str, batch: int) -> tuple[str, ...]:

@@ -40,10 +40,14 @@ class TargetSettings:
     clamp_norm_factor: float = 0.75
     early_stop_loss: float = 0.05
     kl_prompt: str = "{} is a"
-    batch_size: int | None = None   # requests optimised together; None: from free memory (TARGETS_CPU_BATCH on CPU)
+    batch_size: int | None = None   # requests optimised together; None: from free memory (CPU: `cpu_batch_size`)
 
 
-TARGETS_CPU_BATCH = 128
+TARGETS_CPU_BATCH = 128          # most requests of one E3 batch on the CPU
+TARGETS_CPU_BUDGET = 2 * 2 ** 30  # most bytes an E3 batch plans to add on the CPU (a 100-request zsRE batch, ~15 GB,
+                                  # starved a 24 GB host shared by other work). Measured on the
+                                  # embedded model: 18 zsRE requests (3 GiB planned) peaked at 4.6 GiB resident with the
+                                  # model and libraries; 2 GiB plans 9 (predicted ~3 GiB resident, not measured)
 
 
 @dataclass
@@ -187,7 +191,7 @@ def _detach_cache(cache) -> None:
 def compute_targets(model, tokenizer, requests: list[EditRequest], templates: ContextTemplates | tuple[str, ...],
                     cfg: TargetSettings, *, progress: bool = True) -> TargetResult:
     """Optimise one delta per request (E3), `cfg.batch_size` requests at a time (None: as many as the
-    device's free memory holds by `_bytes_per_request`, TARGETS_CPU_BATCH on the CPU). A batch that runs out
+    device's free memory holds by `_bytes_per_request`; on the CPU `cpu_batch_size`, from the memory plan). A batch that runs out
     of memory is redone at half the size; at one request, DeviceMemoryError names the stage (E3 targets).
     z and h come back as float32 CPU tensors.
 
@@ -223,10 +227,39 @@ def _bytes_per_request(model, tokenizer, requests, templates, cfg: TargetSetting
                + shape.logits_bytes(scored, grad=True) + 4 * shape.vocab)
 
 
+def cpu_batch_size(model, tokenizer, requests, templates, cfg: TargetSettings,
+                   available: int | None = None) -> int:
+    """E3 requests per batch on the CPU, from the memory plan (core/memory_plan.py, stage "targets": prefix KV
+    cache, suffix activations kept for the backward pass, log-probabilities with gradients, on the actual token
+    lengths of `requests`): as many as fit min(TARGETS_CPU_BUDGET, MEMORY_FRACTION x `available`), within
+    [1, TARGETS_CPU_BATCH]. `available`: bytes this process may use (default: its share of the host's available
+    memory, core.memory.host_available_bytes, divided between the grid's parallel stage processes)."""
+    from dataclasses import replace
+
+    from editdecay.core.memory import MEMORY_FRACTION, host_available_bytes
+    from editdecay.core.memory_plan import EditSetting, ModelDims, stage_memory
+
+    dims = ModelDims.of_model(model)
+    flat = templates if isinstance(templates, ContextTemplates) else ContextTemplates((tuple(templates),))
+    setting = EditSetting.from_requests(tokenizer, requests[:64], flat, layers=(cfg.layer,))
+
+    def peak(n: int) -> int:
+        return stage_memory(dims, "targets", edit=replace(setting, n_requests=n, target_batch=n)).peak
+
+    per_request = max(1, peak(2) - peak(1))          # every part of the transient grows linearly with the batch
+    free = host_available_bytes() if available is None else available
+    budget = min(TARGETS_CPU_BUDGET, MEMORY_FRACTION * free)
+    return max(1, min(TARGETS_CPU_BATCH, len(requests), int(budget // per_request)))
+
+
 def _all_batches(model, tokenizer, requests, templates, cfg, progress) -> list[TargetResult]:
     per_req = _bytes_per_request(model, tokenizer, requests, templates, cfg)
-    size = plan_batch_size("E3 targets", n_items=len(requests), bytes_per_item=per_req, device=input_device(model),
-                           explicit=cfg.batch_size, cpu_default=TARGETS_CPU_BATCH)
+    device = input_device(model)
+    explicit = cfg.batch_size
+    if explicit is None and device.type == "cpu":
+        explicit = cpu_batch_size(model, tokenizer, requests, templates, cfg)
+    size = plan_batch_size("E3 targets", n_items=len(requests), bytes_per_item=per_req, device=device,
+                           explicit=explicit, cpu_default=TARGETS_CPU_BATCH)
     done = [0]
 
     def one(part):

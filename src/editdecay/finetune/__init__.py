@@ -4,6 +4,7 @@
 - `trainable`  recipe + model -> plan; LoRA/DoRA wrapping through peft, freezing for full fine-tuning
 - `train`      the training loop
 - `callback`   edit metrics and task scores every k steps (the decay curve)
+- `schedule`   when the curve measures: `eval_every` as a period or a list of steps; pure, no torch
 - `run`        one experiment end to end, writing result.json
 
 Names are imported lazily, so reading `editdecay.finetune.recipe` (e.g. to validate a grid file) does not

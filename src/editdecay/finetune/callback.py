@@ -17,19 +17,20 @@ from typing import Sequence
 
 from editdecay.core.arch import unwrap_peft
 from editdecay.core.cache import dumps_json
-from editdecay.core.errors import ConfigError
 from editdecay.core.request import EditRequest
 from editdecay.data.instructions import InstructionRecord
+from editdecay.finetune import schedule
 from editdecay.measure.metrics import RequestOutcome, aggregate, evaluate_requests
 from editdecay.measure.task import TaskScore, exact_match
 
 @dataclass
 class DecayCallback:
-    """Evaluate `requests` (E6) and held-out task records every `every` steps (0: only first and last)."""
+    """Evaluate `requests` (E6) and held-out task records at the steps `every` names (finetune/schedule.py: every
+    k steps, 0: only first and last; or a list of steps)."""
 
     requests: Sequence[EditRequest] = ()
     task_records: Sequence[InstructionRecord] = ()
-    every: int = 0
+    every: int | tuple[int, ...] = 0
     template: str = "compact"
     batch_size: int = 32
     path: Path | None = None                      # curve JSONL, appended and flushed per point
@@ -42,21 +43,22 @@ class DecayCallback:
     control_outcomes: dict[int, list[RequestOutcome]] = field(default_factory=dict)   # step -> control outcomes
 
     def __post_init__(self) -> None:
-        if self.every < 0:
-            raise ConfigError(f"eval_every={self.every} is not valid; use 0 (first and last step only) or k >= 1")
+        self.every = schedule.check(self.every)
 
     def due(self, step: int, last_step: int) -> bool:
-        return step == 0 or step == last_step or (self.every > 0 and step % self.every == 0)
+        return schedule.due(self.every, step, last_step)
 
-    def evaluate(self, model, tokenizer, step: int) -> dict:
-        """Measure the model now; returns the curve point (also stored in `points`, per-request in `outcomes`)."""
+    def evaluate(self, model, tokenizer, step: int, epoch: float | None = None) -> dict:
+        """Measure the model now; returns the curve point (also stored in `points`, per-request in `outcomes`).
+        `epoch`: examples trained on so far / examples in the training set (the study's dose unit), recorded with
+        the point when given."""
         t0 = time.perf_counter()
         measured, task = measure(model, tokenizer, [*self.requests, *self.control], self.task_records,
                                  template=self.template, batch_size=self.batch_size)
         outcomes, control = measured[:len(self.requests)], measured[len(self.requests):]
         agg = aggregate(outcomes)
         point = {
-            "step": step, "efficacy": agg["efficacy"], "paraphrase": agg["paraphrase"],
+            "step": step, **({"epoch": round(epoch, 4)} if epoch is not None else {}), "efficacy": agg["efficacy"], "paraphrase": agg["paraphrase"],
             "neighborhood": agg["neighborhood"], **task_keys(task, self.task_name),
             "harmonic_mean": agg["harmonic_mean"], "n_requests": agg["n"],
             "eval_seconds": round(time.perf_counter() - t0, 3),

@@ -110,11 +110,11 @@ class EditsUnderTest:
 @dataclass(frozen=True)
 class Measures:
     """What a fine-tuning run scores besides the edits: `task`'s held-out split at every curve point (anything with
-    `records() -> (train, test)` and `identity()`, data/source.py HeldOutTask; None: no task), every `eval_every`
+    `records() -> (train, test)` and `identity()`, data/source.py HeldOutTask; None: no task), at the steps `eval_every`
     steps (0: first and last only), and lm-eval `downstream` tasks before and after (None: none)."""
 
     task: HeldOutTask | None = None
-    eval_every: int = 0
+    eval_every: int | tuple[int, ...] = 0       # finetune/schedule.py: every k steps, or a list of steps
     downstream: DownstreamSpec | Sequence[str] | None = None
 
 

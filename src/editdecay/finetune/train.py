@@ -146,7 +146,7 @@ def train(
     torch.manual_seed(recipe.seed)
     total = total_optimizer_steps(recipe, len(data.examples))
     if callback is not None:
-        callback.evaluate(model, tokenizer, step=0)
+        callback.evaluate(model, tokenizer, step=0, epoch=0.0)
 
     model = prepare_model(model, recipe, plan)
     if recipe.gradient_checkpointing:
@@ -238,7 +238,7 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}")
             if callback is not None and callback.due(step, total):
-                point = callback.evaluate(model, tokenizer, step=step)
+                point = callback.evaluate(model, tokenizer, step=step, epoch=seen / len(data.examples))
                 _write(log, {"event": "eval", **point})
     finally:
         bar.close()

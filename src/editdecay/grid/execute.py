@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from editdecay.core.devices import set_threads
+from editdecay.core.memory import set_host_memory_share
 from editdecay.grid.plan import Plan
 from editdecay.grid.store import MAX_ATTEMPTS, GridStore, StageLease
 
@@ -50,9 +51,12 @@ class StageOutcome:
 
 
 def execute_stage(root: str | Path, stage_id: str, *, plan_id: str | None = None, wait: bool = True,
-                  progress: bool = False, threads: int | None = None,
+                  progress: bool = False, threads: int | None = None, memory_share: float | None = None,
                   on_start: Callable[[], None] | None = None) -> StageOutcome:
     """Compute one stage of the grid in `root` unless it is finished (see module docstring).
+
+    `threads`: torch CPU threads of this process; `memory_share`: the share of the host's available memory this
+    process plans CPU batches with (1/N for N stages at once; None: all), core.memory.set_host_memory_share.
 
     Never raises for a failure of the stage itself: the error is recorded and returned. Only
     KeyboardInterrupt/SystemExit propagate (the lock is released and nothing is published).
@@ -84,7 +88,7 @@ def execute_stage(root: str | Path, stage_id: str, *, plan_id: str | None = None
             on_start()
         try:
             with lease.heartbeat():
-                outcome = _compute(store, lease, plan, progress, threads, attempt)
+                outcome = _compute(store, lease, plan, progress, threads, attempt, memory_share)
         except (KeyboardInterrupt, SystemExit):
             lease.drop_attempt()                # stopped on purpose, not a crash of the stage
             raise
@@ -111,13 +115,14 @@ def _killed_too_often(store: GridStore, lease: StageLease, plan: Plan, killed: l
 
 
 def _compute(store: GridStore, lease: StageLease, plan: Plan, progress: bool, threads: int | None,
-             attempt: int) -> StageOutcome:
+             attempt: int, memory_share: float | None = None) -> StageOutcome:
     from editdecay.core.seeding import seed_everything
     from editdecay.grid.stages import EXECUTORS, StageContext
 
     stage_id = lease.sid
     stage = plan.stages[stage_id]
     set_threads(threads or plan.runtime.get("threads"))
+    set_host_memory_share(memory_share)
     if not progress:
         _quiet_libraries()
     store.event(event="started", stage=stage_id, kind=stage.kind, attempt=attempt)   # 2+: earlier starts were killed

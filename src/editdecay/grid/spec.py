@@ -37,6 +37,7 @@ from editdecay.data.embedded_task import TaskSettings
 from editdecay.data.source import EDIT, FINETUNE, HELD_OUT
 from editdecay.edit.registry import editor_names
 from editdecay.finetune.recipe import LAYER_CHOICES, METHODS, PRESETS, TARGET_CHOICES, LayerSpec, TargetSpec
+from editdecay.finetune.schedule import EvalEvery
 
 # The valid choices come from the modules and registries that own them (validating a grid file loads no model
 # code): model families from core/arch.py, editors from edit/registry.py, data sources and held-out tasks from
@@ -192,8 +193,9 @@ class EvaluationSettings(Config):
 
     batch_size: Optional[int] = Field(None, ge=1, description="prompts per scoring batch (E6); default: sized from "
                                                               "the device's free memory (32 on the CPU)")
-    eval_every: int = Field(25, ge=0, description="decay curve: measure the edits (and the held-out task) every K "
-                                                  "fine-tuning steps (0: only first and last)")
+    eval_every: EvalEvery = Field(25, description="decay curve: measure the edits (and the held-out task) every K "
+                                                  "fine-tuning steps (0: only first and last), or at a list of steps "
+                                                  "(e.g. [2, 4, 8, 16, 32]; step 0 and the last step always)")
     zsre_target: Literal["answers", "alt"] = Field("answers", description="zsRE edit target: answers "
                                                    "(MEMIT/AlphaEdit) or alt (EasyEdit), docs/METHODS.md E6")
     strict: bool = Field(False, description="a rejected edit record, or a subject that does not end on a token "

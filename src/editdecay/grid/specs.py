@@ -28,6 +28,7 @@ from editdecay.core.errors import ConfigError
 from editdecay.core.model_ref import ModelRef
 from editdecay.data.sources import EditSelection
 from editdecay.finetune.recipe import Recipe
+from editdecay.finetune.schedule import EvalEvery
 
 SPEC_VERSION = 2
 
@@ -229,7 +230,7 @@ class FinetuneSpec(StageSpec):
     data: DataRef
     held_out: DataRef | None = None
     downstream: DownstreamRef | None = None
-    eval_every: int = Field(ge=0)
+    eval_every: EvalEvery
     edited_layers: tuple[int, ...] | None = None
     edited_by: EditorRef | None = None
     patch: str | None = None

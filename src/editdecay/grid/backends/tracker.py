@@ -9,6 +9,7 @@ disk before computing) and the driver runs the stage again, until `max_attempts`
 from __future__ import annotations
 
 import traceback
+from typing import Collection
 
 from editdecay.grid.execute import Progress, StageOutcome
 from editdecay.grid.plan import Plan
@@ -26,10 +27,13 @@ class Tracker:
         self.bad: set[str] = set()        # failed or blocked in this run
         self.losses: dict[str, int] = {}  # stage -> times its process was lost in this run
 
-    def settle(self) -> list[str]:
-        """Report stages that are already finished (reused) or can never run (blocked); return startable ones."""
+    def settle(self, running: Collection[str] = ()) -> list[str]:
+        """Report stages that are already finished (reused) or can never run (blocked); return startable ones.
+        `running`: stages this driver has started and not yet collected (their outcome reports them)."""
         ready = []
         for sid in list(self.pending):
+            if sid in running:
+                continue
             st = self.plan.stages[sid]
             bad = [d for d in st.deps if d in self.bad]
             if bad:
