@@ -255,11 +255,13 @@ def cpu_batch_size(model, tokenizer, requests, templates, cfg: TargetSettings,
 def _all_batches(model, tokenizer, requests, templates, cfg, progress) -> list[TargetResult]:
     per_req = _bytes_per_request(model, tokenizer, requests, templates, cfg)
     device = input_device(model)
-    explicit = cfg.batch_size
-    if explicit is None and device.type == "cpu":
-        explicit = cpu_batch_size(model, tokenizer, requests, templates, cfg)
+    # The CPU plan from host memory is the default where the device has no free-memory query (plan_batch_size uses
+    # cpu_default only then); an explicit batch size, or a device's own free memory, takes precedence.
+    cpu_default = TARGETS_CPU_BATCH
+    if cfg.batch_size is None and device.type == "cpu":
+        cpu_default = cpu_batch_size(model, tokenizer, requests, templates, cfg)
     size = plan_batch_size("E3 targets", n_items=len(requests), bytes_per_item=per_req, device=device,
-                           explicit=explicit, cpu_default=TARGETS_CPU_BATCH)
+                           explicit=cfg.batch_size, cpu_default=cpu_default)
     done = [0]
 
     def one(part):
