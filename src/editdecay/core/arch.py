@@ -131,6 +131,37 @@ def num_layers(model: nn.Module) -> int:
     return int(getattr(model.config, arch_for(model).n_layers_attr))
 
 
+@dataclass(frozen=True)
+class ConfigSizes:
+    """The sizes of a transformers config under the names every family uses (GPT-2's `n_embd`, Llama's
+    `hidden_size`, ...); the one reader of them for memory estimates and plans."""
+
+    d: int           # hidden size
+    d_ff: int        # MLP inner width (4 d when the config leaves it unset, as GPT-2 does)
+    heads: int
+    kv_heads: int    # key/value heads (grouped-query attention), `heads` when unset
+    head_dim: int
+    n_layers: int
+
+    @classmethod
+    def of(cls, config) -> "ConfigSizes":
+        d = int(_config_value(config, "hidden_size", "n_embd"))
+        heads = int(_config_value(config, "num_attention_heads", "n_head") or 1)
+        return cls(d=d, d_ff=int(_config_value(config, "intermediate_size", "n_inner") or 4 * d), heads=heads,
+                   kv_heads=int(_config_value(config, "num_key_value_heads") or heads),
+                   head_dim=int(_config_value(config, "head_dim") or d // heads),
+                   n_layers=int(_config_value(config, "num_hidden_layers", "n_layer")))
+
+
+def _config_value(config, *names):
+    """The first of `names` that `config` sets to something other than None."""
+    for n in names:
+        v = getattr(config, n, None)
+        if v is not None:
+            return v
+    return None
+
+
 def alternatives(name: str) -> tuple[str, ...]:
     """The alternatives of a table name: "lm_head|embed_out" -> ("lm_head", "embed_out"); "a.b" -> ("a.b",)."""
     return tuple(part.strip() for part in name.split("|"))

@@ -35,7 +35,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import torch
 from torch import nn
 
-from editdecay.core.arch import unwrap_peft
+from editdecay.core.arch import ConfigSizes, unwrap_peft
 from editdecay.core.errors import EditDecayError
 
 log = logging.getLogger(__name__)
@@ -254,15 +254,10 @@ class ModelShape:
     def of(cls, model: nn.Module) -> "ModelShape":
         base = unwrap_peft(model)
         c = base.config
-        d = int(_first(c, "hidden_size", "n_embd"))
-        d_ff = _first(c, "intermediate_size", "n_inner") or 4 * d
-        heads = int(_first(c, "num_attention_heads", "n_head") or 1)
-        kv_heads = int(_first(c, "num_key_value_heads") or heads)
-        head_dim = int(_first(c, "head_dim") or d // heads)
-        n_layers = int(_first(c, "num_hidden_layers", "n_layer"))
+        z = ConfigSizes.of(c)
         dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), torch.float32)
         elt = torch.finfo(dtype).bits // 8
-        return cls(d, int(d_ff), n_layers, int(c.vocab_size), heads, kv_heads * head_dim, elt)
+        return cls(z.d, z.d_ff, z.n_layers, int(c.vocab_size), z.heads, z.kv_heads * z.head_dim, elt)
 
     def forward_token_bytes(self, seq_len: int) -> int:
         """Activations of a no-grad forward that are alive at once, per token (about one block's worth,
@@ -280,14 +275,6 @@ class ModelShape:
     def logits_bytes(self, positions: int, *, grad: bool = False) -> int:
         """float32 logits and log-softmax over the vocabulary (and their gradients) at `positions`."""
         return positions * self.vocab * (4 * 4 if grad else 4 * 2 + self.elt)
-
-
-def _first(config, *names):
-    for n in names:
-        v = getattr(config, n, None)
-        if v is not None:
-            return v
-    return None
 
 
 __all__ = ["BatchRecord", "DeviceMemoryError", "MEMORY_FRACTION", "ModelShape", "OOM_ERRORS", "fmt_bytes", "free_bytes",

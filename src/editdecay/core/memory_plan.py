@@ -103,17 +103,13 @@ class ModelDims:
     @classmethod
     def of_model(cls, model, name: str | None = None, dtype: str | None = None) -> "ModelDims":
         """Read the sizes off a built model (real or on the meta device)."""
-        from editdecay.core.arch import arch_for, get_module, resolve_name, unwrap_peft
+        from editdecay.core.arch import ConfigSizes, arch_for, get_module, resolve_name, unwrap_peft
 
         model = unwrap_peft(model)
         c = model.config
         spec = arch_for(model)
-        d = int(_first(c, "hidden_size", "n_embd"))
-        heads = int(_first(c, "num_attention_heads", "n_head") or 1)
-        head_dim = int(_first(c, "head_dim") or d // heads)
-        kv_heads = int(_first(c, "num_key_value_heads") or heads)
-        d_ff = int(_first(c, "intermediate_size", "n_inner") or 4 * d)
-        n_layers = int(_first(c, "num_hidden_layers", "n_layer"))
+        z = ConfigSizes.of(c)
+        d, heads, head_dim, kv_heads, d_ff, n_layers = z.d, z.heads, z.head_dim, z.kv_heads, z.d_ff, z.n_layers
         seen, n_params = set(), 0
         for p in model.parameters():
             if id(p) not in seen:
@@ -170,14 +166,6 @@ class ModelDims:
     def to_dict(self) -> dict:
         return {"name": self.name, "family": self.family, "d": self.d, "d_ff": self.d_ff, "layers": self.n_layers,
                 "vocab": self.vocab, "parameters": self.n_params, "dtype": self.dtype}
-
-
-def _first(config, *names):
-    for n in names:
-        v = getattr(config, n, None)
-        if v is not None:
-            return v
-    return None
 
 
 # --------------------------------------------------------------------------- the work
