@@ -163,3 +163,18 @@ def test_exact_match_checks_response_and_end_token_at_the_right_positions():
     score = exact_match(Oracle(len(tok), {odd}), tok, test, batch_size=5)
     n_odd = sum(r.output == "odd" for r in test)
     assert n_odd > 0 and score.accuracy == pytest.approx(1 - n_odd / 12)
+
+
+def test_exact_match_does_not_depend_on_record_order_or_batching():
+    """exact_match sorts records by length before batching (less padding): a real forward pass with padding
+    must give the same scores whatever the order and batch size."""
+    from support.models import make_tiny
+
+    tok = load_tok()
+    model = make_tiny("llama", tok).model
+    _, test = EmbeddedTask(n_train=10, n_test=12).records()
+    a = exact_match(model, tok, test, batch_size=5)
+    b = exact_match(model, tok, list(reversed(test)), batch_size=1)
+    assert (a.accuracy, a.prefix_accuracy, a.n) == (b.accuracy, b.prefix_accuracy, b.n)
+    assert a.token_accuracy == pytest.approx(b.token_accuracy) and a.nll == pytest.approx(b.nll, rel=1e-5)
+    assert a.nll > 0

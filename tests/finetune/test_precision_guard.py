@@ -109,3 +109,26 @@ def test_8bit_adamw_with_stochastic_rounding_trains_bf16_weights():
     assert out.precision["stochastic_rounding"] is True and out.precision["master_weights"] is False
     moved = sum(int((p.detach() != before[n]).sum()) for n, p in model.named_parameters())
     assert moved > 0
+
+
+def test_adamw_uses_the_fused_kernel_for_plain_tensors_with_the_same_arithmetic():
+    """make_optimizer's AdamW is torch's fused kernel for plain tensors (the CPU default loops over tensors in
+    Python): its steps equal the single-tensor loop's up to float rounding; master weights keep the loop."""
+    from editdecay.finetune.precision import make_optimizer
+
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(8, 4, generator=gen), torch.randn(5, generator=gen)]
+    grads = [[torch.randn_like(t) for t in start] for _ in range(3)]
+    finals = {}
+    for per_tensor in (False, True):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = make_optimizer("adamw", params, lr=1e-2, weight_decay=0.1, stochastic_round=False,
+                             per_tensor=per_tensor)
+        assert bool(opt.defaults.get("fused")) is not per_tensor
+        for g in grads:
+            for p, x in zip(params, g):
+                p.grad = x.clone()
+            opt.step()
+        finals[per_tensor] = [p.detach() for p in params]
+    for a, b, s in zip(finals[False], finals[True], start):
+        assert torch.allclose(a, b, atol=1e-6) and not torch.equal(a, s)

@@ -76,7 +76,14 @@ def make_optimizer(name: str, params: list, *, lr: float, weight_decay: float, s
     weights, which step one tensor at a time): torch's single-tensor loop, which needs no list-wide float32
     temporaries (foreach AdamW holds one the size of all trainable parameters during the step)."""
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False if per_tensor else None)
+        if per_tensor:
+            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False)
+        # torch's fused kernel when every tensor is a plain one (not a sharded DTensor): on the CPU the default is
+        # a per-tensor Python loop, 0.61 s a step for the 135M parameters of the embedded model against 0.11 s
+        # fused (one thread); the same AdamW arithmetic up to float rounding.
+        fused = all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type in ("cpu", "cuda")
+                    for p in params)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
     if name == "adamw8bit":
         try:
             from torchao.optim import AdamW8bit

@@ -107,6 +107,9 @@ class Recipe(Config):
                                         "bfloat16 weight's spacing and would be rounded away). None: on for "
                                         "low-precision weights with optimizer adamw.", None,
                                         exclude_if=lambda v: v is None)
+    group_by_length: bool = _field("Draw micro-batches of similar length (transformers' length-grouped sampler), so "
+                                   "less of each batch is padding; the order of examples differs from the plain "
+                                   "shuffle.", False, exclude_if=lambda v: not v)
     gradient_checkpointing: bool = _field("Recompute activations in the backward pass (less memory, ~30% slower).",
                                          False)
     seed: int = _field("Seed of adapter initialisation, dropout and data order.", 0)

@@ -80,11 +80,22 @@ def warmup_steps(recipe: Recipe, total: int) -> int:
     return int(math.ceil((recipe.warmup_ratio or 0.0) * total))
 
 
-def _micro_batches(examples: tuple[Example, ...], batch_size: int, seed: int) -> Iterator[list[Example]]:
-    """Endless stream of micro-batches; a fresh seeded permutation every epoch."""
+def _micro_batches(examples: tuple[Example, ...], batch_size: int, seed: int,
+                   group_by_length: bool = False) -> Iterator[list[Example]]:
+    """Endless stream of micro-batches; a fresh seeded permutation every epoch.
+
+    `group_by_length`: the permutation of transformers' length-grouped sampler (`trainer_pt_utils.
+    get_length_grouped_indices`, the Trainer's `train_sampling_strategy="group_by_length"`): shuffled
+    mega-batches of 50 micro-batches, each sorted by length, so a micro-batch pads to similar lengths; the
+    longest micro-batch comes first (an out-of-memory error shows at step 1)."""
     gen = torch.Generator().manual_seed(seed)
+    lengths = [len(e.input_ids) for e in examples]
     while True:
-        order = torch.randperm(len(examples), generator=gen).tolist()
+        if group_by_length:
+            from transformers.trainer_pt_utils import get_length_grouped_indices
+            order = list(get_length_grouped_indices(lengths, batch_size, generator=gen))
+        else:
+            order = torch.randperm(len(examples), generator=gen).tolist()
         for start in range(0, len(order), batch_size):
             yield [examples[i] for i in order[start:start + batch_size]]
 
@@ -173,7 +184,7 @@ def train(
         else contextlib.nullcontext()
     probe = UpdateProbe(list(zip(names, params)), watched=master.master if master else None, stochastic=stochastic,
                         all_sum=dist.all_sum if dist else None)
-    stream = _micro_batches(data.examples, recipe.batch_size, recipe.seed)
+    stream = _micro_batches(data.examples, recipe.batch_size, recipe.seed, recipe.group_by_length)
     pad = pad_id(tokenizer)
     tokens = loss_tokens = seen = 0
     train_seconds, loss_value = 0.0, None

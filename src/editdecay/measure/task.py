@@ -57,6 +57,9 @@ def exact_match(model, tokenizer, records: Sequence[InstructionRecord], *, templ
         p = tokenizer.encode(render_prompt(r, template), add_special_tokens=True)
         t = tokenizer.encode(r.output, add_special_tokens=False) + ([eos] if eos is not None else [])
         seqs.append((p, t))
+    # Sorted by length so a batch pads little (the sums below do not depend on the order): 1.3x fewer
+    # token positions on the embedded study's 94 held-out records at batch 32 (benchmarks/stage_times.py).
+    seqs.sort(key=lambda pt: len(pt[0]) + len(pt[1]))
     was_training = model.training
     model.eval()
     device = input_device(model)
