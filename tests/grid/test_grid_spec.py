@@ -201,23 +201,28 @@ def test_study_grid_lists_every_cell_and_shares_stages():
     assert full.spec.recipe.targets == "all" and full.spec.recipe.learning_rate == 5e-6
 
 
-def test_demo_grid_is_the_embedded_default():
+def test_demo_grid_is_the_v3_zsre_lora_cell_at_demo_size():
+    """`make demo` is the embedded study v3's zsRE LoRA cell (MEMIT, LoRA on all layers, chatterbot choice records,
+    token accuracy), shorter: the recipe differs from v3's only in its length and the speed settings, the data
+    settings only in the held-out size."""
     plan = build_plan(load_grid(DEMO))
     assert {c.axes["model"] for c in plan.cells} == {"smollm2-135m"}
-    # the embedded study's MEMIT LoRA cell (examples/grids/embedded-study.yaml) at demo size, on human-written text
     assert {(c.axes["editor"], c.axes["method"], c.axes["layers"]) for c in plan.cells} == set(
         itertools.product(["memit"], ["lora"], ["all"]))
     assert {c.axes["finetune_data"] for c in plan.cells} == {"chatterbot"}
-    assert {c.axes["n_edits"] for c in plan.cells} == {20}
-    # ... with the study's recipe and data format: the fine-tuning configurations differ only in the held-out size
-    study = build_plan(load_grid(EMBEDDED_STUDY))
+    assert {c.axes["edit_data_label"] for c in plan.cells} == {"zsre"} and {c.axes["n_edits"] for c in plan.cells} == {50}
+    v3 = build_plan(load_grid(EMBEDDED_STUDY_V3))
 
     def finetune_config(p):
         ft = next(s for s in p.stages.values() if s.kind == "finetune" and s.spec.recipe.method == "lora"
-                  and s.spec.recipe.layers == "all")
-        return ft.spec.recipe, {k: v for k, v in ft.spec.data.settings.items() if k != "n_test"}
+                  and s.spec.recipe.layers == "all" and s.spec.recipe.epochs in (None, 1))
+        length = ("epochs", "max_steps", "dtype", "group_by_length")
+        return ({k: v for k, v in ft.spec.recipe.to_dict().items() if k not in length},
+                {k: v for k, v in ft.spec.data.settings.items() if k != "n_test"})
 
-    assert finetune_config(plan) == finetune_config(study)
+    assert finetune_config(plan) == finetune_config(v3)
+    demo_recipe = next(s.spec.recipe for s in plan.stages.values() if s.kind == "finetune")
+    assert (demo_recipe.max_steps, demo_recipe.dtype, demo_recipe.group_by_length) == (24, "bfloat16", True)
 
 
 def test_embedded_study_v3_plans_both_data_sets_at_the_stated_dose():
