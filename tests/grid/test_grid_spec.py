@@ -210,7 +210,7 @@ def test_demo_grid_is_the_v3_zsre_lora_cell_at_demo_size():
     assert {(c.axes["editor"], c.axes["method"], c.axes["layers"]) for c in plan.cells} == set(
         itertools.product(["memit"], ["lora"], ["all"]))
     assert {c.axes["finetune_data"] for c in plan.cells} == {"chatterbot"}
-    assert {c.axes["edit_data_label"] for c in plan.cells} == {"zsre"} and {c.axes["n_edits"] for c in plan.cells} == {50}
+    assert {c.axes["edit_data_label"] for c in plan.cells} == {"zsre"} and {c.axes["n_edits"] for c in plan.cells} == {20}
     v3 = build_plan(load_grid(EMBEDDED_STUDY_V3))
 
     def finetune_config(p):
@@ -222,7 +222,7 @@ def test_demo_grid_is_the_v3_zsre_lora_cell_at_demo_size():
 
     assert finetune_config(plan) == finetune_config(v3)
     demo_recipe = next(s.spec.recipe for s in plan.stages.values() if s.kind == "finetune")
-    assert (demo_recipe.max_steps, demo_recipe.dtype, demo_recipe.group_by_length) == (24, "bfloat16", True)
+    assert (demo_recipe.max_steps, demo_recipe.dtype, demo_recipe.group_by_length) == (16, "bfloat16", True)
 
 
 def test_embedded_study_v3_plans_both_data_sets_at_the_stated_dose():
