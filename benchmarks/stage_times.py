@@ -39,6 +39,7 @@ def measure(args) -> dict:
     from editdecay.finetune.recipe import preset
     from editdecay.finetune.trainable import resolve_plan
     from editdecay.finetune.train import train
+    from editdecay.grid.plan import build_plan
     from editdecay.grid.spec import load_grid
 
     grid = load_grid(GRID)
@@ -49,7 +50,11 @@ def measure(args) -> dict:
     t0 = time.perf_counter()
     lm = load_model("smollm2-135m")
     out["load_seconds"] = round(time.perf_counter() - t0, 2)
-    over = dict(batch_size=8, warmup_steps=0, cutoff_len=160, train_on_prompt=True)
+    # the grid's own speed settings (dtype, group_by_length) for every timed recipe: what its stages will run
+    first = next(st.spec.recipe for st in build_plan(grid).stages.values() if st.kind == "finetune")
+    over = dict(batch_size=8, warmup_steps=0, cutoff_len=160, train_on_prompt=True, dtype=first.dtype,
+                group_by_length=first.group_by_length)
+    out["recipe_speed_settings"] = {"dtype": first.dtype, "group_by_length": first.group_by_length}
     steps = {}
     configs = [("lora", "lora", "all", "float32"), ("dora", "dora", "all", "float32"), ("full", "full", "all", "float32"),
                ("lora-5-layers", "lora", (3, 4, 5, 6, 7), "float32")]
@@ -57,7 +62,8 @@ def measure(args) -> dict:
         configs += [(f"{m}-bf16", m, "all", "bfloat16") for m in ("lora", "dora", "full")]
     for label, method, layers, dtype in configs:
         model = load_model("smollm2-135m").model if method == "full" else lm.model
-        recipe = preset("embedded", method, **over, layers=layers, max_steps=1 + args.steps, dtype=dtype)
+        recipe = preset("embedded", method, **{**over, "dtype": dtype if dtype != "float32" else over["dtype"]},
+                        layers=layers, max_steps=1 + args.steps)
         data = tokenize(source, lm.tokenizer, cutoff_len=recipe.cutoff_len, template=recipe.template,
                         train_on_prompt=True)
         plan = resolve_plan(recipe, model)
@@ -105,7 +111,8 @@ def cut_sequence(plan) -> list[str]:
     return out
 
 
-def within_budget(m: dict, workers: int, patch_seconds: float, evaluate_seconds: float, budget: float) -> dict:
+def within_budget(m: dict, workers: int, patch_seconds: float, evaluate_seconds: float, budget: float,
+                  patch_seconds_zsre: float | None = None) -> dict:
     """Cut cells in the grid file's order until the estimated wall time with `workers` fits `budget` seconds."""
     from editdecay.grid.plan import build_plan
     from editdecay.grid.spec import load_grid
@@ -115,7 +122,7 @@ def within_budget(m: dict, workers: int, patch_seconds: float, evaluate_seconds:
     order = cut_sequence(plan)
     while True:
         kept = [c.id for c in plan.cells if c.id not in cut]
-        est = estimate(m, workers, patch_seconds, evaluate_seconds, cells=kept)
+        est = estimate(m, workers, patch_seconds, evaluate_seconds, cells=kept, patch_seconds_zsre=patch_seconds_zsre)
         if est["wall_seconds"] <= budget or not kept or len(cut) == len(order):
             return {**est, "budget_seconds": budget, "cut": [_label(plan, c) for c in cut],
                     "kept": [_label(plan, c) for c in kept]}
@@ -128,7 +135,7 @@ def _label(plan, cell_id: str) -> str:
 
 
 def estimate(m: dict, workers: int, patch_seconds: float, evaluate_seconds: float,
-             cells: list[str] | None = None) -> dict:
+             cells: list[str] | None = None, patch_seconds_zsre: float | None = None) -> dict:
     """Stage seconds from the measured figures and the schedule of `workers` processes over the plan (the stages of
     `cells` only, when given)."""
     from editdecay.data.sources import held_out_task
@@ -154,7 +161,8 @@ def estimate(m: dict, workers: int, patch_seconds: float, evaluate_seconds: floa
             points = len(schedule.steps(st.spec.eval_every, total)) + (2 if st.spec.patch else 1)
             secs[sid] = m["load_seconds"] + total * per_step + points * m["checkpoint_seconds"][data]
         elif st.kind == "patch":
-            secs[sid] = patch_seconds
+            zsre = "zsre" in st.spec.requests.data
+            secs[sid] = patch_seconds_zsre if zsre and patch_seconds_zsre else patch_seconds
         elif st.kind == "evaluate":
             secs[sid] = evaluate_seconds
         else:
@@ -190,14 +198,19 @@ def main() -> None:
     ap.add_argument("--budget-minutes", type=float, default=150.0, help="cut cells in the grid's order to fit this")
     ap.add_argument("--patch-seconds", type=float, default=406.0,
                     help="one 100-edit patch (default: MEMIT, 100 worldfacts edits, embedded study v2)")
+    ap.add_argument("--patch-seconds-zsre", type=float, default=1108.0,
+                    help="one 100-edit zsRE patch (default: twice MEMIT's 554 s for 50 zsRE edits, `make demo`'s grid at "
+                         "50 edits, 4 Dec 2026, the other core busy)")
     ap.add_argument("--evaluate-seconds", type=float, default=20.0)
     ap.add_argument("--measured", default=None, help="read the measured figures from this JSON instead")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     m = json.loads(Path(args.measured).read_text())["measured"] if args.measured else measure(args)
-    est = [estimate(m, w, args.patch_seconds, args.evaluate_seconds) for w in args.workers]
-    fits = within_budget(m, max(args.workers), args.patch_seconds, args.evaluate_seconds, args.budget_minutes * 60)
+    est = [estimate(m, w, args.patch_seconds, args.evaluate_seconds, patch_seconds_zsre=args.patch_seconds_zsre)
+           for w in args.workers]
+    fits = within_budget(m, max(args.workers), args.patch_seconds, args.evaluate_seconds, args.budget_minutes * 60,
+                         patch_seconds_zsre=args.patch_seconds_zsre)
     out = {"measured": m, "estimate": est, "within_budget": fits, "patch_seconds": args.patch_seconds}
     print(json.dumps(out, indent=1))
     if args.json:
