@@ -21,9 +21,8 @@ $(STAMP): pyproject.toml
 # report, which ends with ES after editing, ES after fine-tuning, the Edit Flip Ratio (with n) and where
 # report.html is. Measured on the 2 cores of the development machine, one thread, the other core busy with
 # another job: 10 min 3 s with the statistics cached (stages 594 s: patch 255 s, the two LoRA fine-tunings 138 s
-# and 175 s); ES 97.2 % -> 53.1 %, EFR 5 of 20. The first run on a machine also converts the embedded model and
-# computes the E1 statistics (not measured again for this grid; 7.5 min in the last measurement, before the
-# batched sampler).
+# and 175 s); ES 97.2 % -> 53.1 %, EFR 5 of 20. The first run from a fresh clone with an empty cache also installs,
+# converts the embedded model and computes the E1 statistics (239 s): 15 min 32 s, the same figures.
 # One torch thread by default: on a machine whose cores other jobs share, two OpenMP threads wait for each other
 # (a LoRA step of the embedded model took 45 s with 2 threads and 4-5 s with 1 on 2 shared cores).
 demo: $(STAMP)
