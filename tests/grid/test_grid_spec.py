@@ -353,3 +353,11 @@ def test_a_path_that_does_not_exist_is_a_missing_model_directory_not_a_hub_id(tm
     plan = build_plan(grid_from_dict(small(models=[{"name": name, "family": "llama"}], n_edits=[0]), base_dir=tmp_path))
     warnings = missing_files(plan)
     assert len(warnings) == 1 and warnings[0].startswith("model directory /") and "does not exist" in warnings[0]
+
+
+def test_an_unknown_cell_id_names_the_closest_one_and_where_the_ids_are_listed():
+    plan = build_plan(load_grid(DEMO))
+    real = plan.cells[0].id
+    with pytest.raises(ConfigError) as err:
+        plan.cell(real[:-2] + "zz")
+    assert repr(real) in str(err.value) and "grid plan" in str(err.value)

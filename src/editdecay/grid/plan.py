@@ -40,6 +40,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from editdecay.core.cache import stable_hash
+from editdecay.core.config import did_you_mean
 from editdecay.core.errors import ConfigError
 from editdecay.core.layers import parse_layers
 from editdecay.core.model_ref import ModelRef
@@ -125,7 +126,10 @@ class Plan:
         for c in self.cells:
             if c.id == cell_id:
                 return c
-        raise ConfigError(f"cell {cell_id!r} is not in grid {self.name!r}")
+        # a cell id ends in a hash of its settings, and paths in them are absolute: `grid plan` lists the ids
+        hint = did_you_mean(cell_id, [c.id for c in self.cells])
+        raise ConfigError(f"cell {cell_id!r} is not in grid {self.name!r}{hint}; `editdecay grid plan GRID` lists "
+                          f"the cell ids")
 
     def uses(self) -> dict[str, list[str]]:
         """Stage id -> ids of the cells that need it (directly, by one of their roles)."""
