@@ -51,8 +51,18 @@ def _assert_within(res: dict) -> None:
 
 @needs_rss
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_plan_within_25_percent_of_measured_peaks_on_tiny_models(memory_check, family):
-    res = memory_check.check_model(memory_check.tiny_model(family), memory_check.CheckSizes())
+def test_plan_within_25_percent_of_measured_peaks_on_tiny_models(family):
+    # Measured in a fresh process: the resident high-water mark of a process that already ran other tests (an
+    # embedded-model test, say) starts elsewhere, and the tiny stages' peaks (~100 MB) were off by 30 % there.
+    import os
+    import subprocess
+
+    code = (f"import json, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import memory_check as m; "
+            f"print(json.dumps(m.check_model(m.tiny_model({family!r}), m.CheckSizes())))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    res = json.loads(run.stdout.strip().splitlines()[-1])
     assert set(res) == {"statistics", "targets", "keys", "solve", "evaluation", "training"}
     _assert_within(res)
 
