@@ -16,7 +16,7 @@ from support.models import tiny_model, tok
 
 from editdecay.core.models import wrap
 from editdecay.data.corpus import CorpusSpec, iter_token_chunks
-from editdecay.data.sampling import NUCLEUS_CANDIDATES, draw, next_token_distribution, sample_next, sample_sequences
+from editdecay.data.sampling import NUCLEUS_CANDIDATES, NUCLEUS_CASCADE, draw, next_token_distribution, sample_next, sample_sequences
 
 EOS = list(range(1, 2500))   # ~5 % of the vocabulary ends a sequence: some end early, some run to max_len
 
@@ -61,13 +61,25 @@ def test_the_distribution_is_transformers_own(temperature, top_k, top_p):
         assert next_token_distribution(flat, top_p=top_p)[0].shape[1] == NUCLEUS_CANDIDATES
 
 
-def test_sample_next_draws_wide_rows_from_the_whole_vocabulary():
-    """The same uniforms give the same tokens whichever path a row takes: the draw sees the same distribution."""
+def test_sample_next_draws_the_same_tokens_whichever_candidate_size_covers_a_row():
+    """Rows of every nucleus width (a few tokens, hundreds, thousands, most of the vocabulary) are ranked at
+    different sizes of the cascade; the same uniforms give the tokens that ranking the whole vocabulary gives."""
     gen = torch.Generator().manual_seed(2)
-    logits = torch.cat([torch.randn(4, 5000, generator=gen) * 6, torch.randn(4, 5000, generator=gen) * 0.2])
-    u = torch.rand(8, generator=gen)
-    probs, tokens, _ = next_token_distribution(logits, top_p=0.95, candidates=5000)
-    assert torch.equal(sample_next(logits, u, top_p=0.95), draw(probs, tokens, u))
+    vocab = 20000
+    logits = torch.cat([torch.randn(4, vocab, generator=gen) * s for s in (6.0, 2.5, 1.2, 0.2)])
+    u = torch.rand(16, generator=gen)
+    probs, tokens, _ = next_token_distribution(logits, top_p=0.95, candidates=vocab)
+    want = draw(probs, tokens, u)
+    assert torch.equal(sample_next(logits, u, top_p=0.95), want)
+    # the test covers every stage: some rows are covered first at each size, some by none of them
+    first = torch.full((16,), len(NUCLEUS_CASCADE))
+    for i, size in reversed(list(enumerate(NUCLEUS_CASCADE))):
+        first[next_token_distribution(logits, top_p=0.95, candidates=size)[2]] = i
+    assert set(first.tolist()) == set(range(len(NUCLEUS_CASCADE) + 1)), first
+    # with top-k, or without top-p, one ranking serves every row
+    assert torch.equal(sample_next(logits, u, top_k=50, top_p=0.95),
+                       draw(*next_token_distribution(logits, top_k=50, top_p=0.95)[:2], u))
+    assert torch.equal(sample_next(logits, u), draw(*next_token_distribution(logits)[:2], u))
 
 
 def test_the_draw_samples_the_distribution():
