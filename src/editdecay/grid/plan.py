@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -485,13 +487,62 @@ class PlanContext:
 # --------------------------------------------------------------------------- building
 
 
+class IdView:
+    """A stage config as it is hashed into stage and cell ids: every path that the grid file spells relative
+    (`zsre:../data/z.json`, `../models/tiny`, a statistics corpus, a downstream task's file), which the configs
+    carry resolved to an absolute path so that a stage runs from any directory, is written back relative to the
+    grid file's directory (`zsre:@grid/../data/z.json`). Paths spelled absolute stay as they are.
+
+    So two clones of a repository, wherever they lie, plan the same ids for a grid whose data lies beside it, and a
+    run directory is reused from either; the content digests in the configs still refuse changed data. Built from
+    every string of the grid (`GridSpec.model_dump`): a piece of one (split at ':') that is not absolute is resolved
+    as the planner resolves paths, `(base / piece).resolve()`; only those absolute paths are rewritten, where they
+    occur in a config string as a whole path component."""
+
+    def __init__(self, grid: GridSpec) -> None:
+        base = grid.base_dir
+        found: dict[str, str] = {}
+        for text in _strings(grid.model_dump(mode="json")):
+            if not text or "://" in text or any(c.isspace() for c in text):
+                continue
+            for piece in {text, *text.split(":")}:
+                if piece and not piece.startswith(("/", "~")):
+                    path = str((base / piece).resolve())
+                    found[path] = "@grid/" + os.path.relpath(path, base)
+        keys = sorted((k for k in found if k != str(base)), key=len, reverse=True)
+        self._found = found
+        self._pattern = re.compile("(?:" + "|".join(map(re.escape, keys)) + r")(?![\w.-])") if keys else None
+
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: self(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self(v) for v in value]
+        if isinstance(value, str) and self._pattern is not None:
+            return self._pattern.sub(lambda m: self._found[m.group(0)], value)
+        return value
+
+
+def _strings(value: Any):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
 class _Builder:
-    def __init__(self) -> None:
+    def __init__(self, id_view: IdView) -> None:
+        self.id_view = id_view
         self.stages: dict[str, Stage] = {}
 
     def add(self, spec: StageSpec, deps: tuple[str, ...], label: str) -> str:
         config = spec.to_config()
-        sid = f"{spec.kind}-{stable_hash({'kind': spec.kind, 'config': config, 'deps': list(deps)}, 16)}"
+        key = {"kind": spec.kind, "config": self.id_view(config), "deps": list(deps)}
+        sid = f"{spec.kind}-{stable_hash(key, 16)}"
         if sid not in self.stages:
             stage = Stage(sid, spec.kind, config, deps, label)
             stage.__dict__["spec"] = spec          # the record it was built from (cached_property's slot)
@@ -503,7 +554,7 @@ def build_plan(spec: GridSpec) -> Plan:
     """Every cell of `spec` and the stages it needs. Validates editor overrides and recipes against the
     real config classes; loads no model and reads no data."""
     sh = spec.shared
-    b = _Builder()
+    b = _Builder(IdView(spec))
     data = _GridData.of(spec)
     cells: list[Cell] = []
     models = [_resolve_model(m, spec.base_dir) for m in spec.models]
