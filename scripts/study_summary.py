@@ -46,7 +46,7 @@ def summary(report_dir: Path) -> str:
     # The held-out task's headline metric (report/downstream.py headlines()) of M0, M_f, M_ef, per cell.
     task = {}
     for d in _rows(r["tables"]["downstream"]):
-        if (d["task"], d["metric"]) in HEADLINE_METRICS:
+        if isinstance(d["task"], str) and (d["task"], d["metric"]) in HEADLINE_METRICS:   # not a missing cell
             task[d["cell"]] = d
     out = ["| cell (editor / recipe) | n | ES M_e → M_ef | PS M_e → M_ef | NS M_e → M_ef | EFR (flipped / "
            "succeeded) | McNemar p (success M_e vs M_ef; b, c) | margin: Wilcoxon p (median drop, nats) | "
@@ -66,7 +66,9 @@ def summary(report_dir: Path) -> str:
                    f"({t.get('n', '-')}) |")
     missing = _rows(r["tables"]["missing_cells"])
     if missing:
-        out += ["", "Cells without a result: " + "; ".join(f"{m['cell']} ({m['state']})" for m in missing) + "."]
+        states = {st: sum(m["state"] == st for m in missing) for st in dict.fromkeys(m["state"] for m in missing)}
+        out += ["", f"{len(missing)} cells without a result ({', '.join(f'{n} {st}' for st, n in states.items())}): "
+                + "; ".join(m["cell"] for m in missing) + "."]
     out += ["", f"Cell states: {r['cell_states']}; report {r['created']} (editdecay {r['version']})."]
     return "\n".join(out) + "\n"
 
