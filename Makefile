@@ -26,7 +26,8 @@ $(STAMP): pyproject.toml
 # One torch thread by default: on a machine whose cores other jobs share, two OpenMP threads wait for each other
 # (a LoRA step of the embedded model took 45 s with 2 threads and 4-5 s with 1 on 2 shared cores).
 demo: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/editdecay grid run examples/grids/demo.yaml --out runs/demo-grid
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/editdecay grid run examples/grids/demo.yaml --out runs/demo-grid \
+		--workers $${DEMO_WORKERS:-2}
 	@echo "zsRE edits scored by token accuracy, as the study scores them: this is where its fine-tuning decay appears (docs/embedded-study/v3-plan.md); worldfacts edits barely decay (docs/embedded-study/README.md)"
 	$(BIN)/editdecay report runs/demo-grid --out runs/demo-grid/report
 

@@ -11,18 +11,41 @@ Both sample from the embedded model with the embedded preset's settings (seq_len
 nothing cached. Rounds alternate before / after, so a machine shared with other work slows both alike; the load
 average is printed with every round. Prints tokens/s per round and the ratio of the medians.
 
+ceiling: the model's forward passes alone, as the sampler makes them (a batch of `--batch` sequences fed one
+token per pass through a key/value cache, `--seq-len` passes, no sequence ending), with no sampling at all: no
+sampler of this model in float32 on these threads can be faster, so it bounds the speed-up any sampler can reach
+over `before`.
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sampling_speed.py --rounds 2 --batch 64 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
 import time
 
 import torch
+
+
+@torch.no_grad()
+def ceiling(spec, lm, batch: int) -> list[list[int]]:
+    """`spec.gen_batch_size` rows of `spec.seq_len` tokens from forward passes alone (token 0 fed at every step)."""
+    from transformers import DynamicCache
+
+    from editdecay.core.devices import input_device
+
+    ids = torch.zeros((spec.gen_batch_size, 1), dtype=torch.long, device=input_device(lm.model))
+    cache = DynamicCache()
+    name = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
+    lm.model.eval()
+    for _ in range(spec.seq_len - 1):
+        out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{name: cache})
+        cache = getattr(out, "cache", None) or out.past_key_values
+    return [[0] * spec.seq_len for _ in range(spec.gen_batch_size)]
 
 
 @torch.no_grad()
@@ -64,7 +87,8 @@ def main() -> None:
     lm = load_model("smollm2-135m")
     old = CorpusSpec(kind="generated", seq_len=args.seq_len, gen_batch_size=16)
     runs = [("before", before, old),
-            ("after", sample_batch, CorpusSpec(kind="generated", seq_len=args.seq_len, gen_batch_size=args.batch))]
+            ("after", sample_batch, CorpusSpec(kind="generated", seq_len=args.seq_len, gen_batch_size=args.batch)),
+            ("ceiling", ceiling, CorpusSpec(kind="generated", seq_len=args.seq_len, gen_batch_size=args.batch))]
     rounds = []
     for r in range(args.rounds):
         for name, fn, spec in runs:
