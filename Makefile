@@ -19,16 +19,17 @@ $(STAMP): pyproject.toml
 
 # The embedded lab's zsRE LoRA cell (examples/grids/demo.yaml: MEMIT, 20 zsRE edits, 16 LoRA steps), then its
 # report, which ends with ES after editing, ES after fine-tuning, the Edit Flip Ratio (with n) and where
-# report.html is. Measured on the 2 cores of the development machine, one thread, the other core busy with
-# another job: 10 min 3 s with the statistics cached (stages 594 s: patch 255 s, the two LoRA fine-tunings 138 s
-# and 175 s); ES 97.2 % -> 53.1 %, EFR 5 of 20. The first run from a fresh clone with an empty cache also installs,
-# converts the embedded model and computes the E1 statistics (239 s): 15 min 32 s, the same figures.
+# report.html is. Two workers (DEMO_WORKERS): the base model's fine-tuning (M_f) runs beside the statistics and
+# the edit. Measured from a fresh clone (`git clone`, then `EDITDECAY_CACHE=<empty dir> make demo`) on the 2 cores
+# of the development machine, nothing else running, one thread per worker: first run 11 min 46 s (install ~70 s,
+# E1 statistics with the model's conversion 221 s, patch 233 s, the edited model's LoRA run 171 s); again with the
+# statistics cached 7 min 2 s (patch 236 s); both ES 97.2 % -> 55.6 %, EFR 4 of 20.
 # One torch thread by default: on a machine whose cores other jobs share, two OpenMP threads wait for each other
 # (a LoRA step of the embedded model took 45 s with 2 threads and 4-5 s with 1 on 2 shared cores).
 demo: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/editdecay grid run examples/grids/demo.yaml --out runs/demo-grid \
 		--workers $${DEMO_WORKERS:-2}
-	@echo "zsRE edits scored by token accuracy, as the study scores them: this is where its fine-tuning decay appears (docs/embedded-study/v3-plan.md); worldfacts edits barely decay (docs/embedded-study/README.md)"
+	@echo "zsRE edits scored by token accuracy, as the study scores them: this is where its fine-tuning decay appears (docs/embedded-study/v3/README.md); worldfacts edits barely decay (docs/embedded-study/README.md)"
 	$(BIN)/editdecay report runs/demo-grid --out runs/demo-grid/report
 
 # One cell in detail: MEMIT edits, LoRA fine-tuning with a decay curve.
