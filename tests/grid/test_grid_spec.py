@@ -361,3 +361,21 @@ def test_an_unknown_cell_id_names_the_closest_one_and_where_the_ids_are_listed()
     with pytest.raises(ConfigError) as err:
         plan.cell(real[:-2] + "zz")
     assert repr(real) in str(err.value) and "grid plan" in str(err.value)
+
+
+def test_grid_run_refuses_unknown_cell_ids_before_it_writes_anything(tmp_path):
+    """Every unknown id is named, a bare settings hash names its cell, and the output directory stays untouched."""
+    from editdecay.cli import _register, app
+
+    _register()
+    plan = build_plan(load_grid(DEMO))
+    real = plan.cells[0].id
+    with pytest.raises(ConfigError) as err:
+        plan.check_cells([real, "nope-1", real.rsplit("-", 1)[1]])
+    msg = str(err.value)
+    assert "'nope-1'" in msg and f"did you mean {real!r}" in msg and msg.startswith("cells ")
+    plan.check_cells([real])                                        # a known id passes
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["grid", "run", str(DEMO), "--out", str(out), "--cell", "x-1", "--cell", "y-2"])
+    assert res.exit_code != 0 and "'x-1'" in res.output and "'y-2'" in res.output and "Traceback" not in res.output
+    assert not out.exists()

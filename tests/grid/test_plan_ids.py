@@ -67,3 +67,28 @@ def test_only_paths_the_grid_spells_relative_are_rewritten(tmp_path):
                             "data": ["zsre:@grid/../data/z.json", f"counterfact:{tmp_path}/elsewhere/cf.json",
                                      "worldfacts"],
                             "near": f"zsre:{tmp_path}/data/z.json2", "label": "smollm2-135m/memit/zsre", "n": 3}
+
+
+def test_a_symlink_out_of_the_project_the_grid_dir_itself_and_absolute_paths_below_a_relative_one(tmp_path):
+    """The helper-found cases: a data directory that is a symlink to somewhere else hashes as spelled (clones at
+    different depths agree); `.` (the grid's own directory) is rewritten too; an absolute path inside a directory
+    the grid spells relative is left alone, as is any string that merely mentions a relative word ('..')."""
+    from editdecay.grid.spec import grid_from_dict
+
+    shared = tmp_path / "elsewhere"
+    shared.mkdir()
+    views = []
+    for where in (tmp_path / "a" / "grids", tmp_path / "b" / "c" / "d" / "grids"):
+        where.mkdir(parents=True)
+        (where / "shared").symlink_to(shared)
+        grid = grid_from_dict({"name": "v", "description": "..", "models": ["."], "editors": ["memit"],
+                               "edit_data": ["zsre:shared/z.json"], "n_edits": [3],
+                               "recipes": [{"method": "lora"}], "finetune_data": ["embedded"],
+                               "shared": {"cache_dir": "../data"}}, base_dir=where)
+        view = IdView(grid)
+        views.append(view({"data": f"zsre:{shared}/z.json", "model": str(where),
+                           "inside": f"counterfact:{where.parent}/data/abs.json", "parent": str(where.parent)}))
+    assert {k: v for k, v in views[0].items() if k != "inside"} == {k: v for k, v in views[1].items() if k != "inside"}
+    assert views[0]["data"] == "zsre:@grid/shared/z.json" and views[0]["model"] == "@grid/."
+    # the absolute path below `../data` is not rewritten; the bare parent '..' spelled in the description is
+    assert views[0]["inside"].startswith(f"counterfact:{tmp_path}/a/") and views[0]["parent"] == "@grid/.."

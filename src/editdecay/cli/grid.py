@@ -135,6 +135,8 @@ def run_cmd(
         raise ConfigError(f"--workers {workers} is an option of the local backend; --backend {backend} places stages "
                           f"itself (ray: resources.*.cpus, slurm: array_parallelism)")
     plan = _load(grid_file)
+    if cell:
+        plan.check_cells(cell)                               # before the output directory is touched
     check_output_dir(out, kind="grid", overwrite=True)      # resumable in place; never over another kind of run
     grid_text = read_text(grid_file, "grid file", limit=MAX_GRID_BYTES)
     options = {"workers": workers} if backend == "local" else {}

@@ -128,10 +128,25 @@ class Plan:
         for c in self.cells:
             if c.id == cell_id:
                 return c
-        # a cell id ends in a hash of its settings, and paths in them are absolute: `grid plan` lists the ids
-        hint = did_you_mean(cell_id, [c.id for c in self.cells])
-        raise ConfigError(f"cell {cell_id!r} is not in grid {self.name!r}{hint}; `editdecay grid plan GRID` lists "
-                          f"the cell ids")
+        raise ConfigError(self._unknown([cell_id]))
+
+    def check_cells(self, cell_ids) -> None:
+        """ConfigError naming every id of `cell_ids` that is not a cell of this plan, each with the closest id."""
+        known = {c.id for c in self.cells}
+        unknown = [i for i in dict.fromkeys(cell_ids) if i not in known]
+        if unknown:
+            raise ConfigError(self._unknown(unknown))
+
+    def _unknown(self, cell_ids: list[str]) -> str:
+        # a cell id ends in a hash of its settings: `grid plan` lists the ids; a bare hash names its cell
+        ids = [c.id for c in self.cells]
+        parts = []
+        for cell_id in cell_ids:
+            by_hash = [i for i in ids if i.rsplit("-", 1)[-1] == cell_id]
+            hint = f" (did you mean {by_hash[0]!r}?)" if len(by_hash) == 1 else did_you_mean(cell_id, ids)
+            parts.append(f"{cell_id!r}{hint}")
+        what = f"cell {parts[0]} is" if len(parts) == 1 else f"cells {', '.join(parts)} are"
+        return f"{what} not in grid {self.name!r}; `editdecay grid plan GRID` lists the cell ids"
 
     def uses(self) -> dict[str, list[str]]:
         """Stage id -> ids of the cells that need it (directly, by one of their roles)."""
@@ -489,29 +504,29 @@ class PlanContext:
 
 class IdView:
     """A stage config as it is hashed into stage and cell ids: every path that the grid file spells relative
-    (`zsre:../data/z.json`, `../models/tiny`, a statistics corpus, a downstream task's file), which the configs
-    carry resolved to an absolute path so that a stage runs from any directory, is written back relative to the
-    grid file's directory (`zsre:@grid/../data/z.json`). Paths spelled absolute stay as they are.
+    (`zsre:../data/z.json`, `../models/tiny`, a statistics corpus, a downstream task's file, `.`), which the
+    configs carry resolved to an absolute path so that a stage runs from any directory, is hashed as it is spelled
+    (normalised: `zsre:@grid/../data/z.json`). Paths spelled absolute stay as they are.
 
-    So two clones of a repository, wherever they lie, plan the same ids for a grid whose data lies beside it, and a
-    run directory is reused from either; the content digests in the configs still refuse changed data. Built from
-    every string of the grid (`GridSpec.model_dump`): a piece of one (split at ':') that is not absolute is resolved
-    as the planner resolves paths, `(base / piece).resolve()`; only those absolute paths are rewritten, where they
-    occur in a config string as a whole path component."""
+    So two clones of a repository, wherever they lie, plan the same ids for a grid whose data lies beside it (or
+    behind a symlink the grid names), and a run directory is reused from either; the content digests in the
+    configs still refuse changed data. Built from every string of the grid (`GridSpec.model_dump`): each piece of
+    one (the whole string and its parts between ':') that is not absolute is resolved as the planner resolves
+    paths, `(base / piece).resolve()`; a config string is rewritten only where such a resolved path is a whole
+    path in it (not the directory of a longer path), so an absolute spelling is never touched."""
 
     def __init__(self, grid: GridSpec) -> None:
         base = grid.base_dir
         found: dict[str, str] = {}
         for text in _strings(grid.model_dump(mode="json")):
-            if not text or "://" in text or any(c.isspace() for c in text):
+            if not text or "://" in text or "\n" in text or len(text) > 4096:
                 continue
-            for piece in {text, *text.split(":")}:
+            for piece in dict.fromkeys((text, *text.split(":"))):
                 if piece and not piece.startswith(("/", "~")):
-                    path = str((base / piece).resolve())
-                    found[path] = "@grid/" + os.path.relpath(path, base)
-        keys = sorted((k for k in found if k != str(base)), key=len, reverse=True)
+                    found.setdefault(str((base / piece).resolve()), "@grid/" + os.path.normpath(piece))
+        keys = sorted(found, key=len, reverse=True)
         self._found = found
-        self._pattern = re.compile("(?:" + "|".join(map(re.escape, keys)) + r")(?![\w.-])") if keys else None
+        self._pattern = re.compile("(?:" + "|".join(map(re.escape, keys)) + r")(?![\w.\-/])") if keys else None
 
     def __call__(self, value: Any) -> Any:
         if isinstance(value, dict):
