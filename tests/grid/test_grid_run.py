@@ -271,3 +271,20 @@ def test_slurm_backend_with_submitit_local_executor(world, baseline, tmp_path):
     pids = {e["pid"] for e in store.events() if e["event"] == "computed" and e["kind"] == "finetune"}
     assert pids and os.getpid() not in pids
     assert numbers(store.read_result(cell.id)) == numbers(baseline["results"][cell.id])
+
+
+def test_finished_cells_of_an_earlier_plan_are_named_when_the_grid_runs_again(world, baseline, tmp_path):
+    """A results file whose cell is not in the plan (its id changed) is said, not silently ignored."""
+    import shutil
+
+    out = tmp_path / "again"
+    shutil.copytree(world["root"] / "base", out)
+    lines: list[str] = []
+    run_grid(baseline["plan"], out, threads=1, echo=lines.append)
+    assert not [x for x in lines if x.startswith("note:")]                  # nothing earlier: no note
+    shutil.copy(out / "results" / f"{baseline['plan'].cells[0].id}.json", out / "results" / "old-cell-0123abcd.json")
+    lines.clear()
+    summary = run_grid(baseline["plan"], out, threads=1, echo=lines.append)
+    notes = [x for x in lines if x.startswith("note:")]
+    assert len(notes) == 1 and "1 finished cell(s)" in notes[0] and "old-cell-0123abcd" in notes[0]
+    assert summary.stages["computed"] == 0                                    # and nothing else changed

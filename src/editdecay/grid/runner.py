@@ -95,6 +95,8 @@ def run_grid(plan: Plan, out: str | Path, *, backend: str = "local", grid_text: 
     store = GridStore(out)
     if store.plan_path.is_file():
         _check_same_grid(store, plan)
+        if echo is not None:
+            _note_earlier_cells(store, plan, echo)
     plan_id = store.write_plan(plan, grid_text)
     for cell in plan.cells:                       # results of cells whose last stage finished just before a kill
         store.publish_result(plan, cell.id)
@@ -121,6 +123,17 @@ def run_grid(plan: Plan, out: str | Path, *, backend: str = "local", grid_text: 
     s = reporter.summary()
     return RunSummary(str(out), backend, counts, s["stages"], s["seconds"], attempted, done_before,
                       selection.skipped_failed, str(table) if table else None, failed)
+
+
+def _note_earlier_cells(store: GridStore, plan: Plan, echo: Callable[[str], None]) -> None:
+    """Say when finished cells in `store` belong to an earlier plan of the grid, not to `plan`: their ids changed
+    (a setting, a data file or editdecay's id scheme), so this run computes the new cells' stages again."""
+    planned = {c.id for c in plan.cells}
+    earlier = sorted(p.stem for p in (store.root / "results").glob("*.json") if p.stem not in planned)
+    if earlier:
+        echo(f"note: {len(earlier)} finished cell(s) in {store.root / 'results'} are not cells of this plan (e.g. "
+             f"{earlier[0]}): their ids changed since they ran (a setting, a data file or editdecay's id scheme), "
+             f"so the stages they need are computed again; their files stay where they are")
 
 
 def preflight(plan: Plan, store: GridStore, stage_ids: list[str]) -> list[StageOutcome]:
