@@ -129,7 +129,7 @@ def _note_earlier_cells(store: GridStore, plan: Plan, echo: Callable[[str], None
     """Say when finished cells in `store` belong to an earlier plan of the grid, not to `plan`: their ids changed
     (a setting, a data file or editdecay's id scheme), so this run computes the new cells' stages again."""
     planned = {c.id for c in plan.cells}
-    earlier = sorted(p.stem for p in (store.root / "results").glob("*.json") if p.stem not in planned)
+    earlier = [cid for cid in store.result_files() if cid not in planned]
     if earlier:
         echo(f"note: {len(earlier)} finished cell(s) in {store.root / 'results'} are not cells of this plan (e.g. "
              f"{earlier[0]}): their ids changed since they ran (a setting, a data file or editdecay's id scheme), "

@@ -122,7 +122,7 @@ def load_results(root: str | Path) -> ResultsSet:
                           f"directory of `editdecay grid run`")
     store = GridStore(root)
     notes: list[str] = []
-    result_files = {p.stem: p for p in sorted((root / "results").glob("*.json"))}
+    result_files = store.result_files()
     if not os.path.lexists(store.plan_path):     # present but unreadable (a link to a device): read_plan names it
         if not result_files:
             raise ConfigError(f"{root} holds neither plan.json nor results/*.json; it is not a grid output directory")

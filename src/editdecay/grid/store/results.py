@@ -30,6 +30,11 @@ class CellResults(StageDirectories):
     def result_path(self, cell_id: str) -> Path:
         return self.root / "results" / f"{cell_id}.json"
 
+    def result_files(self) -> dict[str, Path]:
+        """Cell id -> results/<id>.json for every result file in the directory (of this plan or an earlier one),
+        in id order."""
+        return {p.stem: p for p in sorted((self.root / "results").glob("*.json"))}
+
     def read_result(self, cell_id: str) -> dict | None:
         """The cell's result if it exists and follows the schema (`checked_result`), else None."""
         return self.checked_result(cell_id)[0]
