@@ -57,8 +57,8 @@ def test_local_run_computes_each_stage_once_and_writes_results(baseline):
     plan, store, summary = baseline["plan"], baseline["store"], baseline["summary"]
     assert summary.cells == {"done": 4, "running": 0, "failed": 0, "pending": 0}
     # 4 cells need 4 + 4*... stage uses, but the distinct stages are computed once each
-    assert summary.stages["computed"] == len(plan.stages) == 13 and summary.stages["failed"] == 0
-    assert set(computed_counts(store).values()) == {1} and len(computed_counts(store)) == 13
+    assert summary.stages["computed"] == len(plan.stages) == 14 and summary.stages["failed"] == 0
+    assert set(computed_counts(store).values()) == {1} and len(computed_counts(store)) == 14
     for cell in plan.cells:
         r = baseline["results"][cell.id]
         assert r["kind"] == "grid-cell" and r["cell"]["id"] == cell.id and r["schema_version"] >= 1
@@ -79,10 +79,17 @@ def test_local_run_computes_each_stage_once_and_writes_results(baseline):
         # the edit moved the edited model's margins; M0 and M_f are measured without it
         moved = [abs(q["margin"]["M_e"] - q["margin"]["M0"]) for q in r["requests"] if q["margin"]["M0"] is not None]
         assert max(moved) > 1e-3
-        assert r["timings"]["patch"] > 0 and r["training"]["edited"]["steps"] == 3
+        assert r["timings"]["patch"] > 0 and r["timings"]["targets"] > 0 and r["training"]["edited"]["steps"] == 3
+        assert r["stages"]["targets"]["kind"] == "targets"
     # the two edited cells share statistics, patch, M0 evaluation; M_f is shared with the n=0 cell of its recipe
     edited = [c for c in plan.cells if c.axes["n_edits"]]
     assert edited[0].stages["patch"] == edited[1].stages["patch"]
+    assert edited[0].stages["targets"] == edited[1].stages["targets"]
+    # the patch took the target values stage's E3 values and its deltas are what the edit computes by itself
+    from editdecay.edit.registry import load_patch
+
+    patch = load_patch(store.stage_dir(edited[0].stages["patch"]) / "patch")
+    assert patch.extra["targets"][0]["precomputed"] is True
     assert edited[0].stages["finetune_base"] != edited[1].stages["finetune_base"]
     import pandas as pd
 
@@ -97,19 +104,22 @@ def test_a_second_run_reuses_everything(world, baseline):
 
 
 def test_two_local_workers_give_the_serial_results(world, baseline, tmp_path):
-    """--workers 2: independent stages (M_f beside statistics and patch) in processes of their own, at most two at
+    """--workers 2: independent stages (E3 beside E1, M_f beside the patch) in processes of their own, at most two at
     once; the cell's numbers equal the serial run's, every stage computed once."""
     plan = build_plan(load_grid(_single_cell(world, tmp_path)))
     (cell,) = plan.cells
     summary = run_grid(plan, tmp_path / "two", threads=1, workers=2)
-    assert (summary.cells["done"], summary.stages) == (1, {"computed": 7, "reused": 0, "failed": 0, "blocked": 0,
+    assert (summary.cells["done"], summary.stages) == (1, {"computed": 8, "reused": 0, "failed": 0, "blocked": 0,
                                                              "busy": 0})
     store = GridStore(tmp_path / "two")
     assert set(computed_counts(store).values()) == {1}
     assert numbers(store.read_result(cell.id)) == numbers(baseline["results"][cell.id])
     events = sorted(store.events(), key=lambda e: e["time"])
     stage_pids = {e["pid"] for e in events if e["event"] == "computed" and e["kind"] != "cell"}
-    assert os.getpid() not in stage_pids and len(stage_pids) == 6          # one process per stage
+    assert os.getpid() not in stage_pids and len(stage_pids) == 7          # one process per stage
+    # what the edit waits for comes first in plan order and runs side by side: E1 statistics and E3 target values
+    first_two = [e["kind"] for e in events if e["event"] == "started"][:2]
+    assert sorted(first_two) == ["stats", "targets"]
     running, most = set(), 0
     for e in events:
         if e["kind"] == "cell":
@@ -250,7 +260,7 @@ def test_slurm_waves_follow_dependencies(baseline):
     for sid, st in plan.stages.items():
         assert all(wave_of[d] < wave_of[sid] for d in st.deps)
     assert all(plan.stages[sid].kind == kind for w in waves for kind, ids in w.items() for sid in ids)
-    assert [sorted(w) for w in waves] == [["evaluate", "finetune", "stats"], ["cell", "evaluate", "patch"],
+    assert [sorted(w) for w in waves] == [["evaluate", "finetune", "stats", "targets"], ["cell", "evaluate", "patch"],
                                           ["finetune"], ["cell"]]
 
 

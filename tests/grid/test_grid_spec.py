@@ -126,12 +126,16 @@ def test_small_grid_cells_and_sharing():
     assert len(stats) == 1 and len(uses[stats[0].id]) == 8          # one statistics run for both editors
     patches = [s for s in plan.stages.values() if s.kind == "patch"]
     assert len(patches) == 2 and all(len(uses[p.id]) == 4 for p in patches)   # one patch per editor, 4 recipes
+    # E3 reads no statistics and both editors' E3 settings agree: one target values stage, beside E1, for both
+    targets = [s for s in plan.stages.values() if s.kind == "targets"]
+    assert len(targets) == 1 and len(uses[targets[0].id]) == 8 and targets[0].deps == ()
+    assert all(p.deps == (stats[0].id, targets[0].id) and p.spec.targets == targets[0].id for p in patches)
     m_f = [s for s in plan.stages.values() if s.kind == "finetune" and s.spec.patch is None]
     assert len(m_f) == 4                                               # one M_f per recipe, shared by editors
     for s in m_f:
         assert len(uses[s.id]) == 3                                    # 2 editors' cells + the n=0 cell
     for c in edited:
-        assert set(c.stages) == {"stats", "patch", "eval_base", "finetune_base", "eval_finetuned_base",
+        assert set(c.stages) == {"stats", "targets", "patch", "eval_base", "finetune_base", "eval_finetuned_base",
                                  "finetune_edited", "cell"}
     for c in zero:
         assert set(c.stages) == {"finetune_base", "cell"}
@@ -155,7 +159,7 @@ def test_stage_ids_are_content_addresses():
     lr = build_plan(grid_from_dict(small(recipes=[{"method": ["lora", "full"], "layers": ["all", "edited"],
                                                    "overrides": {"max_steps": 4, "learning_rate": 3e-4}}])))
     kept = set(lr.stages) & set(base.stages)
-    assert {base.stages[s].kind for s in kept} == {"stats", "patch", "evaluate"}
+    assert {base.stages[s].kind for s in kept} == {"stats", "targets", "patch", "evaluate"}
     assert all(base.stages[s].spec.finetune is None for s in kept if base.stages[s].kind == "evaluate")
     # a seed changes patches and fine-tuning, not the statistics
     seeded = build_plan(grid_from_dict(small(seeds=[1])))
@@ -339,8 +343,8 @@ def test_data_content_is_part_of_the_stage_ids(tmp_path):
         check_data_digest(patch.spec.requests.data, patch.spec.requests.digest)
     second = build_plan(grid_from_dict(grid, base_dir=tmp_path))
     changed = set(first.stages) ^ set(second.stages)
-    assert {first.stages.get(s, second.stages.get(s)).kind for s in changed} == {"patch", "evaluate", "finetune",
-                                                                                 "cell"}
+    assert {first.stages.get(s, second.stages.get(s)).kind for s in changed} == {"targets", "patch", "evaluate",
+                                                                                 "finetune", "cell"}
     assert not any(s.kind == "finetune" and s.spec.patch is None for s in
                    (first.stages.get(x) or second.stages[x] for x in changed))          # M_f does not read edit data
 

@@ -45,8 +45,9 @@ def test_statistics_tolerance_changes_statistics_and_what_reads_them():
     base = build_plan(grid_from_dict(small()))
     adaptive = build_plan(grid_from_dict(small(statistics={"tolerance": 0.3})))
     kept = {base.stages[s].kind for s in set(adaptive.stages) & set(base.stages)}
-    # M0 evaluations and M_f do not read the edit; statistics, patches, M_ef and edited cells do
-    assert kept == {"evaluate", "finetune", "cell"}
+    # M0 evaluations, M_f and E3 target values do not read the statistics; statistics, patches, M_ef and edited
+    # cells do
+    assert kept == {"targets", "evaluate", "finetune", "cell"}
     stats = [s.spec for s in adaptive.stages.values() if s.kind == "stats"]
     assert stats and all(s.statistics.tolerance == 0.3 for s in stats)
     patches = [s.spec for s in adaptive.stages.values() if s.kind == "patch"]
@@ -57,7 +58,8 @@ def test_recipe_optimizer_fields_change_only_fine_tuning_and_what_reads_it():
     d = small()
     d["recipes"][0]["overrides"].update(optimizer="adamw8bit", master_weights=False)
     base, changed = build_plan(grid_from_dict(small())), build_plan(grid_from_dict(d))
-    assert {base.stages[s].kind for s in set(changed.stages) & set(base.stages)} == {"stats", "patch", "evaluate"}
+    assert {base.stages[s].kind for s in set(changed.stages) & set(base.stages)} == {"stats", "targets", "patch",
+                                                                                     "evaluate"}
     recipe = next(s.spec.recipe for s in changed.stages.values() if s.kind == "finetune")
     assert (recipe.optimizer, recipe.master_weights) == ("adamw8bit", False)
 

@@ -7,6 +7,7 @@ import logging
 from editdecay.core.arch import check_layers
 from editdecay.core.cache import Cache
 from editdecay.core.checks import check_finite
+from editdecay.core.errors import ConfigError
 from editdecay.core.request import EditRequest
 from editdecay.core.results import Timer
 from editdecay.data.corpus import parse_corpus
@@ -16,6 +17,7 @@ from editdecay.edit.registry import editor_class
 from editdecay.edit.run import EditingRun, validate_requests
 from editdecay.edit.safety import check_statistics
 from editdecay.edit.stats import second_moments
+from editdecay.edit.target_values import TargetValues
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,8 @@ def _adaptive_stats(lm, cls, cfg: EditorConfig, corpus, requests, cache, batch_s
 
 
 def edit_model(lm, editor: str, cfg: EditorConfig, requests: list[EditRequest], *, batch_size: int | None = None,
-               cache: Cache | None = None, progress: bool = True, strict: bool = False) -> tuple[EditPatch, EditingRun]:
+               cache: Cache | None = None, progress: bool = True, strict: bool = False,
+               target_values: TargetValues | None = None) -> tuple[EditPatch, EditingRun]:
     """Edit `lm.model` in place with `requests`, in one batch or sequential batches of `batch_size`.
 
     Returns the total patch (relative to the model as it was) and the run (call `run.restore()`
@@ -104,9 +107,16 @@ def edit_model(lm, editor: str, cfg: EditorConfig, requests: list[EditRequest], 
     that does not end on a token boundary is refused, TokenBoundaryError). If the edit fails
     (StatisticsError, NonFiniteError, ...), the model is restored before the error propagates:
     no partial edit is left behind. Warnings (judgement calls) are in `run.warnings` and the patch.
+
+    `target_values`: E3 values computed ahead for the first batch (edit/target_values.py, a grid's targets stage);
+    ConfigError for an editor that computes no E3 targets, EditDecayError (from the run) if they were computed for
+    other requests, templates or settings than the first batch's.
     """
     validate_inputs(lm, cfg, requests, strict=strict)
+    if target_values is not None and not editor_class(editor).separate_targets:
+        raise ConfigError(f"editor {editor!r} computes no E3 target values; it cannot take precomputed ones")
     run = build_run(lm, editor, cfg, cache=cache, progress=progress, requests=requests)
+    run.target_values = target_values
     size = batch_size or len(requests)
     try:
         for start in range(0, len(requests), size):

@@ -65,3 +65,47 @@ class LocateThenEditConfig(EditorConfig):
         if self.n_context_templates == 0 and self.context_length != 10:
             raise ValueError("context_length is set but n_context_templates is 0 (no prefixes are sampled)")
         return self
+
+
+class TargetValuesConfig(Config):
+    """Everything E3's values depend on besides the model and the requests (edit/target_values.py): the E3 settings of
+    a `LocateThenEditConfig` (same names) and the E2 context templates' settings."""
+
+    config_name: ClassVar[str] = "target values"
+
+    layer: int = Field(ge=0, description="l*: the last edited layer, where delta is added")
+    v_lr: float = Field(gt=0, description="Adam learning rate of the E3 target optimisation")
+    v_num_grad_steps: int = Field(ge=1, description="maximum E3 optimisation steps per request")
+    kl_factor: float = Field(ge=0, description="weight of the essence-drift KL term (E3)")
+    v_weight_decay: float = Field(ge=0, description="weight of ||delta|| / ||h||^2 in the E3 loss")
+    clamp_norm_factor: float = Field(gt=0, description="||delta|| is clamped to this times ||h|| (E3)")
+    early_stop_loss: float = Field(ge=0, description="a request stops optimising once its loss is below this")
+    target_batch_size: int | None = Field(None, ge=1, description="requests optimised together (None: from memory)")
+    n_context_templates: int = Field(ge=0, description="sampled context prefixes besides the bare prompt (E2)")
+    context_length: int = Field(ge=1, description="tokens sampled per context prefix (E2)")
+    seed: int = Field(0, description="seed of the context prefixes' sampling (E2)")
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("v_lr", "v_num_grad_steps", "kl_factor", "v_weight_decay",
+                                         "clamp_norm_factor", "early_stop_loss", "target_batch_size",
+                                         "n_context_templates", "context_length", "seed")
+
+    @classmethod
+    def of(cls, cfg) -> "TargetValuesConfig":
+        """The target-value settings of a locate-then-edit editor config (l* = its last layer)."""
+        return cls(layer=cfg.layers[-1], **{k: getattr(cfg, k) for k in cls.FIELDS})
+
+    def settings(self):
+        """What edit/targets.py `compute_targets` takes (a `TargetSettings`)."""
+        from editdecay.edit.targets import TargetSettings
+
+        return TargetSettings(layer=self.layer, v_lr=self.v_lr, v_num_grad_steps=self.v_num_grad_steps,
+                              kl_factor=self.kl_factor, v_weight_decay=self.v_weight_decay,
+                              clamp_norm_factor=self.clamp_norm_factor, early_stop_loss=self.early_stop_loss,
+                              batch_size=self.target_batch_size)
+
+    def templates(self, model, tokenizer):
+        """The E2 context templates (`ContextTemplates`) these settings give on `model` (edit/context.py, seeded)."""
+        from editdecay.edit.context import context_templates
+
+        return context_templates(model, tokenizer, n=self.n_context_templates, length=self.context_length,
+                                 seed=self.seed)

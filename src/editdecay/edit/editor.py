@@ -8,7 +8,8 @@ branches on an editor's name (edit/registry.py lists the classes, one line each)
   for the embedded model;
 - `family`: how it edits, which says what it needs and what its patch is. `LOCATE_THEN_EDIT` (MEMIT,
   AlphaEdit): E1 key statistics of the edited layers (`needs_statistics`), E2 keys and E3 targets shared by
-  every method of the family (edit/run.py), one linear solve per layer (E4, E5), a patch of weight deltas.
+  every method of the family (edit/run.py), one linear solve per layer (E4, E5), a patch of weight deltas;
+  E3 reads no E1 statistics, so its values can be computed apart (`separate_targets`: a grid's targets stage).
   The other families override `start` with their own run and say with `needs_statistics` whether the E1
   statistics stage runs: `FINE_TUNING` (FT-M: gradient steps on the edited weights, a weight-delta patch),
   `MEMORY` (GRACE: a codebook beside one layer, a patch of module state; `module_edit` names the
@@ -73,6 +74,8 @@ class Editor:
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}     # model family -> config fields
     embedded_preset: ClassVar[Mapping[str, Any]] = {}           # the embedded model's config fields
     needs_statistics: ClassVar[bool] = True                     # E1 statistics of the edited layers
+    separate_targets: ClassVar[bool] = False                    # E3 target values computable apart from the edit
+                                                                # (edit/target_values.py; a grid's targets stage)
     module_edit: ClassVar["type[ModuleEdit] | None"] = None      # rebuilds the module states of its patches
     training_class: ClassVar["type[Config] | None"] = None      # settings of `train`; None: needs no training
     trained_field: ClassVar[str | None] = None                  # config field that names `train`'s output directory
@@ -112,6 +115,7 @@ class LocateThenEdit(Editor):
     sequential batches (`after_batch`); keys, targets and batching are the family's (edit/run.py)."""
 
     family = LOCATE_THEN_EDIT
+    separate_targets = True
 
     def start(self, lm, *, progress: bool = True) -> EditorRun:
         from editdecay.edit.run import EditingRun

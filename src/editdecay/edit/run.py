@@ -29,7 +29,8 @@ from editdecay.edit.config import LocateThenEditConfig
 from editdecay.edit.context import ContextTemplates, context_templates
 from editdecay.edit.keys import block_outputs_at_subject, compute_keys
 from editdecay.edit.deltas import WeightDeltaRun
-from editdecay.edit.targets import TargetSettings, compute_targets
+from editdecay.edit.target_values import TargetValues, TargetValuesConfig
+from editdecay.edit.targets import compute_targets
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class EditingRun(WeightDeltaRun):
         self.solver, self.spec, self.names = solver, spec, names
         self.devices = {l: module_device(get_module(model, n)) for l, n in names.items()}
         self.target_log: list[dict] = []
+        # E3 values computed ahead for the first batch (edit/target_values.py; a grid's targets stage), or None.
+        self.target_values: TargetValues | None = None
         with self.timer("context"):
             # Grouped by context type (E2): [("{}",), (<sampled prefixes>)]; recorded in the patch.
             self.templates = context_templates(model, lm.tokenizer, n=self.cfg.n_context_templates,
@@ -115,14 +118,17 @@ class EditingRun(WeightDeltaRun):
                 self.warnings.append(w)
         ids = [r.case_id for r in requests]
         top = self.layers[-1]
-        with self.timer("targets"):
-            tset = TargetSettings(layer=top, v_lr=cfg.v_lr, v_num_grad_steps=cfg.v_num_grad_steps,
-                                  kl_factor=cfg.kl_factor, v_weight_decay=cfg.v_weight_decay,
-                                  clamp_norm_factor=cfg.clamp_norm_factor, early_stop_loss=cfg.early_stop_loss,
-                                  batch_size=cfg.target_batch_size)
-            tr = compute_targets(model, tok, requests, self.templates, tset, progress=self.progress)
+        values, self.target_values = self.target_values, None           # precomputed: the first batch's only
+        if values is not None:
+            values.check(TargetValuesConfig.of(cfg), self.templates, ids)
+            tr = values.result
+        else:
+            with self.timer("targets"):
+                settings = TargetValuesConfig.of(cfg).settings()
+                tr = compute_targets(model, tok, requests, self.templates, settings, progress=self.progress)
         self.target_log.append({"n": len(requests), "mean_final_loss": sum(tr.loss) / len(tr.loss),
-                                "mean_steps": sum(tr.steps) / len(tr.steps)})
+                                "mean_steps": sum(tr.steps) / len(tr.steps),
+                                **({"precomputed": True} if values is not None else {})})
         z = tr.z.T.cpu()                                                        # (d, n) float32, host
         check_finite("E3 target values z", {f"case_id {i}": z[:, c] for c, i in enumerate(ids)})
         m = len(self.layers)

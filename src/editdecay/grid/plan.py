@@ -4,6 +4,7 @@ A cell is one point of the product of the grid's axes. It needs (docs/METHODS.md
 
     role                  stage kind  what it computes                               shared by
     stats                 stats       E1 key statistics of the edited layers         model x layer set
+    targets               targets     E3 target values of the requests, beside E1    model x E3 x data x n x seed
     patch                 patch       the edit (E2-E5) as an EditPatch               model x editor x data x n x seed
     eval_base             evaluate    M0 on the cell's requests (E6)                 model x data x n x seed
     finetune_base         finetune    M_f: the base model fine-tuned with the recipe model x recipe x ft data x seed
@@ -14,7 +15,11 @@ A cell is one point of the product of the grid's axes. It needs (docs/METHODS.md
 A cell with n_edits = 0 needs only `finetune_base` and `cell` (M0 and M_f downstream
 scores); it has no editor and no edit data, except that a recipe training the
 `edited`/`non-edited` layers keeps the editor, since its layers say which those are.
-An editor that needs no E1 statistics (edit/editor.py `needs_statistics`) has no `stats` stage.
+An editor that needs no E1 statistics (edit/editor.py `needs_statistics`) has no `stats` stage. An editor whose
+E3 target values can be computed apart from the edit (`separate_targets`: the locate-then-edit family) has a
+`targets` stage when its edit is one batch (`shared.evaluation.edit_batch_size` unset or >= n; later sequential
+batches take their targets from the partly edited model): it reads no statistics, so it runs beside the `stats`
+stage and the patch waits for max(E1, E3), not their sum; editors with the same E3 settings share it.
 
 Each stage is a typed spec (grid/specs.py). A stage's id is a hash of its kind, of its
 spec (everything its output depends on, `spec_version` included) and of the ids of the
@@ -50,6 +55,7 @@ from editdecay.core.paths import looks_like_path
 from editdecay.data import sources as data_sources
 from editdecay.data.source import HELD_OUT
 from editdecay.data.sources import EditSelection
+from editdecay.edit.config import TargetValuesConfig
 from editdecay.finetune.recipe import LAYER_CHOICES, Recipe
 from editdecay.grid.spec import EditorEntry, GridSpec, ModelEntry, RecipeEntry
 from editdecay.grid.specs import (
@@ -65,6 +71,7 @@ from editdecay.grid.specs import (
     StageSpec,
     StatisticsRef,
     StatsSpec,
+    TargetsSpec,
     decode,
 )
 
@@ -315,6 +322,7 @@ class _Editor:
     label: str
     ref: EditorRef
     needs_statistics: bool
+    separate_targets: bool
 
     @property
     def layer_key(self) -> str:
@@ -362,7 +370,7 @@ def _editor(ctx_model: _Model, entry: EditorEntry, seed: int, grid: GridSpec, wh
             ref = EditorRef(name=cls.name, config=make_config(entry.name, **{**preset, **fields}).to_dict())
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
-    return _Editor(entry.label or entry.name, ref, cls.needs_statistics)
+    return _Editor(entry.label or entry.name, ref, cls.needs_statistics, cls.separate_targets)
 
 
 @dataclass(frozen=True)
@@ -588,7 +596,8 @@ def build_plan(spec: GridSpec) -> Plan:
         "stats_batch_size": sh.statistics.batch_size,
         # How fine-tuning stages run (one process, or sharded over N: the same numbers), so no stage id has it.
         "finetune_devices": sh.finetune_devices,
-        "resources": {k: spec.resources.for_kind(k).model_dump() for k in ("stats", "patch", "finetune", "evaluate")},
+        "resources": {k: spec.resources.for_kind(k).model_dump()
+                      for k in ("stats", "targets", "patch", "finetune", "evaluate")},
         "slurm": spec.slurm.model_dump(), "ray": spec.ray.model_dump(), "base_dir": str(spec.base_dir),
         # Permission to unpickle weights: asked for per model in the grid file, given to the stages at run time
         # (it changes whether a model may load, never what a stage computes, so it enters no stage id).
@@ -657,15 +666,38 @@ def _stats(b: _Builder, ctx: PlanContext, editor: _Editor) -> str | None:
     return b.add(stats, (), label)
 
 
+def _targets(b: _Builder, ctx: PlanContext, editor: _Editor, requests: EditSelection, n: int,
+             where: str) -> str | None:
+    """The E3 target values stage of an edit (None: the editor has none, or the edit runs in several sequential
+    batches). Resolved: shared by every editor with the same E3 settings; else keyed by the fields that decide
+    them."""
+    batch = ctx.grid.shared.evaluation.edit_batch_size
+    if not editor.separate_targets or (batch is not None and batch < n):
+        return None
+    ref = editor.ref
+    if ref.config is not None:
+        from editdecay.edit.registry import make_config
+
+        spec = TargetsSpec(model=ctx.model.ref, requests=requests,
+                           values=TargetValuesConfig.of(make_config(ref.name, **ref.config)))
+        return b.add(spec, (), f"E3 {ctx.model.label} {where}")
+    keep = ("layers", *TargetValuesConfig.FIELDS)
+    spec = TargetsSpec(model=ctx.model.ref, requests=requests,
+                       editor=EditorRef(name=ref.name, fields={k: v for k, v in ref.fields.items() if k in keep}))
+    return b.add(spec, (), f"E3 {ctx.model.label} {ref.name} {where}")
+
+
 def _edited_cell(b: _Builder, ctx: PlanContext, editor: _Editor, data: str, n: int, ft: DataRef, recipe: _Recipe,
                  mf: str) -> Cell:
-    """A cell with edits: statistics -> patch -> M_ef, plus M0 and M_f measured on its requests."""
+    """A cell with edits: statistics and target values -> patch -> M_ef, plus M0 and M_f measured on its
+    requests."""
     model, where = ctx.model, f"{ctx.data.labels[data]} n{n} s{ctx.seed}"
     requests = ctx.requests(data, n)
     stats = _stats(b, ctx, editor)
+    targets = _targets(b, ctx, editor, requests, n, where)
     patch = b.add(PatchSpec(model=model.ref, editor=editor.ref, requests=requests,
-                            batch_size=ctx.grid.shared.evaluation.edit_batch_size),
-                  (stats,) if stats else (), f"{editor.label} {model.label} {where}")
+                            batch_size=ctx.grid.shared.evaluation.edit_batch_size, targets=targets),
+                  tuple(d for d in (stats, targets) if d), f"{editor.label} {model.label} {where}")
     n_control = ctx.grid.shared.evaluation.n_control
     control = n if n_control is None else n_control
     eval_base = b.add(EvaluateSpec(model=model.ref, requests=requests, control=control), (), f"M0 {model.label} {where}")
@@ -673,8 +705,8 @@ def _edited_cell(b: _Builder, ctx: PlanContext, editor: _Editor, data: str, n: i
                     f"M_f {model.label} {recipe.label} on {where}")
     mef = b.add(_finetune(ctx, ft, recipe, patch=patch, control=control), (patch,),
                 f"M_ef {model.label} {editor.label} {ctx.data.labels[data]} n{n} {recipe.label} s{ctx.seed}")
-    roles = CellRoles(stats=stats, patch=patch, eval_base=eval_base, finetune_base=mf, eval_finetuned_base=eval_mf,
-                      finetune_edited=mef)
+    roles = CellRoles(stats=stats, targets=targets, patch=patch, eval_base=eval_base, finetune_base=mf,
+                      eval_finetuned_base=eval_mf, finetune_edited=mef)
     return _cell(b, ctx.axes(editor.label, data, n, ft, recipe), roles)
 
 
@@ -722,12 +754,14 @@ def missing_files(plan: Plan) -> list[str]:
 
 
 def _rank(s: Stage) -> int:
+    """Plan order (workers take ready stages in it): what the edits wait for first (E1 and E3 side by side on two
+    workers), then the edit, M0, M_f, M_ef."""
     spec = s.spec
     if isinstance(spec, EvaluateSpec):
-        return 2 if spec.finetune is None else 4       # M0 before M_f exists; M_f after it
+        return 3 if spec.finetune is None else 5       # M0 before M_f exists; M_f after it
     if isinstance(spec, FinetuneSpec):
-        return 3 if spec.patch is None else 5          # M_f, then M_ef
-    return {"stats": 0, "patch": 1, "cell": 6}[s.kind]
+        return 4 if spec.patch is None else 6          # M_f, then M_ef
+    return {"stats": 0, "targets": 1, "patch": 2, "cell": 7}[s.kind]
 
 
 def _check_order(stages: dict[str, Stage]) -> None:

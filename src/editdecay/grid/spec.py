@@ -292,11 +292,14 @@ class ResourceSettings(Config):
 
     default: Resources = Field(default_factory=Resources, description="every stage kind without its own entry")
     stats: Optional[Resources] = Field(None, description="E1 statistics stages")
+    targets: Optional[Resources] = Field(None, description="E3 target value stages (default: patch's entry)")
     patch: Optional[Resources] = Field(None, description="edit stages")
     finetune: Optional[Resources] = Field(None, description="fine-tuning stages")
     evaluate: Optional[Resources] = Field(None, description="evaluation stages")
 
     def for_kind(self, kind: str) -> Resources:
+        if kind == "targets" and self.targets is None:
+            return self.for_kind("patch")           # E3 needs what the edit needs (its gradient steps dominate)
         return getattr(self, kind, None) or self.default
 
 

@@ -7,6 +7,7 @@ about how it runs (device, threads, batch sizes of scoring, cache location: `Pla
 
     kind      record         computes                                                    model it makes or reads
     stats     StatsSpec      E1 statistics of the edited layers, into the editdecay cache   M0
+    targets   TargetsSpec    E3 target values of the cell's requests (beside E1)           M0
     patch     PatchSpec      E2-E5: the edit of the cell's requests, as an EditPatch        M_e (saved as a patch)
     evaluate  EvaluateSpec   E6 outcomes of the cell's requests                             M0, or M_f
     finetune  FinetuneSpec   fine-tuning with a decay curve (E7)                            M_f, or M_ef (patch first)
@@ -27,6 +28,7 @@ from editdecay.core.config import Config
 from editdecay.core.errors import ConfigError
 from editdecay.core.model_ref import ModelRef
 from editdecay.data.sources import EditSelection
+from editdecay.edit.config import TargetValuesConfig
 from editdecay.finetune.recipe import Recipe
 from editdecay.finetune.schedule import EvalEvery
 
@@ -184,8 +186,38 @@ class StatsSpec(StageSpec):
         return StatisticsRef.of(self.editor.resolve(family, model_name))
 
 
+class TargetsSpec(StageSpec):
+    """E3 target values of a cell's requests on the base model (edit/target_values.py): `values` when the editor's
+    settings were known at planning (then every editor with the same E3 settings shares the stage), else `editor`,
+    resolved once the model is loaded."""
+
+    kind: ClassVar[str] = "targets"
+    config_name: ClassVar[str] = "targets stage"
+
+    model: ModelRef
+    requests: EditSelection
+    values: TargetValuesConfig | None = None
+    editor: EditorRef | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.values is None) == (self.editor is None):
+            raise ValueError("give exactly one of values (resolved) and editor (resolved when the model loads)")
+        return self
+
+    @property
+    def seed(self) -> int:
+        return self.requests.seed or 0
+
+    def resolve(self, family: str | None, model_name: str | None) -> TargetValuesConfig:
+        if self.values is not None:
+            return self.values
+        return TargetValuesConfig.of(self.editor.resolve(family, model_name))
+
+
 class PatchSpec(StageSpec):
-    """The edit of a cell's requests on the base model (E2-E5), sequential batches of `batch_size`."""
+    """The edit of a cell's requests on the base model (E2-E5), sequential batches of `batch_size`; `targets`: the
+    targets stage whose E3 values the (first) batch takes, or None (the edit computes its own)."""
 
     kind: ClassVar[str] = "patch"
     config_name: ClassVar[str] = "patch stage"
@@ -194,6 +226,7 @@ class PatchSpec(StageSpec):
     editor: EditorRef
     requests: EditSelection
     batch_size: int | None = None
+    targets: str | None = Field(None, exclude_if=lambda v: v is None)     # unset: ids of such patches unchanged
 
     @property
     def seed(self) -> int:
@@ -288,6 +321,7 @@ class CellRoles(Config):
     config_name: ClassVar[str] = "cell roles"
 
     stats: str | None = None
+    targets: str | None = Field(None, exclude_if=lambda v: v is None)     # unset: ids of such cells unchanged
     patch: str | None = None
     eval_base: str | None = None
     finetune_base: str
@@ -312,7 +346,7 @@ class CellSpec(StageSpec):
 
 
 STAGE_SPECS: dict[str, type[StageSpec]] = {cls.kind: cls for cls in
-                                           (StatsSpec, PatchSpec, EvaluateSpec, FinetuneSpec, CellSpec)}
+                                           (StatsSpec, TargetsSpec, PatchSpec, EvaluateSpec, FinetuneSpec, CellSpec)}
 STAGE_KINDS = tuple(STAGE_SPECS)
 
 
@@ -331,4 +365,4 @@ def decode(kind: str, config: dict) -> StageSpec:
 
 __all__ = ["CellAxes", "CellRoles", "CellSpec", "DataRef", "DownstreamRef", "EditorRef", "EvaluateSpec",
            "FinetuneSpec", "PatchSpec", "SPEC_VERSION", "STAGE_KINDS", "STAGE_SPECS", "StageSpec", "StaleSpecError",
-           "StatisticsRef", "StatsSpec", "decode"]
+           "StatisticsRef", "StatsSpec", "TargetsSpec", "decode"]

@@ -14,7 +14,8 @@ hardware and thread count.
 Stage kinds (plan.py explains which cells share which):
 - stats     E1 second moments of the edited layers, into the editdecay cache (E1 is cached per layer there;
             the stage records provenance and makes sure the statistics exist before any editor needs them)
-- patch     E2-E5: the edit of n requests as an EditPatch (`patch/`)
+- targets   E3 target values of n requests on the base model (`targets/`, edit/target_values.py), beside E1
+- patch     E2-E5: the edit of n requests as an EditPatch (`patch/`), taking its E3 values from `targets`
 - evaluate  E6 per-request outcomes of M0 (base) or M_f (base + fine-tuned weights) on a cell's requests
 - finetune  M_f (base model) or M_ef (patch applied first) fine-tuned with a recipe, with a decay curve (E7)
 - cell      the cell's result (fields: core.schema.CellResult), assembled from the stages above
@@ -36,7 +37,15 @@ from editdecay.core.errors import (
 from editdecay.core.models import check_same_weights
 from editdecay.core.schema import MODELS
 from editdecay.grid.plan import Plan, Stage
-from editdecay.grid.specs import CellSpec, EvaluateSpec, FinetuneSpec, PatchSpec, StageSpec, StatsSpec
+from editdecay.grid.specs import (
+    CellSpec,
+    EvaluateSpec,
+    FinetuneSpec,
+    PatchSpec,
+    StageSpec,
+    StatsSpec,
+    TargetsSpec,
+)
 from editdecay.grid.store import GridStore
 
 log = logging.getLogger(__name__)
@@ -135,13 +144,41 @@ def run_stats(ctx: StageContext) -> None:
                                     "model": lm.identity.to_dict(), "sources": stats.provenance["source"]})
 
 
+# --------------------------------------------------------------------------- targets
+
+
+def run_targets(ctx: StageContext) -> None:
+    """E3 target values of the cell's requests on the base model, for the patch stage (reads no E1 statistics)."""
+    from editdecay.core.results import Timer
+    from editdecay.edit.target_values import compute_target_values
+
+    spec: TargetsSpec = ctx.spec
+    timer = Timer()
+    with timer("load_data"):
+        ds = _requests(spec.requests)
+    with timer("load_model"):
+        lm = ctx.load_model(spec.model)
+    config = spec.resolve(lm.identity.family, lm.identity.name)
+    with timer("targets"):
+        values = compute_target_values(lm, config, list(ds.requests), progress=ctx.progress)
+    values.save(ctx.out / "targets")
+    loss, steps = values.result.loss, values.result.steps
+    ctx.write_json("outputs.json", {
+        "equation": "E3", "config": config.to_dict(), "n_requests": len(ds.requests),
+        "case_ids": list(values.case_ids), "mean_final_loss": sum(loss) / len(loss),
+        "mean_steps": sum(steps) / len(steps), "warnings": list(values.warnings), "model": lm.identity.to_dict(),
+        "timings": timer.seconds})
+
+
 # --------------------------------------------------------------------------- patch
 
 
 def run_patch(ctx: StageContext) -> None:
-    """E2-E5: edit the base model with the cell's requests; save the patch (the model is then discarded)."""
+    """E2-E5: edit the base model with the cell's requests (its E3 values from the targets stage, where it has
+    one); save the patch (the model is then discarded)."""
     from editdecay.core.results import Timer
     from editdecay.edit.api import edit_model
+    from editdecay.edit.target_values import TargetValues
 
     spec: PatchSpec = ctx.spec
     timer = Timer()
@@ -149,11 +186,13 @@ def run_patch(ctx: StageContext) -> None:
         ds = _requests(spec.requests)
     with timer("load_model"):
         lm = ctx.load_model(spec.model)
-    for sid in ctx.stage.deps:          # the statistics stage, for editors that need one
-        check_same_weights(lm.identity, ctx.store.manifest(sid)["outputs"]["model"], f"statistics stage {sid}")
+    for sid in ctx.stage.deps:          # the statistics and target values stages, for editors that need them
+        check_same_weights(lm.identity, ctx.store.manifest(sid)["outputs"]["model"], f"{ctx.plan.stages[sid].kind} "
+                           f"stage {sid}")
+    values = TargetValues.load(ctx.dep_dir(spec.targets) / "targets") if spec.targets else None
     cfg = spec.editor.resolve(lm.identity.family, lm.identity.name)
     patch, run = edit_model(lm, spec.editor.name, cfg, list(ds.requests), batch_size=spec.batch_size,
-                            cache=ctx.cache(), progress=ctx.progress)
+                            cache=ctx.cache(), progress=ctx.progress, target_values=values)
     _check_finite(f"{spec.editor.name} patch", patch.tensors())
     timings = {**timer.seconds, **run.timer.seconds}
     patch.extra["timings"] = timings
@@ -440,7 +479,8 @@ def _deltas(values: dict, base_delta: bool = False) -> dict:
 
 
 EXECUTORS: dict[str, Callable[[StageContext], None]] = {
-    "stats": run_stats, "patch": run_patch, "evaluate": run_evaluate, "finetune": run_finetune_stage,
+    "stats": run_stats, "targets": run_targets, "patch": run_patch, "evaluate": run_evaluate,
+    "finetune": run_finetune_stage,
     "cell": run_cell,
 }
 
