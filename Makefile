@@ -19,11 +19,12 @@ $(STAMP): pyproject.toml
 
 # The embedded lab's zsRE LoRA cell (examples/grids/demo.yaml: MEMIT, 20 zsRE edits, 16 LoRA steps), then its
 # report, which ends with ES after editing, ES after fine-tuning, the Edit Flip Ratio (with n) and where
-# report.html is. Two workers (DEMO_WORKERS): the base model's fine-tuning (M_f) runs beside the statistics and
-# the edit. Measured from a fresh clone (`git clone`, then `EDITDECAY_CACHE=<empty dir> make demo`) on the 2 cores
-# of the development machine, nothing else running, one thread per worker: first run 11 min 46 s (install ~70 s,
-# E1 statistics with the model's conversion 221 s, patch 233 s, the edited model's LoRA run 171 s); again with the
-# statistics cached 7 min 2 s (patch 236 s); both ES 97.2 % -> 55.6 %, EFR 4 of 20.
+# report.html is. Two workers (DEMO_WORKERS): the E3 target values run beside the E1 statistics, then the base
+# model's fine-tuning (M_f) beside the edit and the edited model's. Measured from a fresh clone (`git clone`, then
+# `EDITDECAY_CACHE=<empty dir> make demo`) on the 2 cores of the development machine, nothing else running, one
+# thread per worker: first run 8 min 54 s (install ~80 s; E1 statistics with the model's conversion 215 s beside
+# E3 247 s; patch 21 s; the edited model's LoRA run ~170 s); again in the same clone with the statistics cached
+# 7 min 6 s (E3 225 s beside M0 and M_f; patch 21 s); both ES 97.2 % -> 55.6 %, EFR 4 of 20 (4 Dec 2026).
 # One torch thread by default: on a machine whose cores other jobs share, two OpenMP threads wait for each other
 # (a LoRA step of the embedded model took 45 s with 2 threads and 4-5 s with 1 on 2 shared cores).
 demo: $(STAMP)

@@ -1,6 +1,7 @@
 """The grid runner under faults, one test per kind of fault:
 
-- a worker killed with SIGKILL in each stage kind (statistics, edit, fine-tune, evaluate) at a random point,
+- a worker killed with SIGKILL in each stage kind (statistics, target values, edit, fine-tune, evaluate) at a
+  random point,
   then resumed: no finished stage is lost or computed again; a stage killed again and again (the OOM killer)
   ends as a recorded failure after `max_attempts` starts instead of being retried forever;
 - every record beside a stage (`.failed.json`, `.attempts.json`) is written and removed under its lock;
@@ -10,8 +11,8 @@
 - `EditPatch.save` from two processes into one directory: unique temporary names, one consistent patch;
 - `run_finetune` publishes `adapter/` and the weights atomically and removes a stale `adapter/`.
 
-The grid is one cell (MEMIT, 4 edits, LoRA on the edited layers) of a tiny random Llama: 7 stages
-(stats, patch, 2 x evaluate, 2 x finetune, cell). Workers are `run_grid` in child processes.
+The grid is one cell (MEMIT, 4 edits, LoRA on the edited layers) of a tiny random Llama: 8 stages
+(stats, targets, patch, 2 x evaluate, 2 x finetune, cell). Workers are `run_grid` in child processes.
 """
 
 from __future__ import annotations
@@ -109,16 +110,17 @@ def kill_in(world, store, plan, want, rng, longest: float) -> dict:
 def test_sigkill_in_every_stage_kind_then_resume_and_repeated_kills_end_as_a_failure(world, tmp_path):
     plan = build_plan(load_grid(world["grid"]))
     assert sorted(st.kind for st in plan.stages.values()) == [
-        "cell", "evaluate", "evaluate", "finetune", "finetune", "patch", "stats"]
+        "cell", "evaluate", "evaluate", "finetune", "finetune", "patch", "stats", "targets"]
     rng = random.Random(SEED)
-    longest = {"stats": 0.6, "patch": 1.5, "evaluate": 0.6, "finetune": 1.0}     # about a stage's duration here
+    # about a stage's duration here
+    longest = {"stats": 0.6, "targets": 1.0, "patch": 1.0, "evaluate": 0.6, "finetune": 1.0}
     for attempt in range(4):
         # A kill that comes after its stage finished cannot be repeated on the same results directory (a
         # finished stage is never computed again), so the whole sequence starts over in a fresh directory,
         # with earlier kill points.
         store = GridStore(tmp_path / f"out{attempt}")
         kills = []
-        for kind in ("stats", "patch", "evaluate", "finetune"):
+        for kind in ("stats", "targets", "patch", "evaluate", "finetune"):
             kills.append(kill_in(world, store, plan, kind, rng, longest[kind]))
             if not kills[-1]["in_stage"]:
                 break
@@ -126,7 +128,7 @@ def test_sigkill_in_every_stage_kind_then_resume_and_repeated_kills_end_as_a_fai
         if all(k["in_stage"] for k in kills):
             break
         longest = {k: v / 2 for k, v in longest.items()}
-    assert len(kills) == 4 and all(k["in_stage"] for k in kills), f"no kill sequence landed inside its stages: {kills}"
+    assert len(kills) == 5 and all(k["in_stage"] for k in kills), f"no kill sequence landed inside its stages: {kills}"
     # The same fine-tuning stage killed until its starts reach max_attempts (3): the OOM killer's pattern.
     oom = kills[-1]["stage"]
     while len(store.attempts(oom)) < 3:
@@ -162,7 +164,7 @@ def test_sigkill_in_every_stage_kind_then_resume_and_repeated_kills_end_as_a_fai
     assert set(counts) == set(plan.stages) and recomputed == [] and lost == []
     assert not list((store.root / "stages").glob(".*.tmp"))
     killed_in = {k["kind"] for k in kills if k["in_stage"]}
-    assert killed_in == {"stats", "patch", "evaluate", "finetune"}
+    assert killed_in == {"stats", "targets", "patch", "evaluate", "finetune"}
     figures = {"seed": SEED, "workers_killed": len(kills), "kills": [
         {key: k[key] for key in ("kind", "stage", "delay_s", "in_stage")} for k in kills],
         "finished_stages_lost": len(lost), "finished_stages_recomputed": len(recomputed),

@@ -243,7 +243,7 @@ def test_ray_backend_gives_the_same_results(world, baseline, tmp_path):
     (cell,) = plan.cells
     assert cell.id in baseline["results"]                            # content-addressed: the same cell
     summary = run_grid(plan, tmp_path / "ray", backend="ray", num_cpus=1, threads=1)
-    assert summary.cells["done"] == 1 and summary.stages["computed"] == 7
+    assert summary.cells["done"] == 1 and summary.stages["computed"] == 8
     store = GridStore(tmp_path / "ray")
     pids = {e["pid"] for e in store.events() if e["event"] == "computed" and e["kind"] != "cell"}
     assert os.getpid() not in pids                                   # stages ran in Ray worker processes

@@ -9,7 +9,8 @@ branches on an editor's name (edit/registry.py lists the classes, one line each)
 - `family`: how it edits, which says what it needs and what its patch is. `LOCATE_THEN_EDIT` (MEMIT,
   AlphaEdit): E1 key statistics of the edited layers (`needs_statistics`), E2 keys and E3 targets shared by
   every method of the family (edit/run.py), one linear solve per layer (E4, E5), a patch of weight deltas;
-  E3 reads no E1 statistics, so its values can be computed apart (`separate_targets`: a grid's targets stage).
+  E3 reads no E1 statistics, so its values can be computed apart (`separate_targets`: a grid's targets stage,
+  shared by every such editor with the same E3 settings; a subclass that changes E3 sets it False).
   The other families override `start` with their own run and say with `needs_statistics` whether the E1
   statistics stage runs: `FINE_TUNING` (FT-M: gradient steps on the edited weights, a weight-delta patch),
   `MEMORY` (GRACE: a codebook beside one layer, a patch of module state; `module_edit` names the

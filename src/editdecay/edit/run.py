@@ -120,7 +120,16 @@ class EditingRun(WeightDeltaRun):
         top = self.layers[-1]
         values, self.target_values = self.target_values, None           # precomputed: the first batch's only
         if values is not None:
-            values.check(TargetValuesConfig.of(cfg), self.templates, ids)
+            values.check(TargetValuesConfig.of(cfg), requests, self.lm.identity.fingerprint)
+            if values.templates != self.templates:
+                # Same settings and weights, other sampled prefixes: another device, dtype or library version.
+                w = (f"precomputed E3 target values used other context templates ({list(values.templates.flat)}) "
+                     f"than this edit samples ({list(self.templates.flat)}): another device, dtype or library "
+                     f"version; E3 is computed here instead")
+                log.warning(w)
+                self.warnings.append(w)
+                values = None
+        if values is not None:
             tr = values.result
         else:
             with self.timer("targets"):

@@ -3,15 +3,19 @@
 E3 reads the unedited model, the requests and the E2 context templates, never the E1 statistics. So a grid
 computes the target values in a stage of their own (grid/plan.py, kind `targets`) beside the statistics: on two
 workers the first edit waits for max(E1, E3) instead of E1 + E3, and editors whose E3 settings agree (MEMIT and
-AlphaEdit with the same layers) share one. The patch stage hands them to the edit (`edit.api.edit_model`), which
-uses them for its first batch in place of computing them.
+AlphaEdit with the same last layer, resolved when the grid is planned) share one. The patch stage hands them to
+the edit (`edit.api.edit_model`), which uses them for its first batch in place of computing them.
 
-The values are the ones the edit would compute itself: same model, same requests, same templates, same
-settings, same arithmetic (tested bit for bit). `TargetValues.check` refuses values made for other requests,
-templates or settings (EditDecayError naming what differs).
+The values are the ones the edit computes itself from the same model, requests, templates, settings and E3
+batches (bit for bit, tested). The E3 batch size is a run-time setting (free memory decides it unless
+`target_batch_size` is set), and other batches change z at float32 round-off, as they would inside one edit.
+`TargetValues.check` refuses values made for other requests, settings or weights (EditDecayError naming what
+differs); values whose context templates differ from the edit's (sampled on another device, dtype or library
+version) are not used: the edit computes E3 itself and says so in its warnings (edit/run.py).
 
 On disk (`save`, `load`): `targets.safetensors` (z and h, (n, d) float32) and `targets.json` (the settings, the
-templates, the case ids, the final losses and steps, the warnings of the request checks).
+templates, the case ids, a digest of the requests, the model's fingerprint, the final losses and steps, the
+warnings of the request checks).
 """
 
 from __future__ import annotations
@@ -39,23 +43,27 @@ class TargetValues:
     config: TargetValuesConfig
     templates: ContextTemplates
     case_ids: tuple[str, ...]
+    requests_digest: str              # `requests_digest` of the requests (prompts, subjects, targets, ...)
+    model_fingerprint: str | None     # the unedited model's weights (core.models.ModelIdentity.fingerprint)
     result: TargetResult
     warnings: tuple[str, ...] = ()
 
-    def check(self, config: TargetValuesConfig, templates: ContextTemplates, case_ids: list[str]) -> None:
-        """EditDecayError unless these values were computed for exactly this batch, templates and settings."""
+    def check(self, config: TargetValuesConfig, requests: list[EditRequest], model_fingerprint: str | None) -> None:
+        """EditDecayError unless these values were computed for exactly these settings, requests and weights."""
         if config != self.config:
             diff = {k: (getattr(self.config, k), getattr(config, k)) for k in type(config).model_fields
                     if getattr(self.config, k) != getattr(config, k)}
             raise EditDecayError(f"precomputed E3 target values were made with other settings than the edit's "
                                  f"({', '.join(f'{k}: {a!r} vs {b!r}' for k, (a, b) in diff.items())})")
-        if tuple(case_ids) != self.case_ids:
-            raise EditDecayError(f"precomputed E3 target values are for {len(self.case_ids)} other requests "
-                                 f"(first case ids {list(self.case_ids[:3])}) than the edit's batch of "
-                                 f"{len(case_ids)} (first {list(case_ids[:3])})")
-        if templates != self.templates:
-            raise EditDecayError(f"precomputed E3 target values used other context templates than the edit "
-                                 f"({list(self.templates.flat)} vs {list(templates.flat)}): another model or seed")
+        ids = [r.case_id for r in requests]
+        if tuple(ids) != self.case_ids or requests_digest(requests) != self.requests_digest:
+            raise EditDecayError(f"precomputed E3 target values are for other requests (first case ids "
+                                 f"{list(self.case_ids[:3])} of {len(self.case_ids)}) than the edit's batch (first "
+                                 f"{ids[:3]} of {len(ids)})" + (", with other prompts, subjects or targets"
+                                                               if tuple(ids) == self.case_ids else ""))
+        if None not in (model_fingerprint, self.model_fingerprint) and model_fingerprint != self.model_fingerprint:
+            raise EditDecayError(f"precomputed E3 target values were computed on other weights (fingerprint "
+                                 f"{self.model_fingerprint}) than the model being edited ({model_fingerprint})")
 
     def save(self, directory: Path) -> Path:
         from safetensors.torch import save_file
@@ -63,8 +71,10 @@ class TargetValues:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file({"z": self.result.z.contiguous(), "h": self.result.h.contiguous()}, str(directory / TENSORS_FILE))
-        meta = {"equation": "E3", "config": self.config.to_dict(), "templates": [list(g) for g in self.templates.groups],
-                "case_ids": list(self.case_ids), "loss": self.result.loss, "steps": self.result.steps,
+        meta = {"equation": "E3", "config": self.config.to_dict(),
+                "templates": [list(g) for g in self.templates.groups], "case_ids": list(self.case_ids),
+                "requests_digest": self.requests_digest,
+                "model_fingerprint": self.model_fingerprint, "loss": self.result.loss, "steps": self.result.steps,
                 "warnings": list(self.warnings)}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return directory
@@ -86,6 +96,8 @@ class TargetValues:
             values = cls(config=TargetValuesConfig.from_dict(meta["config"]),
                          templates=ContextTemplates(tuple(tuple(g) for g in meta["templates"])),
                          case_ids=tuple(str(c) for c in meta["case_ids"]),
+                         requests_digest=str(meta["requests_digest"]),
+                         model_fingerprint=meta.get("model_fingerprint"),
                          result=TargetResult(z=z, h=h, loss=[float(x) for x in meta["loss"]],
                                              steps=[int(x) for x in meta["steps"]]),
                          warnings=tuple(meta.get("warnings", ())))
@@ -111,7 +123,15 @@ def compute_target_values(lm, config: TargetValuesConfig, requests: list[EditReq
     warnings = validate_requests(lm.tokenizer, requests, templates)
     result = compute_targets(lm.model, lm.tokenizer, requests, templates, config.settings(), progress=progress)
     check_finite("E3 target values z", {f"case_id {r.case_id}": result.z[i] for i, r in enumerate(requests)})
-    return TargetValues(config, templates, tuple(r.case_id for r in requests), result, tuple(warnings))
+    return TargetValues(config, templates, tuple(r.case_id for r in requests), requests_digest(requests),
+                        lm.identity.fingerprint, result, tuple(warnings))
 
 
-__all__ = ["TargetValues", "TargetValuesConfig", "compute_target_values"]
+def requests_digest(requests: list[EditRequest]) -> str:
+    """Content hash of the requests, in order (every field: case id, prompt, subject, targets, paraphrases, ...)."""
+    from editdecay.core.cache import stable_hash
+
+    return stable_hash([r.to_dict() for r in requests])
+
+
+__all__ = ["TargetValues", "TargetValuesConfig", "compute_target_values", "requests_digest"]

@@ -678,9 +678,9 @@ def _targets(b: _Builder, ctx: PlanContext, editor: _Editor, requests: EditSelec
     if ref.config is not None:
         from editdecay.edit.registry import make_config
 
-        spec = TargetsSpec(model=ctx.model.ref, requests=requests,
-                           values=TargetValuesConfig.of(make_config(ref.name, **ref.config)))
-        return b.add(spec, (), f"E3 {ctx.model.label} {where}")
+        values = TargetValuesConfig.of(make_config(ref.name, **ref.config))
+        spec = TargetsSpec(model=ctx.model.ref, requests=requests, values=values)
+        return b.add(spec, (), f"E3 {ctx.model.label} l*={values.layer} {where}")
     keep = ("layers", *TargetValuesConfig.FIELDS)
     spec = TargetsSpec(model=ctx.model.ref, requests=requests,
                        editor=EditorRef(name=ref.name, fields={k: v for k, v in ref.fields.items() if k in keep}))

@@ -149,6 +149,8 @@ def run_stats(ctx: StageContext) -> None:
 
 def run_targets(ctx: StageContext) -> None:
     """E3 target values of the cell's requests on the base model, for the patch stage (reads no E1 statistics)."""
+    from editdecay.core.arch import check_layers
+    from editdecay.core.devices import input_device
     from editdecay.core.results import Timer
     from editdecay.edit.target_values import compute_target_values
 
@@ -159,6 +161,7 @@ def run_targets(ctx: StageContext) -> None:
     with timer("load_model"):
         lm = ctx.load_model(spec.model)
     config = spec.resolve(lm.identity.family, lm.identity.name)
+    check_layers(lm.model, [config.layer], field="layers")        # as the edit checks them (edit.api.validate_inputs)
     with timer("targets"):
         values = compute_target_values(lm, config, list(ds.requests), progress=ctx.progress)
     values.save(ctx.out / "targets")
@@ -167,7 +170,7 @@ def run_targets(ctx: StageContext) -> None:
         "equation": "E3", "config": config.to_dict(), "n_requests": len(ds.requests),
         "case_ids": list(values.case_ids), "mean_final_loss": sum(loss) / len(loss),
         "mean_steps": sum(steps) / len(steps), "warnings": list(values.warnings), "model": lm.identity.to_dict(),
-        "timings": timer.seconds})
+        "device": str(input_device(lm.model)), "timings": timer.seconds})
 
 
 # --------------------------------------------------------------------------- patch
