@@ -25,11 +25,10 @@ from editdecay.core.devices import module_device
 from editdecay.core.errors import DataError, TokenBoundaryError
 from editdecay.core.request import EditRequest, slot_problem
 from editdecay.core.tokens import boundary_problem, encode_target
-from editdecay.edit.config import LocateThenEditConfig
+from editdecay.edit.config import LocateThenEditConfig, TargetValuesConfig
 from editdecay.edit.context import ContextTemplates, context_templates
 from editdecay.edit.keys import block_outputs_at_subject, compute_keys
 from editdecay.edit.deltas import WeightDeltaRun
-from editdecay.edit.target_values import TargetValues, TargetValuesConfig
 from editdecay.edit.targets import compute_targets
 
 log = logging.getLogger(__name__)
@@ -96,8 +95,9 @@ class EditingRun(WeightDeltaRun):
         self.solver, self.spec, self.names = solver, spec, names
         self.devices = {l: module_device(get_module(model, n)) for l, n in names.items()}
         self.target_log: list[dict] = []
-        # E3 values computed ahead for the first batch (edit/target_values.py; a grid's targets stage), or None.
-        self.target_values: TargetValues | None = None
+        # E3 values computed ahead for the first batch (an edit/target_values.py `TargetValues`, from a grid's targets
+        # stage), or None. (Not imported here: target_values checks requests with this module's validate_requests.)
+        self.target_values = None
         with self.timer("context"):
             # Grouped by context type (E2): [("{}",), (<sampled prefixes>)]; recorded in the patch.
             self.templates = context_templates(model, lm.tokenizer, n=self.cfg.n_context_templates,

@@ -20,11 +20,12 @@ warnings of the request checks).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from editdecay.core.cache import dumps_json
 from editdecay.core.checks import check_finite
 from editdecay.core.errors import ConfigError, EditDecayError
 from editdecay.core.request import EditRequest
@@ -76,7 +77,7 @@ class TargetValues:
                 "requests_digest": self.requests_digest,
                 "model_fingerprint": self.model_fingerprint, "loss": self.result.loss, "steps": self.result.steps,
                 "warnings": list(self.warnings)}
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (directory / META_FILE).write_text(dumps_json(meta, indent=2) + "\n")     # strict JSON (core.cache)
         return directory
 
     @classmethod
