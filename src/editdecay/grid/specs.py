@@ -163,6 +163,14 @@ class StageSpec(Config):
         return self.model_dump(mode="json")
 
 
+def _resolved_or_editor(spec, resolved: str):
+    """A spec that holds either its settings resolved at planning (field `resolved`) or the `editor` whose preset
+    resolves them once the model loads: exactly one of the two."""
+    if (getattr(spec, resolved) is None) == (spec.editor is None):
+        raise ValueError(f"give exactly one of {resolved} (resolved) and editor (resolved when the model loads)")
+    return spec
+
+
 class StatsSpec(StageSpec):
     """E1 statistics of one model: `statistics` when the editor's layers and corpus were known at planning (then
     every editor with those shares the stage), else `editor`, resolved once the model is loaded."""
@@ -176,9 +184,7 @@ class StatsSpec(StageSpec):
 
     @model_validator(mode="after")
     def _one(self):
-        if (self.statistics is None) == (self.editor is None):
-            raise ValueError("give exactly one of statistics (resolved) and editor (resolved when the model loads)")
-        return self
+        return _resolved_or_editor(self, "statistics")
 
     def resolve(self, family: str | None, model_name: str | None) -> StatisticsRef:
         if self.statistics is not None:
@@ -201,9 +207,7 @@ class TargetsSpec(StageSpec):
 
     @model_validator(mode="after")
     def _one(self):
-        if (self.values is None) == (self.editor is None):
-            raise ValueError("give exactly one of values (resolved) and editor (resolved when the model loads)")
-        return self
+        return _resolved_or_editor(self, "values")
 
     @property
     def seed(self) -> int:

@@ -116,6 +116,18 @@ def _requests(selection):
     return ds
 
 
+def _edit_inputs(ctx: StageContext, spec: TargetsSpec | PatchSpec):
+    """(timer, requests, loaded model) of an edit's stage, with the seconds of loading each in the timer."""
+    from editdecay.core.results import Timer
+
+    timer = Timer()
+    with timer("load_data"):
+        ds = _requests(spec.requests)
+    with timer("load_model"):
+        lm = ctx.load_model(spec.model)
+    return timer, ds, lm
+
+
 # --------------------------------------------------------------------------- stats
 
 
@@ -151,15 +163,10 @@ def run_targets(ctx: StageContext) -> None:
     """E3 target values of the cell's requests on the base model, for the patch stage (reads no E1 statistics)."""
     from editdecay.core.arch import check_layers
     from editdecay.core.devices import input_device
-    from editdecay.core.results import Timer
     from editdecay.edit.target_values import compute_target_values
 
     spec: TargetsSpec = ctx.spec
-    timer = Timer()
-    with timer("load_data"):
-        ds = _requests(spec.requests)
-    with timer("load_model"):
-        lm = ctx.load_model(spec.model)
+    timer, ds, lm = _edit_inputs(ctx, spec)
     config = spec.resolve(lm.identity.family, lm.identity.name)
     check_layers(lm.model, [config.layer], field="layers")        # as the edit checks them (edit.api.validate_inputs)
     with timer("targets"):
@@ -179,16 +186,11 @@ def run_targets(ctx: StageContext) -> None:
 def run_patch(ctx: StageContext) -> None:
     """E2-E5: edit the base model with the cell's requests (its E3 values from the targets stage, where it has
     one); save the patch (the model is then discarded)."""
-    from editdecay.core.results import Timer
     from editdecay.edit.api import edit_model
     from editdecay.edit.target_values import TargetValues
 
     spec: PatchSpec = ctx.spec
-    timer = Timer()
-    with timer("load_data"):
-        ds = _requests(spec.requests)
-    with timer("load_model"):
-        lm = ctx.load_model(spec.model)
+    timer, ds, lm = _edit_inputs(ctx, spec)
     for sid in ctx.stage.deps:          # the statistics and target values stages, for editors that need them
         check_same_weights(lm.identity, ctx.store.manifest(sid)["outputs"]["model"], f"{ctx.plan.stages[sid].kind} "
                            f"stage {sid}")
