@@ -5,10 +5,12 @@ The recipe is the embedded study v3's (examples/grids/embedded-study-v3.yaml: ch
 cutoff 160, trained on prompt and response, embedded preset learning rates), one torch thread. Per method (lora,
 dora, full on all layers) and setting:
 
-- `float32`: the trainer as the v3 grid runs it (plain shuffle, float32);
+- `float32`: the trainer before the speed options (plain shuffle, float32, sdpa attention);
 - `grouped`: `group_by_length` (micro-batches of similar length, transformers' length-grouped sampler);
 - `bf16`: bfloat16 autocast (recipe `dtype`);
-- `bf16+grouped`: both;
+- `bf16+grouped`: both (these four on transformers' default `sdpa` attention, as the trainer ran before);
+- `now`: bf16+grouped with the recipe's default `attention_kernel` (auto: `eager` on the CPU for these sequences,
+  finetune/attention.py): the trainer as the v3 grid runs it now;
 - `trainer`: transformers' `Trainer` on the same tokenised examples, the same trainable parameters (the model
   `finetune.trainable.prepare_model` returns), AdamW, schedule and clipping, float32 (and `trainer-bf16`).
 
@@ -36,8 +38,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "examples" / "grids" / "embedded-study-v3.yaml"
-SETTINGS = {"float32": {}, "grouped": {"group_by_length": True}, "bf16": {"dtype": "bfloat16"},
-            "bf16+grouped": {"dtype": "bfloat16", "group_by_length": True}}
+# The speed options one at a time on transformers' own attention kernel (sdpa), then the recipe as the trainer now
+# runs it: `attention_kernel` auto, which is eager on the CPU for these sequences (finetune/attention.py).
+SDPA = {"attention_kernel": "sdpa"}
+SETTINGS = {"float32": SDPA, "grouped": {"group_by_length": True, **SDPA}, "bf16": {"dtype": "bfloat16", **SDPA},
+            "bf16+grouped": {"dtype": "bfloat16", "group_by_length": True, **SDPA},
+            "now": {"dtype": "bfloat16", "group_by_length": True}}
 
 
 def _data(tokenizer, recipe):

@@ -129,7 +129,7 @@ def test_train_on_prompt_reaches_the_recipe(captured):
 WORDS = {"method": ("dora", "dora"), "layers": ("1-2", (1, 2)),
          "targets": ("mlp.down_proj,mlp.up_proj", ("mlp.down_proj", "mlp.up_proj")),
          "lr_scheduler": ("cosine", "cosine"), "template": ("alpaca", "alpaca"), "dtype": ("bfloat16", "bfloat16"),
-         "optimizer": ("adamw8bit", "adamw8bit")}
+         "optimizer": ("adamw8bit", "adamw8bit"), "attention_kernel": ("eager", "eager")}
 
 
 def _other_value(name: str, value):

@@ -33,6 +33,7 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_wi
               "inverse_sqrt")
 TRAIN_DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adamw", "adamw8bit")     # finetune.precision.OPTIMIZERS (kept here: this module imports no torch)
+ATTENTION_KERNELS = ("auto", "eager", "sdpa")   # finetune.attention (transformers' attn_implementation names)
 
 
 def target_choice(value) -> Union[str, tuple[str, ...]]:
@@ -112,6 +113,12 @@ class Recipe(Config):
                                    "shuffle.", False, exclude_if=lambda v: not v)
     gradient_checkpointing: bool = _field("Recompute activations in the backward pass (less memory, ~30% slower).",
                                          False)
+    attention_kernel: str = _field("Attention kernel of the training passes (transformers' attn_implementation): "
+                                   "auto (eager on the CPU while its attention matrices stay small, the model's "
+                                   "own elsewhere; finetune/attention.py) | eager | sdpa. Evaluations between "
+                                   "steps keep the model's own kernel.", "auto",
+                                   # left out of the JSON at its default, so recipes without it keep their stage ids
+                                   exclude_if=lambda v: v == "auto")
     seed: int = _field("Seed of adapter initialisation, dropout and data order.", 0)
 
     @model_validator(mode="after")
@@ -152,6 +159,7 @@ class Recipe(Config):
                               "use dtype='bfloat16' or 'float32'")
         _choice("dtype", self.dtype, TRAIN_DTYPES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         if self.max_grad_norm is not None:
             _check(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "a number > 0 or None")

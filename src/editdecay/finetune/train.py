@@ -31,6 +31,7 @@ from editdecay.core.devices import input_device
 from editdecay.core.errors import EditDecayError
 from editdecay.core.forward import logits_at
 from editdecay.data.instructions import IGNORE_INDEX, Example, TrainingSet
+from editdecay.finetune.attention import attention_kernel, effective_kernel, training_kernel
 from editdecay.finetune.callback import DecayCallback
 from editdecay.finetune.distributed import DistContext, shard_model
 from editdecay.finetune.guard import UpdateProbe, check_trainable
@@ -145,7 +146,8 @@ def train(
 
     Precision (`finetune.precision`): with low-precision trainable weights and plain AdamW the optimiser
     updates float32 master weights by default (`recipe.master_weights`); `recipe.optimizer='adamw8bit'`
-    keeps 8-bit state. `dist` (`finetune.distributed`): this process's share of a sharded run; the model is
+    keeps 8-bit state. The training passes run attention through `finetune.attention.training_kernel`
+    (eager on the CPU for short sequences); evaluations between steps keep the model's own kernel. `dist` (`finetune.distributed`): this process's share of a sharded run; the model is
     sharded here, each process trains on its share of every micro-batch, and only process 0 writes the log.
     """
     from transformers import get_scheduler
@@ -182,6 +184,8 @@ def train(
     # A sharded run's mixed-precision policy casts the weights itself.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if recipe.dtype == "bfloat16" and dist is None \
         else contextlib.nullcontext()
+    # the training passes' attention kernel (finetune/attention.py); evaluations keep the model's own
+    kernel = training_kernel(model, recipe, device)
     probe = UpdateProbe(list(zip(names, params)), watched=master.master if master else None, stochastic=stochastic,
                         all_sum=dist.all_sum if dist else None)
     stream = _micro_batches(data.examples, recipe.batch_size, recipe.seed, recipe.group_by_length)
@@ -201,18 +205,20 @@ def train(
             n_labels = sum(sum(1 for e in mb for x in e.labels[1:] if x != IGNORE_INDEX) for mb in full)
             group = [collate(dist.shard(mb) if dist else mb, pad, device) for mb in full]
             step_loss = 0.0
-            for b in group:
-                with autocast:
-                    loss = token_loss_sum(model, b) / max(n_labels, 1)
-                if not torch.isfinite(loss):
-                    bad = float(loss.detach())
-                    _write(log, {"step": step, "loss": bad, "event": "diverged"})
-                    raise DivergedError(f"loss became {bad} at step {step} of {total} "
-                                        f"(learning_rate={recipe.learning_rate}); the log up to this step is in "
-                                        f"{log_path}. Lower learning_rate or use dtype='float32'.")
-                # FSDP averages gradients over processes; each holds a partial sum of the step's loss.
-                (loss * dist.world if dist else loss).backward()
-                step_loss += float(loss.detach())
+            # forward and backward (which recomputes the forward under gradient checkpointing) on one kernel
+            with attention_kernel(model, kernel):
+                for b in group:
+                    with autocast:
+                        loss = token_loss_sum(model, b) / max(n_labels, 1)
+                    if not torch.isfinite(loss):
+                        bad = float(loss.detach())
+                        _write(log, {"step": step, "loss": bad, "event": "diverged"})
+                        raise DivergedError(f"loss became {bad} at step {step} of {total} "
+                                            f"(learning_rate={recipe.learning_rate}); the log up to this step is in "
+                                            f"{log_path}. Lower learning_rate or use dtype='float32'.")
+                    # FSDP averages gradients over processes; each holds a partial sum of the step's loss.
+                    (loss * dist.world if dist else loss).backward()
+                    step_loss += float(loss.detach())
             tokens += sum(len(e.input_ids) for mb in full for e in mb)       # the whole step's, in every process
             seen += sum(len(mb) for mb in full)
             if dist is not None:
@@ -261,6 +267,7 @@ def train(
         tokens=tokens, loss_tokens=loss_tokens, train_seconds=round(train_seconds, 3), final_loss=loss_value,
         precision={"weights": weight_dtype, "master_weights": master is not None, "optimizer": recipe.optimizer,
                    "stochastic_rounding": stochastic, "devices": dist.world if dist else 1,
+                   "attention_kernel": effective_kernel(model, kernel),
                    "update_check": guard_record},
     )
 
