@@ -102,7 +102,8 @@ def check_model(lm, sizes: CheckSizes = CheckSizes(), *, stages=None, recipe=Non
                                   batch_size=sizes.train_batch, cutoff_len=sizes.train_seq_len, learning_rate=1e-5,
                                   gradient_checkpointing=sizes.gradient_checkpointing, warmup_steps=0)
         data, labelled = _train_data(sizes, dims.vocab)
-        training = train_setting(recipe, dims, model=model, seq_len=sizes.train_seq_len, labelled_tokens=labelled)
+        training = train_setting(recipe, dims, model=model, seq_len=sizes.train_seq_len, labelled_tokens=labelled,
+                                 device=device.type)
     if "statistics" in stages:
         gen = torch.Generator().manual_seed(1)
         chunks = torch.randint(10, dims.vocab, (sizes.stats_batch, sizes.stats_seq_len), generator=gen).tolist()

@@ -46,27 +46,38 @@ def test_recipe_names_the_field_and_the_value_of_an_unknown_kernel():
 def test_auto_is_eager_on_the_cpu_for_short_sequences_only():
     model = tiny_model("llama")
     cfg = model.config
+    heads, layers = cfg.num_attention_heads, cfg.num_hidden_layers
     short = Recipe(method="lora", max_steps=1, batch_size=8, cutoff_len=160)
-    assert eager_attention_bytes(cfg, 8, 160) == 8 * cfg.num_attention_heads * 160 ** 2 * cfg.num_hidden_layers * 8
+    assert eager_attention_bytes(heads, layers, 8, 160) == 8 * heads * 160 ** 2 * layers * 8
+    # with attention dropout eager attention also keeps the mask and the dropped probabilities
+    assert eager_attention_bytes(heads, layers, 8, 160, dropout=0.1) == 8 * heads * 160 ** 2 * layers * 12
     assert training_kernel(model, short, CPU) == "eager"
     assert training_kernel(model, short, CUDA) is None                  # GPUs keep the model's own kernel
     # sequences whose attention matrices pass the limit keep the model's kernel on the CPU too
     n = 2
-    while eager_attention_bytes(cfg, 16, n) <= EAGER_CPU_LIMIT_BYTES:
+    while eager_attention_bytes(heads, layers, 16, n) <= EAGER_CPU_LIMIT_BYTES:
         n *= 2
     assert training_kernel(model, short.replace(batch_size=16, cutoff_len=n), CPU) is None
     assert training_kernel(model, short.replace(batch_size=16, cutoff_len=n // 2), CPU) == "eager"
     # a named kernel is used as named, on any device
     assert training_kernel(model, short.replace(attention_kernel="sdpa"), CPU) == "sdpa"
     assert training_kernel(model, short.replace(attention_kernel="eager"), CUDA) == "eager"
+    # GPT-2 names its heads, layers and attention dropout differently: read through core.arch.ConfigSizes
+    gpt2 = tiny_model("gpt2", attn_pdrop=0.1)
+    assert gpt2.config.attn_pdrop == 0.1
+    m = 2
+    while eager_attention_bytes(gpt2.config.n_head, gpt2.config.n_layer, 16, m, dropout=0.1) <= EAGER_CPU_LIMIT_BYTES:
+        m *= 2
+    assert training_kernel(gpt2, short.replace(batch_size=16, cutoff_len=m // 2), CPU) == "eager"
+    assert training_kernel(gpt2, short.replace(batch_size=16, cutoff_len=m), CPU) is None
 
 
 def test_the_kernel_switches_inside_and_is_restored_after_errors():
     model = tiny_model("llama")
     own = current_kernel(model)
     other = "eager" if own != "eager" else "sdpa"
-    with attention_kernel(model, other):
-        assert current_kernel(model) == other
+    with attention_kernel(model, other) as used:
+        assert current_kernel(model) == other == used
     assert current_kernel(model) == own
     with pytest.raises(RuntimeError, match="boom"):
         with attention_kernel(model, other):
@@ -112,3 +123,29 @@ def test_eager_and_sdpa_train_the_same_model_up_to_rounding(tmp_path):
     assert l_e[-1] < l_e[0]                                                        # it trained
     for k in w_e:
         torch.testing.assert_close(w_e[k], w_s[k], rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_that_cannot_switch_trains_on_its_own_kernel_and_says_so(monkeypatch):
+    model = tiny_model("llama")
+    calls = []
+    # as transformers does for a model class that cannot switch: a logged warning, the kernel unchanged
+    monkeypatch.setattr(type(model), "set_attn_implementation", lambda self, k: calls.append(k), raising=False)
+    out = fit(model, Recipe(method="lora", max_steps=3, batch_size=4, lora_r=4))
+    assert out.precision["attention_kernel"] == "sdpa" == current_kernel(model)
+    assert calls == ["eager"]                      # asked once, not at every step
+
+
+def test_the_memory_plan_counts_eager_attention_where_the_trainer_runs_it():
+    from editdecay.core.memory_plan import ModelDims
+    from editdecay.grid.memory import train_setting
+
+    model = tiny_model("llama")
+    dims = ModelDims.of_model(model)
+    recipe = Recipe(method="full", max_steps=1, batch_size=8, cutoff_len=96)
+    cpu = train_setting(recipe, dims, model=model, device="cpu")
+    assert cpu.attention_matrices == eager_attention_bytes(dims.heads, cpu.layers_trained, 8, 96) > 0
+    assert train_setting(recipe, dims, model=model, device="cuda").attention_matrices == 0
+    assert train_setting(recipe, dims, model=model).attention_matrices == 0          # device not known
+    assert train_setting(recipe.replace(attention_kernel="eager"), dims, model=model).attention_matrices > 0
+    assert train_setting(recipe.replace(attention_kernel="sdpa"), dims, model=model,
+                         device="cpu").attention_matrices == 0

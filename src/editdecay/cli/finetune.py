@@ -129,7 +129,7 @@ def finetune(
     from editdecay.grid.memory import meta_model, plan_finetune
 
     def make_plan(budget: int):
-        return plan_finetune(meta_model(ref), recipe, budget, devices=devices)
+        return plan_finetune(meta_model(ref), recipe, budget, devices=devices, device=device)
 
     if memory_plan_gate(make_plan, memory, device, dry_run, f"{recipe.method} fine-tuning of {ref.name}"):
         return

@@ -142,6 +142,7 @@ class ConfigSizes:
     kv_heads: int    # key/value heads (grouped-query attention), `heads` when unset
     head_dim: int
     n_layers: int
+    attention_dropout: float = 0.0   # dropout on the attention probabilities in training (GPT-2's attn_pdrop)
 
     @classmethod
     def of(cls, config) -> "ConfigSizes":
@@ -150,7 +151,8 @@ class ConfigSizes:
         return cls(d=d, d_ff=int(_config_value(config, "intermediate_size", "n_inner") or 4 * d), heads=heads,
                    kv_heads=int(_config_value(config, "num_key_value_heads") or heads),
                    head_dim=int(_config_value(config, "head_dim") or d // heads),
-                   n_layers=int(_config_value(config, "num_hidden_layers", "n_layer")))
+                   n_layers=int(_config_value(config, "num_hidden_layers", "n_layer")),
+                   attention_dropout=float(_config_value(config, "attention_dropout", "attn_pdrop") or 0.0))
 
 
 def _config_value(config, *names):

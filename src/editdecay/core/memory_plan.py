@@ -95,6 +95,7 @@ class ModelDims:
     unembed_params: int          # 0 when tied to the input embedding
     linear_shapes: tuple[tuple[str, int, int], ...] = ()   # (block-relative name, in, out) of a block's linears
     dtype: str = "float32"       # dtype the weights load in
+    attention_dropout: float = 0.0   # dropout on attention probabilities in training (eager attention keeps a mask)
 
     @property
     def elt(self) -> int:
@@ -135,7 +136,8 @@ class ModelDims:
                    d_ff=d_ff, n_layers=n_layers, vocab=int(c.vocab_size), heads=heads, kv_dim=kv_heads * head_dim,
                    gated=len(spec.mlp) > 2, n_params=n_params, block_params=block_params,
                    embed_params=embed.numel(), unembed_params=out.weight.numel() if untied else 0,
-                   linear_shapes=tuple(shapes), dtype=dtype if dtype in _DTYPE_BYTES else "float32")
+                   linear_shapes=tuple(shapes), dtype=dtype if dtype in _DTYPE_BYTES else "float32",
+                   attention_dropout=z.attention_dropout)
 
     @classmethod
     def from_config(cls, config, name: str | None = None, dtype: str = "float32") -> "ModelDims":
@@ -235,14 +237,17 @@ class TrainSetting:
     optimizer: str = "adamw"           # adamw | adamw8bit
     layers_trained: int = 0            # blocks whose activations a backward pass reaches
     devices: int = 1                   # FSDP shards of weights, gradients and optimiser state
+    attention_matrices: int = 0        # bytes eager attention keeps for backward (finetune/attention.py), 0: sdpa
 
     @classmethod
     def from_recipe(cls, recipe, dims: ModelDims, *, trainable: tuple[int, int] | None = None,
                     seq_len: int | None = None, labelled_tokens: int | None = None,
-                    devices: int = 1) -> "TrainSetting":
+                    devices: int = 1, attention_per_layer: int = 0) -> "TrainSetting":
         """From a `Recipe`. `trainable`: (trainable parameters, blocks a backward pass reaches) counted on a
         model (`grid.memory.trainable_on`, a real or meta-device model); else estimated from the shape (full:
-        every parameter of the chosen layers; LoRA/DoRA: r (in + out) per targeted linear map)."""
+        every parameter of the chosen layers; LoRA/DoRA: r (in + out) per targeted linear map).
+        `attention_per_layer`: bytes of the attention matrices eager attention keeps per block a backward pass
+        reaches (`grid.memory.train_setting` sets it where the trainer will run eager attention)."""
         T = seq_len or recipe.cutoff_len
         labelled = labelled_tokens if labelled_tokens is not None else (T if recipe.train_on_prompt else T // 2)
         n_trainable, layers = trainable or _trainable_from_shape(recipe, dims)
@@ -251,7 +256,7 @@ class TrainSetting:
                    frozen_trained_through=0 if recipe.method == "full" else dims.n_params,
                    gradient_checkpointing=recipe.gradient_checkpointing, autocast_bf16=recipe.dtype == "bfloat16",
                    param_dtype=dims.dtype, master_weights=master, optimizer=recipe.optimizer,
-                   layers_trained=layers, devices=devices)
+                   layers_trained=layers, devices=devices, attention_matrices=attention_per_layer * layers)
 
 
 def _master(recipe, weight_dtype: str) -> bool:
@@ -410,13 +415,15 @@ def _training(dims: ModelDims, t: TrainSetting) -> StageMemory:
     largest = max(dims.embed_params, dims.unembed_params, dims.d * dims.d_ff)
     per_tensor = t.master_weights or t.optimizer == "adamw8bit"
     step_tmp = (2 * largest * 4 if per_tensor else t.trainable * pe) // N
-    forward_peak = acts + logits + casts
+    forward_peak = acts + t.attention_matrices + logits + casts
     step_peak = grads + step_tmp
     parts = {"weights": weights, "optimizer state": optim}
     if master:
         parts["master weights"] = master
     if forward_peak >= step_peak:
         parts.update({"activations": acts, "logits": logits})
+        if t.attention_matrices:
+            parts["eager attention matrices"] = t.attention_matrices
         if casts:
             parts["autocast weight copies"] = casts
         if grads:

@@ -31,7 +31,7 @@ from editdecay.core.devices import input_device
 from editdecay.core.errors import EditDecayError
 from editdecay.core.forward import logits_at
 from editdecay.data.instructions import IGNORE_INDEX, Example, TrainingSet
-from editdecay.finetune.attention import attention_kernel, effective_kernel, training_kernel
+from editdecay.finetune.attention import attention_kernel, training_kernel
 from editdecay.finetune.callback import DecayCallback
 from editdecay.finetune.distributed import DistContext, shard_model
 from editdecay.finetune.guard import UpdateProbe, check_trainable
@@ -147,8 +147,9 @@ def train(
     Precision (`finetune.precision`): with low-precision trainable weights and plain AdamW the optimiser
     updates float32 master weights by default (`recipe.master_weights`); `recipe.optimizer='adamw8bit'`
     keeps 8-bit state. The training passes run attention through `finetune.attention.training_kernel`
-    (eager on the CPU for short sequences); evaluations between steps keep the model's own kernel. `dist` (`finetune.distributed`): this process's share of a sharded run; the model is
-    sharded here, each process trains on its share of every micro-batch, and only process 0 writes the log.
+    (eager on the CPU for short sequences); evaluations between steps keep the model's own kernel.
+    `dist` (`finetune.distributed`): this process's share of a sharded run; the model is sharded here, each
+    process trains on its share of every micro-batch, and only process 0 writes the log.
     """
     from transformers import get_scheduler
 
@@ -186,6 +187,7 @@ def train(
         else contextlib.nullcontext()
     # the training passes' attention kernel (finetune/attention.py); evaluations keep the model's own
     kernel = training_kernel(model, recipe, device)
+    trained_kernel = None
     probe = UpdateProbe(list(zip(names, params)), watched=master.master if master else None, stochastic=stochastic,
                         all_sum=dist.all_sum if dist else None)
     stream = _micro_batches(data.examples, recipe.batch_size, recipe.seed, recipe.group_by_length)
@@ -206,7 +208,7 @@ def train(
             group = [collate(dist.shard(mb) if dist else mb, pad, device) for mb in full]
             step_loss = 0.0
             # forward and backward (which recomputes the forward under gradient checkpointing) on one kernel
-            with attention_kernel(model, kernel):
+            with attention_kernel(model, kernel) as trained_kernel:
                 for b in group:
                     with autocast:
                         loss = token_loss_sum(model, b) / max(n_labels, 1)
@@ -219,6 +221,8 @@ def train(
                     # FSDP averages gradients over processes; each holds a partial sum of the step's loss.
                     (loss * dist.world if dist else loss).backward()
                     step_loss += float(loss.detach())
+            if trained_kernel != kernel:
+                kernel = None        # the model cannot switch kernels: stop asking (transformers warns each time)
             tokens += sum(len(e.input_ids) for mb in full for e in mb)       # the whole step's, in every process
             seen += sum(len(mb) for mb in full)
             if dist is not None:
@@ -267,7 +271,7 @@ def train(
         tokens=tokens, loss_tokens=loss_tokens, train_seconds=round(train_seconds, 3), final_loss=loss_value,
         precision={"weights": weight_dtype, "master_weights": master is not None, "optimizer": recipe.optimizer,
                    "stochastic_rounding": stochastic, "devices": dist.world if dist else 1,
-                   "attention_kernel": effective_kernel(model, kernel),
+                   "attention_kernel": trained_kernel,
                    "update_check": guard_record},
     )
 

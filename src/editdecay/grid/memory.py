@@ -85,14 +85,35 @@ def trainable_on(recipe, model) -> tuple[int, int] | None:
     return n, depth
 
 
-def train_setting(recipe, dims: ModelDims, model=None, **sizes) -> TrainSetting:
-    """`TrainSetting.from_recipe` with the trainable parameters counted on `model` when given."""
+def train_setting(recipe, dims: ModelDims, model=None, *, device: str | None = None, **sizes) -> TrainSetting:
+    """`TrainSetting.from_recipe` with the trainable parameters counted on `model` when given, and the attention
+    matrices of eager attention where the trainer runs it on `device` (finetune/attention.py: "cpu", "cuda",
+    "auto" - the CUDA device when there is one - or None: not known, counted only for `attention_kernel: eager`)."""
+    from editdecay.finetune.attention import eager_attention_bytes, kernel_for
+
+    kind = _device_type(device)
+    per_layer = 0
+    if kernel_for(recipe, kind or "unknown", dims.heads, dims.n_layers, dims.attention_dropout) == "eager":
+        per_layer = eager_attention_bytes(dims.heads, 1, recipe.batch_size, sizes.get("seq_len") or recipe.cutoff_len,
+                                          dims.attention_dropout)
     return TrainSetting.from_recipe(recipe, dims, trainable=trainable_on(recipe, model) if model is not None else None,
-                                    **sizes)
+                                    attention_per_layer=per_layer, **sizes)
 
 
-def plan_finetune(meta: MetaModel, recipe, device_bytes: int, *, devices: int = 1) -> MemoryPlan:
-    return plan_memory(meta.dims, device_bytes, train=train_setting(recipe, meta.dims, meta.model, devices=devices))
+def _device_type(device: str | None) -> str | None:
+    """The torch device type a run on `device` ("cpu", "cuda:1", "auto", ...) uses, without touching a device."""
+    if device is None:
+        return None
+    if device == "auto":
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device).split(":")[0]
+
+
+def plan_finetune(meta: MetaModel, recipe, device_bytes: int, *, devices: int = 1,
+                  device: str | None = None) -> MemoryPlan:
+    return plan_memory(meta.dims, device_bytes, train=train_setting(recipe, meta.dims, meta.model, devices=devices,
+                                                                    device=device))
 
 
 def plan_grid(plan, device_bytes: int) -> list[dict]:
@@ -141,7 +162,8 @@ def plan_grid(plan, device_bytes: int) -> list[dict]:
                 rows.append({"what": what, "plan": None, "note": meta})
                 continue
             devices = int(plan.runtime.get("finetune_devices") or 1)
-            rows.append({"what": what, "plan": plan_finetune(meta, spec.recipe, device_bytes, devices=devices)})
+            rows.append({"what": what, "plan": plan_finetune(meta, spec.recipe, device_bytes, devices=devices,
+                                                             device=plan.runtime.get("device"))})
     return rows
 
 
