@@ -102,12 +102,11 @@ def train_setting(recipe, dims: ModelDims, model=None, *, device: str | None = N
 
 def _device_type(device: str | None) -> str | None:
     """The torch device type a run on `device` ("cpu", "cuda:1", "auto", ...) uses, without touching a device."""
+    from editdecay.core.placement import resolve_device
+
     if device is None:
         return None
-    if device == "auto":
-        import torch
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device).split(":")[0]
+    return str(resolve_device(device) if device == "auto" else device).split(":")[0]
 
 
 def plan_finetune(meta: MetaModel, recipe, device_bytes: int, *, devices: int = 1,
