@@ -24,7 +24,10 @@ $(STAMP): pyproject.toml
 # `EDITDECAY_CACHE=<empty dir> make demo`) on the 2 cores of the development machine, nothing else running, one
 # thread per worker: first run 8 min 54 s (install ~80 s; E1 statistics with the model's conversion 215 s beside
 # E3 247 s; patch 21 s; the edited model's LoRA run ~170 s); again in the same clone with the statistics cached
-# 7 min 6 s (E3 225 s beside M0 and M_f; patch 21 s); both ES 97.2 % -> 55.6 %, EFR 4 of 20 (4 Dec 2026).
+# 7 min 6 s (E3 225 s beside M0 and M_f; patch 21 s); both ES 97.2 % -> 55.6 %, EFR 4 of 20 (4 Dec 2026). Since the
+# trainer runs eager attention on the CPU (finetune/attention.py): a fresh clone with the statistics cached, install
+# included, 8 min 6 s (E3 215 s; patch 21 s; M_ef 153 s), ES 97.2 % -> 53.1 %, EFR 5 of 20 (5 Dec 2026; one edit's
+# fate moved with the kernel's bfloat16 rounding).
 # One torch thread by default: on a machine whose cores other jobs share, two OpenMP threads wait for each other
 # (a LoRA step of the embedded model took 45 s with 2 threads and 4-5 s with 1 on 2 shared cores).
 demo: $(STAMP)
